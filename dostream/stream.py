@@ -1,0 +1,280 @@
+"""Streams: segments of text, each with exactly one author.
+
+A `Stream` is the unit dostream stores, renders and trains on: an ordered list of `Segment`s.
+Every segment records who wrote it (`author`, from the closed vocabulary `AUTHORS`), and agent
+segments produced by sampling keep the exact token ids the model sampled (`token_ids`).
+
+The file format is JSON Lines, one stream per line, in one of two shapes:
+
+    {"id": "s1", "segments": [{"author": "context", "text": "Question: ..."}, ...], "meta": {}}
+    {"id": "s2", "messages": [{"role": "user", "content": "Hi", "author": "user"}, ...]}
+
+The chat shape (OpenAI / TRL conversational) is converted on load; a message without `author`
+takes it from its role through a role→author map (`DEFAULT_ROLE_MAP`, `assistant` → `agent`).
+
+>>> s = Stream("demo", [Segment("user", "2+2?"), Segment("agent", " 5")])
+>>> s.text
+'2+2? 5'
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+AUTHORS: tuple[str, ...] = (
+    "agent", "user", "teacher", "tool", "verifier", "oracle", "environment", "protocol", "context",
+)
+
+# The two named loss views: the set of authors whose tokens are supervised.
+VIEWS: dict[str, frozenset[str]] = {
+    "interventional": frozenset(AUTHORS) - {"agent", "context"},
+    "observational": frozenset(AUTHORS) - {"context"},
+}
+
+DEFAULT_ROLE_MAP: dict[str, str] = {
+    "system": "context",
+    "developer": "context",
+    "user": "user",
+    "assistant": "agent",
+    "tool": "tool",
+    "ipython": "tool",
+}
+
+
+def view_authors(view: str | Iterable[str]) -> frozenset[str]:
+    """Resolve a loss view to its set of supervised authors.
+
+    `view` is a preset name (`interventional`, `observational`), a comma-separated author list
+    (`"oracle,protocol"`), or any iterable of authors.
+
+    >>> sorted(view_authors("oracle,verifier"))
+    ['oracle', 'verifier']
+    """
+    if isinstance(view, str):
+        if view in VIEWS:
+            return VIEWS[view]
+        names = [v.strip() for v in view.split(",") if v.strip()]
+    else:
+        names = list(view)
+    unknown = [n for n in names if n not in AUTHORS]
+    if unknown or not names:
+        raise ValueError(
+            f"unknown view {view!r}: use {' or '.join(VIEWS)} or a comma-separated subset of "
+            f"{', '.join(AUTHORS)}"
+        )
+    return frozenset(names)
+
+
+@dataclass
+class Segment:
+    """A span of text written by one author.
+
+    `token_ids` is set only on agent segments produced by sampling: the exact ids the model
+    sampled, which rendering uses instead of re-tokenising `text`. `role` is the chat role the
+    segment is rendered in under a chat template (optional; see `render.py`).
+    """
+
+    author: str
+    text: str
+    token_ids: list[int] | None = None
+    role: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.author not in AUTHORS:
+            raise ValueError(f"unknown author {self.author!r} (expected one of {', '.join(AUTHORS)})")
+        if self.token_ids is not None and self.author != "agent":
+            raise ValueError(f"token_ids on a {self.author!r} segment: only agent segments carry sampled ids")
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"author": self.author, "text": self.text}
+        if self.token_ids is not None:
+            d["token_ids"] = list(self.token_ids)
+        if self.role is not None:
+            d["role"] = self.role
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+
+@dataclass
+class Stream:
+    """An ordered list of segments with an id and free-form `meta`."""
+
+    id: str
+    segments: list[Segment]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": self.id, "segments": [s.to_json() for s in self.segments]}
+        if self.meta:
+            d["meta"] = self.meta
+        return d
+
+
+class StreamError(ValueError):
+    """Bad stream input. The message names the file, the line and the field."""
+
+    def __init__(self, message: str, *, path: str = "<input>", line: int | None = None, field: str | None = None):
+        self.path, self.line, self.field, self.reason = path, line, field, message
+        where = path if line is None else f"{path}:{line}"
+        super().__init__(f"{where}: {'field ' + repr(field) + ': ' if field else ''}{message}")
+
+
+def _expect(obj: dict, key: str, types: type | tuple[type, ...], where: str, *, required: bool = True):
+    if key not in obj:
+        if required:
+            raise _FieldError(f"{where}{key}", "missing field")
+        return None
+    value = obj[key]
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in _as_tuple(types):
+        names = "/".join(t.__name__ for t in _as_tuple(types))
+        raise _FieldError(f"{where}{key}", f"expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+class _FieldError(Exception):
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+
+
+def _segment_from_json(obj: Any, where: str, *, text_key: str, author: str | None = None) -> Segment:
+    if not isinstance(obj, dict):
+        raise _FieldError(where.rstrip("."), f"expected an object, got {type(obj).__name__}")
+    if author is None:
+        author = _expect(obj, "author", str, where)
+    if author not in AUTHORS:
+        raise _FieldError(f"{where}author", f"unknown author {author!r} (expected one of {', '.join(AUTHORS)})")
+    text = _expect(obj, text_key, str, where)
+    token_ids = _expect(obj, "token_ids", list, where, required=False)
+    if token_ids is not None:
+        if author != "agent":
+            raise _FieldError(f"{where}token_ids", f"token_ids on a {author!r} segment: only agent segments carry sampled ids")
+        for i, t in enumerate(token_ids):
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                raise _FieldError(f"{where}token_ids[{i}]", f"expected a non-negative integer, got {t!r}")
+    role = _expect(obj, "role", str, where, required=False)
+    meta = _expect(obj, "meta", dict, where, required=False) or {}
+    return Segment(author=author, text=text, token_ids=token_ids, role=role, meta=meta)
+
+
+def stream_from_json(obj: Any, role_map: dict[str, str] | None = None) -> Stream:
+    """Build a `Stream` from one decoded JSON line (segments or chat form).
+
+    Raises `_FieldError` (converted to `StreamError` with file and line by the readers).
+    """
+    if not isinstance(obj, dict):
+        raise _FieldError("<line>", f"expected a JSON object, got {type(obj).__name__}")
+    sid = _expect(obj, "id", (str, int), "")
+    meta = _expect(obj, "meta", dict, "", required=False) or {}
+    if "segments" in obj and "messages" in obj:
+        raise _FieldError("segments", "a stream has either 'segments' or 'messages', not both")
+    if "messages" in obj:
+        role_map = DEFAULT_ROLE_MAP if role_map is None else role_map
+        segments = []
+        for i, m in enumerate(_expect(obj, "messages", list, "")):
+            where = f"messages[{i}]."
+            if not isinstance(m, dict):
+                raise _FieldError(f"messages[{i}]", f"expected an object, got {type(m).__name__}")
+            role = _expect(m, "role", str, where)
+            author = _expect(m, "author", str, where, required=False)
+            if author is None:
+                if role not in role_map:
+                    raise _FieldError(f"{where}role", f"role {role!r} has no author in the role map and the message has no 'author'")
+                author = role_map[role]
+            seg = _segment_from_json(m, where, text_key="content", author=author)
+            seg.role = role
+            segments.append(seg)
+    else:
+        segments = [_segment_from_json(s, f"segments[{i}].", text_key="text")
+                    for i, s in enumerate(_expect(obj, "segments", list, ""))]
+    if not segments:
+        raise _FieldError("segments" if "segments" in obj else "messages", "a stream needs at least one segment")
+    return Stream(id=str(sid), segments=segments, meta=meta)
+
+
+def _open_text(path: str | os.PathLike) -> io.TextIOBase:
+    return sys.stdin if str(path) == "-" else open(path, encoding="utf-8")
+
+
+def read_streams(
+    path: str | os.PathLike,
+    *,
+    skip_invalid: bool = False,
+    role_map: dict[str, str] | None = None,
+    errors: list[StreamError] | None = None,
+) -> Iterator[Stream]:
+    """Yield the streams of a JSONL file one line at a time (the file is never loaded whole).
+
+    Blank lines are ignored. A bad line raises `StreamError` naming file, line and field; with
+    `skip_invalid=True` it is reported on stderr, appended to `errors` if given, and skipped.
+    `path` may be `-` for standard input.
+    """
+    name = "<stdin>" if str(path) == "-" else str(path)
+    f = _open_text(path)
+    try:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise StreamError(f"not valid JSON ({e.msg} at column {e.colno})", path=name, line=lineno) from None
+                try:
+                    stream = stream_from_json(obj, role_map)
+                except _FieldError as e:
+                    raise StreamError(e.message, path=name, line=lineno, field=e.field) from None
+            except StreamError as err:
+                if not skip_invalid:
+                    raise
+                print(f"skipping invalid stream: {err}", file=sys.stderr)
+                if errors is not None:
+                    errors.append(err)
+                continue
+            yield stream
+    finally:
+        if f is not sys.stdin:
+            f.close()
+
+
+def write_streams(path: str | os.PathLike, streams: Iterable[Stream]) -> int:
+    """Write streams as JSONL, atomically (temp file + rename): an existing file is replaced only
+    once the new one is complete. `path` may be `-` for standard output. Returns the count."""
+    if str(path) == "-":
+        n = 0
+        for s in streams:
+            sys.stdout.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+            n += 1
+        return n
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        n = 0
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for s in streams:
+                f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return n
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
