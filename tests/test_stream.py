@@ -1,0 +1,115 @@
+"""Stream files: round trips, the chat form, and one clear error per kind of bad input."""
+
+import json
+
+import pytest
+
+from dostream.stream import (AUTHORS, Segment, Stream, StreamError, read_streams, stream_from_json,
+                             view_authors, write_streams)
+
+
+def test_roundtrip(tmp_path):
+    streams = [
+        Stream("a", [Segment("context", "Q: 1+1?\n"), Segment("agent", "3", token_ids=[33]), Segment("oracle", "2")],
+               meta={"skill": "add"}),
+        Stream("b", [Segment("user", "日本語 🙂 e\u0301", role="user", meta={"k": 1})]),
+    ]
+    path = tmp_path / "s.jsonl"
+    assert write_streams(path, streams) == 2
+    assert list(read_streams(path)) == streams
+
+
+def test_chat_form_and_role_map():
+    obj = {"id": 7, "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo", "token_ids": [1, 2]},
+        {"role": "assistant", "content": "demo", "author": "teacher"},
+        {"role": "tool", "content": "42"},
+    ]}
+    s = stream_from_json(obj)
+    assert s.id == "7"
+    assert [g.author for g in s.segments] == ["context", "user", "agent", "teacher", "tool"]
+    assert [g.role for g in s.segments] == ["system", "user", "assistant", "assistant", "tool"]
+    s2 = stream_from_json({"id": "x", "messages": [{"role": "assistant", "content": "demo"}]},
+                          role_map={"assistant": "teacher"})
+    assert s2.segments[0].author == "teacher"
+
+
+def test_views():
+    assert "agent" not in view_authors("interventional") and "context" not in view_authors("interventional")
+    assert view_authors("observational") == frozenset(AUTHORS) - {"context"}
+    assert view_authors("oracle, agent") == {"oracle", "agent"}
+    with pytest.raises(ValueError, match="unknown view"):
+        view_authors("oracle,robot")
+
+
+GOOD = '{"id": "ok", "segments": [{"author": "user", "text": "hi"}]}'
+BAD_LINES = [
+    ('{"id": "x", "segments": [{"author": "robot", "text": "hi"}]}', "segments[0].author", "unknown author 'robot'"),
+    ('{"id": "x", "segments": [{"author": "user"}]}', "segments[0].text", "missing field"),
+    ('{"segments": [{"author": "user", "text": "hi"}]}', "id", "missing field"),
+    ('{"id": "x", "segments": [{"author": "user", "text": 5}]}', "segments[0].text", "expected str, got int"),
+    ('{"id": "x", "segments": "hello"}', "segments", "expected list, got str"),
+    ('{"id": "x", "segments": [{"author": "user", "text": "hi"}', None, "not valid JSON"),
+    ('{"id": "x", "segments": [{"author": "oracle", "text": "hi", "token_ids": [1]}]}',
+     "segments[0].token_ids", "only agent segments carry sampled ids"),
+    ('{"id": "x", "segments": [{"author": "agent", "text": "hi", "token_ids": [1, "2"]}]}',
+     "segments[0].token_ids[1]", "non-negative integer"),
+    ('{"id": "x", "messages": [{"role": "narrator", "content": "hi"}]}', "messages[0].role", "no author in the role map"),
+    ('{"id": "x", "segments": []}', "segments", "at least one segment"),
+    ('[1, 2]', "<line>", "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("line,field,message", BAD_LINES)
+def test_bad_input_names_file_line_field(tmp_path, line, field, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{GOOD}\n\n{line}\n{GOOD}\n")
+    with pytest.raises(StreamError) as err:
+        list(read_streams(path))
+    e = err.value
+    assert (e.path, e.line, e.field) == (str(path), 3, field)
+    assert message in str(e) and f"{path}:3" in str(e)
+    if field:
+        assert repr(field) in str(e)
+
+
+def test_skip_invalid_reports_and_keeps_the_rest(tmp_path, capsys):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join([GOOD, BAD_LINES[0][0], GOOD, "not json"]) + "\n")
+    errors = []
+    streams = list(read_streams(path, skip_invalid=True, errors=errors))
+    assert len(streams) == 2
+    assert [e.line for e in errors] == [2, 4]
+    assert "skipping invalid stream" in capsys.readouterr().err
+
+
+def test_reading_is_lazy(tmp_path):
+    """Streams come one line at a time: a bad line far down the file is only met when reached."""
+    path = tmp_path / "big.jsonl"
+    path.write_text(GOOD + "\n" + "{broken\n")
+    it = read_streams(path)
+    assert next(it).id == "ok"
+    with pytest.raises(StreamError):
+        next(it)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "s.jsonl"
+    write_streams(path, [Stream("old", [Segment("user", "x")])])
+
+    def broken():
+        yield Stream("new", [Segment("user", "y")])
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_streams(path, broken())
+    assert [s.id for s in read_streams(path)] == ["old"]
+    assert [p.name for p in tmp_path.iterdir()] == ["s.jsonl"]
+
+
+def test_segment_rejects_token_ids_on_world_segment():
+    with pytest.raises(ValueError, match="only agent segments"):
+        Segment("teacher", "x", token_ids=[1])
+    json.dumps(Segment("agent", "x", token_ids=[1]).to_json())
