@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("dostream.render_cli", "render streams to token ids, labels, offsets and authors (JSON lines)"),
     "show": ("dostream.show", "show token by token who wrote what and what is supervised (terminal or --html)"),
+    "train": ("dostream.train_cli", "train a LoRA adapter (or every weight) on streams under a view"),
+    "sample": ("dostream.sample_cli", "sample from a model (exact token ids), e.g. for a quick look"),
     "stem": ("dostream.envs.stem_cli", "STEM problems: `stem generate`, `stem verify`"),
     "theory": ("dostream.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
 }
