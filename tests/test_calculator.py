@@ -85,7 +85,8 @@ def test_calc_answer_never_raises(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(list("0123456789.+-*/^()e ") + ["**", "sqrt(", "log10(", "pi", "°", "sin("]), max_size=60).map("".join))
+@given(st.lists(st.sampled_from(list("0123456789.+-*/^()e ") + ["**", "sqrt(", "log10(", "pi", "°", "sin("]),
+                max_size=60).map("".join))
 def test_calc_answer_never_raises_on_arithmetic_like_text(text):
     calc_answer(text)
 

@@ -13,7 +13,8 @@ from dostream.envs.stem import (
 )
 from dostream.stream import VIEWS, read_streams, write_streams
 
-P = Problem("p1", "chemistry", "molarity", "10.0 g of solute (molar mass 40.0 g/mol) is dissolved to make 0.25 L of solution. What is the molarity?",
+P = Problem("p1", "chemistry", "molarity",
+            "10.0 g of solute (molar mass 40.0 g/mol) is dissolved to make 0.25 L of solution. What is the molarity?",
             "n = m/M = 10.0/40.0 = 0.2500 mol; c = n/V = 0.2500/0.25 = 1.000 M. Final answer: 1.000 M.", 1.0, "M", 0.01, 0.0)
 WRONG = "n = 10.0/40.0 = 0.250 mol; M = n/V = 0.250 M. Final answer: 0.250 M."
 
@@ -84,6 +85,8 @@ def test_episode_guards():
         ep.step("again")
     with pytest.raises(RuntimeError, match="reset"):
         StemEnv().step("no episode")
+    with pytest.raises(RuntimeError, match="reset"):
+        CalculatorStemEnv().step("calc(1+1)")
 
 
 def test_an_environment_cannot_write_agent_segments():
@@ -112,7 +115,8 @@ def test_calculator_episode_interleaves_tool_answers():
     assert r2.segments[0].author == "tool" and r2.segments[0].text.startswith(" = error: unknown function")
     r3 = ep.step(". So: Final answer: 10 V.")
     assert r3.done and r3.reward == 1.0
-    assert authors(ep.to_stream()) == ["context", "protocol", "context", "protocol", "agent", "tool", "agent", "tool", "agent"]
+    assert authors(ep.to_stream()) == ["context", "protocol", "context", "protocol",
+                                       "agent", "tool", "agent", "tool", "agent"]
 
 
 def test_calculator_correction_demonstrates_the_tool():

@@ -13,8 +13,8 @@ integer. Anything else gets a one-line error message as the tool's answer.
 0.12755102040816327
 >>> calc_answer("2*sin(30°)")
 '1'
->>> calc_answer("__import__('os')")
-"error: unknown function '__import__' (allowed: sqrt, log10, ln, log, log2, exp, sin, cos, tan, asin, acos, atan, sinh, cosh, tanh, abs, radians, degrees)"
+>>> calc_answer("__import__('os')")[:36]
+"error: unknown function '__import__'"
 """
 
 from __future__ import annotations
@@ -190,7 +190,8 @@ def calc_solution_segments(solution: str, author: str = "oracle") -> list[Segmen
         if value is None:
             text += " = " + part
             continue
-        segments += [Segment(author, f"{text} = calc({part})"), Segment("tool", f" = {format_value(value)}", role="tool")]
+        segments += [Segment(author, f"{text} = calc({part})"),
+                     Segment("tool", f" = {format_value(value)}", role="tool")]
         parts[i + 1] = parts[i + 1][result.end():]
         text, result_taken = "", True
     return [s for s in segments + [Segment(author, text)] if s.text]
@@ -228,7 +229,8 @@ class CalculatorStemEnv(StemEnv):
     1.0
     """
 
-    def __init__(self, *, max_calls: int = 8, calc_oracle: bool = True, tool_hint: str | None = TOOL_HINT, **kwargs):
+    def __init__(self, *, max_calls: int = 8, calc_oracle: bool = True, tool_hint: str | None = TOOL_HINT,
+                 **kwargs):
         super().__init__(**kwargs)
         self.max_calls, self.calc_oracle, self.tool_hint = max_calls, calc_oracle, tool_hint
         self.calls = 0
@@ -242,7 +244,7 @@ class CalculatorStemEnv(StemEnv):
 
     def step(self, agent_text: str, token_ids: list[int] | None = None) -> StepResult:
         expr = trailing_call(agent_text)
-        if expr is None or self.calls >= self.max_calls or self.done:
+        if expr is None or self.calls >= self.max_calls or self.done or self.problem is None:
             return super().step(agent_text, token_ids)
         self.calls += 1
         out = f" = {calc_answer(expr)}"

@@ -154,14 +154,17 @@ def _electric_power(rng):
     (vt, v), (it, i), (rt, r) = _draw(rng, 1.5, 240), _draw(rng, 0.05, 12), _draw(rng, 2, 1000)
     form = rng.randrange(3)
     if form == 0:
-        p, step, tpl = v * i, f"P = V*I = {vt}*{it}", ["A device draws {i} A from a {v} V supply. What power does it consume?",
-                                                        "What is the electrical power of an appliance that takes {i} A at {v} V?"]
+        p, step = v * i, f"P = V*I = {vt}*{it}"
+        tpl = ["A device draws {i} A from a {v} V supply. What power does it consume?",
+               "What is the electrical power of an appliance that takes {i} A at {v} V?"]
     elif form == 1:
-        p, step, tpl = i * i * r, f"P = I^2*R = {it}^2*{rt}", ["A current of {i} A flows through a {r} Ω resistor. What power is dissipated in it?",
-                                                               "How much power does a {r} ohm resistor dissipate when it carries {i} A?"]
+        p, step = i * i * r, f"P = I^2*R = {it}^2*{rt}"
+        tpl = ["A current of {i} A flows through a {r} Ω resistor. What power is dissipated in it?",
+               "How much power does a {r} ohm resistor dissipate when it carries {i} A?"]
     else:
-        p, step, tpl = v * v / r, f"P = V^2/R = {vt}^2/{rt}", ["A {r} Ω heater is connected to a supply of {v} V. What power does it dissipate?",
-                                                               "A {v} V source is connected across a {r} ohm load. Find the power delivered to the load."]
+        p, step = v * v / r, f"P = V^2/R = {vt}^2/{rt}"
+        tpl = ["A {r} Ω heater is connected to a supply of {v} V. What power does it dissipate?",
+               "A {v} V source is connected across a {r} ohm load. Find the power delivered to the load."]
     return _pick(rng, tpl, v=vt, i=it, r=rt), [f"{step} = {_fmt(p, 4)} W"], p, "W"
 
 
@@ -174,8 +177,10 @@ def _specific_heat(rng):
     form = rng.randrange(3)
     if form == 2:  # solve for c: the heat is stated, the substance is not
         qt, heat = _num(m * c * dt)
-        q = _pick(rng, ["A {m} kg sample absorbs {q} J of heat and its temperature rises by {dt} K. What is its specific heat capacity in J/(kg·K)?",
-                        "Heating {m} kg of an unknown material by {dt} K takes {q} J. Find its specific heat in J/(kg·K)."], m=mt, q=qt, dt=dtt)
+        q = _pick(rng, ["A {m} kg sample absorbs {q} J of heat and its temperature rises by {dt} K. "
+                        "What is its specific heat capacity in J/(kg·K)?",
+                        "Heating {m} kg of an unknown material by {dt} K takes {q} J. Find its specific heat in J/(kg·K)."],
+                  m=mt, q=qt, dt=dtt)
         ans = heat / (m * dt)
         return q, [f"c = Q/(m*ΔT) = {qt}/({mt}*{dtt}) = {_fmt(ans, 4)} J/(kg·K)"], ans, "J/(kg·K)"
     steps, t1t, t2t = [], "", ""
@@ -184,10 +189,11 @@ def _specific_heat(rng):
         t2t, t2 = _num(t1 + dt)
         dtt, dt = _num(t2 - t1, 4)
         steps.append(f"ΔT = {t2t} - {t1t} = {dtt} K")
-    q = _pick(rng, ["How much heat is needed to raise the temperature of {m} kg of {s} by {dt} K? (c = {c} J/(kg·K))",
-                    "{m} kg of {s} (specific heat {c} J/(kg·K)) warms by {dt} K. How much heat did it absorb, in joules?"] if form == 0 else
-              ["{m} kg of {s} (c = {c} J/(kg·K)) is heated from {t1} °C to {t2} °C. How much heat does it absorb?"],
-              m=mt, s=name, c=c, dt=dtt, t1=t1t, t2=t2t)
+    tpl = (["How much heat is needed to raise the temperature of {m} kg of {s} by {dt} K? (c = {c} J/(kg·K))",
+            "{m} kg of {s} (specific heat {c} J/(kg·K)) warms by {dt} K. How much heat did it absorb, in joules?"]
+           if form == 0 else
+           ["{m} kg of {s} (c = {c} J/(kg·K)) is heated from {t1} °C to {t2} °C. How much heat does it absorb?"])
+    q = _pick(rng, tpl, m=mt, s=name, c=c, dt=dtt, t1=t1t, t2=t2t)
     steps.append(f"Q = m*c*ΔT = {mt}*{c}*{dtt} = {_fmt(m * c * dt, 4)} J")
     return q, steps, m * c * dt, "J"
 
@@ -207,11 +213,13 @@ def _molarity(rng):
     else:
         mt, m = _num(conc * v * mm)
         if form == 1:
-            tpl = ["{m} g of {s} (molar mass {mm} g/mol) is dissolved in water to make {vml} mL of solution. What is the molarity?"]
+            tpl = ["{m} g of {s} (molar mass {mm} g/mol) is dissolved in water to make {vml} mL of solution. "
+                   "What is the molarity?"]
             steps.append(f"V = {_fmt(v * 1000)} mL = {vt} L")
         else:
             tpl = ["{m} g of solute (molar mass {mm} g/mol) is dissolved to make {v} L of solution. What is the molarity?",
-                   "What is the molarity of a solution made by dissolving {m} g of {s} (molar mass {mm} g/mol) in enough water for {v} L?"]
+                   "What is the molarity of a solution made by dissolving {m} g of {s} (molar mass {mm} g/mol) "
+                   "in enough water for {v} L?"]
         n, nt = m / mm, _fmt(m / mm, 4)
         steps.append(f"n = m/M = {mt}/{mmt} = {nt} mol")
     steps.append(f"c = n/V = {nt}/{vt} = {_fmt(float(nt) / v, 4)} M")
@@ -225,13 +233,14 @@ def _ph(rng):
     lo = 1e-12 if form in (0, 2) else 1e-5
     ct = f"{math.exp(rng.uniform(math.log(lo), math.log(0.1))):.1e}"
     p = -math.log10(float(ct))
+    q = _pick(rng, [["A solution has [H+] = {c} M. What is the pH?", "What is the pH of a solution with [H+] = {c} M?"],
+                    ["A {c} M solution of HCl (a strong acid, fully dissociated) is prepared. What is its pH?"],
+                    ["At 25 °C a solution has [OH-] = {c} M. What is the pH?"],
+                    ["A {c} M solution of NaOH (a strong base) is prepared at 25 °C. What is its pH?"]][form], c=ct)
     if form < 2:
-        q = _pick(rng, ["A solution has [H+] = {c} M. What is the pH?", "What is the pH of a solution with [H+] = {c} M?"] if form == 0 else
-                  ["A {c} M solution of HCl (a strong acid, fully dissociated) is prepared. What is its pH?"], c=ct)
         return q, [f"pH = -log10([H+]) = -log10({ct}) = {p:.3f}"], p, ""
-    q = _pick(rng, ["At 25 °C a solution has [OH-] = {c} M. What is the pH?"] if form == 2 else
-              ["A {c} M solution of NaOH (a strong base) is prepared at 25 °C. What is its pH?"], c=ct)
-    return q, [f"pOH = -log10([OH-]) = -log10({ct}) = {p:.3f}", f"pH = 14 - pOH = 14 - {p:.3f} = {14 - round(p, 3):.3f}"], 14 - p, ""
+    return q, [f"pOH = -log10([OH-]) = -log10({ct}) = {p:.3f}",
+               f"pH = 14 - pOH = 14 - {p:.3f} = {14 - round(p, 3):.3f}"], 14 - p, ""
 
 
 def _kinetic_energy(rng):
@@ -282,7 +291,8 @@ def _engineering_stress(rng):
         tpl = ["A rod of diameter {d} mm carries a tensile load of {f} kN. What is the engineering stress in MPa?"]
     else:
         (at, area), tpl = _draw(rng, 5, 2000), [
-            "A tensile load of {f} kN is applied to a specimen with an original cross-sectional area of {a} mm^2. What is the engineering stress in MPa?",
+            "A tensile load of {f} kN is applied to a specimen with an original cross-sectional area of {a} mm^2. "
+            "What is the engineering stress in MPa?",
             "A bar with cross-section {a} mm^2 is pulled with a force of {f} kN. Find the engineering stress in MPa."]
     ft, f = _num(sigma * area / 1000)
     fn = _fmt(f * 1000)
@@ -299,18 +309,21 @@ def _bragg_diffraction(rng):
     if form == 3:  # solve for the angle
         dt, d = _num(lam / (2 * math.sin(math.radians(th))))
         ans = math.degrees(math.asin(lam / (2 * d)))
-        q = f"{src} X-rays (λ = {lam} nm) are diffracted by planes with spacing d = {dt} nm. At what angle θ, in degrees, is the first-order Bragg reflection?"
+        q = (f"{src} X-rays (λ = {lam} nm) are diffracted by planes with spacing d = {dt} nm. "
+             "At what angle θ, in degrees, is the first-order Bragg reflection?")
         return q, [f"θ = asin(λ/(2*d)) = degrees(asin({lam}/(2*{dt}))) = {_fmt(ans, 4)} deg"], ans, "deg"
     if form == 2:  # solve for the wavelength
         dt, d = _draw(rng, 0.1, 0.5)
         ans = 2 * d * math.sin(math.radians(th))
-        q = f"A crystal with interplanar spacing d = {dt} nm gives a first-order Bragg reflection at θ = {tht}°. What is the X-ray wavelength in nm?"
+        q = (f"A crystal with interplanar spacing d = {dt} nm gives a first-order Bragg reflection at θ = {tht}°. "
+             "What is the X-ray wavelength in nm?")
         return q, [f"λ = 2*d*sin(θ) = 2*{dt}*sin({tht}°) = {_fmt(ans, 4)} nm"], ans, "nm"
     unit, lt = ("Å", _fmt(lam * 10, 4)) if form == 1 else ("nm", str(lam))
     ans = float(lt) / (2 * math.sin(math.radians(th)))
-    q = _pick(rng, ["{src} radiation (λ = {lam} {u}) gives a first-order Bragg reflection at θ = {th}°. What is the interplanar spacing d in {u}?",
-                    "X-rays of wavelength {lam} {u} are reflected in first order at a Bragg angle of {th}°. Find the lattice plane spacing in {u}."],
-              src=src, lam=lt, u=unit, th=tht)
+    q = _pick(rng, ["{src} radiation (λ = {lam} {u}) gives a first-order Bragg reflection at θ = {th}°. "
+                    "What is the interplanar spacing d in {u}?",
+                    "X-rays of wavelength {lam} {u} are reflected in first order at a Bragg angle of {th}°. "
+                    "Find the lattice plane spacing in {u}."], src=src, lam=lt, u=unit, th=tht)
     return q, [f"d = λ/(2*sin(θ)) = {lt}/(2*sin({tht}°)) = {_fmt(ans, 4)} {unit}"], ans, unit
 
 
@@ -421,7 +434,7 @@ _NUMBER = re.compile(
     rf"(?P<sign>[{_SIGN}]?)(?:"
     rf"10\s{{0,2}}(?:\^|\*\*)(?P<p10>{_EXP})"  # a bare power of ten: 10^-4
     rf"|10(?P<p10s>[⁻⁺]?[{_SUP}]{{1,4}})"
-    rf"|(?P<th>[1-9][0-9]{{0,2}}(?:,[0-9]{{3}})+(?:\.[0-9]+)?)(?![0-9]|,[0-9])"  # 2,700 and 1,234.5
+    rf"|(?P<th>[1-9][0-9]{{0,2}}(?:[,\u2009\u202f][0-9]{{3}})+(?:\.[0-9]+)?)(?![0-9]|,[0-9])"  # 2,700; 1,234.5; 2 700
     rf"|(?P<dc>[0-9]+,[0-9]+)(?![0-9]|,[0-9])"  # a decimal comma: 0,125
     rf"|(?P<plain>[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
     rf"(?:[eE](?P<e>[{_SIGN}]?[0-9]{{1,4}})(?![0-9])"
@@ -434,7 +447,8 @@ _ASIDE = re.compile(r"\([^()=\n]{0,80}=[^()\n]{0,80}\)")  # "(I = 2.5 A)": not t
 _UNIT_TOKEN = re.compile(r"[A-Za-zµμΩÅ°%℃][A-Za-z0-9µμΩÅ°%·*/^()\-−⁻⁺⁰¹²³⁴⁵⁶⁷⁸⁹]{0,23}")
 # Words pint would read as units but that, after a number, are English (as = attosecond, at =
 # technical atmosphere, in = inch, a = year) or labels (pH = picohenry): never a stated unit.
-_NOT_UNITS = frozenset("a an as at in is it of on or to and are me he has the for by unit units point points ph poh pH pOH b c e k u x".split())
+_NOT_UNITS = frozenset("a an as at in is it of on or to and are me he has the for by unit units point points "
+                       "ph poh pH pOH b c e k u x".split())
 _LATEX = (("\\times", "×"), ("\\cdot", "·"), ("\\,", " "), ("\\;", " "), ("\\!", ""), ("\\ ", " "), ("\\%", "%"),
           ("\\Omega", "Ω"), ("\\mu", "µ"), ("\\AA", "Å"), ("\\mathring{A}", "Å"), ("^\\circ", "°"), ("^{\\circ}", "°"),
           ("\\text{", ""), ("\\mathrm{", ""), ("\\boxed{", ""), ("{,}", ","), ("$", ""), ("\u212b", "Å"), ("\u00a0", " "))
@@ -442,7 +456,7 @@ _LATEX = (("\\times", "×"), ("\\cdot", "·"), ("\\,", " "), ("\\;", " "), ("\\!
 
 def _value(m: re.Match) -> float:
     if m["th"]:
-        mant = m["th"].replace(",", "")
+        mant = re.sub("[,\u2009\u202f]", "", m["th"])
     elif m["dc"]:
         mant = m["dc"].replace(",", ".")
     else:
@@ -505,8 +519,10 @@ def verify(problem: Problem | Mapping[str, Any], completion: str) -> Verdict:
     The answer is the number after the last `Final answer:` marker (any case, markdown emphasis
     allowed), else the last number in the text. Numbers may be signed (also `−`), use thousands
     separators, a decimal comma or scientific notation (`1.2e-4`, `1.2 × 10^-4`, `1.2·10⁻⁴`).
-    A comma followed by exactly three digits groups thousands (`2,700` = 2700, `1,234.5`);
-    any other comma between digits is a decimal comma (`0,125`, `3,5`, `0,700`). A unit written
+    A comma (or a thin space, the SI style) followed by exactly three digits groups thousands
+    (`2,700` = 2700, `1,234.5`), unless the group before it is 0; any other comma between digits
+    is a decimal comma (`0,125`, `3,5`, `0,700`). A plain space never joins digits (`2 700` is
+    two numbers) and a dot is always a decimal point. A unit written
     after the number is converted to the target unit (`127.6 mM` for `0.1276 M`); a unit of
     another dimension is wrong; no unit means the number is read in the target unit. Correct iff
     |â − α| ≤ max(abs_tol, rel_tol·|α|), inclusive (with 1e-9 relative slack for binary floats).
@@ -521,7 +537,8 @@ def verify(problem: Problem | Mapping[str, Any], completion: str) -> Verdict:
         text = text.replace(old, new)
     m, where, marked = _locate(text)
     if m is None:
-        return Verdict(False, None, None, "no number after the last 'Final answer:' marker" if marked else "no number in the completion")
+        why = "no number after the last 'Final answer:' marker" if marked else "no number in the completion"
+        return Verdict(False, None, None, why)
     source = "after 'Final answer:'" if marked else "the last number; no 'Final answer:' marker"
     value = _value(m)
     if not math.isfinite(value):
@@ -571,7 +588,8 @@ def prompt_segments(problem: Problem, question_author: str = "context") -> list[
             Segment("protocol", SOLUTION_HEADER)]
 
 
-def teacher_stream(problem: Problem | Mapping[str, Any], *, question_author: str = "context", author: str = "teacher") -> Stream:
+def teacher_stream(problem: Problem | Mapping[str, Any], *, question_author: str = "context",
+                   author: str = "teacher") -> Stream:
     """An SFT row as a stream: the prompt, then the oracle solution as a world-written demonstration."""
     p = as_problem(problem)
     segments = prompt_segments(p, question_author) + [Segment(author, p.solution, role="assistant")]
@@ -589,7 +607,7 @@ class StemEnv:
     """
 
     def __init__(self, *, question_author: str = "context", attempts: int = 1, announce_correct: bool = False):
-        assert question_author in ("context", "user"), f"question_author must be 'context' or 'user', not {question_author!r}"
+        assert question_author in ("context", "user"), f"question_author is 'context' or 'user', not {question_author!r}"
         assert attempts >= 1, f"attempts must be >= 1, got {attempts}"
         self.question_author, self.attempts, self.announce_correct = question_author, attempts, announce_correct
         self.problem: Problem | None = None
