@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dostream.train_cli", "train a LoRA adapter (or every weight) on streams under a view"),
     "sample": ("dostream.sample_cli", "sample from a model (exact token ids), e.g. for a quick look"),
     "stem": ("dostream.envs.stem_cli", "STEM problems: `stem generate`, `stem verify`"),
+    "reproduce": ("dostream.reproduce_cli", "rerun a seed experiment end to end: `reproduce stem`, `reproduce delusion`"),
     "theory": ("dostream.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
 }
 
