@@ -175,7 +175,8 @@ def supervised_count(rows: list[dict], idx: list[int]) -> int:
     return sum(sum(label != IGNORE for label in rows[i]["labels"][1:]) for i in idx)
 
 
-def accumulate_step(acc, loss_module: nn.Module, rows: list[dict], micro: list[list[int]], pad_id: int) -> tuple[float, int]:
+def accumulate_step(acc, loss_module: nn.Module, rows: list[dict], micro: list[list[int]], pad_id: int,
+                    *, bf16: bool = False) -> tuple[float, int]:
     """Forward and backward one optimizer step's micro-batches (this process's share).
 
     Each micro-batch's loss is its NLL sum divided by the supervised-token count of the *whole*
@@ -188,7 +189,7 @@ def accumulate_step(acc, loss_module: nn.Module, rows: list[dict], micro: list[l
     for j, idx in enumerate(mine):
         batch = {key: v.to(acc.device) for key, v in collate(rows, idx, pad_id).items()}
         sync = contextlib.nullcontext() if j == len(mine) - 1 else acc.no_sync(loss_module)
-        with sync, acc.autocast():
+        with sync, torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
             nll, _ = loss_module(**batch)
             acc.backward(nll * acc.num_processes / n_sup)
         nll_total += nll.item()
@@ -306,7 +307,9 @@ def train(rows: list[dict], cfg: TrainConfig, out: str | os.PathLike, *, model: 
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     cuda = torch.cuda.is_available()
     use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(torch.device("cuda" if cuda else "cpu")))
-    acc = Accelerator(mixed_precision="bf16" if use_bf16 else "no", cpu=not cuda)
+    # Precision is ours to switch per call (autocast below); Accelerate's process-wide
+    # mixed_precision setting cannot change within a process, and the methods chain several runs.
+    acc = Accelerator(cpu=not cuda)
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
         write_run_record(out, cfg, {"bf16": use_bf16, "rows": len(rows), "world_size": acc.num_processes,
@@ -348,7 +351,7 @@ def train(rows: list[dict], cfg: TrainConfig, out: str | os.PathLike, *, model: 
             t0 = time.perf_counter()
             micro = plan[k]
             n_sup = supervised_count(rows, [i for mb in micro for i in mb])
-            nll_total, n_tokens = accumulate_step(acc, loss_module, rows, micro, pad_id)
+            nll_total, n_tokens = accumulate_step(acc, loss_module, rows, micro, pad_id, bf16=use_bf16)
             grad_norm = acc.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             optimizer.step()
             scheduler.step()

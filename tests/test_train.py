@@ -165,3 +165,14 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 13))
+
+
+def test_precision_switches_between_runs_in_one_process(rows, tmp_path):
+    """Methods chain several trainings in one process; each picks its own precision."""
+    losses = {}
+    for bf16 in ("on", "off"):
+        result = train(rows[:4], TrainConfig(model="tiny:7", max_steps=1, batch_size=4, bf16=bf16, progress=False),
+                       tmp_path / bf16)
+        losses[bf16] = result.metrics[0]["train/loss"]
+        assert json.loads((tmp_path / bf16 / "config.json").read_text())["bf16"] is (bf16 == "on")
+    assert losses["on"] == pytest.approx(losses["off"], rel=1e-2) and losses["on"] != losses["off"]
