@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("dostream.sample_cli", "sample from a model (exact token ids), e.g. for a quick look"),
     "stem": ("dostream.envs.stem_cli", "STEM problems: `stem generate`, `stem verify`"),
     "reproduce": ("dostream.reproduce_cli", "rerun a seed experiment end to end: `reproduce stem`, `reproduce delusion`"),
+    "report": ("dostream.report_cli", "rebuild a reproduction's report from its run directory: `report DIR`"),
     "theory": ("dostream.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
 }
 

@@ -1,0 +1,289 @@
+"""SFT + GRPO (the paper's Eq. 10-11), and its DAPO variant (`dapo=True`).
+
+From SFT-1 (merged) with a fresh LoRA adapter, for each step:
+
+1. take `groups_per_step` prompts of D_agent and sample K attempts each from the *current* policy
+   (on-policy), through the same environment as every other method (exact sampled ids);
+2. reward r = 1 if the verifier accepts the attempt, else 0; the group-standardised advantage of
+   Eq. 10, A_k = (r_k - mean(r)) / sqrt(var(r) + 1e-6) (population variance, eps inside the root:
+   the paper's formula), the same for every token of attempt k. A flat group (all rewards equal:
+   all right or all wrong) has A = 0 and carries no preference signal;
+3. the per-token log-probs of the sampling policy (`old`) and of the reference SFT-1 (the same
+   model with its adapter disabled) are computed once, right after sampling;
+4. `iterations` optimisation passes over the batch minimise, per agent token,
+       -min(ρ A, clip(ρ, 1-ε_low, 1+ε_high) A) + β k3,     ρ = exp(logp - logp_old),
+       k3 = exp(logp_ref - logp) - (logp_ref - logp) - 1  (an unbiased, non-negative KL estimate);
+   GRPO averages over each attempt's tokens, then over attempts; a step whose groups are all flat
+   is skipped (no reward signal), as in the paper (50 groups: 24 flat, 26 updates).
+
+DAPO (Yu et al. 2025) changes three things, nothing else: clip-higher (ε_high > ε_low), dynamic
+sampling (flat groups are dropped and sampling goes on until `groups_per_step` informative
+groups fill the step, within the same prompt budget), and a token-level loss (the mean over all
+agent tokens of the step, so long attempts are not down-weighted).
+
+Only `agent` tokens carry the loss: in the calculator variant the tool's outputs inside an
+attempt are context (the renderer knows who wrote every token; no string search).
+
+>>> model, info = train_grpo(problems, tok, GRPOConfig(groups=50), "runs/sft1/merged", "runs/grpo")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dostream.config import atomic_write_text, opt
+from dostream.envs.stem import Problem
+from dostream.methods.attempts import attempt, until_verdict
+from dostream.models import load_model
+from dostream.render import Renderer
+from dostream.sampling import SamplingConfig
+from dostream.stream import Stream
+from dostream.train import TrainConfig, bf16_supported, prepare_model
+
+
+@dataclass
+class GRPOConfig:
+    groups: int = opt(50, "prompt budget: prompts of D_agent sampled, K attempts each")
+    k: int = opt(8, "attempts per prompt (the group size K)")
+    groups_per_step: int = opt(1, "groups per optimizer step (the paper: 1)")
+    iterations: int = opt(2, "optimisation passes over each sampled batch (μ); the ratio moves from 1 after the first")
+    lr: float = opt(1e-4, "learning rate (constant)")
+    beta: float = opt(0.04, "weight of the KL penalty to SFT-1 (k3 estimator)")
+    epsilon: float = opt(0.2, "clip range: ρ is clipped to [1-ε, 1+ε] (1+ε_high with dapo)")
+    epsilon_high: float = opt(0.28, "DAPO's clip-higher upper range (used only with dapo)")
+    dapo: bool = opt(False, "DAPO: clip-higher, dynamic sampling (drop flat groups), token-level loss")
+    temperature: float = opt(1.0, "sampling temperature")
+    max_new_tokens: int = opt(128, "tokens per attempt")
+    micro_batch: int = opt(8, "attempts per forward/backward")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm (0: off)")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    bf16: str = opt("auto", "bf16 autocast: auto, on, off", choices=("auto", "on", "off"))
+    seed: int = opt(0, "seed for the prompt choice, LoRA init and samples")
+    tools: str = opt("none", "none or calculator")
+    progress: bool = opt(True, "show a progress bar")
+
+
+# -- the pieces -----------------------------------------------------------------------------
+
+def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
+    """Eq. 10: (r_k - mean) / sqrt(population variance + eps). A flat group gives zeros.
+
+    >>> [round(a, 3) for a in group_advantages([1, 0, 0, 0])]
+    [1.732, -0.577, -0.577, -0.577]
+    """
+    n = len(rewards)
+    mean = sum(rewards) / n
+    var = sum((r - mean) ** 2 for r in rewards) / n
+    return [(r - mean) / (var + eps) ** 0.5 for r in rewards]
+
+
+def is_flat(rewards: list[float]) -> bool:
+    return max(rewards) == min(rewards)
+
+
+@dataclass
+class Rollout:
+    """One attempt ready for the loss: ids, which positions are the agent's, its advantage."""
+
+    input_ids: list[int]
+    action: list[bool]  # per token: sampled by the agent (carries the loss)
+    advantage: float
+    reward: float
+    group: int
+    old_logp: torch.Tensor | None = None  # per action token, the sampling policy's log-prob
+    ref_logp: torch.Tensor | None = None  # per action token, SFT-1's log-prob
+
+
+def to_rollouts(group: list[Stream], renderer: Renderer, gid: int) -> list[Rollout]:
+    rewards = [1.0 if s.meta["first_correct"] else 0.0 for s in group]
+    out = []
+    for s, a, r in zip(group, group_advantages(rewards), rewards):
+        rendered = renderer.render(until_verdict(s))  # exactly the ids the policy saw and sampled
+        out.append(Rollout(rendered.input_ids, [au == "agent" for au in rendered.authors], a, r, gid))
+    return out
+
+
+def dynamic_sampling_filter(groups: list[list[Rollout]]) -> tuple[list[list[Rollout]], int]:
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal. Returns (kept, dropped)."""
+    kept = [g for g in groups if not is_flat([r.reward for r in g])]
+    return kept, len(groups) - len(kept)
+
+
+def _batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(r.input_ids) for r in rollouts)
+    ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rollouts), width), dtype=torch.long)
+    act = torch.zeros((len(rollouts), width), dtype=torch.bool)
+    for b, r in enumerate(rollouts):
+        n = len(r.input_ids)
+        ids[b, :n] = torch.tensor(r.input_ids)
+        attn[b, :n] = 1
+        act[b, :n] = torch.tensor(r.action)
+    act[:, 0] = False  # nothing precedes position 0
+    return {"input_ids": ids, "attention_mask": attn, "action": act}
+
+
+def token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(token_t | tokens_<t) at the action positions, flattened row by row (row-major).
+    The vocabulary projection runs only there (most positions are the prompt)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = core.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    target = batch["action"][:, 1:]
+    logits = core.get_output_embeddings()(hidden[:, :-1][target]).float()
+    return torch.log_softmax(logits, -1).gather(1, batch["input_ids"][:, 1:][target][:, None])[:, 0]
+
+
+def policy_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, adv: torch.Tensor, lengths: list[int],
+                cfg: GRPOConfig, norm: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate + β·k3 over one micro-batch's action tokens (flattened, `lengths`
+    tokens per attempt). `norm` is the step's attempt count (GRPO) or action-token count (DAPO),
+    so micro-batches add up to the step's mean exactly."""
+    ratio = torch.exp(logp - old)
+    high = cfg.epsilon_high if cfg.dapo else cfg.epsilon
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - cfg.epsilon, 1 + high) * adv)
+    delta = ref - logp
+    k3 = torch.exp(delta) - delta - 1
+    per_token = -surrogate + cfg.beta * k3
+    if cfg.dapo:
+        loss = per_token.sum() / norm
+    else:
+        loss = torch.stack([t.mean() for t in per_token.split(lengths)]).sum() / norm
+    clipped = ((ratio < 1 - cfg.epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
+    return loss, {"kl": float(k3.detach().mean()), "clip_frac": float(clipped.float().mean()),
+                  "ratio_max": float(ratio.detach().max())}
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Path, out: str | Path):
+    """Run GRPO (or DAPO) from the merged SFT-1 model; write OUT/adapter, OUT/metrics.jsonl and
+    OUT/rollouts.jsonl. Returns (model, info) where info counts groups, flat groups and updates."""
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun of an interrupted stage starts over
+    torch.manual_seed(cfg.seed)
+    train_cfg = TrainConfig(model=str(sft1_dir), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+    model = prepare_model(train_cfg, load_model(str(sft1_dir)))
+    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(torch.device("cpu")))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    renderer = Renderer(tok, add_eos=False)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    prompts = random.Random(f"grpo:{cfg.seed}").sample(problems, min(cfg.groups, len(problems)))
+    info = {"groups": 0, "flat_groups": 0, "flat_all_correct": 0, "flat_all_wrong": 0, "updates": 0,
+            "skipped_steps": 0, "dropped_groups": 0, "samples": 0, "mean_reward": 0.0,
+            "tokens": 0, "action_tokens": 0, "variant": "dapo" if cfg.dapo else "grpo"}
+    metrics, rollout_log, buffer = [], [], []
+    rewards_seen: list[float] = []
+    bar = tqdm(total=len(prompts), desc="DAPO" if cfg.dapo else "GRPO", unit="group", disable=not cfg.progress,
+               dynamic_ncols=True)
+    model.train()
+    for start in range(0, len(prompts), cfg.groups_per_step):
+        chunk = prompts[start:start + cfg.groups_per_step]
+        sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                  seed=cfg.seed * 100_003 + start)
+        flat_list = [p for p in chunk for _ in range(cfg.k)]
+        ids = [f"{p.id}/g{start + g}/k{j}" for g, p in enumerate(chunk) for j in range(cfg.k)]
+        streams = attempt(model, tok, flat_list, sampling, tools=cfg.tools, ids=ids, progress=False)
+        model.train()
+        groups = [to_rollouts(streams[g * cfg.k:(g + 1) * cfg.k], renderer, start + g) for g in range(len(chunk))]
+        for g, group in enumerate(groups):
+            rewards = [r.reward for r in group]
+            rewards_seen += rewards
+            info["groups"] += 1
+            if is_flat(rewards):
+                info["flat_groups"] += 1
+                info["flat_all_correct" if rewards[0] == 1.0 else "flat_all_wrong"] += 1
+            for s, r in zip(streams[g * cfg.k:(g + 1) * cfg.k], group):
+                info["tokens"] += len(r.input_ids)
+                info["action_tokens"] += sum(r.action[1:])
+                rollout_log.append({"id": s.id, "reward": r.reward, "advantage": r.advantage,
+                                    "text": "".join(x.text for x in until_verdict(s).segments if x.author in ("agent", "tool"))})
+        bar.update(len(chunk))
+        if cfg.dapo:
+            groups, dropped = dynamic_sampling_filter(groups)
+            info["dropped_groups"] += dropped
+        _reference_logps(model, [r for g in groups for r in g], pad, cfg.micro_batch, use_bf16)
+        buffer += groups
+        last = start + cfg.groups_per_step >= len(prompts)
+        while buffer and (len(buffer) >= cfg.groups_per_step or last or not cfg.dapo):
+            step_groups, buffer = buffer[:cfg.groups_per_step], buffer[cfg.groups_per_step:]
+            if all(is_flat([r.reward for r in g]) for g in step_groups):
+                info["skipped_steps"] += 1  # no reward signal: GRPO takes no step (DAPO never gets here)
+                continue
+            m = _update(model, optimizer, trainable, [r for g in step_groups for r in g], pad, cfg, use_bf16)
+            info["updates"] += 1
+            m.update({"step": info["updates"], "groups_seen": info["groups"],
+                      "rollout/reward": sum(r.reward for g in step_groups for r in g) / sum(len(g) for g in step_groups)})
+            metrics.append(m)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+        bar.set_postfix(updates=info["updates"], flat=info["flat_groups"])
+    bar.close()
+    info["samples"] = len(rewards_seen)
+    info["mean_reward"] = sum(rewards_seen) / max(1, len(rewards_seen))
+    model.save_pretrained(out / "adapter")
+    atomic_write_text(out / "rollouts.jsonl", "".join(json.dumps(r) + "\n" for r in rollout_log))
+    atomic_write_text(out / "config.json", json.dumps({"config": asdict(cfg), "info": info}, indent=2) + "\n")
+    return model, info
+
+
+@torch.no_grad()
+def _reference_logps(model, rollouts: list[Rollout], pad: int, micro: int, bf16: bool) -> None:
+    """The sampling policy's and SFT-1's log-probs of every action token, once, before any update."""
+    was = model.training
+    model.eval()
+    for k in range(0, len(rollouts), micro):
+        rs = rollouts[k:k + micro]
+        batch = _batch(rs, pad)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            old = token_logprobs(model, batch)
+            with model.disable_adapter():  # SFT-1 is the merged base: the reference policy
+                ref = token_logprobs(model, batch)
+        lengths = [int(n) for n in batch["action"][:, 1:].sum(1)]
+        for r, o, f in zip(rs, old.split(lengths), ref.split(lengths)):
+            r.old_logp, r.ref_logp = o.float(), f.float()
+    model.train(was)
+
+
+def _update(model, optimizer, trainable, rollouts: list[Rollout], pad: int, cfg: GRPOConfig, bf16: bool) -> dict:
+    """`cfg.iterations` optimizer steps on one batch of rollouts."""
+    t0 = time.perf_counter()
+    rollouts = [r for r in rollouts if r.old_logp is not None and len(r.old_logp) > 0]
+    norm = float(sum(len(r.old_logp) for r in rollouts)) if cfg.dapo else float(len(rollouts))
+    stats: dict[str, float] = {}
+    for it in range(cfg.iterations):
+        parts = []
+        for k in range(0, len(rollouts), cfg.micro_batch):
+            rs = rollouts[k:k + cfg.micro_batch]
+            batch = _batch(rs, pad)
+            lengths = [len(r.old_logp) for r in rs]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logp = token_logprobs(model, batch)
+            adv = torch.cat([torch.full((n,), r.advantage) for r, n in zip(rs, lengths)])
+            loss, s = policy_loss(logp, torch.cat([r.old_logp for r in rs]), torch.cat([r.ref_logp for r in rs]),
+                                  adv, lengths, cfg, norm)
+            loss.backward()
+            parts.append((float(loss), s))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if it == cfg.iterations - 1:
+            stats = {"train/loss": sum(p[0] for p in parts),
+                     "train/kl": sum(p[1]["kl"] for p in parts) / len(parts),
+                     "train/clip_frac": sum(p[1]["clip_frac"] for p in parts) / len(parts),
+                     "train/ratio_max": max(p[1]["ratio_max"] for p in parts),
+                     "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
+    stats["time/step_s"] = time.perf_counter() - t0
+    stats["train/attempts"] = len(rollouts)
+    return stats
