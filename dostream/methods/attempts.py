@@ -8,9 +8,11 @@ answer (a `verifier` verdict; after a wrong attempt a fresh "Proposed solution:"
 
 The stop rule: an attempt ends when the model samples EOS, or at the end of the line that holds
 its `Final answer:` (a line break before any `Final answer:` does not end it), or after
-`max_new_tokens` sampled tokens. With the calculator, a turn that ends in `calc(<expr>)` pauses for
-the tool's answer and the attempt goes on. A turn sampled in several calls (paused at a line break
-or a closing parenthesis that was not a tool call) is one agent segment with all its ids.
+`max_new_tokens` sampled tokens. The answer line is found after sampling and the ids are cut
+there: the kept ids are exactly the sampled prefix, what came after is dropped as if a stop rule
+had fired. With the calculator, a turn that ends in `calc(<expr>)` pauses for the tool's answer and
+the attempt goes on; a turn sampled in several calls (paused at a `)` that was not a tool call) is
+one agent segment with all its ids.
 
 >>> streams = attempt(model, tok, problems, SamplingConfig(greedy=True, max_new_tokens=96))  # doctest: +SKIP
 >>> sum(s.meta["first_correct"] for s in streams) / len(streams)                             # doctest: +SKIP
@@ -85,7 +87,9 @@ def attempt(model, tok, problems: list[Problem], sampling: SamplingConfig, *, to
                 ep.step(seg.text, seg.token_ids)
     pending: list[list[int]] = [[] for _ in eps]  # ids of the agent's unfinished turn
     active = [k for k, ep in enumerate(eps) if not ep.done]
-    stops = ("\n",) + ((")",) if tools == "calculator" else ())
+    # A ")" may close a tool call: the sampler pauses there. The end of the answer line is found
+    # after sampling (`_cut_after_answer`): a stop string cannot say "a line break after the marker".
+    stops = (")",) if tools == "calculator" else ()
     bar = tqdm(total=len(active), desc=desc or "attempts", unit="ep", disable=not progress, dynamic_ncols=True,
                leave=False)
     rnd = 0
@@ -99,13 +103,12 @@ def attempt(model, tok, problems: list[Problem], sampling: SamplingConfig, *, to
             cfg = replace(sampling, stop=stops, max_new_tokens=budget, seed=sampling.seed * 7919 + rnd)
             prompts = [renderer.prompt_ids(eps[k].to_stream()) + pending[k] for k in ks]
             for k, s in zip(ks, sample(model, tok, prompts, cfg)):
-                turn = pending[k] + s.token_ids
+                before = eps[k].env.attempt_text  # earlier pieces of this attempt (around tool calls)
+                turn, answered = _cut_after_answer(tok, pending[k], s.token_ids, before)
                 text = decode(tok, turn)
-                ended = (s.finish_reason in ("eos", "length") or len(turn) >= sampling.max_new_tokens
-                         or (text.endswith("\n") and _MARKER.search(eps[k].env.attempt_text + text) is not None))
-                call = tools == "calculator" and trailing_call(text) is not None
-                if not ended and not call:
-                    pending[k] = turn  # paused at a line break or a ")" that is not a tool call
+                call = tools == "calculator" and not answered and trailing_call(text) is not None
+                if not (answered or call or s.finish_reason != "stop" or len(turn) >= sampling.max_new_tokens):
+                    pending[k] = turn  # paused at a ")" that is not a tool call: the turn goes on
                     still.append(k)
                     continue
                 pending[k] = []
@@ -118,6 +121,26 @@ def attempt(model, tok, problems: list[Problem], sampling: SamplingConfig, *, to
         active = still
     bar.close()
     return [ep.to_stream() for ep in eps]
+
+
+def _cut_after_answer(tok, pending: list[int], new: list[int], before: str) -> tuple[list[int], bool]:
+    """The turn's ids up to the token that completes the line break after `Final answer:` (the
+    sampled prefix, exactly; what the model drew after its answer line is discarded, as if a
+    stop rule had fired there), and whether that line ended. Without such a line: all ids."""
+    turn = pending + new
+    text = decode(tok, turn)
+    marker = _MARKER.search(before + text)
+    if marker is None:
+        return turn, False
+    full = before + text
+    start = len(full) - len(full[marker.end():].lstrip())  # the answer itself may start on the next line
+    newline = full.find("\n", start) - len(before) if start < len(full) else -1
+    if newline < 0:
+        return turn, False
+    for i in range(len(pending) + 1, len(turn) + 1):  # the shortest prefix that holds the line break
+        if len(decode(tok, turn[:i])) > newline and decode(tok, turn[:i])[newline] == "\n":
+            return turn[:i], True
+    return turn, False
 
 
 def accuracy_by_skill(streams: list[Stream], key: str = "correct") -> dict[str, list[int]]:

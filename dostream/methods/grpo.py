@@ -274,7 +274,7 @@ def _update(model, optimizer, trainable, rollouts: list[Rollout], pad: int, cfg:
             loss, s = policy_loss(logp, torch.cat([r.old_logp for r in rs]), torch.cat([r.ref_logp for r in rs]),
                                   adv, lengths, cfg, norm)
             loss.backward()
-            parts.append((float(loss), s))
+            parts.append((float(loss.detach()), s))
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
