@@ -223,3 +223,36 @@ def test_sft1_supervises_only_the_solution(tok, problems, tools):
         else:
             assert "calc(" in text and text.endswith(p.solution.rsplit(" = ", 1)[1][-20:])
         assert "Question" not in text and p.question not in text
+
+
+# -- attempts: the stop rule and the calculator -----------------------------------------------
+
+def test_attempt_pauses_for_the_tool_and_cuts_after_the_answer_line(monkeypatch, tok):
+    """A scripted sampler: the agent calls the calculator, reads its answer, then writes its final
+    line and keeps going; the attempt keeps the sampled ids up to that line's break, exactly."""
+    from dostream.envs.stem import Problem
+    from dostream.methods import attempts
+    from dostream.sampling import Sample
+
+    p = Problem("p", "physics", "ohm_voltage", "2.50 A through 4.00 ohm. Voltage?",
+                "V = I*R = 2.50*4.00 = 10.00 V. Final answer: 10.00 V.", 10.0, "V", 0.01, 0.0)
+    script = iter(["V = I*R = calc(2.50*4.00)", " V. Final answer: 10.0 V.\nAnd more text"])
+    prompts_seen = []
+
+    def fake_sample(model, tok_, prompts, cfg):
+        prompts_seen.append(prompts[0])
+        text = next(script)
+        ids = tok_(text, add_special_tokens=False)["input_ids"]
+        return [Sample(ids, tok_.decode(ids), "stop" if text.endswith(")") else "length", len(prompts[0]))]
+
+    monkeypatch.setattr(attempts, "sample", fake_sample)
+    [s] = attempts.attempt(None, tok, [p], attempts.SamplingConfig(max_new_tokens=64), tools="calculator",
+                           progress=False)
+    authors = [seg.author for seg in s.segments]
+    assert authors[-4:] == ["agent", "tool", "agent", "verifier"], authors
+    last = s.segments[-2]
+    assert last.text == " V. Final answer: 10.0 V.\n"
+    assert last.token_ids == tok(" V. Final answer: 10.0 V.\nAnd more text", add_special_tokens=False)["input_ids"][:len(last.token_ids)]
+    assert s.meta["first_correct"]
+    # the second call was conditioned on everything so far, tool answer included
+    assert tok.decode(prompts_seen[1]).endswith("calc(2.50*4.00) = 10")
