@@ -1,0 +1,344 @@
+"""Sampling: batched generation that returns, for every row, the exact token ids the model sampled.
+
+The sampled ids are where an agent's tokens are born, so provenance is recorded here and never
+reconstructed: `Sample.token_ids` are the ids in the order they were drawn, the EOS token
+included when the model chose to stop (that decision is part of its action), and
+`Sample.text` is their decoding with nothing skipped or cleaned up. `agent_segment(sample)` turns a
+sample into the `agent` segment that `Renderer` emits as those same ids (DESIGN.md invariant 2).
+
+>>> from dostream.models import load_model, load_tokenizer               # doctest: +SKIP
+>>> tok, model = load_tokenizer("smollm2"), load_model("smollm2")       # doctest: +SKIP
+>>> prompt = tok("Question:\\n2+2?\\n\\nProposed solution:\\n")["input_ids"]  # doctest: +SKIP
+>>> [s] = sample(model, tok, [prompt], SamplingConfig(max_new_tokens=32, stop=("\\n\\n",)))  # doctest: +SKIP
+>>> stream.segments.append(agent_segment(s))                            # doctest: +SKIP
+
+The decode loop is our own (left padding, attention mask, position ids, a transformers
+`DynamicCache`, last-position logits only, finished rows dropped from the batch, identical prompts
+prefilled once). Nucleus sampling is exact but avoids sorting the whole vocabulary: the kept set
+is found among the top 64 tokens whenever they hold `top_p` of the mass, which is nearly always
+for a trained model. Randomness is per row: row `i` draws from its own generator seeded by
+`(seed, i)`, so a row's sample depends on its prompt, its index and the seed, not on which other
+prompts share its batch or on `batch_size` (up to float rounding of different batch shapes).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from dostream.stream import Segment, Stream
+
+FinishReason = Literal["eos", "stop", "length"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TOPK_FIRST = 64  # candidates tried before a full sort; a trained model's nucleus almost always fits
+
+
+@dataclass
+class SamplingConfig:
+    """How to sample. `SamplingConfig(greedy=True)` is deterministic argmax decoding (evaluation)."""
+
+    temperature: float = 1.0  # softmax temperature; 0 means greedy
+    top_p: float = 1.0  # nucleus: sample from the most likely tokens that together hold top_p of the mass
+    max_new_tokens: int = 256  # per row, the EOS token included
+    stop: tuple[str, ...] = ()  # stop strings: a row ends after the token that completes one (kept whole)
+    seed: int = 0  # row i draws from a generator seeded by (seed, i): same seed and config, same samples
+    greedy: bool = False  # argmax decoding; temperature, top_p and seed are ignored
+    batch_size: int = 32  # rows decoded together (prompts are sorted by length, then batched)
+    dtype: str = "auto"  # "auto" (the model's own dtype; bf16 on a CUDA GPU), "fp32", "bf16" (a cast copy)
+    eos_token_ids: tuple[int, ...] | None = None  # ids that end a row; None: tokenizer's + generation_config's; (): none
+    backend: str = "auto"  # "auto" (vLLM on a CUDA GPU when installed, else torch), "torch", "vllm"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        assert self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"
+        assert 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"
+        assert self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
+        assert self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"
+        assert all(self.stop), "stop strings must be non-empty"
+        assert self.dtype == "auto" or self.dtype in _DTYPES, f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}"
+        assert self.backend in ("auto", "torch", "vllm"), f"backend must be auto, torch or vllm, got {self.backend!r}"
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+
+@dataclass
+class Sample:
+    """One sampled continuation: exactly what the model drew, ready to be an `agent` segment."""
+
+    token_ids: list[int]  # the sampled ids in order, EOS included if sampled
+    text: str  # tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    finish_reason: FinishReason  # "eos": sampled an EOS id; "stop": completed a stop string; "length": hit max_new_tokens
+    prompt_len: int  # number of prompt tokens the row was conditioned on
+
+
+def agent_segment(sample: Sample, **kwargs) -> Segment:
+    """The `agent` segment for a sample: its text and its exact sampled ids (`kwargs` go to
+    `Segment`, e.g. `role=` or `meta=`)."""
+    return Segment("agent", sample.text, token_ids=list(sample.token_ids), **kwargs)
+
+
+def generate_for_streams(model, renderer, streams: list[Stream], config: SamplingConfig | None = None) -> list[Sample]:
+    """Sample the agent's next turn for every stream (conditioned on `renderer.prompt_ids`).
+
+    >>> for s, smp in zip(streams, generate_for_streams(model, renderer, streams, cfg)):  # doctest: +SKIP
+    ...     s.segments.append(agent_segment(smp))
+    """
+    return sample(model, renderer.tok, [renderer.prompt_ids(s) for s in streams], config)
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """The one decoding rule for sampled ids (the renderer checks agent text against the same)."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def sample(model, tokenizer, prompts: list[list[int]], config: SamplingConfig | None = None) -> list[Sample]:
+    """Sample one continuation per prompt (token-id lists); outputs are in the order of `prompts`.
+
+    Pass the same prompt n times for n samples: each copy has its own random stream, and the
+    prompt is prefilled once. The model is put in eval mode for the call and restored after.
+    """
+    config = config or SamplingConfig()
+    prompts = [[int(t) for t in p] for p in prompts]
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty: sampling needs at least one token to condition on")
+    if not prompts:
+        return []
+    if _use_vllm(config):
+        return _sample_vllm(model, tokenizer, prompts, config)
+    eos = set(config.eos_token_ids) if config.eos_token_ids is not None else _default_eos(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    run = _in_dtype(model, config.dtype)
+    # Similar lengths share a batch (little padding); identical prompts end up adjacent.
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
+    out: list[Sample | None] = [None] * len(prompts)
+    modes = {m: m.training for m in run.modules()}  # restored after: dropout off while sampling
+    run.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), config.batch_size):
+                rows = order[start:start + config.batch_size]
+                ids = _decode_batch(run, [prompts[i] for i in rows], rows, config, eos, pad, tokenizer)
+                for i, (toks, reason) in zip(rows, ids):
+                    out[i] = Sample(toks, decode(tokenizer, toks), reason, len(prompts[i]))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return out  # type: ignore[return-value]
+
+
+def _default_eos(model, tokenizer) -> set[int]:
+    eos = set()
+    if tokenizer.eos_token_id is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos.update([gen] if isinstance(gen, int) else (gen or []))
+    return eos
+
+
+def _in_dtype(model, dtype: str):
+    """The model to sample with: itself, or a cast copy (the caller's weights are never touched)."""
+    have = next(model.parameters()).dtype
+    if dtype == "auto":
+        # On this project's CPUs bf16 matmuls are faster on some (AMD EPYC) and slower on others
+        # (Intel without AMX), so on CPU auto keeps the model's dtype: the policy that is trained.
+        on_cuda = next(model.parameters()).is_cuda
+        want = torch.bfloat16 if on_cuda and have == torch.float32 and torch.cuda.is_bf16_supported() else have
+    else:
+        want = _DTYPES[dtype]
+    if want == have:
+        return model
+    with torch.no_grad():
+        return copy.deepcopy(model).to(want)
+
+
+def _accepts(model, name: str) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    return name in inspect.signature(base.forward).parameters
+
+
+def _row_generator(seed: int, row: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + row) % (2**63))
+
+
+def _reserved_cache(model_config, capacity: int):
+    """A transformers `DynamicCache` whose full-attention layers write into storage reserved for
+    the whole decode: the stock layer concatenates, copying the whole cache every token."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class ReservedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+                self._k = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[3])
+                self._v = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[3])
+                self._len = 0
+            n = key_states.shape[-2]
+            assert self._len + n <= capacity, "the reserved cache is full"
+            self._k[:, :, self._len:self._len + n] = key_states
+            self._v[:, :, self._len:self._len + n] = value_states
+            self._len += n
+            self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+
+    cache = DynamicCache(config=model_config)
+    cache.layers = [ReservedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tuple[list[int], FinishReason]]:
+    device = next(model.parameters()).device
+    # Identical prompts (n samples of one question) are prefilled once, then the cache is copied.
+    unique: dict[tuple[int, ...], int] = {}
+    inverse = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
+    width = max(map(len, unique))
+    ids = torch.full((len(unique), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(unique), width), dtype=torch.long)
+    for r, p in enumerate(unique):  # left padding: every row's next token goes in the last column
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate does
+    cache = _reserved_cache(model.config, width + config.max_new_tokens)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
+                   use_cache=True, **extra).logits[:, -1]
+    if len(unique) < len(prompts):
+        expand = torch.tensor(inverse, device=device)
+        cache.batch_select_indices(expand)
+        mask, position, logits = mask[expand], position[expand], logits[expand]
+    position = position[:, -1:]
+
+    steps = config.max_new_tokens
+    uniforms = None if config.is_greedy else torch.stack(
+        [torch.rand(steps, generator=_row_generator(config.seed, r), dtype=torch.float64) for r in rows]).to(device)
+    generated: list[list[int]] = [[] for _ in prompts]
+    finish: list[FinishReason | None] = [None] * len(prompts)
+    active = list(range(len(prompts)))  # batch position -> row in `prompts`
+    for t in range(steps):
+        nxt = _pick(logits, None if uniforms is None else uniforms[active, t], config)
+        for j, tok in enumerate(nxt.tolist()):
+            r = active[j]
+            generated[r].append(tok)
+            if tok in eos:
+                finish[r] = "eos"
+            elif config.stop and any(s in decode(tokenizer, generated[r]) for s in config.stop):
+                finish[r] = "stop"  # earlier tokens did not complete it, so this token did
+            elif t == steps - 1:
+                finish[r] = "length"
+        keep = [j for j, r in enumerate(active) if finish[r] is None]
+        if not keep:
+            break
+        if len(keep) < len(active):  # drop finished rows: they would cost a full row of compute per step
+            sel = torch.tensor(keep, device=device)
+            cache.batch_select_indices(sel)
+            mask, position, nxt = mask[sel], position[sel], nxt[sel]
+            active = [active[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+        position = position + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
+                       past_key_values=cache, use_cache=True).logits[:, -1]
+    return [(g, f) for g, f in zip(generated, finish)]  # type: ignore[misc]
+
+
+def _pick(logits: torch.Tensor, u: torch.Tensor | None, config: SamplingConfig) -> torch.Tensor:
+    """One token per row: argmax, or inverse-CDF sampling with the row's uniform `u` from the
+    temperature-scaled distribution truncated to its nucleus (as transformers' TopPLogitsWarper:
+    keep a token while the mass of the more likely ones is below top_p)."""
+    logits = logits.float()
+    if u is None:
+        return logits.argmax(-1)
+    z = logits / config.temperature
+    vocab = z.shape[-1]
+    if config.top_p >= 1.0:
+        cdf = torch.softmax(z, -1).double().cumsum(-1)
+        return _invert(cdf, u).clamp(max=vocab - 1)
+    log_norm = torch.logsumexp(z, -1, keepdim=True)
+    return _nucleus(z, log_norm, u, config.top_p, min(_TOPK_FIRST, vocab))
+
+
+def _nucleus(z: torch.Tensor, log_norm: torch.Tensor, u: torch.Tensor, top_p: float, k: int) -> torch.Tensor:
+    """Top-p sampling among the k most likely tokens, exact for every row whose nucleus fits in
+    them; the other rows are redone with the whole vocabulary sorted."""
+    top, idx = z.topk(k, dim=-1)  # sorted, most likely first
+    p = (top - log_norm).exp().double()
+    cum = p.cumsum(-1)
+    kept = torch.where(cum - p < top_p, p, torch.zeros_like(p))
+    tokens = idx.gather(1, _invert(kept.cumsum(-1), u).clamp(max=k - 1)[:, None])[:, 0]
+    spill = cum[:, -1] < top_p  # the (k+1)-th token would still be kept
+    if k < z.shape[-1] and bool(spill.any()):
+        tokens[spill] = _nucleus(z[spill], log_norm[spill], u[spill], top_p, z.shape[-1])
+    return tokens
+
+
+def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """First index whose cumulative mass exceeds u × total (a zero-mass token is never chosen)."""
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
+
+
+# -- optional vLLM backend ------------------------------------------------------------------------
+def _use_vllm(config: SamplingConfig) -> bool:
+    if config.backend == "torch":
+        return False
+    available = torch.cuda.is_available() and _vllm_installed()
+    if config.backend == "vllm" and not available:
+        raise RuntimeError("backend='vllm' needs a CUDA GPU and the vllm package")
+    return available
+
+
+def _vllm_installed() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # not installed, or installed without a usable GPU build
+        return False
+    return True
+
+
+def _sample_vllm(model, tokenizer, prompts: list[list[int]], config: SamplingConfig) -> list[Sample]:
+    """UNTESTED (no GPU where this was written). vLLM serves a model from a directory, so the
+    current weights (a PEFT adapter merged into a copy) are exported to a temporary directory on
+    every call: simple and always on-policy, but it pays a model load per call. Ids come from vLLM;
+    text and finish reasons are recomputed here by the same rules as the torch path."""
+    import tempfile
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    export = copy.deepcopy(model)
+    if hasattr(export, "merge_and_unload"):
+        export = export.merge_and_unload()
+    eos = set(config.eos_token_ids) if config.eos_token_ids is not None else _default_eos(model, tokenizer)
+    with tempfile.TemporaryDirectory(prefix="dostream-vllm-") as tmp:
+        export.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        del export
+        dtype = "bfloat16" if config.dtype in ("auto", "bf16") else {"fp32": "float32", "fp16": "float16"}[config.dtype]
+        llm = LLM(model=tmp, dtype=dtype, seed=config.seed, enable_prefix_caching=True)
+        params = [SamplingParams(
+            temperature=0.0 if config.is_greedy else config.temperature, top_p=config.top_p,
+            max_tokens=config.max_new_tokens, stop=list(config.stop), stop_token_ids=sorted(eos),
+            include_stop_str_in_output=True, skip_special_tokens=False, seed=config.seed * 1_000_003 + i,
+        ) for i in range(len(prompts))]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    samples = []
+    for p, o in zip(prompts, outs):
+        toks = list(o.outputs[0].token_ids)
+        text = decode(tokenizer, toks)
+        reason: FinishReason = ("eos" if toks and toks[-1] in eos else
+                                "stop" if any(s in text for s in config.stop) else "length")
+        samples.append(Sample(toks, text, reason, len(p)))
+    return samples
