@@ -59,3 +59,28 @@ def test_report_command_rebuilds_and_other_config_is_refused(smoke):
     assert (out / "report.md").exists() and proc.stdout.strip().endswith("report.md")
     other = run_cli("reproduce", "stem", "--preset", "smoke", "--out", out, "--set", "n_test=5", check=False)
     assert other.returncode == 2 and "n_test" in other.stderr
+
+
+def test_report_over_seeds(smoke, tmp_path):
+    """With two seeds the table shows the mean and a t interval over seeds (here seed 1 is a copy
+    of seed 0 with one answer flipped, so the numbers are known)."""
+    import shutil
+
+    out, _, _ = smoke
+    two = tmp_path / "two"
+    shutil.copytree(out, two)
+    shutil.copytree(two / "seed-0", two / "seed-1")
+    path = two / "seed-1" / "stages" / "interventional_eval" / "result.json"
+    r = json.loads(path.read_text())
+    r["value"]["correct"][0] = 1 - r["value"]["correct"][0]
+    r["value"]["solved"] = sum(r["value"]["correct"])
+    r["value"]["accuracy"] = r["value"]["solved"] / r["value"]["n"]
+    path.write_text(json.dumps(r))
+    run_cli("report", two)
+    res = json.loads((two / "results.json").read_text())
+    s = res["summary"]["interventional"]
+    a0 = res["seeds"]["0"]["accuracy"]["interventional"]["accuracy"]
+    a1 = res["seeds"]["1"]["accuracy"]["interventional"]["accuracy"]
+    assert s["per_seed"] == [a0, a1] and s["mean"] == pytest.approx((a0 + a1) / 2)
+    assert s["t_low"] < s["mean"] < s["t_high"]
+    assert "mean over 2 seeds" in (two / "report.md").read_text()
