@@ -136,7 +136,8 @@ def fig_accuracy(res: dict, path: Path) -> None:
             ax.plot(i, PAPER[m], marker="D", color="black", markerfacecolor="white", ms=6,
                     label="paper (Qwen2.5-0.5B)" if i == 0 else None)
     ax.set_xticks(list(xs), [LABELS[m].replace(" + ", "\n+ ").replace(" stream", "\nstream") for m in methods], fontsize=8)
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.15)
+    ax.set_yticks([i / 5 for i in range(6)])
     ax.set_ylabel("held-out solve accuracy")
     cfg = res["config"] or {}
     what = (f"mean over {len(res['seeds'])} seeds, t 95% interval" if multi
@@ -182,9 +183,10 @@ def fig_composition(res: dict, path: Path) -> None:
     ax.bar(range(len(skills)), w, bottom=c, color="#c33", label="wrong first attempt (+ oracle correction)")
     ax.set_xticks(range(len(skills)), skills, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("stream turns")
+    ax.set_ylim(0, max(a + b for a, b in zip(c, w)) * 1.3 + 0.5)  # room for the legend above the bars
     ax.set_title(f"The frozen SFT-1 stream: {stream['turns']} turns, {stream['wrong']} wrong first attempts "
                  f"(the paper's Figure 3)", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -213,10 +215,11 @@ def fig_stream_matched(res: dict, path: Path) -> None:
             ax.plot(arms.index(m) - width / 2, v, marker="D", color="black", markerfacecolor="white", ms=6,
                     label="paper (repair)" if m == "interventional" else None)
     ax.set_xticks(range(len(arms)), [LABELS[m] for m in arms], fontsize=8)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.25)
+    ax.set_yticks([i / 5 for i in range(6)])
     ax.set_ylabel("solved")
     ax.set_title(f"Stream-matched: the {rep['n']} test items SFT-1 got wrong (the paper's Figure 5)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
