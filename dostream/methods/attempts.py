@@ -94,30 +94,31 @@ def attempt(model, tok, problems: list[Problem], sampling: SamplingConfig, *, to
                leave=False)
     rnd = 0
     while active:
-        # Rows with the same remaining budget share a sample() call (its max_new_tokens is per call).
-        by_budget: dict[int, list[int]] = {}
-        for k in active:
-            by_budget.setdefault(sampling.max_new_tokens - len(pending[k]), []).append(k)
+        # One call per round for every unfinished turn (its max_new_tokens is the largest budget left);
+        # a row's ids are then cut to its own budget: a prefix of what it sampled, as a length stop.
+        budget = {k: sampling.max_new_tokens - len(pending[k]) for k in active}
+        cfg = replace(sampling, stop=stops, max_new_tokens=max(budget.values()), seed=sampling.seed * 7919 + rnd)
+        prompts = [renderer.prompt_ids(eps[k].to_stream()) + pending[k] for k in active]
         still = []
-        for budget, ks in sorted(by_budget.items()):
-            cfg = replace(sampling, stop=stops, max_new_tokens=budget, seed=sampling.seed * 7919 + rnd)
-            prompts = [renderer.prompt_ids(eps[k].to_stream()) + pending[k] for k in ks]
-            for k, s in zip(ks, sample(model, tok, prompts, cfg)):
-                before = eps[k].env.attempt_text  # earlier pieces of this attempt (around tool calls)
-                turn, answered = _cut_after_answer(tok, pending[k], s.token_ids, before)
-                text = decode(tok, turn)
-                call = tools == "calculator" and not answered and trailing_call(text) is not None
-                if not (answered or call or s.finish_reason != "stop" or len(turn) >= sampling.max_new_tokens):
-                    pending[k] = turn  # paused at a ")" that is not a tool call: the turn goes on
-                    still.append(k)
-                    continue
-                pending[k] = []
-                eps[k].step(text, turn)
-                if eps[k].done:
-                    bar.update(1)
-                else:
-                    still.append(k)  # the tool answered; the attempt goes on
-            rnd += 1
+        for k, s in zip(active, sample(model, tok, prompts, cfg)):
+            new, finish = s.token_ids[:budget[k]], s.finish_reason
+            if len(new) < len(s.token_ids):
+                finish = "length"
+            before = eps[k].env.attempt_text  # earlier pieces of this attempt (around tool calls)
+            turn, answered = _cut_after_answer(tok, pending[k], new, before)
+            text = decode(tok, turn)
+            call = tools == "calculator" and not answered and trailing_call(text) is not None
+            if not (answered or call or finish != "stop" or len(turn) >= sampling.max_new_tokens):
+                pending[k] = turn  # paused at a ")" that is not a tool call: the turn goes on
+                still.append(k)
+                continue
+            pending[k] = []
+            eps[k].step(text, turn)
+            if eps[k].done:
+                bar.update(1)
+            else:
+                still.append(k)  # the tool answered; the attempt goes on
+        rnd += 1
         active = still
     bar.close()
     return [ep.to_stream() for ep in eps]
