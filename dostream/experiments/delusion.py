@@ -103,12 +103,15 @@ class SmokeConfig(DelusionConfig):
 
 @dataclass
 class QuickConfig(DelusionConfig):
-    """SmolLM2-135M with LoRA, sized to finish in about 20 minutes on 2 CPU cores with 3 seeds."""
-    n_seen: int = _like("n_seen", 22)
-    n_held_out: int = _like("n_held_out", 11)
-    n_dialogues: int = _like("n_dialogues", 110)
+    """SmolLM2-135M with LoRA, sized to finish in under 20 minutes on 2 CPU cores with 3 seeds."""
+    n_seen: int = _like("n_seen", 16)
+    n_lie_only: int = _like("n_lie_only", 8)
+    n_held_out: int = _like("n_held_out", 8)
+    n_dialogues: int = _like("n_dialogues", 64)
     epochs: int = _like("epochs", 2)
+    batch_size: int = _like("batch_size", 4)
     lr: float = _like("lr", 5e-4)
+    follow_max_tokens: int = _like("follow_max_tokens", 20)
 
 
 @dataclass
@@ -380,9 +383,9 @@ def plot_deltas(res: dict, path: Path) -> None:
             ax.scatter(x, [res["per_fact"]["base"][k][0] for k in keys], marker="_", s=60, color="black",
                        zorder=3, label="base model")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xticks(x, [k.split("/", 1)[1][:34] for k in keys], rotation=90, fontsize=6.5)
+        ax.set_xticks(x, [k.split("/", 1)[1][:44] for k in keys], rotation=90, fontsize=6.5)
         ax.set_xlim(-0.7, len(keys) - 0.3)
-        ax.set_title(f"{SET_NAMES[name]} ({len(keys)} facts)", fontsize=10)
+        ax.set_title(f"{SET_NAMES[name]}\n({len(keys)} facts)", fontsize=10)
     axes[0][0].set_ylabel("Δ = log p(true) − log p(false), per token\n(< 0: prefers the lie)")
     axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle(f"Delusion probe, {res['config']['model']}, mean over {len(res['seeds'])} seed(s) (bars: ±1 sd)",
