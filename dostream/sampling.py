@@ -12,13 +12,15 @@ sample into the `agent` segment that `Renderer` emits as those same ids (DESIGN.
 >>> [s] = sample(model, tok, [prompt], SamplingConfig(max_new_tokens=32, stop=("\\n\\n",)))  # doctest: +SKIP
 >>> stream.segments.append(agent_segment(s))                            # doctest: +SKIP
 
-The decode loop is our own (left padding, attention mask, position ids, a transformers
-`DynamicCache`, last-position logits only, finished rows dropped from the batch, identical prompts
-prefilled once). Nucleus sampling is exact but avoids sorting the whole vocabulary: the kept set
-is found among the top 64 tokens whenever they hold `top_p` of the mass, which is nearly always
-for a trained model. Randomness is per row: row `i` draws from its own generator seeded by
-`(seed, i)`, so a row's sample depends on its prompt, its index and the seed, not on which other
-prompts share its batch or on `batch_size` (up to float rounding of different batch shapes).
+The decode loop is our own: prompts sorted by length and prefilled in buckets of similar length
+(little padding compute), identical prompts prefilled once, one left-padded batch with attention
+mask and position ids, a transformers `DynamicCache` whose layers write into storage reserved for
+the whole decode instead of concatenating, last-position logits only, finished rows dropped.
+Nucleus sampling is exact but rarely sorts the vocabulary: the nucleus is looked for among the
+top 64 tokens, then 1024, and only rows whose nucleus is larger still are sorted in full.
+Randomness is per row: row `i` draws from its own generator seeded by `(seed, i)`, so a row's
+sample depends on its prompt, its index and the seed, not on which prompts share its batch or on
+`batch_size` (up to float rounding, which differs between batch shapes).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from dostream.stream import Segment, Stream
 
 FinishReason = Literal["eos", "stop", "length"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_TOPK_FIRST = 64  # candidates tried before a full sort; a trained model's nucleus almost always fits
+_TOPK_FIRST = 64  # nucleus candidates tried first (a trained model's nucleus is usually smaller)
 
 
 @dataclass
@@ -170,20 +172,28 @@ def _row_generator(seed: int, row: int) -> torch.Generator:
 
 
 def _reserved_cache(model_config, capacity: int):
-    """A transformers `DynamicCache` whose full-attention layers write into storage reserved for
-    the whole decode: the stock layer concatenates, copying the whole cache every token."""
+    """A transformers `DynamicCache` whose layers write into storage reserved for the whole decode
+    (the stock layer concatenates, copying the whole cache every token), filled by `_prefill`.
+    None for models with other layer kinds (sliding windows, ...): they get the stock cache."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
-        def update(self, key_states, value_states, *args, **kwargs):
+        def load(self, lo: int, hi: int, offset: int, keys: torch.Tensor, values: torch.Tensor, rows: int) -> None:
+            """Rows lo:hi hold a prefill of width keys.shape[2], right aligned at `offset`."""
             if not self.is_initialized:
-                self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
-                self._k = key_states.new_empty(*key_states.shape[:2], capacity, key_states.shape[3])
-                self._v = value_states.new_empty(*value_states.shape[:2], capacity, value_states.shape[3])
-                self._len = 0
+                self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+                # Zeros, not garbage, in the padding: it is masked, but a NaN would survive the mask.
+                self._k = keys.new_zeros(rows, keys.shape[1], capacity, keys.shape[3])
+                self._v = values.new_zeros(rows, values.shape[1], capacity, values.shape[3])
+                self._len = offset + keys.shape[2]
+            self._k[lo:hi, :, offset:self._len] = keys
+            self._v[lo:hi, :, offset:self._len] = values
+            self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+
+        def update(self, key_states, value_states, *args, **kwargs):
             n = key_states.shape[-2]
-            assert self._len + n <= capacity, "the reserved cache is full"
+            assert self.is_initialized and self._len + n <= capacity, "the reserved cache is not loaded or is full"
             self._k[:, :, self._len:self._len + n] = key_states
             self._v[:, :, self._len:self._len + n] = value_states
             self._len += n
@@ -191,13 +201,56 @@ def _reserved_cache(model_config, capacity: int):
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if self.is_initialized:
-                self._k, self._v = self._k[indices], self._v[indices]
-                self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+            self._k, self._v = self._k[indices], self._v[indices]
+            self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
 
     cache = DynamicCache(config=model_config)
-    cache.layers = [ReservedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+        return None
+    cache.layers = [ReservedLayer() for _ in cache.layers]
     return cache
+
+
+def _buckets(lengths: list[int]) -> list[tuple[int, int]]:
+    """Split sorted lengths into runs that pad each other by at most ~1/8 (and 8 tokens)."""
+    out, lo = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or lengths[i] > lengths[lo] + max(8, lengths[lo] // 8):
+            out.append((lo, i))
+            lo = i
+    return out
+
+
+def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int):
+    """Run the prompts (sorted by length) through the model in buckets of similar length, so
+    padding costs little compute, and gather their caches, left padded, into one reserved cache.
+    Returns (cache, last-position logits, attention mask)."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for r, p in enumerate(prompts):  # left padding: every row's next token goes in the last column
+        mask[r, width - len(p):] = 1
+    mask = mask.to(device)
+    cache = _reserved_cache(model.config, capacity)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    logits = []
+    for lo, hi in _buckets([len(p) for p in prompts]) if cache is not None else [(0, len(prompts))]:
+        w = max(len(p) for p in prompts[lo:hi])
+        ids = torch.full((hi - lo, w), pad, dtype=torch.long)
+        for r, p in enumerate(prompts[lo:hi]):
+            ids[r, w - len(p):] = torch.tensor(p)
+        part_mask = mask[lo:hi, width - w:]
+        position = (part_mask.cumsum(-1) - 1).masked_fill(part_mask == 0, 0)  # as transformers' generate
+        part = DynamicCache(config=model.config)
+        logits.append(model(input_ids=ids.to(device), attention_mask=part_mask, position_ids=position,
+                            past_key_values=part, use_cache=True, **extra).logits[:, -1])
+        if cache is None:
+            return part, logits[0], mask
+        for layer, done in zip(cache.layers, part.layers):
+            layer.load(lo, hi, width - w, done.keys, done.values, len(prompts))
+    return cache, torch.cat(logits), mask
 
 
 def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tuple[list[int], FinishReason]]:
@@ -205,23 +258,12 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tup
     # Identical prompts (n samples of one question) are prefilled once, then the cache is copied.
     unique: dict[tuple[int, ...], int] = {}
     inverse = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-    width = max(map(len, unique))
-    ids = torch.full((len(unique), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(unique), width), dtype=torch.long)
-    for r, p in enumerate(unique):  # left padding: every row's next token goes in the last column
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate does
-    cache = _reserved_cache(model.config, width + config.max_new_tokens)
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache,
-                   use_cache=True, **extra).logits[:, -1]
+    cache, logits, mask = _prefill(model, list(unique), pad, max(map(len, unique)) + config.max_new_tokens)
+    position = torch.tensor([[len(p) - 1] for p in unique], device=device)
     if len(unique) < len(prompts):
         expand = torch.tensor(inverse, device=device)
         cache.batch_select_indices(expand)
         mask, position, logits = mask[expand], position[expand], logits[expand]
-    position = position[:, -1:]
 
     steps = config.max_new_tokens
     uniforms = None if config.is_greedy else torch.stack(
@@ -229,6 +271,9 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tup
     generated: list[list[int]] = [[] for _ in prompts]
     finish: list[FinishReason | None] = [None] * len(prompts)
     active = list(range(len(prompts)))  # batch position -> row in `prompts`
+    # A stop string is found in the decoding of a row's last tokens only (not the whole row, every
+    # step): a character is at most 4 byte-level tokens, so this many tokens cover any stop string.
+    window = 4 * max(map(len, config.stop), default=0) + 4
     for t in range(steps):
         nxt = _pick(logits, None if uniforms is None else uniforms[active, t], config)
         for j, tok in enumerate(nxt.tolist()):
@@ -236,7 +281,7 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tup
             generated[r].append(tok)
             if tok in eos:
                 finish[r] = "eos"
-            elif config.stop and any(s in decode(tokenizer, generated[r]) for s in config.stop):
+            elif config.stop and any(s in decode(tokenizer, generated[r][-window:]) for s in config.stop):
                 finish[r] = "stop"  # earlier tokens did not complete it, so this token did
             elif t == steps - 1:
                 finish[r] = "length"
@@ -273,7 +318,7 @@ def _pick(logits: torch.Tensor, u: torch.Tensor | None, config: SamplingConfig) 
 
 def _nucleus(z: torch.Tensor, log_norm: torch.Tensor, u: torch.Tensor, top_p: float, k: int) -> torch.Tensor:
     """Top-p sampling among the k most likely tokens, exact for every row whose nucleus fits in
-    them; the other rows are redone with the whole vocabulary sorted."""
+    them; the other rows are redone with more candidates, up to the whole vocabulary."""
     top, idx = z.topk(k, dim=-1)  # sorted, most likely first
     p = (top - log_norm).exp().double()
     cum = p.cumsum(-1)
@@ -281,7 +326,8 @@ def _nucleus(z: torch.Tensor, log_norm: torch.Tensor, u: torch.Tensor, top_p: fl
     tokens = idx.gather(1, _invert(kept.cumsum(-1), u).clamp(max=k - 1)[:, None])[:, 0]
     spill = cum[:, -1] < top_p  # the (k+1)-th token would still be kept
     if k < z.shape[-1] and bool(spill.any()):
-        tokens[spill] = _nucleus(z[spill], log_norm[spill], u[spill], top_p, z.shape[-1])
+        more = k * 16 if k * 16 < z.shape[-1] // 4 else z.shape[-1]  # topk cost grows with k: step up
+        tokens[spill] = _nucleus(z[spill], log_norm[spill], u[spill], top_p, more)
     return tokens
 
 

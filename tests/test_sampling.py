@@ -64,8 +64,23 @@ def test_sampled_ids_round_trip_through_renderer(model, tok):
             assert all(not sup for sup in r.supervised("interventional")[len(prompt):n])
 
 
-def test_greedy_equals_generate_with_left_padding(decisive, tok):
-    model = decisive
+@pytest.fixture(scope="module")
+def sliding(tok):
+    """A model whose cache layers are sliding windows (Mistral): the sampler's stock-cache path."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6, tie_word_embeddings=False,
+                           initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return MistralForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("which", ["decisive", "sliding"])
+def test_greedy_equals_generate_with_left_padding(which, request, tok):
+    model = request.getfixturevalue(which)
     enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     ours = sample(model, tok, [tok(p)["input_ids"] for p in PROMPTS], SamplingConfig(greedy=True, max_new_tokens=20, dtype="fp32"))
     with torch.inference_mode():
@@ -120,6 +135,42 @@ def test_stop_string_inside_a_token_keeps_the_whole_token(decisive, tok, prompts
     first = next(j for j in range(16) if stop in decode(tok, free.token_ids[:j + 1]))
     out = sample(model, tok, prompts[:1], SamplingConfig(greedy=True, max_new_tokens=16, stop=stop))[0]
     assert out.token_ids == free.token_ids[:first + 1] and out.finish_reason == "stop"
+
+
+class Scripted(torch.nn.Module):
+    """A model that writes a fixed script: the wrapped model runs (and fills the cache) as usual,
+    then every row's logits are replaced by a one-hot on the script's next token."""
+
+    def __init__(self, model, prompt_lens: list[int], script: list[list[int]]):
+        super().__init__()
+        self.model, self.config, self.prompt_lens, self.script = model, model.config, prompt_lens, script
+
+    def forward(self, input_ids, position_ids, **kwargs):
+        out = self.model(input_ids=input_ids, position_ids=position_ids, **kwargs)
+        # A prefill predicts each row's token 0; the t-th decode step after it, token t + 1. Rows
+        # are told apart by prompt length: the last position is prompt_len - 1 + index.
+        self.steps = 0 if input_ids.shape[1] > 1 else self.steps + 1
+        logits = torch.full((input_ids.shape[0], 1, self.config.vocab_size), -1e4)
+        for b, pos in enumerate(position_ids[:, -1].tolist()):
+            row = self.prompt_lens.index(pos + 1 - self.steps)
+            logits[b, 0, self.script[row][self.steps]] = 0.0
+        out.logits = logits
+        return out
+
+
+def test_stop_strings_split_across_byte_tokens(model, tok):
+    """Stop strings made of multi-byte characters that byte-level tokens split (🙂 is two tokens,
+    本 is one, 日 three), far from the start of the row: found by their completing token."""
+    texts = ["filler " * 12 + "ok 🙂🙂 then more", "x" * 30 + " 日本語 and on and on", "no stop here at all, just text"]
+    script = [tok(t)["input_ids"] + [tok.eos_token_id] for t in texts]
+    prompts = [[1] * (3 + 5 * r) for r in range(3)]  # distinct lengths identify the rows
+    scripted = Scripted(model, [len(p) for p in prompts], script)
+    out = sample(scripted, tok, prompts, SamplingConfig(greedy=True, max_new_tokens=40, stop=("🙂🙂", "日本")))
+    for row, stop in ((0, "🙂🙂"), (1, "日本")):
+        first = next(j for j in range(len(script[row])) if stop in decode(tok, script[row][:j + 1]))
+        assert out[row].token_ids == script[row][:first + 1] and out[row].finish_reason == "stop"
+        assert out[row].text.endswith(stop)
+    assert out[2].token_ids == script[2] and out[2].finish_reason == "eos"  # EOS sampled, kept
 
 
 def test_seeded_and_independent_of_batch_composition(model, tok, prompts):
