@@ -52,7 +52,7 @@ class SamplingConfig:
     batch_size: int = 32  # rows decoded together (prompts are sorted by length, then batched)
     dtype: str = "auto"  # "auto" (the model's own dtype; bf16 on a CUDA GPU), "fp32", "bf16" (a cast copy)
     eos_token_ids: tuple[int, ...] | None = None  # ids that end a row; None: tokenizer's + generation_config's; (): none
-    backend: str = "auto"  # "auto" (vLLM on a CUDA GPU when installed, else torch), "torch", "vllm"
+    backend: str = "auto"  # "auto" (vLLM for a model on a CUDA GPU if vllm is installed, else torch), "torch", "vllm"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -114,7 +114,7 @@ def sample(model, tokenizer, prompts: list[list[int]], config: SamplingConfig | 
             raise ValueError(f"prompt {i} is empty: sampling needs at least one token to condition on")
     if not prompts:
         return []
-    if _use_vllm(config):
+    if _use_vllm(model, config):
         return _sample_vllm(model, tokenizer, prompts, config)
     eos = set(config.eos_token_ids) if config.eos_token_ids is not None else _default_eos(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
@@ -167,8 +167,12 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(base.forward).parameters
 
 
+def _row_seed(seed: int, row: int) -> int:
+    return (seed * 1_000_003 + row) % (2**63)
+
+
 def _row_generator(seed: int, row: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + row) % (2**63))
+    return torch.Generator().manual_seed(_row_seed(seed, row))
 
 
 def _reserved_cache(model_config, capacity: int):
@@ -338,12 +342,13 @@ def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 # -- optional vLLM backend ------------------------------------------------------------------------
-def _use_vllm(config: SamplingConfig) -> bool:
+def _use_vllm(model, config: SamplingConfig) -> bool:
+    """vLLM only for a model on a CUDA GPU with vllm importable (CPU models, tests: torch)."""
     if config.backend == "torch":
         return False
-    available = torch.cuda.is_available() and _vllm_installed()
+    available = torch.cuda.is_available() and next(model.parameters()).is_cuda and _vllm_installed()
     if config.backend == "vllm" and not available:
-        raise RuntimeError("backend='vllm' needs a CUDA GPU and the vllm package")
+        raise RuntimeError("backend='vllm' needs the model on a CUDA GPU and the vllm package")
     return available
 
 
@@ -358,8 +363,10 @@ def _vllm_installed() -> bool:
 def _sample_vllm(model, tokenizer, prompts: list[list[int]], config: SamplingConfig) -> list[Sample]:
     """UNTESTED (no GPU where this was written). vLLM serves a model from a directory, so the
     current weights (a PEFT adapter merged into a copy) are exported to a temporary directory on
-    every call: simple and always on-policy, but it pays a model load per call. Ids come from vLLM;
-    text and finish reasons are recomputed here by the same rules as the torch path."""
+    every call: simple and always on-policy, but it pays a model load per call. Ids come from vLLM
+    (its own random streams, seeded per row); text and finish reasons are recomputed here by the
+    same rules as the torch path."""
+    import gc
     import tempfile
 
     from vllm import LLM, SamplingParams, TokensPrompt
@@ -368,18 +375,25 @@ def _sample_vllm(model, tokenizer, prompts: list[list[int]], config: SamplingCon
     if hasattr(export, "merge_and_unload"):
         export = export.merge_and_unload()
     eos = set(config.eos_token_ids) if config.eos_token_ids is not None else _default_eos(model, tokenizer)
+    dtype = "bfloat16" if config.dtype in ("auto", "bf16") else {"fp32": "float32", "fp16": "float16"}[config.dtype]
+    params = [SamplingParams(
+        temperature=0.0 if config.is_greedy else config.temperature, top_p=config.top_p,
+        max_tokens=config.max_new_tokens, stop=list(config.stop), stop_token_ids=sorted(eos),
+        ignore_eos=config.eos_token_ids is not None,  # then stop_token_ids alone decide
+        include_stop_str_in_output=True, skip_special_tokens=False, seed=_row_seed(config.seed, i),
+    ) for i in range(len(prompts))]
     with tempfile.TemporaryDirectory(prefix="dostream-vllm-") as tmp:
         export.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del export
-        dtype = "bfloat16" if config.dtype in ("auto", "bf16") else {"fp32": "float32", "fp16": "float16"}[config.dtype]
-        llm = LLM(model=tmp, dtype=dtype, seed=config.seed, enable_prefix_caching=True)
-        params = [SamplingParams(
-            temperature=0.0 if config.is_greedy else config.temperature, top_p=config.top_p,
-            max_tokens=config.max_new_tokens, stop=list(config.stop), stop_token_ids=sorted(eos),
-            include_stop_str_in_output=True, skip_special_tokens=False, seed=config.seed * 1_000_003 + i,
-        ) for i in range(len(prompts))]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+        # A modest share of GPU memory: the model being trained lives on the same GPU.
+        llm = LLM(model=tmp, dtype=dtype, seed=config.seed, enable_prefix_caching=True, gpu_memory_utilization=0.4)
+        try:
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+        finally:
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
     samples = []
     for p, o in zip(prompts, outs):
         toks = list(o.outputs[0].token_ids)

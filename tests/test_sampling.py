@@ -231,6 +231,8 @@ def test_empty_prompt_and_bad_config_are_clear_errors(model, tok):
         sample(model, tok, [[1, 2], []])
     with pytest.raises(AssertionError, match="top_p"):
         SamplingConfig(top_p=0)
+    with pytest.raises(RuntimeError, match="CUDA"):  # the optional backend is never picked silently
+        sample(model, tok, [[1, 2]], SamplingConfig(backend="vllm"))
     assert sample(model, tok, []) == []
 
 
