@@ -108,7 +108,7 @@ class QuickConfig(DelusionConfig):
     n_lie_only: int = _like("n_lie_only", 8)
     n_held_out: int = _like("n_held_out", 8)
     n_dialogues: int = _like("n_dialogues", 64)
-    epochs: int = _like("epochs", 2)
+    epochs: int = _like("epochs", 1)
     batch_size: int = _like("batch_size", 4)
     lr: float = _like("lr", 5e-4)
     follow_max_tokens: int = _like("follow_max_tokens", 20)
@@ -438,7 +438,8 @@ def write_report(out: str | Path) -> Path:
         f"{cfg['n_seen']} seen facts (p_lie {cfg['p_lie']}, chit-chat tail {cfg['p_tail']}) plus "
         f"{lie_only_per_fact(DelusionConfig(**cfg)) if cfg['n_lie_only'] else 0} uncorrected-lie dialogues for each of "
         f"{cfg['n_lie_only']} lie-only facts; {cfg['n_held_out']} held-out facts never shown. Seeds: {seeds} "
-        f"(each seed draws its own dialogues, adapter init and batch order; both arms share them).", "",
+        f"(each seed draws its own dialogues, {'' if cfg['full_finetune'] else 'LoRA initialisation, '}batch order; "
+        "both arms share them).", "",
         f"Supervised authors: standard SFT {{{', '.join(sorted(ARMS['standard']))}}}, interventional SFT "
         f"{{{', '.join(sorted(ARMS['interventional']))}}}; the context line is masked in both.", "",
         "Δ = mean per-token log p(true claim) − log p(false claim) as the Agent's answer to \"" +
