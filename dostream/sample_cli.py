@@ -69,7 +69,7 @@ def cli_main(argv: list[str]) -> int:
             temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
             stop=tuple(_unescape(s) for s in args.stop), seed=args.seed, greedy=args.greedy,
             batch_size=args.batch_size, dtype=args.dtype, backend=args.backend)
-    except AssertionError as e:
+    except ValueError as e:
         raise SystemExit(f"dostream sample: {e}")
     tok = load_tokenizer(args.model)
     model = load_model(args.model)

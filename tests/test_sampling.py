@@ -174,14 +174,14 @@ def test_stop_strings_split_across_byte_tokens(model, tok):
 
 
 def test_seeded_and_independent_of_batch_composition(model, tok, prompts):
-    cfg = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=7)
+    cfg = SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=8, seed=7)
     a = sample(model, tok, prompts, cfg)
     assert a == sample(model, tok, prompts, cfg)
-    assert a != sample(model, tok, prompts, SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=8))
+    assert a != sample(model, tok, prompts, SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=8, seed=8))
     # Row i's randomness is its own: the same with other prompts around it, one row per batch,
     # or the prompt repeated (n samples of one prompt share one prefill, not one random stream).
     assert sample(model, tok, prompts[:1], cfg)[0] == a[0]
-    assert sample(model, tok, prompts, SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=12, seed=7, batch_size=1)) == a
+    assert sample(model, tok, prompts, SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=8, seed=7, batch_size=1)) == a
     same = sample(model, tok, [prompts[0]] * 4, cfg)
     assert same[0] == a[0] and len({tuple(s.token_ids) for s in same}) == 4
 
@@ -229,7 +229,7 @@ def test_peft_adapter_bf16_copy_and_modes_restored(tok, prompts):
 def test_empty_prompt_and_bad_config_are_clear_errors(model, tok):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         sample(model, tok, [[1, 2], []])
-    with pytest.raises(AssertionError, match="top_p"):
+    with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
     with pytest.raises(RuntimeError, match="CUDA"):  # the optional backend is never picked silently
         sample(model, tok, [[1, 2]], SamplingConfig(backend="vllm"))
