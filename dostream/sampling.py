@@ -36,6 +36,7 @@ from dostream.stream import Segment, Stream
 
 FinishReason = Literal["eos", "stop", "length"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_RESERVE_FIRST = 256  # new tokens the KV cache has room for before it first doubles
 _TOPK_FIRST = 64  # nucleus candidates tried first (a trained model's nucleus is usually smaller)
 
 
@@ -179,8 +180,9 @@ def _row_generator(seed: int, row: int) -> torch.Generator:
 
 
 def _reserved_cache(model_config, capacity: int):
-    """A transformers `DynamicCache` whose layers write into storage reserved for the whole decode
-    (the stock layer concatenates, copying the whole cache every token), filled by `_prefill`.
+    """A transformers `DynamicCache` whose layers write into reserved storage, `capacity` tokens
+    and doubled when full (the stock layer concatenates: a copy of the whole cache every token),
+    filled by `_prefill`.
     None for models with other layer kinds (sliding windows, ...): they get the stock cache."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -200,7 +202,11 @@ def _reserved_cache(model_config, capacity: int):
 
         def update(self, key_states, value_states, *args, **kwargs):
             n = key_states.shape[-2]
-            assert self.is_initialized and self._len + n <= capacity, "the reserved cache is not loaded or is full"
+            assert self.is_initialized, "the reserved cache is filled by _prefill first"
+            if self._len + n > self._k.shape[2]:  # full: double (a copy per doubling, not per token)
+                more = max(self._k.shape[2], n)
+                self._k = torch.cat([self._k, self._k.new_zeros(*self._k.shape[:2], more, self._k.shape[3])], dim=2)
+                self._v = torch.cat([self._v, self._v.new_zeros(*self._v.shape[:2], more, self._v.shape[3])], dim=2)
             self._k[:, :, self._len:self._len + n] = key_states
             self._v[:, :, self._len:self._len + n] = value_states
             self._len += n
@@ -265,7 +271,8 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tup
     # Identical prompts (n samples of one question) are prefilled once, then the cache is copied.
     unique: dict[tuple[int, ...], int] = {}
     inverse = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-    cache, logits, mask = _prefill(model, list(unique), pad, max(map(len, unique)) + config.max_new_tokens)
+    room = min(config.max_new_tokens, _RESERVE_FIRST)  # longer rows grow the cache; most stop well before
+    cache, logits, mask = _prefill(model, list(unique), pad, max(map(len, unique)) + room)
     position = torch.tensor([[len(p) - 1] for p in unique], device=device)
     if len(unique) < len(prompts):
         expand = torch.tensor(inverse, device=device)
