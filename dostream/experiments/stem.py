@@ -10,10 +10,11 @@ For each seed (seed s draws its own D_sft / D_agent / D_test, LoRA inits and sam
     sft1            one epoch on D_sft (solution supervised), merged: every later method starts here
     sft1_eval       SFT-1 on D_test; its attempts are the first attempts of the stream-matched test
     stream          the frozen SFT-1 attempts D_agent items until n_wrong wrong first attempts
-    rest, grpo, (dapo), oracle_sft, observational, interventional    each a fresh LoRA on SFT-1
-    <method>_eval   greedy accuracy on D_test
+    oracle_sft, observational, interventional    each a fresh LoRA on SFT-1 (+ <method>_eval:
+                    greedy accuracy on D_test)
     repair          stream-matched: on the test items SFT-1 got wrong, each arm sees SFT-1's wrong
                     attempt and the verdict and makes a second attempt (greedy)
+    rest, grpo, (dapo)   each a fresh LoRA on SFT-1, + <method>_eval
 
 Every stage caches its result under `OUT/seed-<s>/stages/<stage>/` (`result.json` written last), so
 an interrupted run resumes at the stage it stopped in, and `--seeds 3` after `--seeds 1` runs only
@@ -235,11 +236,15 @@ def run_seed(p: StemPreset, seed: int, root: Path, tok, *, log=print) -> None:
     trainers = {"rest": rest, "grpo": lambda d: grpo(d, False), "dapo": lambda d: grpo(d, True),
                 "oracle_sft": oracle_sft, "observational": lambda d: arm(d, "observational"),
                 "interventional": lambda d: arm(d, "interventional")}
-    for m in methods_of(p)[2:]:
+    def train_and_eval(m: str) -> None:
         st.run(m, trainers[m])
         adapter = st.dir(m) / "train" / "adapter"
-        st.run(f"{m}_eval", lambda d, m=m, a=adapter: evaluate(_load_arm(sft1_dir, a), tok, d_test, p, d,
-                                                               desc=f"eval {m}"))
+        st.run(f"{m}_eval", lambda d: evaluate(_load_arm(sft1_dir, adapter), tok, d_test, p, d, desc=f"eval {m}"))
+
+    # The headline comparison first (the stream, its two arms and the oracle baseline, then the
+    # stream-matched test), the reward-based recipes after it.
+    for m in ("oracle_sft", "observational", "interventional"):
+        train_and_eval(m)
 
     def repair(d: Path):
         first = {s.id: s for s in read_streams(st.dir("sft1_eval") / "attempts.jsonl")}
@@ -257,6 +262,9 @@ def run_seed(p: StemPreset, seed: int, root: Path, tok, *, log=print) -> None:
         return out
 
     st.run("repair", repair)
+    for m in methods_of(p)[2:]:
+        if m not in ("oracle_sft", "observational", "interventional"):
+            train_and_eval(m)
 
 
 # -- the command ----------------------------------------------------------------------------
