@@ -412,8 +412,8 @@ def write_report(out: str | Path) -> Path:
          f"{PUBLISHED['interventional']['mean_delta']:+.3f}"],
         ["mean Δ, ours", _ci([r["mean_delta"] for r in std]), _ci([r["mean_delta"] for r in inter])],
         ["prefer the lie, published", "24/33 (73%)", "5/33 (15%)"],
-        ["prefer the lie, ours", f"{_ci([r['prefers_lie'] / r['n'] for r in std], '{:.0%}')} of {std[0]['n']}",
-         f"{_ci([r['prefers_lie'] / r['n'] for r in inter], '{:.0%}')} of {inter[0]['n']}"]])
+        ["prefer the lie, ours (mean count over seeds)", f"{_ci([r['prefers_lie'] for r in std], '{:.1f}')}/{std[0]['n']}",
+         f"{_ci([r['prefers_lie'] for r in inter], '{:.1f}')}/{inter[0]['n']}"]])
     paired = markdown_table(["facts", "interventional − standard, mean Δ", "seeds where interventional is higher"], [
         [SET_NAMES[n], _ci(res["paired"][n]), f"{sum(d > 0 for d in res['paired'][n])}/{len(seeds)}"]
         for n in SETS if res["paired"][n] and res["summary"]["standard"][n][0]["n"]])
