@@ -317,7 +317,9 @@ def collect(out: Path) -> dict:
     stages = Stages(out, log=lambda _: None)
     record = json.loads((out / "config.json").read_text())
     cfg = record["config"]
-    seeds = [s for s in range(cfg["seeds"]) if all(stages.done(f"probe-{a}-s{s}") for a in ARMS)]
+    # Every seed with both arms probed, also those of an earlier run with more --seeds.
+    found = {int(p.name.rsplit("-s", 1)[1]) for p in stages.root.glob("probe-standard-s*")}
+    seeds = sorted(s for s in found if all(stages.done(f"probe-{a}-s{s}") for a in ARMS))
     probes = {"base": [stages.result("probe-base")]} if stages.done("probe-base") else {}
     probes.update({a: [stages.result(f"probe-{a}-s{s}") for s in seeds] for a in ARMS})
     summary = {m: {name: [summarise(rs, name) for rs in runs] for name in SETS} for m, runs in probes.items()}
