@@ -45,7 +45,7 @@ from dostream.models import load_model
 from dostream.render import Renderer
 from dostream.sampling import SamplingConfig
 from dostream.stream import Stream
-from dostream.train import TrainConfig, bf16_supported, prepare_model
+from dostream.train import TrainConfig, bf16_faster, prepare_model
 
 
 @dataclass
@@ -174,7 +174,7 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
     torch.manual_seed(cfg.seed)
     train_cfg = TrainConfig(model=str(sft1_dir), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
     model = prepare_model(train_cfg, load_model(str(sft1_dir)))
-    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_supported(torch.device("cpu")))
+    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_faster("cuda" if torch.cuda.is_available() else "cpu"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     renderer = Renderer(tok, add_eos=False)
