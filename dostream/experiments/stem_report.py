@@ -131,7 +131,7 @@ def fig_accuracy(res: dict, path: Path) -> None:
         color = "#2a7" if m == "interventional" else "#c64" if m == "observational" else "#68a"
         ax.bar(i, y, color=color, width=0.6)
         ax.errorbar(i, y, yerr=[[y - lo], [hi - y]], color="black", capsize=4, lw=1)
-        ax.text(i, hi + 0.02, f"{100 * y:.0f}%", ha="center", fontsize=8)
+        ax.text(i + 0.32, y, f"{100 * y:.0f}%", ha="left", va="center", fontsize=8)  # clear of the paper's marker
         if PAPER.get(m) is not None:
             ax.plot(i, PAPER[m], marker="D", color="black", markerfacecolor="white", ms=6,
                     label="paper (Qwen2.5-0.5B)" if i == 0 else None)
