@@ -102,6 +102,7 @@ def bench_trl(rows, tok, *, batch_size: int, steps: int, bf16: bool, group_by_le
                          train_sampling_strategy="group_by_length" if group_by_length else "random", dataset_kwargs={"skip_prepare_dataset": True},
                          remove_unused_columns=False, disable_tqdm=True, seed=0)
         trainer = SFTTrainer(model=load_model("smollm2"), args=args, train_dataset=data, processing_class=tok,
+                             callbacks=[clock],
                              peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                     task_type="CAUSAL_LM"))
         # Count exactly the tokens TRL's collator gives the model, batch by batch.
