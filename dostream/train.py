@@ -228,11 +228,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    """The user-facing weights: a PEFT adapter (`PeftModel.from_pretrained`) or a full model."""
-    model.save_pretrained(path)
-
-
 def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> None:
     from safetensors.torch import save_file
 
@@ -246,7 +241,7 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: d
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
-    save_weights(model, tmp / "adapter")
+    model.save_pretrained(tmp / "adapter")  # the PEFT adapter (or full model) for users
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write_text(ckdir / "latest", final.name)
@@ -407,7 +402,7 @@ def _read_metrics(path: Path, upto: int) -> list[dict]:
 
 def _finish(out: Path, model: nn.Module, cfg: TrainConfig) -> None:
     """The final weights in user-facing form, each written atomically."""
-    _replace_dir(out / ("model" if cfg.full_finetune else "adapter"), lambda tmp: save_weights(model, tmp))
+    _replace_dir(out / ("model" if cfg.full_finetune else "adapter"), model.save_pretrained)
     if cfg.merge and not cfg.full_finetune:
         merged = merged_copy(model)
         _replace_dir(out / "merged", merged.save_pretrained)
