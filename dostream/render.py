@@ -38,6 +38,12 @@ AUTHOR_ROLES: dict[str, str] = {
 }
 
 
+def decode(tokenizer, ids: list[int]) -> str:
+    """The one decoding rule for sampled ids: nothing skipped, nothing cleaned up. The sampler
+    writes agent text with it and the renderer checks agent text against it."""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
 class RenderError(ValueError):
     """A stream cannot be rendered faithfully (the message names the stream and segment)."""
 
@@ -222,11 +228,8 @@ class Renderer:
         A token that decodes to part of a character (byte-level BPE splits emoji) gets `None`;
         the token that completes the character gets its span. Decoding restarts after every
         complete character, so the cost is linear in the segment length."""
-        def decode(ids: list[int]) -> str:
-            return self.tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-
         ids, text = p.token_ids, p.text
-        full = decode(ids)
+        full = decode(self.tok, ids)
         if full != text:
             raise RenderError(
                 f"stream {sid!r}, {p.where} (agent): token_ids decode to {full[:60]!r} but text is "
@@ -235,7 +238,7 @@ class Renderer:
         offsets: list[tuple[int, int] | None] = []
         anchor_tok = anchor_char = 0
         for i in range(len(ids)):
-            piece = decode(ids[anchor_tok:i + 1])
+            piece = decode(self.tok, ids[anchor_tok:i + 1])
             if not text.startswith(piece, anchor_char):
                 if piece.endswith("\ufffd"):
                     offsets.append(None)  # an incomplete UTF-8 sequence so far
@@ -252,7 +255,7 @@ class Renderer:
         offsets: list[tuple[int, int] | None] = []
         done = 0
         for i in range(len(ids)):
-            prefix = self.tok.decode(ids[:i + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            prefix = decode(self.tok, ids[:i + 1])
             end = len(prefix) if text.startswith(prefix) else done
             offsets.append((done, end) if end > done else None)
             done = max(done, end)

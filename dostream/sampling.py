@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 
+from dostream.render import decode
 from dostream.stream import Segment, Stream
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -97,11 +98,6 @@ def generate_for_streams(model, renderer, streams: list[Stream], config: Samplin
     ...     s.segments.append(agent_segment(smp))
     """
     return sample(model, renderer.tok, [renderer.prompt_ids(s) for s in streams], config)
-
-
-def decode(tokenizer, ids: list[int]) -> str:
-    """The one decoding rule for sampled ids (the renderer checks agent text against the same)."""
-    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def sample(model, tokenizer, prompts: list[list[int]], config: SamplingConfig | None = None) -> list[Sample]:
