@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stem": ("dostream.envs.stem_cli", "STEM problems: `stem generate`, `stem verify`"),
     "reproduce": ("dostream.reproduce_cli", "rerun a seed experiment end to end: `reproduce stem`, `reproduce delusion`"),
     "report": ("dostream.report_cli", "rebuild a reproduction's report from its run directory: `report DIR`"),
+    "agent": ("dostream.agent_cli", "the continual agent: act, store, learn from the world's answers (`agent run`)"),
+    "streams": ("dostream.streams_cli", "stored streams: `streams export RUN` writes a run's episodes as JSONL"),
     "theory": ("dostream.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
 }
 

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 # experiment name (config.json "experiment") -> module with `write_report(out) -> Path`
-REPORTS = {"stem": "dostream.experiments.stem_report"}
+REPORTS = {"stem": "dostream.experiments.stem_report", "agent": "dostream.agent_report"}
 
 
 def cli_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="dostream report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("dir", help="a run directory written by `dostream reproduce ...`")
+    ap.add_argument("dir", help="a run directory written by `dostream reproduce ...` or `dostream agent run`")
     args = ap.parse_args(argv)
     record = Path(args.dir) / "config.json"
     if not record.exists():

@@ -98,9 +98,13 @@ def bf16_faster(device_type: str) -> bool:
 # -- the model ------------------------------------------------------------------------------
 
 def prepare_model(cfg: TrainConfig, model: nn.Module | None = None) -> nn.Module:
-    """Load `cfg.model` (unless given) and make it trainable: a fresh LoRA adapter, or every weight."""
+    """Load `cfg.model` (unless given) and make it trainable: a fresh LoRA adapter, or every weight.
+    A PEFT model passed in keeps its adapter and trains it further (load it with `is_trainable=True`)."""
     from dostream.models import load_model
 
+    if model is not None and hasattr(model, "peft_config") and not cfg.full_finetune:
+        assert any(p.requires_grad for p in model.parameters()), "the adapter is frozen: load it with is_trainable=True"
+        return model
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         model = model if model is not None else load_model(cfg.model)

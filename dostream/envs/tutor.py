@@ -208,3 +208,36 @@ def classify_follow_up(text: str, fact: Fact) -> str:
     turn = text.split("\n", 1)[0]
     t, f = _mentions(turn, fact.true_key), _mentions(turn, fact.false_key)
     return "truth" if t and not f else "lie" if f and not t else "neither"
+
+
+# -- the episode API (the continual agent) ----------------------------------------------------
+class TutorEnv:
+    """One question per episode: the User asks about a fact's topic, the Agent answers (one line),
+    the User confirms, or corrects it with the true claim. Success: the answer names the truth.
+
+    >>> env = TutorEnv()
+    >>> [s.author for s in env.reset(FACTS[0])]
+    ['context', 'protocol', 'user', 'protocol']
+    >>> env.step("The capital of Australia is Sydney.\\n").segments[-1].text
+    'That is wrong. The capital of Australia is Canberra.\\n'
+    """
+
+    stop = ("\n",)
+
+    def __init__(self) -> None:
+        self.fact: Fact | None = None
+
+    def reset(self, item: Fact) -> list[Segment]:
+        self.fact = item
+        return prompt_stream(ASK[0].format(topic=item.topic)).segments
+
+    def step(self, agent_text: str, token_ids: list[int] | None = None):
+        from dostream.envs.base import StepResult
+
+        assert self.fact is not None, "reset() first"
+        verdict = classify_follow_up(agent_text, self.fact)
+        reply = CONFIRM[0] if verdict == "truth" else CORRECT[0].format(claim=self.fact.true_claim)
+        lead = [] if agent_text.endswith("\n") else [Segment("protocol", "\n")]
+        segments = lead + [Segment("protocol", "User: "), Segment("user", reply + "\n")]
+        return StepResult(segments, reward=float(verdict == "truth"), done=True,
+                          info={"success": verdict == "truth", "verdict": verdict, "topic": self.fact.topic})

@@ -1,0 +1,133 @@
+"""The continual-agent report, written from the run directories' stores (`dostream report DIR`).
+
+`DIR/report.md` (tables with Wilson 95% intervals, the configuration, wall time),
+`DIR/results.json` (every number in the report) and `DIR/success.png` (success over episodes,
+rolling, and held-out success at each evaluation, per view).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dostream.config import atomic_write_text
+from dostream.experiments.common import markdown_table, mcnemar, wilson
+from dostream.store import Store
+
+LABELS = {"interventional": "Interventional (world tokens supervised)",
+          "observational": "Observational (agent tokens too)", "none": "No learning"}
+COLORS = {"interventional": "#1b7837", "observational": "#c51b7d", "none": "#777777"}
+
+
+def summarise_arm(arm: Path) -> dict[str, Any]:
+    store = Store(arm / "store.sqlite")
+    try:
+        succ = [ok for _, ok, _ in store.successes()]
+        evals = store.evals("heldout")
+        ups = store.updates()
+        # Per-item held-out answers of the last evaluation are not stored; the counts are.
+        n = len(succ)
+        quarter = succ[-max(1, n // 4):] if n else []
+        timing = arm / "timing.json"
+        return {
+            "episodes": n, "successes": sum(succ), "curve": succ,
+            "success_rate": sum(succ) / n if n else None, "success_ci": wilson(sum(succ), n),
+            "last_quarter": {"n": len(quarter), "successes": sum(quarter), "ci": wilson(sum(quarter), len(quarter))},
+            "first_quarter": (lambda q: {"n": len(q), "successes": sum(q), "ci": wilson(sum(q), len(q))})(
+                succ[:max(1, n // 4)] if n else []),
+            "evals": [{**e, "ci": wilson(e["successes"], e["n"])} for e in evals],
+            "updates": {"accepted": sum(u["accepted"] for u in ups), "rejected": sum(not u["accepted"] for u in ups),
+                        "rejections": [{"after_episodes": u["after_episodes"], "reason": u["reason"]}
+                                       for u in ups if not u["accepted"]]},
+            "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
+            "config": json.loads((arm / "config.json").read_text())["config"],
+        }
+    finally:
+        store.close()
+
+
+def _figure(res: dict[str, Any], path: Path, window: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for view, a in res["arms"].items():
+        curve = a["curve"]
+        xs = list(range(window, len(curve) + 1))
+        ys = [sum(curve[i - window:i]) / window for i in xs]
+        ax1.plot(xs, ys, color=COLORS.get(view), label=LABELS.get(view, view))
+        ex = [e["after_episodes"] for e in a["evals"]]
+        ey = [e["successes"] / e["n"] for e in a["evals"]]
+        lo = [y - e["ci"][0] for y, e in zip(ey, a["evals"])]
+        hi = [e["ci"][1] - y for y, e in zip(ey, a["evals"])]
+        ax2.errorbar(ex, ey, yerr=[lo, hi], color=COLORS.get(view), marker="o", capsize=3, label=LABELS.get(view, view))
+    ax1.set(xlabel="episode", ylabel=f"success (mean of the last {window})", ylim=(-0.02, 1.02),
+            title="Acting: success over the episode sequence")
+    ax2.set(xlabel="episodes seen", ylabel="held-out success (greedy)", ylim=(-0.02, 1.02),
+            title="Held-out split (Wilson 95%)")
+    ax1.legend(loc="upper left", fontsize=8)
+    ax1.grid(alpha=0.3)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pct(k: int, n: int, ci: tuple[float, float]) -> str:
+    return f"{k}/{n} = {k / n:.0%} [{ci[0]:.0%}, {ci[1]:.0%}]" if n else "–"
+
+
+def write_report(out: str | Path, window: int = 32) -> Path:
+    out = Path(out)
+    record = json.loads((out / "config.json").read_text())
+    arms = {v: summarise_arm(out / v) for v in record["views"] if (out / v / "store.sqlite").exists()}
+    if not arms:
+        raise SystemExit(f"{out}: no arm has a store yet")
+    res = {"record": record, "arms": arms}
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=float) + "\n")
+    window = max(1, min(window, min(a["episodes"] for a in arms.values()) or 1))
+    _figure(res, out / "success.png", window)
+
+    cfg = record["config"]
+    rows = []
+    for view, a in arms.items():
+        first, last = a["evals"][0] if a["evals"] else None, a["evals"][-1] if a["evals"] else None
+        rows.append([LABELS.get(view, view), _pct(a["successes"], a["episodes"], a["success_ci"]),
+                     _pct(a["first_quarter"]["successes"], a["first_quarter"]["n"], a["first_quarter"]["ci"]),
+                     _pct(a["last_quarter"]["successes"], a["last_quarter"]["n"], a["last_quarter"]["ci"]),
+                     _pct(first["successes"], first["n"], first["ci"]) if first else "–",
+                     _pct(last["successes"], last["n"], last["ci"]) if last else "–",
+                     f"{a['updates']['accepted']} / {a['updates']['rejected']}",
+                     f"{a['seconds']:.0f}" if a["seconds"] is not None else "–"])
+    lines = [f"# Continual agent: {cfg['env']} on {cfg['model']}", "",
+             f"Command: `{record.get('command', 'dostream agent run')}`", "",
+             "Every loop acts on the same seeded episode sequence (the same tasks in the same order; the "
+             "samples differ because the adapters differ). Intervals are Wilson 95%.", "",
+             markdown_table(["loop", "success, all episodes", "first quarter", "last quarter",
+                             "held-out at start", "held-out at end", "updates accepted / rejected", "wall (s)"], rows),
+             "", "![success over episodes](success.png)", ""]
+    if "none" in arms:
+        lines += ["Acting success of each learning loop vs no learning, over the same episodes "
+                  "(exact McNemar on the paired episode outcomes; the samples differ, the tasks do not):", ""]
+        for view, a in arms.items():
+            if view != "none" and a["episodes"] == arms["none"]["episodes"]:
+                t = mcnemar([bool(x) for x in a["curve"]], [bool(x) for x in arms["none"]["curve"]])
+                lines.append(f"- {view}: {t['only_a']} episodes only it solved, {t['only_b']} only no-learning "
+                             f"solved, p = {t['p_value']:.3g}")
+        lines.append("")
+    rejections = [(v, r) for v, a in arms.items() for r in a["updates"]["rejections"]]
+    if rejections:
+        lines += ["Rejected updates (the gate restored the previous adapter):", ""]
+        lines += [f"- {v}, after {r['after_episodes']} episodes: {r['reason']}" for v, r in rejections]
+        lines.append("")
+    arm_cfg = next(iter(arms.values()))["config"]
+    lines += ["## Configuration", "", "```json", json.dumps({k: v for k, v in arm_cfg.items() if k != "view"}, indent=1),
+              "```", ""]
+    env = record.get("environment", {})
+    if env:
+        lines += [f"Environment: {', '.join(f'{k} {v}' for k, v in env.items() if isinstance(v, (str, int, float)))}", ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return out / "report.md"

@@ -1,0 +1,183 @@
+"""Customer-support calls: an environment where the world's answer carries the knowledge.
+
+The agent phones a service on the user's behalf (the scenario of
+`seeds/continual-learning-for-agents-dual-lora.txt`). Every service verifies the caller with one
+piece of the user's details, and which piece is a rule of that service, drawn from a seed: one
+bank wants the account number, an airline the booking reference. The agent says which piece it
+has ready; with the right one the request goes through, otherwise the service refuses and says
+what it needs. The reward says only "failed"; the service's reply says why. A later call to the
+same service succeeds only if the agent prepares what it was told.
+
+One episode, every piece with its author:
+
+    context      You phone customer services for the user. User details: card ending 4821; ...
+                 Task: cancel the plan with Northwind Internet.
+    protocol     Agent: Calling Northwind Internet. I have ready the user's
+    agent        card ending 4821.
+    protocol     (newline) Northwind Internet:
+    environment  I can't help without the date of birth. Please have the date of birth ready when you call us.
+
+Held-out combinations: each service keeps one of its goals out of the training tasks, so the
+held-out split asks for requests the agent never made, to services whose rule it may have learned.
+
+>>> world = SupportWorld(seed=0)
+>>> task = world.tasks("train", 1, seed=0)[0]
+>>> env = SupportEnv(world)
+>>> [s.author for s in env.reset(task)]
+['context', 'protocol']
+>>> env.step(" " + ITEMS[task.required].phrase.format(task.details[task.required]) + ".\\n").info["success"]
+True
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from dostream.envs.base import StepResult
+from dostream.stream import Segment
+
+CONTEXT = "You phone customer services for the user."
+
+
+@dataclass(frozen=True)
+class Item:
+    """One piece of the user's details: how it is written, how it is recognised, how a value is drawn."""
+
+    name: str  # "the date of birth": how a service asks for it
+    phrase: str  # "date of birth {}": how the details list it (and how an agent may name it)
+    pattern: str  # a regex that recognises the agent naming it
+
+
+ITEMS: dict[str, Item] = {
+    "card": Item("the last four digits of the card", "card ending {}", r"\bcard\b|last four|\bdigits\b"),
+    "account": Item("the account number", "account number {}", r"\baccount\b"),
+    "birth": Item("the date of birth", "date of birth {}", r"\bbirth|\bborn\b|\bbirthday\b|\bDOB\b"),
+    "zip": Item("the billing ZIP code", "billing ZIP code {}", r"\bzip\b|\bpostal\b|\bpostcode\b"),
+    "pin": Item("the security PIN", "security PIN {}", r"\bpin\b|security code"),
+    "booking": Item("the booking reference", "booking reference {}", r"\bbooking\b|\breservation\b|\breference\b"),
+}
+SERVICES = ("Northwind Internet", "Bluebird Bank", "Skyway Airlines", "Evergreen Energy", "Atlas Mobile",
+            "Harbor Insurance", "Pinecrest Water", "Summit Health")
+GOALS = ("cancel the plan", "dispute a charge on the last bill", "update the mailing address",
+         "ask why the bill went up", "report a problem with the service", "change the payment date")
+SPLITS = ("train", "heldout")
+
+
+def _value(kind: str, rng: random.Random) -> str:
+    if kind == "card":
+        return f"{rng.randrange(10_000):04d}"
+    if kind == "account":
+        return f"{rng.randrange(1000, 10_000)}-{rng.randrange(10_000):04d}"
+    if kind == "birth":
+        return f"{rng.randrange(1950, 2004)}-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}"
+    if kind == "zip":
+        return f"{rng.randrange(10_000, 100_000)}"
+    if kind == "pin":
+        return f"{rng.randrange(10_000):04d}"
+    return "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(6))
+
+
+def named_item(text: str) -> str | None:
+    """The first piece of details the agent's turn names (the one it brings), or None.
+
+    >>> named_item(" date of birth 1990-03-14, and the card ending 4821.")
+    'birth'
+    >>> named_item(" nothing at all.") is None
+    True
+    """
+    turn = text.split("\n", 1)[0]
+    hits = [(m.start(), kind) for kind, it in ITEMS.items()
+            if (m := re.search(it.pattern, turn, flags=re.IGNORECASE)) is not None]
+    return min(hits)[1] if hits else None
+
+
+@dataclass(frozen=True)
+class SupportTask:
+    """One call to make: the service, the request, the user's details and (hidden) what it needs."""
+
+    id: str
+    service: str
+    goal: str
+    details: dict[str, str]
+    required: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "service": self.service, "goal": self.goal, "details": dict(self.details),
+                "required": self.required}
+
+
+class SupportWorld:
+    """The services' rules, drawn from `seed`: what each service requires, and which of its goals
+    is held out. Two worlds with the same seed are the same world."""
+
+    def __init__(self, seed: int = 0, n_services: int = len(SERVICES)):
+        assert 1 <= n_services <= len(SERVICES), f"n_services must be in 1..{len(SERVICES)}"
+        rng = random.Random(f"support-world:{seed}")
+        self.services = SERVICES[:n_services]
+        kinds = list(ITEMS)
+        rng.shuffle(kinds)
+        # Every kind is needed by some service before any kind repeats.
+        self.requires = {s: kinds[i % len(kinds)] for i, s in enumerate(self.services)}
+        self.held_out = {s: rng.choice(GOALS) for s in self.services}
+
+    def combos(self, split: str) -> list[tuple[str, str]]:
+        """(service, goal) pairs of a split: `heldout` has one goal per service, `train` the rest."""
+        assert split in SPLITS, f"split is one of {SPLITS}, not {split!r}"
+        return [(s, g) for s in self.services for g in GOALS if (self.held_out[s] == g) == (split == "heldout")]
+
+    def tasks(self, split: str, n: int, seed: int) -> list[SupportTask]:
+        """`n` tasks from a split's combinations, each with freshly drawn user details. A pure
+        function of (world, split, n, seed); the first k tasks do not depend on n."""
+        combos = self.combos(split)
+        out = []
+        for i in range(n):
+            rng = random.Random(f"support-task:{split}:{seed}:{i}")
+            service, goal = rng.choice(combos)
+            kinds = list(ITEMS)
+            rng.shuffle(kinds)  # the order of the details says nothing about what is needed
+            details = {kind: _value(kind, rng) for kind in kinds}
+            out.append(SupportTask(f"support-{split}-s{seed}-{i:05d}", service, goal, details, self.requires[service]))
+        return out
+
+    def rules(self) -> dict[str, str]:
+        """Service -> what it requires, in words (for reports)."""
+        return {s: ITEMS[k].name for s, k in self.requires.items()}
+
+
+def prompt_segments(task: SupportTask) -> list[Segment]:
+    details = "; ".join(ITEMS[k].phrase.format(v) for k, v in task.details.items())
+    return [Segment("context", f"{CONTEXT} User details: {details}.\nTask: {task.goal} with {task.service}.\n"),
+            Segment("protocol", f"Agent: Calling {task.service}. I have ready the user's")]
+
+
+class SupportEnv:
+    """One call per episode: the agent names what it has ready (one line), the service answers."""
+
+    stop = ("\n",)  # the agent's turn is one line
+
+    def __init__(self, world: SupportWorld):
+        self.world = world
+        self.task: SupportTask | None = None
+
+    def reset(self, item: SupportTask) -> list[Segment]:
+        self.task = item
+        return prompt_segments(item)
+
+    def step(self, agent_text: str, token_ids: list[int] | None = None) -> StepResult:
+        task = self.task
+        assert task is not None, "reset() first"
+        named = named_item(agent_text)
+        need = ITEMS[task.required].name
+        success = named == task.required
+        if success:
+            reply = f"Thank you, {need} checks out. Your request is done."
+        else:
+            reply = f"I can't help without {need}. Please have {need} ready when you call us."
+        lead = "" if agent_text.endswith("\n") else "\n"
+        segments = [Segment("protocol", f"{lead}{task.service}: "), Segment("environment", reply + "\n")]
+        info = {"success": success, "named": named, "required": task.required, "service": task.service,
+                "goal": task.goal}
+        return StepResult(segments, reward=float(success), done=True, info=info)
