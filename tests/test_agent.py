@@ -1,0 +1,186 @@
+"""The continual agent: store, support environment, gate, kill-and-resume, smoke runs of every env."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli
+from dostream.agent import Agent, AgentConfig, run
+from dostream.envs.support import GOALS, ITEMS, SERVICES, SupportEnv, SupportWorld, named_item
+from dostream.render import Renderer
+from dostream.store import Store
+from dostream.stream import Segment, Stream, view_authors
+
+TINY = dict(model="tiny", episodes=16, update_every=8, eval_every=8, eval_n=3, gate_control=3, gate_learned=2,
+            epochs=1, batch_size=4, max_new_tokens=8, progress=False)
+
+
+# -- store ----------------------------------------------------------------------------------
+
+def _ep(i, ok=False):
+    return Stream(f"e{i}", [Segment("context", "Q "), Segment("agent", "A", token_ids=[32])], {"success": ok})
+
+
+def test_store_appends_in_order_and_refuses_gaps_and_repeats(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.add_episodes([(0, _ep(0), None), (1, _ep(1, True), None)])
+    with pytest.raises(AssertionError, match="continue the sequence at 2"):
+        store.add_episodes([(1, _ep(1), None)])
+    with pytest.raises(AssertionError):
+        store.add_episodes([(3, _ep(3), None)])
+    assert [s.id for s in store.episodes()] == ["e0", "e1"]
+    assert store.episodes()[1].segments[1].token_ids == [32]  # exact agent ids survive the store
+    assert store.successes() == [(0, False, None), (1, True, None)]
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_store_names_the_adapter_in_force_with_the_update(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    store.add_update(8, "a8", True, "ok", {})
+    store.add_update(16, "a16", False, "regression", {})
+    assert store.current_adapter() == "a8"  # a rejected update leaves the previous adapter in force
+    assert [u["accepted"] for u in store.updates()] == [True, False]
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_update(16, "again", True, "ok", {})  # one update per boundary
+    assert store.current_adapter() == "a8"
+
+
+# -- support environment --------------------------------------------------------------------
+
+def test_support_world_is_seeded_and_holds_out_one_goal_per_service():
+    a, b, c = SupportWorld(0), SupportWorld(0), SupportWorld(1)
+    assert a.requires == b.requires and a.requires != c.requires
+    assert len(set(a.requires.values())) == len(ITEMS)  # every kind of detail is needed somewhere
+    train, held = set(a.combos("train")), set(a.combos("heldout"))
+    assert not train & held and len(held) == len(SERVICES) and len(train | held) == len(SERVICES) * len(GOALS)
+    tasks = a.tasks("heldout", 20, seed=3)
+    assert all((t.service, t.goal) in held for t in tasks)
+    assert a.tasks("train", 5, seed=3) == a.tasks("train", 9, seed=3)[:5]
+
+
+def test_support_episode_states_the_requirement_in_the_world_s_words(tok):
+    world = SupportWorld(0)
+    task = world.tasks("train", 1, seed=0)[0]
+    need = ITEMS[task.required].name
+    wrong = next(k for k in ITEMS if k != task.required)
+    env = SupportEnv(world)
+    env.reset(task)
+    fail = env.step(f" {ITEMS[wrong].phrase.format(task.details[wrong])}.\n")
+    assert fail.reward == 0.0 and fail.done and not fail.info["success"]
+    said = [s for s in fail.segments if s.author == "environment"]
+    assert len(said) == 1 and need in said[0].text
+    # The requirement is world text: supervised under the interventional view, the agent's turn is not.
+    stream = Stream("s", env.reset(task) + [Segment("agent", " account number.\n")] + fail.segments)
+    r = Renderer(tok).render(stream)
+    sup = r.supervised(view_authors("interventional"))
+    assert any(s and a == "environment" for s, a in zip(sup, r.authors))
+    assert not any(s and a == "agent" for s, a in zip(sup, r.authors))
+    env.reset(task)
+    assert env.step(f" {ITEMS[task.required].phrase.format('x')} and more\n").info["success"]
+
+
+def test_named_item_takes_the_first_detail_named():
+    assert named_item(" security PIN 1234 and the card ending 0000.") == "pin"
+    assert named_item(" the account number, 1234-5678.\nDate of birth") == "account"  # one line only
+    assert named_item(" I will call them now.") is None
+
+
+# -- the loop -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env", ["support", "tutor", "stem"])
+def test_smoke_every_environment(env, tmp_path):
+    cfg = AgentConfig(env=env, **{**TINY, "max_new_tokens": 16 if env == "stem" else 8})
+    summary = run(cfg, tmp_path / env)
+    assert summary["episodes"] == 16
+    assert [u["after_episodes"] for u in summary["updates"]] == [8]
+    assert [e["after_episodes"] for e in summary["evals"]] == [0, 8, 16]
+    store = Store(tmp_path / env / "store.sqlite")
+    streams = store.episodes()
+    assert [s.meta["seq"] for s in streams] == list(range(16))
+    agent_segs = [seg for s in streams for seg in s.segments if seg.author == "agent"]
+    assert agent_segs and all(seg.token_ids for seg in agent_segs)
+    # episodes after the update acted with the adapter the update put in force
+    assert {a for seq, _, a in store.successes() if seq >= 8} == {store.current_adapter()}
+
+
+def test_gate_restores_the_previous_adapter_on_a_regression(tmp_path, monkeypatch):
+    """Force a regression: the adapter in force solves every control item, any candidate none."""
+    real = Agent.successes
+
+    def rigged(self, adapter, items, tag):
+        if tag == "control":
+            return [adapter is None] * len(items)
+        return real(self, adapter, items, tag)
+
+    monkeypatch.setattr(Agent, "successes", rigged)
+    out = tmp_path / "gated"
+    summary = run(AgentConfig(env="support", **{**TINY, "episodes": 24}), out)
+    ups = summary["updates"]
+    assert [u["accepted"] for u in ups] == [False, False]
+    assert all("regression, previous adapter restored" in u["reason"] for u in ups)
+    assert all(u["current"] is None for u in ups)
+    store = Store(out / "store.sqlite")
+    assert store.current_adapter() is None
+    assert {a for _, _, a in store.successes()} == {None}  # every episode acted with the base model
+    # the rejected candidates are kept on disk for inspection, but nothing points at them
+    assert (out / "adapters" / "update-000008" / "adapter").is_dir()
+
+
+def _agent_cmd(out, *extra):
+    return [sys.executable, "-m", "dostream.cli", "agent", "run", "--env", "support", "--model", "tiny",
+            "--out", str(out), "--views", "interventional", "--episodes", "24", "--update-every", "8",
+            "--eval-every", "8", "--eval-n", "3", "--gate-control", "3", "--gate-learned", "2", "--epochs", "2",
+            "--batch-size", "2", "--max-new-tokens", "8", "--no-progress", "--no-report", *extra]
+
+
+def test_sigkill_mid_update_loses_and_repeats_no_episode(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_agent_cmd(tmp_path / "a"), check=True, capture_output=True, env=env, timeout=300)
+
+    proc = subprocess.Popen(_agent_cmd(tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    started = tmp_path / "b" / "interventional" / "adapters" / "update-000016" / "config.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not started.exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = Store(tmp_path / "b" / "interventional" / "store.sqlite")
+    assert store.n_episodes() == 16 and not store.has_update(16), "the kill did not land inside the second update"
+    store.close()
+    refused = subprocess.run(_agent_cmd(tmp_path / "b"), capture_output=True, text=True, env=env)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    subprocess.run(_agent_cmd(tmp_path / "b", "--resume"), check=True, capture_output=True, env=env, timeout=300)
+
+    a, b = (Store(tmp_path / x / "interventional" / "store.sqlite") for x in "ab")
+    seqs = [r[0] for r in b.db.execute("SELECT seq FROM episodes ORDER BY seq")]
+    assert seqs == list(range(24))
+    assert [u["after_episodes"] for u in b.updates()] == [8, 16]
+    # the resumed run redid the update and acted exactly as the uninterrupted run did
+    assert [s.to_json() for s in a.episodes()] == [s.to_json() for s in b.episodes()]
+
+
+def test_cli_runs_three_loops_writes_a_report_and_exports_streams(tmp_path):
+    out = tmp_path / "cmp"
+    run_cli("agent", "run", "--env", "support", "--model", "tiny", "--out", out, "--episodes", "16",
+            "--update-every", "8", "--eval-every", "8", "--eval-n", "2", "--gate-control", "2", "--gate-learned", "1",
+            "--epochs", "1", "--max-new-tokens", "6", "--no-progress")
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["arms"]) == ["interventional", "observational", "none"]
+    assert results["arms"]["none"]["updates"] == {"accepted": 0, "rejected": 0, "rejections": []}
+    assert (out / "success.png").stat().st_size > 10_000
+    assert "No learning" in (out / "report.md").read_text()
+    run_cli("report", out)  # the report rebuilds from the stores alone
+    exported = tmp_path / "ep.jsonl"
+    run_cli("streams", "export", out / "interventional", "--out", exported)
+    lines = exported.read_text().splitlines()
+    assert len(lines) == 16 and json.loads(lines[0])["id"] == "ep-000000"
+    shown = run_cli("show", exported, "--tokenizer", "tiny")
+    assert "environment" in shown.stdout
+    missing = run_cli("streams", "export", tmp_path / "nowhere", check=False)
+    assert missing.returncode == 2 and "store.sqlite" in missing.stderr
