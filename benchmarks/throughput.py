@@ -7,7 +7,9 @@ On the embedded SmolLM2-135M-Instruct with LoRA r=16 on all linear layers:
 * training tokens/s of `dostream.train` vs TRL `SFTTrainer` on the same labelled rows (stream rows
   in the seed paper's shape: several STEM episodes per row, wrong attempts followed by a verdict
   and the oracle correction, the paper's STEM view, about 22% of tokens supervised), the same
-  batch size, and TRL at its best: each of its variants is measured and the best one compared;
+  batch size (rows per optimizer step), and TRL at its best: each of its variants (precision,
+  accumulated micro-batches of ~1024 tokens as dostream runs on a CPU, length grouping) is
+  measured and the best one compared;
 * sampling tokens/s of `dostream.sampling` vs `generate` (see bench_sampling.py);
 * each as a fraction of a floor computed from this machine's matmul rate, measured in the same
   run: training ≈ 4 × 134.5M FLOP/token (forward, backward through activations; LoRA weight
@@ -62,21 +64,25 @@ def stream_rows(tok, n_rows: int, episodes: int = 2, seed: int = 0) -> list[dict
     return rows
 
 
-def bench_dostream(rows, *, batch_size: int, steps: int, bf16: bool) -> dict:
+def bench_dostream(rows, *, batch_size: int, steps: int, bf16: bool, micro_batch_tokens: int = -1) -> dict:
     from dostream.train import TrainConfig, train
 
     cfg = TrainConfig(model="smollm2", max_steps=steps, batch_size=batch_size, lr=1e-4, lora_r=16, lora_alpha=32,
-                      lora_dropout=0.0, bf16="on" if bf16 else "off", save_every=0, progress=False)
+                      lora_dropout=0.0, bf16="on" if bf16 else "off", save_every=0, progress=False,
+                      micro_batch_tokens=micro_batch_tokens)
     with tempfile.TemporaryDirectory() as out:
         result = train(rows, cfg, out)
     timed = result.metrics[1:]  # the first step pays for one-time setup
     tokens = sum(m["train/tokens"] for m in timed)
     seconds = sum(m["time/step_s"] for m in timed)
     return {"tokens_per_s": tokens / seconds, "steps_timed": len(timed), "bf16": bf16,
+            "micro_batch_tokens": micro_batch_tokens,
             "supervised_frac": sum(m["train/supervised_tokens"] for m in timed) / tokens}
 
 
-def bench_trl(rows, tok, *, batch_size: int, steps: int, bf16: bool, group_by_length: bool) -> dict:
+def bench_trl(rows, tok, *, batch_size: int, steps: int, bf16: bool, group_by_length: bool, micro: int = 0) -> dict:
+    """TRL's SFTTrainer; `micro` > 0 runs each step as batch_size / micro accumulated micro-batches
+    (TRL given the same small-pieces advantage dostream takes on a CPU)."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -97,7 +103,10 @@ def bench_trl(rows, tok, *, batch_size: int, steps: int, bf16: bool, group_by_le
     data = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
     clock = Clock()
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=1e-4,
+        per_device = micro if micro else batch_size
+        accum = batch_size // per_device
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=per_device, gradient_accumulation_steps=accum,
+                         max_steps=steps, learning_rate=1e-4,
                          bf16=bf16, use_cpu=True, report_to=[], save_strategy="no", logging_steps=10**6,
                          train_sampling_strategy="group_by_length" if group_by_length else "random", dataset_kwargs={"skip_prepare_dataset": True},
                          remove_unused_columns=False, disable_tqdm=True, seed=0)
@@ -117,9 +126,9 @@ def bench_trl(rows, tok, *, batch_size: int, steps: int, bf16: bool, group_by_le
         trainer.data_collator = counting
         trainer.train()
     seconds = sum(e - s for s, e in zip(clock.starts[1:], clock.ends[1:])) if len(clock.ends) > 1 else float("nan")
-    tokens = sum(seen[1:len(clock.ends)])
+    tokens = sum(seen[accum:accum * len(clock.ends)])  # the collator runs once per micro-batch
     return {"tokens_per_s": tokens / seconds, "steps_timed": len(clock.ends) - 1, "bf16": bf16,
-            "group_by_length": group_by_length}
+            "group_by_length": group_by_length, "per_device_batch": per_device, "grad_accum": accum}
 
 
 def main() -> int:
@@ -130,7 +139,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=4, help="training steps per measurement (the first is not timed)")
     p.add_argument("--rows", type=int, default=96, help="stream rows to build (all-correct ones are dropped)")
     p.add_argument("--quick-compare", action="store_true",
-                   help="ours only in the precision it picks here; TRL without its group-by-length variant")
+                   help="ours only as configured by default here; TRL without its group-by-length variant")
     p.add_argument("--sample-batch", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     args = p.parse_args()
@@ -148,15 +157,21 @@ def main() -> int:
         from dostream.train import bf16_faster
 
         precisions = (bf16_faster("cpu"),) if args.quick_compare else (True, False)
-        # Each tool in each precision, and TRL also with length grouping; the best of each is
-        # compared. --quick-compare runs ours only in the precision it picks here and skips TRL's
-        # length-grouped variant.
+        # Each tool in each precision; TRL also with accumulated micro-batches and with length
+        # grouping, ours also with whole micro-batches; the best of each is compared.
+        # --quick-compare runs ours only as it runs by default here, and TRL without length grouping.
         ours = {f"bf16={b}": bench_dostream(rows, bf16=b, **kw) for b in precisions}
         trl = {f"bf16={b},group_by_length=False": bench_trl(rows, tok, bf16=b, group_by_length=False, **kw)
                for b in (True, False)}
+        # TRL in its better precision, also in pieces of about the token budget dostream uses here
+        # (1024), so neither tool has an advantage the other was not offered.
+        b = max(trl.values(), key=lambda r: r["tokens_per_s"])["bf16"]
+        longest = max(len(r["input_ids"]) for r in rows)
+        micro = max(d for d in range(1, args.batch_size + 1) if args.batch_size % d == 0 and d * longest <= 1024 or d == 1)
+        trl[f"bf16={b},micro_batch={micro}"] = bench_trl(rows, tok, bf16=b, group_by_length=False, micro=micro, **kw)
         if not args.quick_compare:
-            b = max(trl.values(), key=lambda r: r["tokens_per_s"])["bf16"]  # TRL's better precision, grouped
             trl[f"bf16={b},group_by_length=True"] = bench_trl(rows, tok, bf16=b, group_by_length=True, **kw)
+            ours["whole_micro_batches"] = bench_dostream(rows, bf16=b, micro_batch_tokens=0, **kw)
         best_ours = max(ours.values(), key=lambda r: r["tokens_per_s"])
         best_trl = max(trl.values(), key=lambda r: r["tokens_per_s"])
         floor = lambda r: (bf16 if r["bf16"] else fp32) * 1e9 / (4 * N_PARAMS)
