@@ -55,7 +55,7 @@ class AgentConfig:
     replay: float = opt(1.0, "older episodes replayed per new episode in an update (drawn uniformly from the store)")
     epochs: int = opt(2, "passes over an update's rows")
     batch_size: int = opt(8, "rows per optimizer step")
-    lr: float = opt(1e-3, "learning rate of every update (constant, fresh AdamW per update)")
+    lr: float = opt(2e-4, "learning rate of every update (constant, fresh AdamW per update)")
     lora_r: int = opt(16, "LoRA rank")
     lora_alpha: int = opt(32, "LoRA alpha")
     max_length: int = opt(512, "training rows are truncated to this many tokens")
