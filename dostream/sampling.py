@@ -167,6 +167,11 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(base.forward).parameters
 
 
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes)."""
+    return "cache" if _accepts(model, "cache") else "past_key_values"
+
+
 def _row_seed(seed: int, row: int) -> int:
     return (seed * 1_000_003 + row) % (2**63)
 
@@ -244,6 +249,7 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int):
     mask = mask.to(device)
     cache = _reserved_cache(model.config, capacity)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_kw = _cache_kwarg(model)
     logits = []
     for lo, hi in _buckets([len(p) for p in prompts]) if cache is not None else [(0, len(prompts))]:
         w = max(len(p) for p in prompts[lo:hi])
@@ -254,7 +260,7 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int):
         position = (part_mask.cumsum(-1) - 1).masked_fill(part_mask == 0, 0)  # as transformers' generate
         part = DynamicCache(config=model.config)
         logits.append(model(input_ids=ids.to(device), attention_mask=part_mask, position_ids=position,
-                            past_key_values=part, use_cache=True, **extra).logits[:, -1])
+                            **{cache_kw: part}, use_cache=True, **extra).logits[:, -1])
         if cache is None:
             return part, logits[0], mask
         for layer, done in zip(cache.layers, part.layers):
@@ -284,6 +290,7 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tup
     # A stop string is found in the decoding of a row's last tokens only (not the whole row, every
     # step): a character is at most 4 byte-level tokens, so this many tokens cover any stop string.
     window = 4 * max(map(len, config.stop), default=0) + 4
+    cache_kw = _cache_kwarg(model)
     for t in range(steps):
         nxt = _pick(logits, None if uniforms is None else uniforms[active, t], config)
         for j, tok in enumerate(nxt.tolist()):
@@ -306,7 +313,7 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tup
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         position = position + 1
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **{cache_kw: cache}, use_cache=True).logits[:, -1]
     return [(g, f) for g, f in zip(generated, finish)]  # type: ignore[misc]
 
 
