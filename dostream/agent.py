@@ -39,13 +39,14 @@ from dostream.sampling import SamplingConfig, sample
 from dostream.store import Store
 from dostream.stream import Stream, view_authors
 
-ENVS = ("support", "stem", "tutor")
+ENVS = ("support", "support-framed", "stem", "tutor")
 VIEWS = ("interventional", "observational", "none")
 
 
 @dataclass
 class AgentConfig:
-    env: str = opt("support", "environment: support (calls to services), stem (problems + verifier), tutor (facts)",
+    env: str = opt("support", "environment: support (calls to services), support-framed (the services' replies in "
+                   "the agent's own words), stem (problems + verifier), tutor (facts)",
                    choices=ENVS)
     model: str = opt("smollm2", "model NAME: smollm2 (embedded), tiny, a local dir or an HF id")
     view: str = opt("interventional", "what updates learn from: interventional, observational, none (no learning)",
@@ -100,15 +101,16 @@ def single_turn_act(make_env: Callable[[], Any]) -> Callable[..., list[Stream]]:
 
 
 def env_spec(name: str, seed: int) -> EnvSpec:
-    if name == "support":
+    if name in ("support", "support-framed"):
         from dostream.envs.support import SupportEnv, SupportWorld
 
         world = SupportWorld(seed)
+        reply = "framed" if name == "support-framed" else "refusal"
         split = {"train": "train", "heldout": "heldout", "control": "heldout"}
         salt = {"train": 0, "heldout": 0, "control": 1}  # control items differ from the evaluation's
         return EnvSpec(lambda s, n, sd: world.tasks(split[s], n, sd * 2 + salt[s]),
-                       single_turn_act(lambda: SupportEnv(world)), 24, {"rules": world.rules(),
-                                                                       "held_out_goals": world.held_out})
+                       single_turn_act(lambda: SupportEnv(world, reply)), 24,
+                       {"rules": world.rules(), "held_out_goals": world.held_out, "reply": reply})
     if name == "tutor":
         from dostream.envs.tutor import HELD_OUT_FACTS, TRAIN_FACTS, TutorEnv
 

@@ -2,7 +2,9 @@
 
 `DIR/report.md` (tables with Wilson 95% intervals, the configuration, wall time),
 `DIR/results.json` (every number in the report) and `DIR/success.png` (success over episodes,
-rolling, and held-out success at each evaluation, per view).
+rolling, and held-out success at each evaluation, per view). For the support environment, the
+report also probes the base model and each loop's final adapter for the services' rules
+(`envs.support.rule_probe`), cached in `DIR/probe.json` until an adapter changes.
 """
 
 from __future__ import annotations
@@ -41,10 +43,37 @@ def summarise_arm(arm: Path) -> dict[str, Any]:
                         "rejections": [{"after_episodes": u["after_episodes"], "reason": u["reason"]}
                                        for u in ups if not u["accepted"]]},
             "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
+            "adapter": store.current_adapter(),
             "config": json.loads((arm / "config.json").read_text())["config"],
         }
     finally:
         store.close()
+
+
+PROBE_TASKS = 48
+
+
+def _rule_probe(out: Path, cfg: dict[str, Any], arms: dict[str, Any]) -> dict[str, Any]:
+    """The rule probe of the support environment for the base model and every final adapter."""
+    adapters = {v: a["adapter"] for v, a in arms.items() if a["adapter"]}
+    path = out / "probe.json"
+    if path.exists() and (cached := json.loads(path.read_text()))["adapters"] == adapters:
+        return cached
+    from peft import PeftModel
+
+    from dostream.envs.support import SupportWorld, rule_probe
+    from dostream.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(cfg["model"])
+    tasks = SupportWorld(cfg["seed"]).tasks("heldout", PROBE_TASKS, seed=cfg["seed"] * 2 + 7)  # not an eval's items
+    reply = "framed" if cfg["env"] == "support-framed" else "refusal"
+    models = {"base": rule_probe(load_model(cfg["model"]).eval(), tok, tasks, reply)}
+    for view, adapter in adapters.items():
+        model = PeftModel.from_pretrained(load_model(cfg["model"]), str(out / view / adapter)).eval()
+        models[view] = rule_probe(model, tok, tasks, reply)
+    probe = {"adapters": adapters, "reply": reply, "models": models}
+    atomic_write_text(path, json.dumps(probe, indent=1) + "\n")
+    return probe
 
 
 def _figure(res: dict[str, Any], path: Path, window: int) -> None:
@@ -86,12 +115,13 @@ def write_report(out: str | Path, window: int = 32) -> Path:
     arms = {v: summarise_arm(out / v) for v in record["views"] if (out / v / "store.sqlite").exists()}
     if not arms:
         raise SystemExit(f"{out}: no arm has a store yet")
-    res = {"record": record, "arms": arms}
+    cfg = record["config"]
+    res = {"record": record, "arms": arms,
+           "rule_probe": _rule_probe(out, cfg, arms) if cfg["env"].startswith("support") else None}
     atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=float) + "\n")
     window = max(1, min(window, min(a["episodes"] for a in arms.values()) or 1))
     _figure(res, out / "success.png", window)
 
-    cfg = record["config"]
     rows = []
     for view, a in arms.items():
         first, last = a["evals"][0] if a["evals"] else None, a["evals"][-1] if a["evals"] else None
@@ -118,6 +148,17 @@ def write_report(out: str | Path, window: int = 32) -> Path:
                 lines.append(f"- {view}: {t['only_a']} episodes only it solved, {t['only_b']} only no-learning "
                              f"solved, p = {t['p_value']:.3g}")
         lines.append("")
+    if res["rule_probe"]:
+        models = res["rule_probe"]["models"]
+        lines += [f"Does the agent know the rules? On {PROBE_TASKS} fresh held-out calls, how often the detail the "
+                  "service requires is the likeliest of the six (mean log-prob of its words; chance 1/6) where the "
+                  "agent acts (after \"I have ready the user's\") and where the service speaks (after the start "
+                  f"of its reply, {res['rule_probe']['reply']} style):", "",
+                  markdown_table(["model", "where the agent acts", "where the service speaks"],
+                                 [[LABELS.get(m, m).split(" (")[0] if m != "base" else "Base model (no adapter)",
+                                   _pct(p["act"], p["n"], wilson(p["act"], p["n"])),
+                                   _pct(p["reply"], p["n"], wilson(p["reply"], p["n"]))] for m, p in models.items()]),
+                  ""]
     rejections = [(v, r) for v, a in arms.items() for r in a["updates"]["rejections"]]
     if rejections:
         lines += ["Rejected updates (the gate restored the previous adapter):", ""]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import run_cli
-from dostream.agent import Agent, AgentConfig, run
+from dostream.agent import Agent, AgentConfig, env_spec, run
 from dostream.envs.support import GOALS, ITEMS, SERVICES, SupportEnv, SupportWorld, named_item
 from dostream.render import Renderer
 from dostream.store import Store
@@ -64,17 +64,19 @@ def test_support_world_is_seeded_and_holds_out_one_goal_per_service():
     assert a.tasks("train", 5, seed=3) == a.tasks("train", 9, seed=3)[:5]
 
 
-def test_support_episode_states_the_requirement_in_the_world_s_words(tok):
+@pytest.mark.parametrize("reply", ["refusal", "framed"])
+def test_support_episode_states_the_requirement_in_the_world_s_words(tok, reply):
     world = SupportWorld(0)
     task = world.tasks("train", 1, seed=0)[0]
-    need = ITEMS[task.required].name
+    need = ITEMS[task.required].name if reply == "refusal" else \
+        "have ready the user's " + ITEMS[task.required].phrase.format("").strip()  # the agent's own frame
     wrong = next(k for k in ITEMS if k != task.required)
-    env = SupportEnv(world)
+    env = SupportEnv(world, reply)
     env.reset(task)
     fail = env.step(f" {ITEMS[wrong].phrase.format(task.details[wrong])}.\n")
     assert fail.reward == 0.0 and fail.done and not fail.info["success"]
     said = [s for s in fail.segments if s.author == "environment"]
-    assert len(said) == 1 and need in said[0].text
+    assert len(said) == 1 and need in said[0].text and named_item(said[0].text) == task.required
     # The requirement is world text: supervised under the interventional view, the agent's turn is not.
     stream = Stream("s", env.reset(task) + [Segment("agent", " account number.\n")] + fail.segments)
     r = Renderer(tok).render(stream)
@@ -83,6 +85,12 @@ def test_support_episode_states_the_requirement_in_the_world_s_words(tok):
     assert not any(s and a == "agent" for s, a in zip(sup, r.authors))
     env.reset(task)
     assert env.step(f" {ITEMS[task.required].phrase.format('x')} and more\n").info["success"]
+
+
+def test_support_framed_is_the_same_world_with_framed_replies():
+    plain, framed = env_spec("support", 0), env_spec("support-framed", 0)
+    assert (plain.describe["reply"], framed.describe["reply"]) == ("refusal", "framed")
+    assert plain.items("train", 8, 0) == framed.items("train", 8, 0) and plain.describe["rules"] == framed.describe["rules"]
 
 
 def test_named_item_takes_the_first_detail_named():
@@ -175,7 +183,11 @@ def test_cli_runs_three_loops_writes_a_report_and_exports_streams(tmp_path):
     assert results["arms"]["none"]["updates"] == {"accepted": 0, "rejected": 0, "rejections": []}
     assert (out / "success.png").stat().st_size > 10_000
     assert "No learning" in (out / "report.md").read_text()
-    run_cli("report", out)  # the report rebuilds from the stores alone
+    probe = results["rule_probe"]  # the base model and the two learning loops' final adapters
+    assert set(probe["models"]) == {"base", "interventional", "observational"}
+    assert all(0 <= p["act"] <= p["n"] == 48 and 0 <= p["reply"] <= 48 for p in probe["models"].values())
+    assert "Does the agent know the rules?" in (out / "report.md").read_text()
+    run_cli("report", out)  # the report rebuilds from the stores alone (the probe from its cache)
     exported = tmp_path / "ep.jsonl"
     run_cli("streams", "export", out / "interventional", "--out", exported)
     lines = exported.read_text().splitlines()

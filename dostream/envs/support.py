@@ -153,13 +153,23 @@ def prompt_segments(task: SupportTask) -> list[Segment]:
             Segment("protocol", f"Agent: Calling {task.service}. I have ready the user's")]
 
 
+REPLIES = ("refusal", "framed")
+
+
 class SupportEnv:
-    """One call per episode: the agent names what it has ready (one line), the service answers."""
+    """One call per episode: the agent names what it has ready (one line), the service answers.
+
+    `reply="refusal"` (the default) refuses in the service's words: "I can't help without the
+    security PIN. Please have the security PIN ready when you call us." `reply="framed"` says the
+    same in the words the agent's own turn begins with: "I can't help with that. Next time, have
+    ready the user's security PIN." (a test of whether a small model uses a rule it has learned
+    only when the rule is stated in the frame where it acts)."""
 
     stop = ("\n",)  # the agent's turn is one line
 
-    def __init__(self, world: SupportWorld):
-        self.world = world
+    def __init__(self, world: SupportWorld, reply: str = "refusal"):
+        assert reply in REPLIES, f"reply is one of {REPLIES}, not {reply!r}"
+        self.world, self.reply = world, reply
         self.task: SupportTask | None = None
 
     def reset(self, item: SupportTask) -> list[Segment]:
@@ -174,6 +184,8 @@ class SupportEnv:
         success = named == task.required
         if success:
             reply = f"Thank you, {need} checks out. Your request is done."
+        elif self.reply == "framed":
+            reply = f"I can't help with that. Next time, have ready the user's {ITEMS[task.required].phrase.format('').strip()}."
         else:
             reply = f"I can't help without {need}. Please have {need} ready when you call us."
         lead = "" if agent_text.endswith("\n") else "\n"
@@ -181,3 +193,37 @@ class SupportEnv:
         info = {"success": success, "named": named, "required": task.required, "service": task.service,
                 "goal": task.goal}
         return StepResult(segments, reward=float(success), done=True, info=info)
+
+
+def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> dict[str, int]:
+    """Does the model know each service's rule, and where? For every task, the six kinds of
+    detail are scored by the mean log-prob of their words (a) where the agent acts, after "I have
+    ready the user's", and (b) where the service speaks, after the start of its reply in the
+    environment's style. Returns how many tasks rank the required kind first in each frame
+    (chance: one in six), and `n`."""
+    import torch
+
+    device = next(model.parameters()).device
+    hits = {"act": 0, "reply": 0, "n": len(tasks)}
+    for task in tasks:
+        ctx = "".join(s.text for s in prompt_segments(task))
+        words = {k: " " + it.phrase.format("").strip() for k, it in ITEMS.items()}
+        frames = {"act": (ctx, words)}
+        if reply == "framed":
+            frames["reply"] = (f"{ctx} call details.\n{task.service}: I can't help with that. Next time, have ready "
+                               "the user's", words)
+        else:
+            frames["reply"] = (f"{ctx} call details.\n{task.service}: I can't help without",
+                               {k: " " + it.name for k, it in ITEMS.items()})
+        for frame, (prefix, conts) in frames.items():
+            p = tok(prefix, add_special_tokens=False)["input_ids"]
+            rows = [p + tok(c, add_special_tokens=False)["input_ids"] for c in conts.values()]
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            with torch.no_grad():
+                logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
+            scores = [logp[i, len(p) - 1:len(r) - 1].gather(-1, ids[i, len(p):len(r), None]).mean().item()
+                      for i, r in enumerate(rows)]
+            hits[frame] += list(conts)[max(range(len(scores)), key=scores.__getitem__)] == task.required
+    return hits
