@@ -1,5 +1,6 @@
 """The continual agent: store, support environment, gate, kill-and-resume, smoke runs of every env."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,10 +10,13 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import run_cli
 from dostream.agent import Agent, AgentConfig, env_spec, run
-from dostream.envs.support import GOALS, ITEMS, SERVICES, SupportEnv, SupportWorld, named_item
+from dostream.envs.support import (GOALS, ITEMS, SERVICES, SupportEnv, SupportWorld, named_item, prompt_segments,
+                                   rule_probe)
+from dostream.models import tiny_model
 from dostream.render import Renderer
 from dostream.store import Store
 from dostream.stream import Segment, Stream, view_authors
@@ -91,6 +95,36 @@ def test_support_framed_is_the_same_world_with_framed_replies():
     plain, framed = env_spec("support", 0), env_spec("support-framed", 0)
     assert (plain.describe["reply"], framed.describe["reply"]) == ("refusal", "framed")
     assert plain.items("train", 8, 0) == framed.items("train", 8, 0) and plain.describe["rules"] == framed.describe["rules"]
+
+
+@pytest.mark.parametrize("reply", ["refusal", "framed"])
+def test_rule_probe_matches_scoring_each_whole_sequence(tok, reply):
+    """The probe runs each prefix once and repeats its cache; score every (prefix + words) in one
+    plain forward instead and the likeliest kind must agree: asked with each kind as the required
+    one, the probe must hit exactly for the kind the plain scoring ranks first."""
+    torch.manual_seed(0)
+    model = tiny_model(seed=3).eval()
+    tasks = SupportWorld(0).tasks("heldout", 6, seed=1)
+    for task in tasks:
+        ctx = "".join(s.text for s in prompt_segments(task))
+        frames = {"act": (ctx, {k: " " + it.phrase.format("").strip() for k, it in ITEMS.items()})}
+        frames["reply"] = ((f"{ctx} call details.\n{task.service}: I can't help with that. Next time, have ready the "
+                            "user's", frames["act"][1]) if reply == "framed" else
+                           (f"{ctx} call details.\n{task.service}: I can't help without",
+                            {k: " " + it.name for k, it in ITEMS.items()}))
+        best = {}
+        for frame, (prefix, conts) in frames.items():
+            p = tok(prefix, add_special_tokens=False)["input_ids"]
+            scores = {}
+            for kind, c in conts.items():
+                ids = p + tok(c, add_special_tokens=False)["input_ids"]
+                with torch.no_grad():
+                    logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+                scores[kind] = sum(logp[i - 1, ids[i]].item() for i in range(len(p), len(ids))) / (len(ids) - len(p))
+            best[frame] = max(scores, key=scores.get)
+        for kind in ITEMS:
+            want = {"act": int(best["act"] == kind), "reply": int(best["reply"] == kind), "n": 1}
+            assert rule_probe(model, tok, [dataclasses.replace(task, required=kind)], reply) == want
 
 
 def test_named_item_takes_the_first_detail_named():

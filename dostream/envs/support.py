@@ -203,6 +203,8 @@ def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> 
     (chance: one in six), and `n`."""
     import torch
 
+    from dostream.sampling import _cache_kwarg
+
     device = next(model.parameters()).device
     hits = {"act": 0, "reply": 0, "n": len(tasks)}
     for task in tasks:
@@ -216,14 +218,18 @@ def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> 
             frames["reply"] = (f"{ctx} call details.\n{task.service}: I can't help without",
                                {k: " " + it.name for k, it in ITEMS.items()})
         for frame, (prefix, conts) in frames.items():
+            # The prefix runs once; its cache is repeated for the six continuations.
             p = tok(prefix, add_special_tokens=False)["input_ids"]
-            rows = [p + tok(c, add_special_tokens=False)["input_ids"] for c in conts.values()]
+            rows = [tok(c, add_special_tokens=False)["input_ids"] for c in conts.values()]
             width = max(map(len, rows))
             ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(r)) for r in rows], device=device)
             with torch.no_grad():
-                logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-            scores = [logp[i, len(p) - 1:len(r) - 1].gather(-1, ids[i, len(p):len(r), None]).mean().item()
-                      for i, r in enumerate(rows)]
+                head = model(input_ids=torch.tensor([p], device=device), use_cache=True)
+                cache = head.cache if getattr(head, "cache", None) is not None else head.past_key_values
+                cache.batch_repeat_interleave(len(rows))
+                tail = model(input_ids=ids, attention_mask=mask, **{_cache_kwarg(model): cache}).logits
+            logp = torch.cat([head.logits[:, -1:].expand(len(rows), 1, -1), tail[:, :-1]], 1).float().log_softmax(-1)
+            scores = [logp[i, :len(r)].gather(-1, ids[i, :len(r), None]).mean().item() for i, r in enumerate(rows)]
             hits[frame] += list(conts)[max(range(len(scores)), key=scores.__getitem__)] == task.required
     return hits
