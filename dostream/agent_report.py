@@ -148,6 +148,11 @@ def write_report(out: str | Path, window: int = 32) -> Path:
                 lines.append(f"- {view}: {t['only_a']} episodes only it solved, {t['only_b']} only no-learning "
                              f"solved, p = {t['p_value']:.3g}")
         lines.append("")
+    both = [arms.get("interventional"), arms.get("observational")]
+    if all(both) and both[0]["episodes"] == both[1]["episodes"]:
+        t = mcnemar([bool(x) for x in both[0]["curve"]], [bool(x) for x in both[1]["curve"]])
+        lines += [f"Interventional vs observational, same episodes: {t['only_a']} solved only by the interventional "
+                  f"loop, {t['only_b']} only by the observational one, p = {t['p_value']:.3g}.", ""]
     if res["rule_probe"]:
         models = res["rule_probe"]["models"]
         lines += [f"Does the agent know the rules? On {PROBE_TASKS} fresh held-out calls, how often the detail the "
