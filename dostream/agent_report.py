@@ -169,6 +169,13 @@ def write_report(out: str | Path, window: int = 32) -> Path:
         lines += ["Rejected updates (the gate restored the previous adapter):", ""]
         lines += [f"- {v}, after {r['after_episodes']} episodes: {r['reason']}" for v, r in rejections]
         lines.append("")
+    if cfg["env"].startswith("support"):
+        from dostream.agent import env_spec
+
+        world = env_spec(cfg["env"], cfg["seed"]).describe
+        lines += [f"The world (seed {cfg['seed']}): what each service requires, and its held-out goal:", "",
+                  markdown_table(["service", "requires", "held-out goal"],
+                                 [[s, need, world["held_out_goals"][s]] for s, need in world["rules"].items()]), ""]
     arm_cfg = next(iter(arms.values()))["config"]
     lines += ["## Configuration", "", "```json", json.dumps({k: v for k, v in arm_cfg.items() if k != "view"}, indent=1),
               "```", ""]
