@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dostream.agent import env_spec
 from dostream.config import atomic_write_text
 from dostream.experiments.common import markdown_table, mcnemar, wilson
 from dostream.store import Store
@@ -66,7 +67,7 @@ def _rule_probe(out: Path, cfg: dict[str, Any], arms: dict[str, Any]) -> dict[st
 
     tok = load_tokenizer(cfg["model"])
     tasks = SupportWorld(cfg["seed"]).tasks("heldout", PROBE_TASKS, seed=cfg["seed"] * 2 + 7)  # not an eval's items
-    reply = "framed" if cfg["env"] == "support-framed" else "refusal"
+    reply = env_spec(cfg["env"], cfg["seed"]).describe["reply"]
     models = {"base": rule_probe(load_model(cfg["model"]).eval(), tok, tasks, reply)}
     for view, adapter in adapters.items():
         model = PeftModel.from_pretrained(load_model(cfg["model"]), str(out / view / adapter)).eval()
@@ -170,8 +171,6 @@ def write_report(out: str | Path, window: int = 32) -> Path:
         lines += [f"- {v}, after {r['after_episodes']} episodes: {r['reason']}" for v, r in rejections]
         lines.append("")
     if cfg["env"].startswith("support"):
-        from dostream.agent import env_spec
-
         world = env_spec(cfg["env"], cfg["seed"]).describe
         lines += [f"The world (seed {cfg['seed']}): what each service requires, and its held-out goal:", "",
                   markdown_table(["service", "requires", "held-out goal"],

@@ -154,6 +154,7 @@ def prompt_segments(task: SupportTask) -> list[Segment]:
 
 
 REPLIES = ("refusal", "framed")
+FRAMED = "I can't help with that. Next time, have ready the user's"  # + " security PIN."
 
 
 class SupportEnv:
@@ -185,7 +186,7 @@ class SupportEnv:
         if success:
             reply = f"Thank you, {need} checks out. Your request is done."
         elif self.reply == "framed":
-            reply = f"I can't help with that. Next time, have ready the user's {ITEMS[task.required].phrase.format('').strip()}."
+            reply = f"{FRAMED} {ITEMS[task.required].phrase.format('').strip()}."
         else:
             reply = f"I can't help without {need}. Please have {need} ready when you call us."
         lead = "" if agent_text.endswith("\n") else "\n"
@@ -212,8 +213,7 @@ def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> 
         words = {k: " " + it.phrase.format("").strip() for k, it in ITEMS.items()}
         frames = {"act": (ctx, words)}
         if reply == "framed":
-            frames["reply"] = (f"{ctx} call details.\n{task.service}: I can't help with that. Next time, have ready "
-                               "the user's", words)
+            frames["reply"] = (f"{ctx} call details.\n{task.service}: {FRAMED}", words)
         else:
             frames["reply"] = (f"{ctx} call details.\n{task.service}: I can't help without",
                                {k: " " + it.name for k, it in ITEMS.items()})
