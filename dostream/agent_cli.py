@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from dostream.agent import VIEWS, AgentConfig, run
+from dostream.agent import ENVS, VIEWS, AgentConfig, run
 from dostream.config import add_dataclass_args, atomic_write_text, environment, from_args
 
 
@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     if not argv or argv[0] != "run":
-        print("usage: dostream agent run --env support|support-framed|stem|tutor --model NAME --out DIR [--resume] [...]\n"
+        print(f"usage: dostream agent run --env {'|'.join(ENVS)} --model NAME --out DIR [--resume] [...]\n"
               "       (`dostream agent run --help` lists every option)", file=sys.stderr if argv[:1] != ["--help"] else sys.stdout)
         return 0 if argv[:1] in (["--help"], ["-h"]) else 2
     args = _parser().parse_args(argv[1:])

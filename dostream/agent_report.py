@@ -54,7 +54,7 @@ def summarise_arm(arm: Path) -> dict[str, Any]:
 PROBE_TASKS = 48
 
 
-def _rule_probe(out: Path, cfg: dict[str, Any], arms: dict[str, Any]) -> dict[str, Any]:
+def _rule_probe(out: Path, cfg: dict[str, Any], reply: str, arms: dict[str, Any]) -> dict[str, Any]:
     """The rule probe of the support environment for the base model and every final adapter."""
     adapters = {v: a["adapter"] for v, a in arms.items() if a["adapter"]}
     path = out / "probe.json"
@@ -67,7 +67,6 @@ def _rule_probe(out: Path, cfg: dict[str, Any], arms: dict[str, Any]) -> dict[st
 
     tok = load_tokenizer(cfg["model"])
     tasks = SupportWorld(cfg["seed"]).tasks("heldout", PROBE_TASKS, seed=cfg["seed"] * 2 + 7)  # not an eval's items
-    reply = env_spec(cfg["env"], cfg["seed"]).describe["reply"]
     models = {"base": rule_probe(load_model(cfg["model"]).eval(), tok, tasks, reply)}
     for view, adapter in adapters.items():
         model = PeftModel.from_pretrained(load_model(cfg["model"]), str(out / view / adapter)).eval()
@@ -117,8 +116,9 @@ def write_report(out: str | Path, window: int = 32) -> Path:
     if not arms:
         raise SystemExit(f"{out}: no arm has a store yet")
     cfg = record["config"]
+    world = env_spec(cfg["env"], cfg["seed"]).describe  # the support world's rules; {} for other envs
     res = {"record": record, "arms": arms,
-           "rule_probe": _rule_probe(out, cfg, arms) if cfg["env"].startswith("support") else None}
+           "rule_probe": _rule_probe(out, cfg, world["reply"], arms) if "rules" in world else None}
     atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=float) + "\n")
     window = max(1, min(window, min(a["episodes"] for a in arms.values()) or 1))
     _figure(res, out / "success.png", window)
@@ -170,8 +170,7 @@ def write_report(out: str | Path, window: int = 32) -> Path:
         lines += ["Rejected updates (the gate restored the previous adapter):", ""]
         lines += [f"- {v}, after {r['after_episodes']} episodes: {r['reason']}" for v, r in rejections]
         lines.append("")
-    if cfg["env"].startswith("support"):
-        world = env_spec(cfg["env"], cfg["seed"]).describe
+    if "rules" in world:
         lines += [f"The world (seed {cfg['seed']}): what each service requires, and its held-out goal:", "",
                   markdown_table(["service", "requires", "held-out goal"],
                                  [[s, need, world["held_out_goals"][s]] for s, need in world["rules"].items()]), ""]

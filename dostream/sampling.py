@@ -167,7 +167,7 @@ def _accepts(model, name: str) -> bool:
     return name in inspect.signature(base.forward).parameters
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes)."""
     return "cache" if _accepts(model, "cache") else "past_key_values"
 
@@ -249,7 +249,7 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int):
     mask = mask.to(device)
     cache = _reserved_cache(model.config, capacity)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     logits = []
     for lo, hi in _buckets([len(p) for p in prompts]) if cache is not None else [(0, len(prompts))]:
         w = max(len(p) for p in prompts[lo:hi])
@@ -290,7 +290,7 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer) -> list[tup
     # A stop string is found in the decoding of a row's last tokens only (not the whole row, every
     # step): a character is at most 4 byte-level tokens, so this many tokens cover any stop string.
     window = 4 * max(map(len, config.stop), default=0) + 4
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     for t in range(steps):
         nxt = _pick(logits, None if uniforms is None else uniforms[active, t], config)
         for j, tok in enumerate(nxt.tolist()):

@@ -73,7 +73,7 @@ def test_support_episode_states_the_requirement_in_the_world_s_words(tok, reply)
     world = SupportWorld(0)
     task = world.tasks("train", 1, seed=0)[0]
     need = ITEMS[task.required].name if reply == "refusal" else \
-        "have ready the user's " + ITEMS[task.required].phrase.format("").strip()  # the agent's own frame
+        "have ready the user's " + ITEMS[task.required].words  # the agent's own frame
     wrong = next(k for k in ITEMS if k != task.required)
     env = SupportEnv(world, reply)
     env.reset(task)
@@ -107,7 +107,7 @@ def test_rule_probe_matches_scoring_each_whole_sequence(tok, reply):
     tasks = SupportWorld(0).tasks("heldout", 6, seed=1)
     for task in tasks:
         ctx = "".join(s.text for s in prompt_segments(task))
-        frames = {"act": (ctx, {k: " " + it.phrase.format("").strip() for k, it in ITEMS.items()})}
+        frames = {"act": (ctx, {k: " " + it.words for k, it in ITEMS.items()})}
         frames["reply"] = ((f"{ctx} call details.\n{task.service}: I can't help with that. Next time, have ready the "
                             "user's", frames["act"][1]) if reply == "framed" else
                            (f"{ctx} call details.\n{task.service}: I can't help without",

@@ -50,6 +50,11 @@ class Item:
     phrase: str  # "date of birth {}": how the details list it (and how an agent may name it)
     pattern: str  # a regex that recognises the agent naming it
 
+    @property
+    def words(self) -> str:
+        """The phrase without its value: how the agent's own turn names it ("security PIN")."""
+        return self.phrase.format("").strip()
+
 
 ITEMS: dict[str, Item] = {
     "card": Item("the last four digits of the card", "card ending {}", r"\bcard\b|last four|\bdigits\b"),
@@ -186,7 +191,7 @@ class SupportEnv:
         if success:
             reply = f"Thank you, {need} checks out. Your request is done."
         elif self.reply == "framed":
-            reply = f"{FRAMED} {ITEMS[task.required].phrase.format('').strip()}."
+            reply = f"{FRAMED} {ITEMS[task.required].words}."
         else:
             reply = f"I can't help without {need}. Please have {need} ready when you call us."
         lead = "" if agent_text.endswith("\n") else "\n"
@@ -204,32 +209,30 @@ def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> 
     (chance: one in six), and `n`."""
     import torch
 
-    from dostream.sampling import _cache_kwarg
+    from dostream.sampling import cache_kwarg
 
-    device = next(model.parameters()).device
+    device, cache_kw = next(model.parameters()).device, cache_kwarg(model)
+    kinds = list(ITEMS)
+    words = {"act": [" " + ITEMS[k].words for k in kinds],  # the agent's frame; `framed` replies use it too
+             "reply": [" " + (ITEMS[k].words if reply == "framed" else ITEMS[k].name) for k in kinds]}
+    # The six continuations of a frame are the same for every task, and so are their padded ids.
+    rows = {f: [tok(c, add_special_tokens=False)["input_ids"] for c in cs] for f, cs in words.items()}
+    width = {f: max(map(len, rs)) for f, rs in rows.items()}
+    ids = {f: torch.tensor([r + [0] * (width[f] - len(r)) for r in rs], device=device) for f, rs in rows.items()}
+    opener = FRAMED if reply == "framed" else "I can't help without"
     hits = {"act": 0, "reply": 0, "n": len(tasks)}
     for task in tasks:
         ctx = "".join(s.text for s in prompt_segments(task))
-        words = {k: " " + it.phrase.format("").strip() for k, it in ITEMS.items()}
-        frames = {"act": (ctx, words)}
-        if reply == "framed":
-            frames["reply"] = (f"{ctx} call details.\n{task.service}: {FRAMED}", words)
-        else:
-            frames["reply"] = (f"{ctx} call details.\n{task.service}: I can't help without",
-                               {k: " " + it.name for k, it in ITEMS.items()})
-        for frame, (prefix, conts) in frames.items():
+        for frame, prefix in (("act", ctx), ("reply", f"{ctx} call details.\n{task.service}: {opener}")):
             # The prefix runs once; its cache is repeated for the six continuations.
-            p = tok(prefix, add_special_tokens=False)["input_ids"]
-            rows = [tok(c, add_special_tokens=False)["input_ids"] for c in conts.values()]
-            width = max(map(len, rows))
-            ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)
-            mask = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width - len(r)) for r in rows], device=device)
+            p, rs = tok(prefix, add_special_tokens=False)["input_ids"], rows[frame]
+            mask = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width[frame] - len(r)) for r in rs], device=device)
             with torch.no_grad():
                 head = model(input_ids=torch.tensor([p], device=device), use_cache=True)
                 cache = head.cache if getattr(head, "cache", None) is not None else head.past_key_values
-                cache.batch_repeat_interleave(len(rows))
-                tail = model(input_ids=ids, attention_mask=mask, **{_cache_kwarg(model): cache}).logits
-            logp = torch.cat([head.logits[:, -1:].expand(len(rows), 1, -1), tail[:, :-1]], 1).float().log_softmax(-1)
-            scores = [logp[i, :len(r)].gather(-1, ids[i, :len(r), None]).mean().item() for i, r in enumerate(rows)]
-            hits[frame] += list(conts)[max(range(len(scores)), key=scores.__getitem__)] == task.required
+                cache.batch_repeat_interleave(len(rs))
+                tail = model(input_ids=ids[frame], attention_mask=mask, **{cache_kw: cache}).logits
+            logp = torch.cat([head.logits[:, -1:].expand(len(rs), 1, -1), tail[:, :-1]], 1).float().log_softmax(-1)
+            scores = [logp[i, :len(r)].gather(-1, ids[frame][i, :len(r), None]).mean().item() for i, r in enumerate(rs)]
+            hits[frame] += kinds[max(range(len(scores)), key=scores.__getitem__)] == task.required
     return hits
