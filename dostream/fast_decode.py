@@ -17,6 +17,8 @@ LoRA model. Models of other architectures, or with sliding-window attention, get
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 _FAMILIES = ("llama", "mistral", "qwen2")  # decoder layers: pre-norm attention + pre-norm gated MLP
@@ -30,25 +32,30 @@ class DecodeStep:
     holding L - 1 positions, to which the step appends one.
     """
 
-    def __init__(self, model, *, fuse: bool = False):
+    def __init__(self, model, *, fast_linear: bool = False):
         self.model = model
-        self.layers = [_Layer(layer, fuse) for layer in model.model.layers]
+        self.layers = [_Layer(layer, fast_linear) for layer in model.model.layers]
+        self.lm_head = _linear(model.lm_head) if fast_linear else model.lm_head
 
     @classmethod
     def build(cls, model) -> DecodeStep | None:
         """The step for `model` (a PEFT wrapper too), or None where it does not apply.
 
-        On a CPU, projections of the same input that are plain `nn.Linear` layers (not a PEFT
-        layer) are fused for the call: q, k, v into one product and gate, up into another. Fewer,
-        wider products run faster there (-8% per step for SmolLM2-135M on 2 cores); the fused
-        weights are a copy (about half the model) that lives as long as the step.
+        On a CPU with oneDNN (`torch.backends.mkldnn`), the linear layers run as oneDNN products
+        on weights reordered once per call (`_linear`), and projections of the same input that are
+        plain `nn.Linear` are fused (q, k, v; gate, up). The reordered weights are a copy of the
+        linear weights for the duration of the call, so this is skipped when they would take more
+        than a quarter of the memory available.
         """
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config
         sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
         if config.model_type not in _FAMILIES or sliding or not hasattr(base, "lm_head"):
             return None
-        return cls(base, fuse=next(base.parameters()).device.type == "cpu")
+        weights = [m.weight for m in base.modules() if isinstance(m, torch.nn.Linear)]
+        copy_bytes = sum(w.numel() * w.element_size() for w in weights)
+        fast = weights[0].device.type == "cpu" and _onednn() and copy_bytes < _available_memory() / 4
+        return cls(base, fast_linear=fast)
 
     def __call__(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         inner = self.model.model
@@ -60,23 +67,30 @@ class DecodeStep:
         for layer, cached in zip(self.layers, cache.layers):
             x = x + layer.attention(layer.norm1(x), cos, sin, bias, cached)
             x = x + layer.mlp(layer.norm2(x))
-        return self.model.lm_head(inner.norm(x))
+        return self.lm_head(inner.norm(x))
 
 
 class _Layer:
-    """One decoder layer's modules, with its projections fused where they are plain `nn.Linear`."""
+    """One decoder layer's modules, its linear layers as `_linear` makes them where `fast_linear`."""
 
-    def __init__(self, layer, fuse: bool):
+    def __init__(self, layer, fast_linear: bool):
         self.norm1, self.attn, self.norm2, self._mlp = (layer.input_layernorm, layer.self_attn,
                                                         layer.post_attention_layernorm, layer.mlp)
         a, m = self.attn, self._mlp
-        self.qkv = _fused([a.q_proj, a.k_proj, a.v_proj]) if fuse else None
+        fast = _linear if fast_linear else lambda module: module
         gated = all(hasattr(m, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn"))
-        self.gate_up = _fused([m.gate_proj, m.up_proj]) if fuse and gated else None
+        self.qkv = _fused([a.q_proj, a.k_proj, a.v_proj]) if fast_linear else None
+        if self.qkv is None:
+            self.q, self.k, self.v = fast(a.q_proj), fast(a.k_proj), fast(a.v_proj)
+        self.o = fast(a.o_proj)
+        self.gate_up = _fused([m.gate_proj, m.up_proj]) if fast_linear and gated else None
+        if gated and self.gate_up is None:
+            self.gate, self.up = fast(m.gate_proj), fast(m.up_proj)
+        self.down = fast(m.down_proj) if gated else None
 
     def attention(self, h, cos, sin, bias, cached) -> torch.Tensor:
         a, rows, dim = self.attn, h.shape[0], self.attn.head_dim
-        q, k, v = self.qkv(h) if self.qkv else (a.q_proj(h), a.k_proj(h), a.v_proj(h))
+        q, k, v = self.qkv(h) if self.qkv else (self.q(h), self.k(h), self.v(h))
         q = _rotate(q.reshape(rows, -1, dim), cos, sin)  # (B, heads, head_dim)
         k = _rotate(k.reshape(rows, -1, dim), cos, sin)  # (B, kv_heads, head_dim)
         keys, values = cached.update(k[:, :, None], v.reshape(rows, -1, 1, dim))  # (B, kv_heads, L, head_dim)
@@ -88,25 +102,71 @@ class _Layer:
         if bias is not None:
             scores = scores + bias
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return a.o_proj(torch.matmul(probs, values.contiguous()).reshape(rows, -1))
+        return self.o(torch.matmul(probs, values.contiguous()).reshape(rows, -1))
 
     def mlp(self, h) -> torch.Tensor:
-        if self.gate_up is None:
+        if self.down is None:  # not the gated MLP of this family: the module as it is
             return self._mlp(h)
-        gate, up = self.gate_up(h)
-        return self._mlp.down_proj(self._mlp.act_fn(gate) * up)
+        gate, up = self.gate_up(h) if self.gate_up else (self.gate(h), self.up(h))
+        return self.down(self._mlp.act_fn(gate) * up)
+
+
+def _onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _available_memory() -> float:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: assume room
+        return float("inf")
+
+
+def _product(weight: torch.Tensor, bias: torch.Tensor | None):
+    """h -> h @ weight.T + bias as a oneDNN product, the weight reordered for it once. On CPUs where
+    MKL's fp32 GEMM is slow (AMD EPYC: ~220 GFLOP/s against oneDNN's ~490) this is 2.6x the fp32
+    `F.linear` for a 32-row decode step; bf16 gains ~1.3x from skipping the per-call reorder."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+    return lambda h: torch.ops.mkldnn._linear_pointwise(h, packed, bias, "none", [], "")
+
+
+def _linear(module):
+    """A faster callable with `module`'s output: a plain `nn.Linear` as a oneDNN `_product`; a PEFT
+    LoRA layer in its plain form (unmerged, adapters on, no variant such as DoRA) as the product of
+    its base layer plus its own adapter modules, as PEFT computes it; anything else: the module."""
+    if type(module) is torch.nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16):
+        return _product(module.weight, module.bias)
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        return module
+    if type(module) is not LoraLinear or module.merged or module.disable_adapters or \
+            type(module.base_layer) is not torch.nn.Linear or module.lora_variant:
+        return module
+    base = _linear(module.base_layer)
+    adapters = [(module.lora_A[a], module.lora_B[a], module.lora_dropout[a], module.scaling[a])
+                for a in module.active_adapters if a in module.lora_A]
+
+    def lora(h):
+        out = base(h)
+        dtype = out.dtype
+        for a, b, dropout, scaling in adapters:
+            out = out + b(a(dropout(h.to(a.weight.dtype)))) * scaling
+        return out.to(dtype)
+    return lora
 
 
 def _fused(projections):
-    """One product for several projections of the same input, returning their outputs split as a
-    tuple; None unless every projection is a plain `nn.Linear` (a PEFT layer keeps its own path)."""
-    if any(type(p) is not torch.nn.Linear for p in projections):
+    """One `_product` for plain `nn.Linear` projections of the same input, returning their outputs
+    split as a tuple; None unless every projection is one (a PEFT layer keeps its own path)."""
+    if any(type(p) is not torch.nn.Linear or p.weight.dtype not in (torch.float32, torch.bfloat16)
+           for p in projections):
         return None
     weight = torch.cat([p.weight for p in projections])
     bias = None if all(p.bias is None for p in projections) else torch.cat(
         [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections])
-    sizes = [p.out_features for p in projections]
-    return lambda h: torch.nn.functional.linear(h, weight, bias).split(sizes, dim=-1)
+    product, sizes = _product(weight, bias), [p.out_features for p in projections]
+    return lambda h: product(h).split(sizes, dim=-1)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

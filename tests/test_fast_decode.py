@@ -39,11 +39,14 @@ def models(tok):
 
 
 @pytest.mark.parametrize("which", ["llama", "lora", "qwen2"])
-@pytest.mark.parametrize("fuse", [True, False])
-def test_step_equals_the_models_forward(models, tok, which, fuse):
+@pytest.mark.parametrize("fast_linear", [True, False])
+def test_step_equals_the_models_forward(models, tok, which, fast_linear):
     model = models[which]
     base = model.get_base_model() if which == "lora" else model
-    step = DecodeStep(base, fuse=fuse)
+    step = DecodeStep(base, fast_linear=fast_linear)
+    if fast_linear and which == "lora":  # the adapted projections take the fast path too
+        layer = base.model.layers[0]
+        assert step.layers[0].q is not layer.self_attn.q_proj and step.layers[0].up is not layer.mlp.up_proj
     prompts = [tuple(tok(p)["input_ids"]) for p in sorted(PROMPTS, key=len)]  # left padded, of 3 lengths
     width = max(map(len, prompts))
     ours, logits, mask, reserved = _prefill(model, prompts, tok.pad_token_id, width + 8)
@@ -76,6 +79,21 @@ def test_greedy_sampling_with_and_without_the_step_agree(models, tok):
         fast = sample(models[which], tok, prompts, cfg)
         slow = sample(models[which], tok, prompts, SamplingConfig(**{**cfg.__dict__, "fast_step": False}))
         assert fast == slow
+
+
+def test_layers_the_fast_path_does_not_know_are_called_as_they_are(tok):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dostream.fast_decode import _linear
+
+    dora = _seeded(lambda: get_peft_model(LlamaForCausalLM(_config(LlamaConfig, tok)), LoraConfig(
+        r=4, target_modules=["q_proj"], use_dora=True)))
+    q = dora.get_base_model().model.layers[0].self_attn.q_proj
+    assert _linear(q) is q  # DoRA: PEFT's own forward
+    with dora.disable_adapter():
+        assert _linear(q) is q
+    assert _linear(q.base_layer) is not q.base_layer
 
 
 def test_other_architectures_get_no_step(tok):
