@@ -1,6 +1,6 @@
 """Sampling tokens/s: `dostream.sampling.sample` vs transformers' `generate`, side by side.
 
-    python benchmarks/bench_sampling.py [--model smollm2] [--batch-sizes 32,1] [--new-tokens 64] [--repeats 2]
+    python benchmarks/bench_sampling.py [--model smollm2] [--batch-sizes 32,1] [--new-tokens 64] [--repeats 2] [--lora 16]
 
 Both sample the same distinct STEM-style prompts (left padded for `generate`) with temperature 0.8
 and top-p 0.95, and both are forced to the same length (`generate`: `min_new_tokens` = max; ours:
@@ -127,12 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="sample from the model with a random LoRA adapter of rank R on all linear layers, as the methods do")
     p.add_argument("--grouped", type=int, default=4,
                    help="also measure the largest batch as prompts x this many samples each (0: skip)")
     args = p.parse_args(argv)
     from dostream.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(args.model), load_model(args.model)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)  # random B (init_lora_weights=False): the adapter is not the identity
+        model = get_peft_model(model, LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear",
+                                                 init_lora_weights=False))
     kw = dict(new_tokens=args.new_tokens, repeats=args.repeats, dtypes=tuple(args.dtypes.split(",")))
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     out = {f"batch={b}": bench_sampling(model, tok, batch_size=b, **kw) for b in sizes}
