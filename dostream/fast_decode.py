@@ -21,6 +21,7 @@ LoRA model. Models of other architectures, or with sliding-window attention, get
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -56,7 +57,7 @@ class DecodeStep:
             return None
         weights = [m.weight for m in base.modules() if isinstance(m, torch.nn.Linear)]
         copy_bytes = sum(w.numel() * w.element_size() for w in weights)
-        fast = weights[0].device.type == "cpu" and _onednn() and copy_bytes < _available_memory() / 4
+        fast = weights[0].device.type == "cpu" and copy_bytes < _available_memory() / 4
         return cls(base, fast_linear=fast)
 
     def __call__(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
@@ -113,8 +114,25 @@ class _Layer:
         return self.down(self._mlp.act_fn(gate) * up)
 
 
-def _onednn() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@functools.cache
+def _onednn(dtype: torch.dtype) -> bool:
+    """Does this torch build run oneDNN's reordered-weight products for `dtype`, and agree with
+    `F.linear`? Checked once per process on a small product; where not (a build or CPU without
+    them), plain linear layers are called as they are."""
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g).to(dtype) for shape in ((3, 64), (48, 64), (48,)))
+    try:
+        got = _product(w, b)(x)
+    except Exception:  # the ops are missing here, or refuse this dtype
+        return False
+    return torch.allclose(got.float(), torch.nn.functional.linear(x, w, b).float(), rtol=1e-2, atol=1e-2)
+
+
+def _plain(module) -> bool:
+    """A plain `nn.Linear` that oneDNN's products can take over."""
+    return type(module) is torch.nn.Linear and _onednn(module.weight.dtype)
 
 
 def _available_memory() -> float:
@@ -136,14 +154,14 @@ def _linear(module):
     """A faster callable with `module`'s output: a plain `nn.Linear` as a oneDNN `_product`; a PEFT
     LoRA layer in its plain form (unmerged, adapters on, no variant such as DoRA) as the product of
     its base layer plus its own adapter modules, as PEFT computes it; anything else: the module."""
-    if type(module) is torch.nn.Linear and module.weight.dtype in (torch.float32, torch.bfloat16):
+    if _plain(module):
         return _product(module.weight, module.bias)
     try:
         from peft.tuners.lora import Linear as LoraLinear
     except ImportError:
         return module
     if type(module) is not LoraLinear or module.merged or module.disable_adapters or \
-            type(module.base_layer) is not torch.nn.Linear or module.lora_variant:
+            not _plain(module.base_layer) or module.lora_variant:
         return module
     base = _linear(module.base_layer)
     adapters = [(module.lora_A[a], module.lora_B[a], module.lora_dropout[a], module.scaling[a])
@@ -161,8 +179,7 @@ def _linear(module):
 def _fused(projections):
     """One `_product` for plain `nn.Linear` projections of the same input, returning their outputs
     split as a tuple; None unless every projection is one (a PEFT layer keeps its own path)."""
-    if any(type(p) is not torch.nn.Linear or p.weight.dtype not in (torch.float32, torch.bfloat16)
-           for p in projections):
+    if not all(map(_plain, projections)):
         return None
     weight = torch.cat([p.weight for p in projections])
     bias = None if all(p.bias is None for p in projections) else torch.cat(

@@ -94,6 +94,8 @@ def test_layers_the_fast_path_does_not_know_are_called_as_they_are(tok):
     with dora.disable_adapter():
         assert _linear(q) is q
     assert _linear(q.base_layer) is not q.base_layer
+    half = torch.nn.Linear(4, 4).half()  # a dtype the oneDNN products are not used for
+    assert _linear(half) is half
 
 
 def test_other_architectures_get_no_step(tok):
