@@ -1,22 +1,23 @@
-"""A one-token decode step for Llama-family models (Llama, Mistral, Qwen2), for `dostream.sampling`.
+"""The sampler's forward for Llama-family models (Llama, Mistral, Qwen2): prefill and decode steps.
 
 A decode step pushes one new token per row through the model. transformers' forward serves every
 model, shape and cache; for a small model decoding a batch on a CPU its generality costs as much as
 its matmuls: an attention mask built per step, cache bookkeeping, and an attention kernel blocked
 for long queries that runs a 1-token query at a fraction of the speed of two plain batched matmuls.
-`DecodeStep` replaces that glue; the model's own modules (embedding, norms, rotary embedding,
+`CachedForward` replaces that glue; the model's own modules (embedding, norms, rotary embedding,
 MLP activation) are called as the forward calls them. On a CPU with oneDNN, the linear layers run
 as oneDNN products on weights reordered once per call, q/k/v and gate/up each fused into one
 product: MKL, which backs `F.linear` in fp32, measured ~220 GFLOP/s on the AMD EPYC here against
 oneDNN's ~490, and bf16 skips oneDNN's per-call weight reorder. A PEFT LoRA layer in its plain form
 runs as its base product plus its own adapter modules, as PEFT computes it; any other layer (DoRA,
 quantised, a merged or disabled adapter) is called as it is, and so is everything off the CPU.
-Keys and values go into the sampler's reserved cache.
+Keys and values go into the cache's layers (`update`); the sampler prefills each bucket of prompts
+into a fresh cache and decodes in its reserved one.
 
-The step is the model's forward up to float rounding (attention sums in another order); tests
-compare both on the same cache, token by token, for Llama, Qwen2 (biased projections) and a PEFT
-LoRA model. Models of other architectures, or with sliding-window attention, get no step
-(`DecodeStep.build` returns None) and the sampler calls the model's forward.
+This is the model's forward up to float rounding (attention sums in another order); tests compare
+both on prefills and on the same cache token by token, for Llama, Qwen2 (biased projections) and a
+PEFT LoRA model. Models of other architectures, or with sliding-window attention, get none
+(`CachedForward.build` returns None) and the sampler calls the model's forward.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ import torch
 _FAMILIES = ("llama", "mistral", "qwen2")  # decoder layers: pre-norm attention + pre-norm gated MLP
 
 
-class DecodeStep:
-    """`step(ids, position, mask, cache)` -> next-token logits, one token per row.
+class CachedForward:
+    """`forward(ids, position, mask, cache)` -> logits of each row's last position.
 
-    ids: (B,) the last sampled token of each row; position: (B, 1) its position id; mask: (B, L)
-    1 for real tokens, 0 for left padding, the new token included; cache: the reserved cache
-    holding L - 1 positions, to which the step appends one.
+    ids, position: (B, T) the new tokens of each row (a left-padded prompt, or the last sampled
+    token) and their position ids; mask: (B, L) 1 for real tokens, 0 for left padding, over the
+    cache's L - T positions and the T new ones; cache: a transformers cache (or the sampler's
+    reserved one) to which the T new positions are appended. New tokens attend causally.
     """
 
     def __init__(self, model, *, fast_linear: bool = False):
@@ -43,7 +45,7 @@ class DecodeStep:
         self.lm_head = _linear(model.lm_head) if fast_linear else model.lm_head
 
     @classmethod
-    def build(cls, model) -> DecodeStep | None:
+    def build(cls, model) -> CachedForward | None:
         """The step for `model` (a PEFT wrapper too), or None where it does not apply.
 
         The oneDNN products (`_linear`, `_fused`) hold a reordered copy of the linear weights for
@@ -62,15 +64,29 @@ class DecodeStep:
 
     def __call__(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         inner = self.model.model
-        x = inner.embed_tokens(ids)  # (B, hidden)
-        cos, sin = inner.rotary_emb(x, position)  # (B, 1, head_dim): broadcast over heads
-        # Additive mask over the cached positions, shared by all heads; none when no row is padded.
-        bias = None if bool(mask.all()) else torch.zeros(mask.shape, dtype=torch.float32, device=x.device).masked_fill_(
-            mask == 0, float("-inf"))[:, None, None, :]
+        x = inner.embed_tokens(ids)  # (B, T, hidden)
+        cos, sin = (c[:, :, None] for c in inner.rotary_emb(x, position))  # (B, T, 1, head_dim): over heads
+        bias = _attention_bias(mask, ids.shape[1])
         for layer, cached in zip(self.layers, cache.layers):
             x = x + layer.attention(layer.norm1(x), cos, sin, bias, cached)
             x = x + layer.mlp(layer.norm2(x))
-        return self.lm_head(inner.norm(x))
+        return self.lm_head(inner.norm(x[:, -1]))
+
+
+def _attention_bias(mask: torch.Tensor, new: int) -> torch.Tensor | None:
+    """Additive (B, 1, 1, T, L) mask for T new tokens over L positions: left padding and, within the
+    new tokens, the future are out. None when nothing is (one token, no padding). The most negative
+    float rather than -inf: a padding query, which sees nothing, gets a finite uniform average
+    (ignored later) instead of NaN, which would spread through the masked cache."""
+    seen = mask.bool()[:, None, :]  # (B, 1, L)
+    if new > 1:
+        width = mask.shape[1]
+        past = torch.arange(width, device=mask.device)[None, :] <= torch.arange(width - new, width, device=mask.device)[:, None]
+        seen = seen & past[None]  # (B, T, L)
+    elif bool(seen.all()):
+        return None
+    bias = torch.zeros(seen.shape, dtype=torch.float32, device=mask.device)
+    return bias.masked_fill_(~seen, torch.finfo(torch.float32).min)[:, None, None]
 
 
 class _Layer:
@@ -92,20 +108,22 @@ class _Layer:
         self.down = fast(m.down_proj) if gated else None
 
     def attention(self, h, cos, sin, bias, cached) -> torch.Tensor:
-        a, rows, dim = self.attn, h.shape[0], self.attn.head_dim
+        a, (rows, new), dim = self.attn, h.shape[:2], self.attn.head_dim
         q, k, v = self.qkv(h) if self.qkv else (self.q(h), self.k(h), self.v(h))
-        q = _rotate(q.reshape(rows, -1, dim), cos, sin)  # (B, heads, head_dim)
-        k = _rotate(k.reshape(rows, -1, dim), cos, sin)  # (B, kv_heads, head_dim)
-        keys, values = cached.update(k[:, :, None], v.reshape(rows, -1, 1, dim))  # (B, kv_heads, L, head_dim)
-        # Grouped-query attention as two batched matmuls: the query heads of one key/value head
-        # are the rows of one small product. The cache is a strided view of its reserved storage;
-        # a contiguous copy is cheaper than the strided product (bf16 on CPU).
-        q = q.view(rows, keys.shape[1], -1, dim)  # (B, kv_heads, group, head_dim)
+        q = _rotate(q.view(rows, new, -1, dim), cos, sin).transpose(1, 2)  # (B, heads, T, head_dim)
+        k = _rotate(k.view(rows, new, -1, dim), cos, sin).transpose(1, 2)  # (B, kv_heads, T, head_dim)
+        keys, values = cached.update(k, v.view(rows, new, -1, dim).transpose(1, 2))  # (B, kv_heads, L, head_dim)
+        # Grouped-query attention as two batched matmuls: the query heads of one key/value head (and
+        # their T positions) are the rows of one product. The cache may be a strided view of its
+        # reserved storage; a contiguous copy is cheaper than the strided product (bf16 on CPU).
+        groups = keys.shape[1]
+        q = q.reshape(rows, groups, -1, dim)  # (B, kv_heads, group * T, head_dim)
         scores = torch.matmul(q, keys.contiguous().transpose(-1, -2)).float() * a.scaling
         if bias is not None:
-            scores = scores + bias
+            scores = (scores.view(rows, groups, -1, new, scores.shape[-1]) + bias).view(scores.shape)
         probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return self.o(torch.matmul(probs, values.contiguous()).reshape(rows, -1))
+        out = torch.matmul(probs, values.contiguous())  # (B, kv_heads, group * T, head_dim)
+        return self.o(out.view(rows, -1, new, dim).transpose(1, 2).reshape(rows, new, -1))
 
     def mlp(self, h) -> torch.Tensor:
         if self.down is None:  # not the gated MLP of this family: the module as it is

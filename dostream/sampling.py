@@ -16,9 +16,9 @@ The decode loop is our own: prompts sorted by length and prefilled in buckets of
 (little padding compute), identical prompts prefilled once, one left-padded batch with attention
 mask and position ids, a transformers `DynamicCache` whose layers write into storage reserved for
 the whole decode instead of concatenating, last-position logits only, finished rows dropped.
-Llama-family models (Llama, Mistral, Qwen2) decode with `fast_decode.DecodeStep` (for SmolLM2-135M
-at batch 32 on 2 CPU cores, ~29 ms per step in bf16 against ~42 ms through the model's forward);
-other models call their forward.
+Llama-family models (Llama, Mistral, Qwen2) prefill and decode with `fast_decode.CachedForward`
+(for SmolLM2-135M at batch 32 on 2 CPU cores, ~29 ms per decode step in bf16 against ~42 ms
+through the model's forward); other models call their forward.
 Nucleus sampling is exact but rarely sorts the vocabulary: the nucleus is looked for among the
 top 64 tokens, then 1024, and only rows whose nucleus is larger still are sorted in full.
 Randomness is per row: row `i` draws from its own generator seeded by `(seed, i)`, so a row's
@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from dostream.fast_decode import DecodeStep
+from dostream.fast_decode import CachedForward
 from dostream.render import decode
 from dostream.stream import Segment, Stream
 
@@ -59,7 +59,7 @@ class SamplingConfig:
     dtype: str = "auto"  # "auto" (the model's own dtype; bf16 on a CUDA GPU), "fp32", "bf16" (a cast copy)
     eos_token_ids: tuple[int, ...] | None = None  # ids that end a row; None: tokenizer's + generation_config's; (): none
     backend: str = "auto"  # "auto" (vLLM for a model on a CUDA GPU if vllm is installed, else torch), "torch", "vllm"
-    fast_step: bool = True  # Llama-family models decode with `fast_decode.DecodeStep` (False: the model's forward)
+    fast_step: bool = True  # Llama-family models run `fast_decode.CachedForward` (False: the model's forward)
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -130,7 +130,7 @@ def sample(model, tokenizer, prompts: list[list[int]], config: SamplingConfig | 
     run.eval()
     try:
         with torch.inference_mode():
-            step = DecodeStep.build(run) if config.fast_step else None  # (its fused weights: no autograd)
+            step = CachedForward.build(run) if config.fast_step else None  # (its weight copies: no autograd)
             for start in range(0, len(order), config.batch_size):
                 rows = order[start:start + config.batch_size]
                 ids = _decode_batch(run, [prompts[i] for i in rows], rows, config, eos, pad, tokenizer, step)
@@ -241,9 +241,10 @@ def _buckets(lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int):
-    """Run the prompts (sorted by length) through the model in buckets of similar length, so
-    padding costs little compute, and gather their caches, left padded, into one reserved cache.
+def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, step: CachedForward | None = None):
+    """Run the prompts (sorted by length) through the model (or `step`) in buckets of similar
+    length, so padding costs little compute, and gather their caches, left padded, into one
+    reserved cache.
     Returns (cache, last-position logits, attention mask, whether the cache is the reserved one)."""
     from transformers import DynamicCache
 
@@ -265,8 +266,11 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int):
         part_mask = mask[lo:hi, width - w:]
         position = (part_mask.cumsum(-1) - 1).masked_fill(part_mask == 0, 0)  # as transformers' generate
         part = DynamicCache(config=model.config)
-        logits.append(model(input_ids=ids.to(device), attention_mask=part_mask, position_ids=position,
-                            **{cache_kw: part}, use_cache=True, **extra).logits[:, -1])
+        if step is not None and cache is not None:
+            logits.append(step(ids.to(device), position, part_mask, part))
+        else:
+            logits.append(model(input_ids=ids.to(device), attention_mask=part_mask, position_ids=position,
+                                **{cache_kw: part}, use_cache=True, **extra).logits[:, -1])
         if cache is None:
             return part, logits[0], mask, False
         for layer, done in zip(cache.layers, part.layers):
@@ -280,7 +284,7 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer, step) -> li
     unique: dict[tuple[int, ...], int] = {}
     inverse = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
     room = min(config.max_new_tokens, _RESERVE_FIRST)  # longer rows grow the cache; most stop well before
-    cache, logits, mask, reserved = _prefill(model, list(unique), pad, max(map(len, unique)) + room)
+    cache, logits, mask, reserved = _prefill(model, list(unique), pad, max(map(len, unique)) + room, step)
     step = step if reserved else None  # the step writes into the reserved cache only
     position = torch.tensor([[len(p) - 1] for p in unique], device=device)
     if len(unique) < len(prompts):
@@ -321,7 +325,7 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer, step) -> li
         mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
         position = position + 1
         if step is not None:
-            logits = step(nxt, position, mask, cache)
+            logits = step(nxt[:, None], position, mask, cache)
         else:
             logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
                            **{cache_kw: cache}, use_cache=True).logits[:, -1]

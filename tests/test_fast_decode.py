@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dostream.fast_decode import DecodeStep
+from dostream.fast_decode import CachedForward
 from dostream.sampling import SamplingConfig, _prefill, cache_kwarg, sample
 
 PROMPTS = ["Question:\nWhat is 2+2?\n\nProposed solution:\n", "Hi", "The resistor carries 2 A at 4 ohm, so"]
@@ -43,7 +43,7 @@ def models(tok):
 def test_step_equals_the_models_forward(models, tok, which, fast_linear):
     model = models[which]
     base = model.get_base_model() if which == "lora" else model
-    step = DecodeStep(base, fast_linear=fast_linear)
+    step = CachedForward(base, fast_linear=fast_linear)
     if fast_linear and which == "lora":  # the adapted projections take the fast path too
         layer = base.model.layers[0]
         assert step.layers[0].q is not layer.self_attn.q_proj and step.layers[0].up is not layer.mlp.up_proj
@@ -57,7 +57,7 @@ def test_step_equals_the_models_forward(models, tok, which, fast_linear):
         for t in range(6):
             nxt = logits.argmax(-1)
             mask, position = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1), position + 1
-            got = step(nxt, position, mask, ours)
+            got = step(nxt[:, None], position, mask, ours)
             logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
                            **{cache_kwarg(model): theirs}, use_cache=True).logits[:, -1]
             torch.testing.assert_close(got, logits, atol=2e-5, rtol=1e-4)
@@ -69,6 +69,26 @@ def test_step_equals_the_models_forward(models, tok, which, fast_linear):
         with model.disable_adapter(), torch.inference_mode():
             plain = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position).logits[:, -1]
         assert not torch.allclose(plain, logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("which", ["llama", "lora", "qwen2"])
+def test_prefill_equals_the_models_forward(models, tok, which):
+    """The step also prefills: several new tokens per row, left padded, causal among themselves."""
+    model = models[which]
+    step = CachedForward.build(model)
+    prompts = [tuple(tok(p)["input_ids"]) for p in PROMPTS * 2]
+    prompts[-1] = prompts[-1][:-3]
+    prompts.sort(key=len)  # lengths 1, 1, 10, 13, 17, 17: the second bucket is left padded
+    width = max(map(len, prompts))
+    with torch.inference_mode():
+        ours, got, mask, _ = _prefill(model, prompts, tok.pad_token_id, width + 4, step)
+        theirs, want, _, _ = _prefill(model, prompts, tok.pad_token_id, width + 4)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    real = mask.bool()[:, None, :, None]  # keys and values of real tokens (padding holds anything finite)
+    for a, b in zip(ours.layers, theirs.layers):
+        assert torch.isfinite(a.keys).all() and torch.isfinite(a.values).all()
+        torch.testing.assert_close(a.keys * real, b.keys * real, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values * real, b.values * real, atol=2e-5, rtol=1e-4)
 
 
 def test_greedy_sampling_with_and_without_the_step_agree(models, tok):
@@ -102,6 +122,6 @@ def test_other_architectures_get_no_step(tok):
     from transformers import MistralConfig, MistralForCausalLM
 
     windowed = _seeded(lambda: MistralForCausalLM(_config(MistralConfig, tok, sliding_window=6)))
-    assert DecodeStep.build(windowed) is None
+    assert CachedForward.build(windowed) is None
     full = _seeded(lambda: MistralForCausalLM(_config(MistralConfig, tok, sliding_window=None)))
-    assert DecodeStep.build(full) is not None
+    assert CachedForward.build(full) is not None
