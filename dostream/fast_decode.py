@@ -46,10 +46,10 @@ class CachedForward:
 
     @classmethod
     def build(cls, model) -> CachedForward | None:
-        """The step for `model` (a PEFT wrapper too), or None where it does not apply.
+        """The forward for `model` (a PEFT wrapper too), or None where it does not apply.
 
         The oneDNN products (`_linear`, `_fused`) hold a reordered copy of the linear weights for
-        as long as the step lives (one `sample` call); they are skipped where that copy would take
+        as long as the forward lives (one `sample` call); they are skipped where that copy would take
         more than a quarter of the memory available.
         """
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -80,8 +80,8 @@ def _attention_bias(mask: torch.Tensor, new: int) -> torch.Tensor | None:
     (ignored later) instead of NaN, which would spread through the masked cache."""
     seen = mask.bool()[:, None, :]  # (B, 1, L)
     if new > 1:
-        width = mask.shape[1]
-        past = torch.arange(width, device=mask.device)[None, :] <= torch.arange(width - new, width, device=mask.device)[:, None]
+        width, device = mask.shape[1], mask.device
+        past = torch.arange(width, device=device)[None, :] <= torch.arange(width - new, width, device=device)[:, None]
         seen = seen & past[None]  # (B, T, L)
     elif bool(seen.all()):
         return None

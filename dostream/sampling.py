@@ -285,7 +285,7 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer, step) -> li
     inverse = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
     room = min(config.max_new_tokens, _RESERVE_FIRST)  # longer rows grow the cache; most stop well before
     cache, logits, mask, reserved = _prefill(model, list(unique), pad, max(map(len, unique)) + room, step)
-    step = step if reserved else None  # the step writes into the reserved cache only
+    step = step if reserved else None  # (no reserved cache: layers other than full attention)
     position = torch.tensor([[len(p) - 1] for p in unique], device=device)
     if len(unique) < len(prompts):
         expand = torch.tensor(inverse, device=device)
