@@ -65,7 +65,7 @@ class CachedForward:
     def __call__(self, ids: torch.Tensor, position: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         inner = self.model.model
         x = inner.embed_tokens(ids)  # (B, T, hidden)
-        cos, sin = (c[:, :, None] for c in inner.rotary_emb(x, position))  # (B, T, 1, head_dim): over heads
+        cos, sin = inner.rotary_emb(x, position)  # (B, T, head_dim)
         bias = _attention_bias(mask, ids.shape[1])
         for layer, cached in zip(self.layers, cache.layers):
             x = x + layer.attention(layer.norm1(x), cos, sin, bias, cached)
@@ -93,6 +93,9 @@ class _Layer:
     """One decoder layer's modules, its linear layers as `_linear` makes them where `fast_linear`."""
 
     def __init__(self, layer, fast_linear: bool):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # Mistral's, Qwen2's: the same
+
+        self.rotary = apply_rotary_pos_emb
         self.norm1, self.attn, self.norm2, self._mlp = (layer.input_layernorm, layer.self_attn,
                                                         layer.post_attention_layernorm, layer.mlp)
         a, m = self.attn, self._mlp
@@ -110,8 +113,8 @@ class _Layer:
     def attention(self, h, cos, sin, bias, cached) -> torch.Tensor:
         a, (rows, new), dim = self.attn, h.shape[:2], self.attn.head_dim
         q, k, v = self.qkv(h) if self.qkv else (self.q(h), self.k(h), self.v(h))
-        q = _rotate(q.view(rows, new, -1, dim), cos, sin).transpose(1, 2)  # (B, heads, T, head_dim)
-        k = _rotate(k.view(rows, new, -1, dim), cos, sin).transpose(1, 2)  # (B, kv_heads, T, head_dim)
+        q, k = self.rotary(q.view(rows, new, -1, dim), k.view(rows, new, -1, dim), cos, sin, unsqueeze_dim=2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, head_dim), (B, kv_heads, T, head_dim)
         keys, values = cached.update(k, v.view(rows, new, -1, dim).transpose(1, 2))  # (B, kv_heads, L, head_dim)
         # Grouped-query attention as two batched matmuls: the query heads of one key/value head (and
         # their T positions) are the rows of one product. The cache may be a strided view of its
@@ -204,9 +207,3 @@ def _fused(projections):
         [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias for p in projections])
     product, sizes = _product(weight, bias), [p.out_features for p in projections]
     return lambda h: product(h).split(sizes, dim=-1)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding (transformers' `apply_rotary_pos_emb`, rotate-half layout)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
