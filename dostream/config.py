@@ -90,12 +90,26 @@ def environment() -> dict[str, Any]:
         except md.PackageNotFoundError:
             pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"versions": versions, "python": sys.version.split()[0], "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "git_commit": commit, "argv": sys.argv}
+    return {
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": commit,
+        "argv": sys.argv,
+    }
 
 
 def write_run_record(out: str | os.PathLike, config: Any, extra: dict | None = None) -> None:

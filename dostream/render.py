@@ -24,8 +24,9 @@ the view; -100 elsewhere. Position 0 is never supervised (nothing precedes it to
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable
+from typing import Any
 
 from dostream.stream import Stream, view_authors
 
@@ -33,8 +34,15 @@ IGNORE = -100
 
 # Where a segment without an explicit role sits in a chat template.
 AUTHOR_ROLES: dict[str, str] = {
-    "context": "system", "agent": "assistant", "teacher": "assistant", "oracle": "assistant",
-    "tool": "tool", "user": "user", "verifier": "user", "environment": "user", "protocol": "user",
+    "context": "system",
+    "agent": "assistant",
+    "teacher": "assistant",
+    "oracle": "assistant",
+    "tool": "tool",
+    "user": "user",
+    "verifier": "user",
+    "environment": "user",
+    "protocol": "user",
 }
 
 
@@ -74,12 +82,16 @@ class Rendered:
     def to_json(self, view: str | Iterable[str]) -> dict[str, Any]:
         """The public `dostream render` record (DESIGN.md)."""
         return {
-            "id": self.id, "text": self.text, "input_ids": self.input_ids, "labels": self.labels(view),
+            "id": self.id,
+            "text": self.text,
+            "input_ids": self.input_ids,
+            "labels": self.labels(view),
             "offsets": [list(o) if o is not None else None for o in self.offsets],
-            "authors": self.authors, "segments": self.segments,
+            "authors": self.authors,
+            "segments": self.segments,
         }
 
-    def truncate(self, max_length: int, side: str = "left") -> "Rendered":
+    def truncate(self, max_length: int, side: str = "left") -> Rendered:
         """Keep `max_length` tokens: the most recent ones (`left`, the default: the newest evidence
         matters most in a stream) or the first ones (`right`). Text and offsets are cut to match."""
         if max_length <= 0:
@@ -95,11 +107,16 @@ class Rendered:
         hi = max(e for _, e in spans) if spans else 0
         segments = [
             {"author": s["author"], "start": max(s["start"], lo) - lo, "end": min(s["end"], hi) - lo}
-            for s in self.segments if s["end"] > lo and s["start"] < hi
+            for s in self.segments
+            if s["end"] > lo and s["start"] < hi
         ]
         return replace(
-            self, text=self.text[lo:hi], input_ids=self.input_ids[sl], authors=self.authors[sl],
-            offsets=[None if o is None else (o[0] - lo, o[1] - lo) for o in offsets], segments=segments,
+            self,
+            text=self.text[lo:hi],
+            input_ids=self.input_ids[sl],
+            authors=self.authors[sl],
+            offsets=[None if o is None else (o[0] - lo, o[1] - lo) for o in offsets],
+            segments=segments,
         )
 
 
@@ -165,7 +182,8 @@ class Renderer:
         sentinels = [f"\u2063DOSTREAM{i}\u2063" for i in range(len(messages))]
         templated = self.tok.apply_chat_template(
             [{"role": m["role"], "content": sentinels[k]} for k, m in enumerate(messages)],
-            tokenize=False, add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
         between = re.split("|".join(map(re.escape, sentinels)), templated)
         if len(between) != len(messages) + 1:
@@ -173,7 +191,8 @@ class Renderer:
         contents = ["".join(s.text for _, s in m["segments"]) for m in messages]
         expected = self.tok.apply_chat_template(
             [{"role": m["role"], "content": c} for m, c in zip(messages, contents)],
-            tokenize=False, add_generation_prompt=add_generation_prompt,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
         if expected != "".join(b + c for b, c in zip(between, contents + [""])):
             raise RenderError(
@@ -189,7 +208,7 @@ class Renderer:
             # marker itself already owns it in its token_ids, so the template's copy is dropped.
             marker = next((t for t in self._special if after.startswith(t)), None)
             if marker is not None:
-                after = after[len(marker):]
+                after = after[len(marker) :]
                 if not owner.text.endswith(marker):
                     pieces.append(_Piece(owner.author, marker, None, f"end of turn {k}"))
             pieces.append(_Piece("protocol", after, None, f"template after message {k}"))
@@ -238,7 +257,7 @@ class Renderer:
         offsets: list[tuple[int, int] | None] = []
         anchor_tok = anchor_char = 0
         for i in range(len(ids)):
-            piece = decode(self.tok, ids[anchor_tok:i + 1])
+            piece = decode(self.tok, ids[anchor_tok : i + 1])
             if not text.startswith(piece, anchor_char):
                 if piece.endswith("\ufffd"):
                     offsets.append(None)  # an incomplete UTF-8 sequence so far
@@ -255,7 +274,7 @@ class Renderer:
         offsets: list[tuple[int, int] | None] = []
         done = 0
         for i in range(len(ids)):
-            prefix = decode(self.tok, ids[:i + 1])
+            prefix = decode(self.tok, ids[: i + 1])
             end = len(prefix) if text.startswith(prefix) else done
             offsets.append((done, end) if end > done else None)
             done = max(done, end)

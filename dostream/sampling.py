@@ -16,7 +16,7 @@ The decode loop is our own: prompts sorted by length and prefilled in buckets of
 (little padding compute), identical prompts prefilled once, one left-padded batch with attention
 mask and position ids, a transformers `DynamicCache` whose layers write into storage reserved for
 the whole decode instead of concatenating, last-position logits only, finished rows dropped.
-Llama-family models (Llama, Mistral, Qwen2) prefill and decode with `fast_decode.CachedForward`
+Llama-family models (Llama, Mistral, Qwen2) prefill and decode with `cached_forward.CachedForward`
 (for SmolLM2-135M at batch 32 on 2 CPU cores, ~29 ms per decode step in bf16 against ~42 ms
 through the model's forward); other models call their forward.
 Nucleus sampling is exact but rarely sorts the vocabulary: the nucleus is looked for among the
@@ -35,7 +35,7 @@ from typing import Literal
 
 import torch
 
-from dostream.fast_decode import CachedForward
+from dostream.cached_forward import CachedForward
 from dostream.render import decode
 from dostream.stream import Segment, Stream
 
@@ -57,9 +57,11 @@ class SamplingConfig:
     greedy: bool = False  # argmax decoding; temperature, top_p and seed are ignored
     batch_size: int = 64  # rows decoded together (sorted by length first); 64 beat 32 by ~15% on 2 CPU cores
     dtype: str = "auto"  # "auto" (the model's own dtype; bf16 on a CUDA GPU), "fp32", "bf16" (a cast copy)
-    eos_token_ids: tuple[int, ...] | None = None  # ids that end a row; None: tokenizer's + generation_config's; (): none
+    eos_token_ids: tuple[int, ...] | None = (
+        None  # ids that end a row; None: tokenizer's + generation_config's; (): none
+    )
     backend: str = "auto"  # "auto" (vLLM for a model on a CUDA GPU if vllm is installed, else torch), "torch", "vllm"
-    fast_step: bool = True  # Llama-family models run `fast_decode.CachedForward` (False: the model's forward)
+    fast_step: bool = True  # Llama-family models run `cached_forward.CachedForward` (False: the model's forward)
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -69,7 +71,10 @@ class SamplingConfig:
             (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (all(self.stop), "stop strings must be non-empty"),
-            (self.dtype == "auto" or self.dtype in _DTYPES, f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}"),
+            (
+                self.dtype == "auto" or self.dtype in _DTYPES,
+                f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}",
+            ),
             (self.backend in ("auto", "torch", "vllm"), f"backend must be auto, torch or vllm, got {self.backend!r}"),
         ]:
             if not ok:
@@ -86,7 +91,9 @@ class Sample:
 
     token_ids: list[int]  # the sampled ids in order, EOS included if sampled
     text: str  # tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    finish_reason: FinishReason  # "eos": sampled an EOS id; "stop": completed a stop string; "length": hit max_new_tokens
+    finish_reason: (
+        FinishReason  # "eos": sampled an EOS id; "stop": completed a stop string; "length": hit max_new_tokens
+    )
     prompt_len: int  # number of prompt tokens the row was conditioned on
 
 
@@ -132,7 +139,7 @@ def sample(model, tokenizer, prompts: list[list[int]], config: SamplingConfig | 
         with torch.inference_mode():
             step = CachedForward.build(run) if config.fast_step else None  # (its weight copies: no autograd)
             for start in range(0, len(order), config.batch_size):
-                rows = order[start:start + config.batch_size]
+                rows = order[start : start + config.batch_size]
                 ids = _decode_batch(run, [prompts[i] for i in rows], rows, config, eos, pad, tokenizer, step)
                 for i, (toks, reason) in zip(rows, ids):
                     out[i] = Sample(toks, decode(tokenizer, toks), reason, len(prompts[i]))
@@ -203,9 +210,9 @@ def _reserved_cache(model_config, capacity: int):
                 self._k = keys.new_zeros(rows, keys.shape[1], capacity, keys.shape[3])
                 self._v = values.new_zeros(rows, values.shape[1], capacity, values.shape[3])
                 self._len = offset + keys.shape[2]
-            self._k[lo:hi, :, offset:self._len] = keys
-            self._v[lo:hi, :, offset:self._len] = values
-            self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+            self._k[lo:hi, :, offset : self._len] = keys
+            self._v[lo:hi, :, offset : self._len] = values
+            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
 
         def update(self, key_states, value_states, *args, **kwargs):
             n = key_states.shape[-2]
@@ -214,15 +221,15 @@ def _reserved_cache(model_config, capacity: int):
                 more = max(self._k.shape[2], n)
                 self._k = torch.cat([self._k, self._k.new_zeros(*self._k.shape[:2], more, self._k.shape[3])], dim=2)
                 self._v = torch.cat([self._v, self._v.new_zeros(*self._v.shape[:2], more, self._v.shape[3])], dim=2)
-            self._k[:, :, self._len:self._len + n] = key_states
-            self._v[:, :, self._len:self._len + n] = value_states
+            self._k[:, :, self._len : self._len + n] = key_states
+            self._v[:, :, self._len : self._len + n] = value_states
             self._len += n
-            self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[:, :, :self._len], self._v[:, :, :self._len]
+            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
 
     cache = DynamicCache(config=model_config)
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
@@ -252,7 +259,7 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, ste
     width = max(map(len, prompts))
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):  # left padding: every row's next token goes in the last column
-        mask[r, width - len(p):] = 1
+        mask[r, width - len(p) :] = 1
     mask = mask.to(device)
     cache = _reserved_cache(model.config, capacity)
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
@@ -262,15 +269,23 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, ste
         w = max(len(p) for p in prompts[lo:hi])
         ids = torch.full((hi - lo, w), pad, dtype=torch.long)
         for r, p in enumerate(prompts[lo:hi]):
-            ids[r, w - len(p):] = torch.tensor(p)
-        part_mask = mask[lo:hi, width - w:]
+            ids[r, w - len(p) :] = torch.tensor(p)
+        part_mask = mask[lo:hi, width - w :]
         position = (part_mask.cumsum(-1) - 1).masked_fill(part_mask == 0, 0)  # as transformers' generate
         part = DynamicCache(config=model.config)
         if step is not None and cache is not None:
             logits.append(step(ids.to(device), position, part_mask, part))
         else:
-            logits.append(model(input_ids=ids.to(device), attention_mask=part_mask, position_ids=position,
-                                **{cache_kw: part}, use_cache=True, **extra).logits[:, -1])
+            logits.append(
+                model(
+                    input_ids=ids.to(device),
+                    attention_mask=part_mask,
+                    position_ids=position,
+                    **{cache_kw: part},
+                    use_cache=True,
+                    **extra,
+                ).logits[:, -1]
+            )
         if cache is None:
             return part, logits[0], mask, False
         for layer, done in zip(cache.layers, part.layers):
@@ -293,8 +308,13 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer, step) -> li
         mask, position, logits = mask[expand], position[expand], logits[expand]
 
     steps = config.max_new_tokens
-    uniforms = None if config.is_greedy else torch.stack(
-        [torch.rand(steps, generator=_row_generator(config.seed, r), dtype=torch.float64) for r in rows]).to(device)
+    uniforms = (
+        None
+        if config.is_greedy
+        else torch.stack(
+            [torch.rand(steps, generator=_row_generator(config.seed, r), dtype=torch.float64) for r in rows]
+        ).to(device)
+    )
     generated: list[list[int]] = [[] for _ in prompts]
     finish: list[FinishReason | None] = [None] * len(prompts)
     active = list(range(len(prompts)))  # batch position -> row in `prompts`
@@ -327,13 +347,15 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer, step) -> li
         if step is not None:
             logits = step(nxt[:, None], position, mask, cache)
         else:
-            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
-                           **{cache_kw: cache}, use_cache=True).logits[:, -1]
+            logits = model(
+                input_ids=nxt[:, None], attention_mask=mask, position_ids=position, **{cache_kw: cache}, use_cache=True
+            ).logits[:, -1]
     return [(g, f) for g, f in zip(generated, finish)]  # type: ignore[misc]
 
 
-def _pick(logits: torch.Tensor, u: torch.Tensor | None, config: SamplingConfig,
-          scratch: torch.Tensor | None = None) -> torch.Tensor:
+def _pick(
+    logits: torch.Tensor, u: torch.Tensor | None, config: SamplingConfig, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row: argmax, or inverse-CDF sampling with the row's uniform `u` from the
     temperature-scaled distribution truncated to its nucleus (as transformers' TopPLogitsWarper:
     keep a token while the mass of the more likely ones is below top_p).
@@ -344,7 +366,7 @@ def _pick(logits: torch.Tensor, u: torch.Tensor | None, config: SamplingConfig,
     """
     if u is None:
         return logits.argmax(-1)
-    probs = scratch[:len(logits)] if scratch is not None else torch.empty(logits.shape, device=logits.device)
+    probs = scratch[: len(logits)] if scratch is not None else torch.empty(logits.shape, device=logits.device)
     probs.copy_(logits).div_(config.temperature)  # softmax, in place
     probs.sub_(probs.amax(-1, keepdim=True)).exp_()
     probs.div_(probs.sum(-1, keepdim=True))
@@ -410,12 +432,20 @@ def _sample_vllm(model, tokenizer, prompts: list[list[int]], config: SamplingCon
         export = export.merge_and_unload()
     eos = set(config.eos_token_ids) if config.eos_token_ids is not None else _default_eos(model, tokenizer)
     dtype = "bfloat16" if config.dtype in ("auto", "bf16") else {"fp32": "float32", "fp16": "float16"}[config.dtype]
-    params = [SamplingParams(
-        temperature=0.0 if config.is_greedy else config.temperature, top_p=config.top_p,
-        max_tokens=config.max_new_tokens, stop=list(config.stop), stop_token_ids=sorted(eos),
-        ignore_eos=config.eos_token_ids is not None,  # then stop_token_ids alone decide
-        include_stop_str_in_output=True, skip_special_tokens=False, seed=_row_seed(config.seed, i),
-    ) for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            temperature=0.0 if config.is_greedy else config.temperature,
+            top_p=config.top_p,
+            max_tokens=config.max_new_tokens,
+            stop=list(config.stop),
+            stop_token_ids=sorted(eos),
+            ignore_eos=config.eos_token_ids is not None,  # then stop_token_ids alone decide
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,
+            seed=_row_seed(config.seed, i),
+        )
+        for i in range(len(prompts))
+    ]
     with tempfile.TemporaryDirectory(prefix="dostream-vllm-") as tmp:
         export.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -432,7 +462,8 @@ def _sample_vllm(model, tokenizer, prompts: list[list[int]], config: SamplingCon
     for p, o in zip(prompts, outs):
         toks = list(o.outputs[0].token_ids)
         text = decode(tokenizer, toks)
-        reason: FinishReason = ("eos" if toks and toks[-1] in eos else
-                                "stop" if any(s in text for s in config.stop) else "length")
+        reason: FinishReason = (
+            "eos" if toks and toks[-1] in eos else "stop" if any(s in text for s in config.stop) else "length"
+        )
         samples.append(Sample(toks, text, reason, len(p)))
     return samples

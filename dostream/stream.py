@@ -24,19 +24,43 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 AUTHORS: tuple[str, ...] = (
-    "agent", "user", "teacher", "tool", "verifier", "oracle", "environment", "protocol", "context",
+    "agent",
+    "user",
+    "teacher",
+    "tool",
+    "verifier",
+    "oracle",
+    "environment",
+    "protocol",
+    "context",
 )
 
-# The two named loss views: the set of authors whose tokens are supervised.
-VIEWS: dict[str, frozenset[str]] = {
-    "interventional": frozenset(AUTHORS) - {"agent", "context"},
-    "observational": frozenset(AUTHORS) - {"context"},
-}
+_WORLD = frozenset(AUTHORS) - {"agent", "context"}
+
+# THE table of named loss views: name -> (the authors whose tokens are supervised, what it is for).
+# Every method, experiment and the agent names its view here; `--view NAME` accepts every name.
+_VIEW_TABLE: tuple[tuple[str, frozenset[str], str], ...] = (
+    ("interventional", _WORLD, "the rule: every world-written token; the agent's own and the given context masked"),
+    ("observational", _WORLD | {"agent"}, "standard SFT: every token but the given context, the agent's own included"),
+    ("teacher", frozenset({"teacher"}), "demonstrations only (STEM SFT-1: the oracle solution after the prompt)"),
+    ("stem-oracle", frozenset({"oracle"}), "the STEM stream's interventional arm and oracle SFT: the corrections only"),
+    (
+        "stem-observational",
+        frozenset({"agent", "oracle"}),
+        "the STEM stream's observational arm: attempts + corrections",
+    ),
+    ("stem-rest", frozenset({"agent", "teacher"}), "ReST: the verifier-passing samples and the replayed solutions"),
+    ("tutor-standard", frozenset({"protocol", "user", "agent"}), "the delusion experiment's standard SFT"),
+    ("tutor-interventional", frozenset({"protocol", "user"}), "the delusion experiment's interventional SFT"),
+)
+VIEWS: dict[str, frozenset[str]] = {name: authors for name, authors, _ in _VIEW_TABLE}
+VIEW_HELP: dict[str, str] = {name: help_ for name, _, help_ in _VIEW_TABLE}
 
 DEFAULT_ROLE_MAP: dict[str, str] = {
     "system": "context",
@@ -51,8 +75,8 @@ DEFAULT_ROLE_MAP: dict[str, str] = {
 def view_authors(view: str | Iterable[str]) -> frozenset[str]:
     """Resolve a loss view to its set of supervised authors.
 
-    `view` is a preset name (`interventional`, `observational`), a comma-separated author list
-    (`"oracle,protocol"`), or any iterable of authors.
+    `view` is a name from `VIEWS` (`interventional`, `observational`, `stem-oracle`, ...), a
+    comma-separated author list (`"oracle,protocol"`), or any iterable of authors.
 
     >>> sorted(view_authors("oracle,verifier"))
     ['oracle', 'verifier']
@@ -66,8 +90,7 @@ def view_authors(view: str | Iterable[str]) -> frozenset[str]:
     unknown = [n for n in names if n not in AUTHORS]
     if unknown or not names:
         raise ValueError(
-            f"unknown view {view!r}: use {' or '.join(VIEWS)} or a comma-separated subset of "
-            f"{', '.join(AUTHORS)}"
+            f"unknown view {view!r}: use one of {', '.join(VIEWS)} or a comma-separated subset of {', '.join(AUTHORS)}"
         )
     return frozenset(names)
 
@@ -164,7 +187,9 @@ def _segment_from_json(obj: Any, where: str, *, text_key: str, author: str | Non
     token_ids = _expect(obj, "token_ids", list, where, required=False)
     if token_ids is not None:
         if author != "agent":
-            raise _FieldError(f"{where}token_ids", f"token_ids on a {author!r} segment: only agent segments carry sampled ids")
+            raise _FieldError(
+                f"{where}token_ids", f"token_ids on a {author!r} segment: only agent segments carry sampled ids"
+            )
         for i, t in enumerate(token_ids):
             if not isinstance(t, int) or isinstance(t, bool) or t < 0:
                 raise _FieldError(f"{where}token_ids[{i}]", f"expected a non-negative integer, got {t!r}")
@@ -195,14 +220,18 @@ def stream_from_json(obj: Any, role_map: dict[str, str] | None = None) -> Stream
             author = _expect(m, "author", str, where, required=False)
             if author is None:
                 if role not in role_map:
-                    raise _FieldError(f"{where}role", f"role {role!r} has no author in the role map and the message has no 'author'")
+                    raise _FieldError(
+                        f"{where}role", f"role {role!r} has no author in the role map and the message has no 'author'"
+                    )
                 author = role_map[role]
             seg = _segment_from_json(m, where, text_key="content", author=author)
             seg.role = role
             segments.append(seg)
     else:
-        segments = [_segment_from_json(s, f"segments[{i}].", text_key="text")
-                    for i, s in enumerate(_expect(obj, "segments", list, ""))]
+        segments = [
+            _segment_from_json(s, f"segments[{i}].", text_key="text")
+            for i, s in enumerate(_expect(obj, "segments", list, ""))
+        ]
     if not segments:
         raise _FieldError("segments" if "segments" in obj else "messages", "a stream needs at least one segment")
     return Stream(id=str(sid), segments=segments, meta=meta)

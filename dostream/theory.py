@@ -41,10 +41,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -180,7 +181,10 @@ class TheoryConfig:
         probs = (self.expert_accuracy, self.verifier_hit, self.verifier_miss)
         if not all(0 < x < 1 for x in probs):  # a zero likelihood would make the log posterior -inf
             raise ValueError(f"expert_accuracy, verifier_hit and verifier_miss must lie in (0, 1), got {probs}")
-        if min(self.seeds, self.hypotheses, self.lemma_values) < 2 or min(self.steps, self.lemma_models, self.samples) < 1:
+        if (
+            min(self.seeds, self.hypotheses, self.lemma_values) < 2
+            or min(self.steps, self.lemma_models, self.samples) < 1
+        ):
             raise ValueError("need seeds, hypotheses, lemma_values >= 2 and steps, lemma_models, samples >= 1")
 
 
@@ -346,9 +350,17 @@ def plot_delusion(results: dict[str, Any], path: Path) -> Path:
     for name in AGENTS:
         mean, se = np.asarray(d[name]["mean_by_step"]), np.asarray(d[name]["se_by_step"])
         steps, dashed = np.arange(len(mean)), name == "expert"
-        ax.plot(steps, mean, color=colors[name], ls="--" if dashed else "-", lw=1.2 if dashed else 1.8, label=labels[name])
-        ax.fill_between(steps, np.clip(mean - 1.96 * se, 0, 1), np.clip(mean + 1.96 * se, 0, 1),
-                        color=colors[name], alpha=0.18, lw=0)
+        ax.plot(
+            steps, mean, color=colors[name], ls="--" if dashed else "-", lw=1.2 if dashed else 1.8, label=labels[name]
+        )
+        ax.fill_between(
+            steps,
+            np.clip(mean - 1.96 * se, 0, 1),
+            np.clip(mean + 1.96 * se, 0, 1),
+            color=colors[name],
+            alpha=0.18,
+            lw=0,
+        )
     ax.axhline(1 / cfg["hypotheses"], color="0.6", lw=0.8, ls=":", label=f"prior, 1/{cfg['hypotheses']}")
     ax.set(xlabel="interaction step t", ylabel="P(true program | history)", ylim=(-0.02, 1.02), xlim=(0, cfg["steps"]))
     ax.set_title(f"Mean over {cfg['seeds']} seeds (band: 95% CI of the mean)", fontsize=10)
@@ -376,21 +388,33 @@ def summary(results: dict[str, Any]) -> str:
     for t, (c, i) in enumerate(zip(b["conditioning"], b["intervening"])):
         lines.append(f"   {t:<6}{', '.join(c):<30}{', '.join(i)}")
     lines.append(f"   before acting: P(o=1 | a=1) = {b['P(o=1|a=1)']}, P(o=1 | do(a=1)) = {b['P(o=1|do(a=1))']}")
-    lines.append(f"\n2. Self-delusion: {cfg['hypotheses']} programs, {cfg['seeds']} seeds x {cfg['steps']} steps; "
-                 f"P(true program | history) at the last step")
-    for name, what in (("observational", "conditions on own actions"), ("interventional", "do(own actions)"),
-                       ("expert", "conditions on an expert's")):
+    lines.append(
+        f"\n2. Self-delusion: {cfg['hypotheses']} programs, {cfg['seeds']} seeds x {cfg['steps']} steps; "
+        f"P(true program | history) at the last step"
+    )
+    for name, what in (
+        ("observational", "conditions on own actions"),
+        ("interventional", "do(own actions)"),
+        ("expert", "conditions on an expert's"),
+    ):
         r = d[name]
-        lines.append(f"   {name + ' (' + what + ')':<45} mean {r['final_mean']:.3f}, "
-                     f"below 0.01 in {r['final_below_0.01']}/{cfg['seeds']} seeds")
-    lines.append(f"\n3. Prediction lemma: {len(lemma)} random joint models over {' '.join(HISTORY)} "
-                 f"({cfg['lemma_values']} values each)")
+        lines.append(
+            f"   {name + ' (' + what + ')':<45} mean {r['final_mean']:.3f}, "
+            f"below 0.01 in {r['final_below_0.01']}/{cfg['seeds']} seeds"
+        )
+    lines.append(
+        f"\n3. Prediction lemma: {len(lemma)} random joint models over {' '.join(HISTORY)} "
+        f"({cfg['lemma_values']} values each)"
+    )
     lines.append("   E[(t4-m0)^2] = E[(t4-m1)^2] + E[(m1-m0)^2]   (m0 sees t1..t3; m1 also a1, a2, x3)")
     for i, r in enumerate(lemma):
-        lines.append(f"   model {i}: {r['mse_m0']:.4f} = {r['mse_m1']:.4f} + {r['gap']:.4f}   "
-                     f"residual {r['residual']:+.1e}")
+        lines.append(
+            f"   model {i}: {r['mse_m0']:.4f} = {r['mse_m1']:.4f} + {r['gap']:.4f}   residual {r['residual']:+.1e}"
+        )
     s = lemma[0]["sampled"]
-    lines.append(f"   model 0, {s['n']} sampled histories: squared error of m0 {s['mse_m0']:.4f}, of m1 {s['mse_m1']:.4f}")
+    lines.append(
+        f"   model 0, {s['n']} sampled histories: squared error of m0 {s['mse_m0']:.4f}, of m1 {s['mse_m1']:.4f}"
+    )
     return "\n".join(lines)
 
 
@@ -398,8 +422,12 @@ def cli_main(argv: list[str]) -> int:
     """`dostream theory [--seeds N] [--steps T] [--seed S] [--out DIR] [--json] ...`."""
     parser = argparse.ArgumentParser(prog="dostream theory", description=__doc__.split("\n")[0])
     for f in fields(TheoryConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"{f.metadata['help']} (default {f.default})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=f.default,
+            help=f"{f.metadata['help']} (default {f.default})",
+        )
     parser.add_argument("--out", type=Path, default=Path("runs/theory"), help="folder for theory.png and theory.json")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of text")
     args = parser.parse_args(argv)

@@ -30,9 +30,10 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,13 +50,18 @@ class TrainConfig:
     view: str = opt("interventional", "loss view: interventional, observational, or a comma-separated author set")
     chat_template: bool = opt(False, "render streams with the tokenizer's chat template instead of plain text")
     max_length: int = opt(1024, "truncate rows to this many tokens")
-    truncation_side: str = opt("left", "left keeps the most recent tokens, right the first ones", choices=("left", "right"))
+    truncation_side: str = opt(
+        "left", "left keeps the most recent tokens, right the first ones", choices=("left", "right")
+    )
     epochs: int = opt(1, "passes over the rows")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")
     batch_size: int = opt(8, "rows per micro-batch")
-    micro_batch_tokens: int = opt(-1, "run a micro-batch in pieces of at most this many padded tokens (same "
-                                  "gradient, less memory; -1: 1024 on a CPU, where small pieces run faster, "
-                                  "whole on a GPU; 0: whole)")
+    micro_batch_tokens: int = opt(
+        -1,
+        "run a micro-batch in pieces of at most this many padded tokens (same "
+        "gradient, less memory; -1: 1024 on a CPU, where small pieces run faster, "
+        "whole on a GPU; 0: whole)",
+    )
     grad_accum: int = opt(1, "micro-batches per optimizer step (per process)")
     lr: float = opt(2e-4, "peak learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
@@ -67,7 +73,11 @@ class TrainConfig:
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
     target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma-separated list of names")
     full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter")
-    bf16: str = opt("auto", "bf16 autocast: auto (on where bf16 measures faster than fp32 here), on, off", choices=("auto", "on", "off"))
+    bf16: str = opt(
+        "auto",
+        "bf16 autocast: auto (on where bf16 measures faster than fp32 here), on, off",
+        choices=("auto", "on", "off"),
+    )
     group_by_length: bool = opt(True, "batch rows of similar length together to waste little on padding")
     seed: int = opt(0, "seed for initialisation, batch order and dropout")
     save_every: int = opt(50, "checkpoint every N optimizer steps (the end is always saved)")
@@ -76,7 +86,7 @@ class TrainConfig:
     progress: bool = opt(True, "show a progress bar")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bf16_faster(device_type: str) -> bool:
     """Should `bf16="auto"` autocast to bf16 here? On CUDA: when the GPU supports it. On a CPU:
     when a bf16 matmul measures at least 1.2x faster than fp32 (about 0.1 s, once per process).
@@ -100,6 +110,7 @@ def bf16_faster(device_type: str) -> bool:
 
 # -- the model ------------------------------------------------------------------------------
 
+
 def prepare_model(cfg: TrainConfig, model: nn.Module | None = None) -> nn.Module:
     """Load `cfg.model` (unless given) and make it trainable: a fresh LoRA adapter, or every weight.
     A PEFT model passed in keeps its adapter and trains it further (load it with `is_trainable=True`)."""
@@ -117,8 +128,13 @@ def prepare_model(cfg: TrainConfig, model: nn.Module | None = None) -> nn.Module
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        )
         return get_peft_model(model, lora)
 
 
@@ -153,6 +169,7 @@ class SupervisedNLL(nn.Module):
 
 # -- batches --------------------------------------------------------------------------------
 
+
 def plan_steps(lengths: list[int], cfg: TrainConfig, epoch: int, world: int = 1) -> list[list[list[int]]]:
     """The epoch's optimizer steps, each a list of micro-batches of row indices.
 
@@ -166,13 +183,12 @@ def plan_steps(lengths: list[int], cfg: TrainConfig, epoch: int, world: int = 1)
     bs = cfg.batch_size
     if cfg.group_by_length:
         mega = bs * 16
-        order = [i for k in range(0, len(order), mega)
-                 for i in sorted(order[k:k + mega], key=lambda i: -lengths[i])]
-    micro = [order[k:k + bs] for k in range(0, len(order), bs)]
+        order = [i for k in range(0, len(order), mega) for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])]
+    micro = [order[k : k + bs] for k in range(0, len(order), bs)]
     if cfg.group_by_length:
         rng.shuffle(micro)
     per_step = cfg.grad_accum * world
-    return [micro[k:k + per_step] for k in range(0, len(micro), per_step)]
+    return [micro[k : k + per_step] for k in range(0, len(micro), per_step)]
 
 
 def collate(rows: list[dict], idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -218,8 +234,16 @@ def split_tokens(rows: list[dict], idx: list[int], budget: int) -> list[list[int
     return pieces
 
 
-def accumulate_step(acc, loss_module: nn.Module, rows: list[dict], micro: list[list[int]], pad_id: int,
-                    *, bf16: bool = False, budget: int = 0) -> tuple[float, int]:
+def accumulate_step(
+    acc,
+    loss_module: nn.Module,
+    rows: list[dict],
+    micro: list[list[int]],
+    pad_id: int,
+    *,
+    bf16: bool = False,
+    budget: int = 0,
+) -> tuple[float, int]:
     """Forward and backward one optimizer step's micro-batches (this process's share), each in
     pieces of at most `budget` padded tokens (`split_tokens`).
 
@@ -228,7 +252,7 @@ def accumulate_step(acc, loss_module: nn.Module, rows: list[dict], micro: list[l
     (invariant 5). DDP averages gradients over processes; scaling by the world size undoes that.
     Returns this process's NLL sum and its non-pad token count."""
     n_sup = supervised_count(rows, [i for mb in micro for i in mb])
-    mine = [piece for mb in micro[acc.process_index::acc.num_processes] for piece in split_tokens(rows, mb, budget)]
+    mine = [piece for mb in micro[acc.process_index :: acc.num_processes] for piece in split_tokens(rows, mb, budget)]
     nll_total, n_tokens = 0.0, 0
     for j, idx in enumerate(mine):
         batch = {key: v.to(acc.device) for key, v in collate(rows, idx, pad_id).items()}
@@ -243,9 +267,14 @@ def accumulate_step(acc, loss_module: nn.Module, rows: list[dict], micro: list[l
 
 # -- checkpoints ----------------------------------------------------------------------------
 
+
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
@@ -270,15 +299,17 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: d
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-               tmp / "state.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        tmp / "state.pt",
+    )
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
     model.save_pretrained(tmp / "adapter")  # the PEFT adapter (or full model) for users
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     atomic_write_text(ckdir / "latest", final.name)
     older = sorted(p for p in ckdir.glob("step-*") if p.name != final.name)
-    for old in older[:max(0, len(older) - (keep - 1))]:
+    for old in older[: max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -307,6 +338,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 # -- the loop -------------------------------------------------------------------------------
 
+
 @dataclass
 class TrainResult:
     model: nn.Module
@@ -329,8 +361,16 @@ def _schedule(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
-def train(rows: list[dict], cfg: TrainConfig, out: str | os.PathLike, *, model: nn.Module | None = None,
-          pad_id: int | None = None, resume: bool = False, extra_record: dict | None = None) -> TrainResult:
+def train(
+    rows: list[dict],
+    cfg: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    model: nn.Module | None = None,
+    pad_id: int | None = None,
+    resume: bool = False,
+    extra_record: dict | None = None,
+) -> TrainResult:
     """Train on labelled rows; write checkpoints, metrics and the final adapter under `out`.
 
     `model` may be passed already loaded (the methods chain stages); otherwise `cfg.model` is
@@ -352,8 +392,17 @@ def train(rows: list[dict], cfg: TrainConfig, out: str | os.PathLike, *, model: 
     budget = cfg.micro_batch_tokens if cfg.micro_batch_tokens >= 0 else (0 if cuda else 1024)
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
-        write_run_record(out, cfg, {"bf16": use_bf16, "micro_batch_tokens": budget, "rows": len(rows), "world_size": acc.num_processes,
-                                    **(extra_record or {})})
+        write_run_record(
+            out,
+            cfg,
+            {
+                "bf16": use_bf16,
+                "micro_batch_tokens": budget,
+                "rows": len(rows),
+                "world_size": acc.num_processes,
+                **(extra_record or {}),
+            },
+        )
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -381,8 +430,14 @@ def train(rows: list[dict], cfg: TrainConfig, out: str | os.PathLike, *, model: 
     if acc.is_main_process:  # a killed run may have logged steps past its last checkpoint
         atomic_write_text(metrics_path, "".join(json.dumps(m) + "\n" for m in history))
 
-    bar = tqdm(total=total, initial=step, disable=not (cfg.progress and acc.is_main_process),
-               desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=step,
+        disable=not (cfg.progress and acc.is_main_process),
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+    )
     done = step >= total
     epoch = step // steps_per_epoch
     while not done:
@@ -400,11 +455,18 @@ def train(rows: list[dict], cfg: TrainConfig, out: str | os.PathLike, *, model: 
             dt = time.perf_counter() - t0
             loss = acc.reduce(torch.tensor(nll_total, device=acc.device), reduction="sum").item() / n_sup
             tokens = int(acc.reduce(torch.tensor(n_tokens, device=acc.device), reduction="sum").item())
-            m = {"step": step, "epoch": epoch, "train/loss": loss, "train/lr": scheduler.get_last_lr()[0],
-                 "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
-                 "train/tokens": tokens, "train/supervised_tokens": n_sup,
-                 "train/tokens_per_s": tokens / dt, "mask/supervised_frac": n_sup / max(tokens, 1),
-                 "time/step_s": dt}
+            m = {
+                "step": step,
+                "epoch": epoch,
+                "train/loss": loss,
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "train/tokens": tokens,
+                "train/supervised_tokens": n_sup,
+                "train/tokens_per_s": tokens / dt,
+                "mask/supervised_frac": n_sup / max(tokens, 1),
+                "time/step_s": dt,
+            }
             history.append(m)
             if acc.is_main_process:
                 with open(metrics_path, "a") as f:
@@ -414,8 +476,15 @@ def train(rows: list[dict], cfg: TrainConfig, out: str | os.PathLike, *, model: 
             if step >= total:
                 done = True
             if acc.is_main_process and (done or (cfg.save_every and step % cfg.save_every == 0)):
-                _save_checkpoint(out, step, acc.unwrap_model(loss_module).model, optimizer, scheduler,
-                                 {"epoch": epoch}, cfg.keep_checkpoints)
+                _save_checkpoint(
+                    out,
+                    step,
+                    acc.unwrap_model(loss_module).model,
+                    optimizer,
+                    scheduler,
+                    {"epoch": epoch},
+                    cfg.keep_checkpoints,
+                )
             if done:
                 break
         epoch += 1
@@ -457,4 +526,3 @@ def _replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
-

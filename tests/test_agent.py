@@ -11,21 +11,33 @@ import time
 
 import pytest
 import torch
-
 from conftest import run_cli
-from dostream.agent import Agent, AgentConfig, env_spec, run
-from dostream.envs.support import (GOALS, ITEMS, SERVICES, SupportEnv, SupportWorld, named_item, prompt_segments,
-                                   rule_probe)
+
+from dostream.agent.loop import Agent, AgentConfig, env_spec, run
+from dostream.agent.probe import rule_probe
+from dostream.agent.store import Store
+from dostream.envs.support import GOALS, ITEMS, SERVICES, SupportEnv, SupportWorld, named_item, prompt_segments
 from dostream.models import tiny_model
 from dostream.render import Renderer
-from dostream.store import Store
 from dostream.stream import Segment, Stream, view_authors
 
-TINY = dict(model="tiny", episodes=16, update_every=8, eval_every=8, eval_n=3, gate_control=3, gate_learned=2,
-            epochs=1, batch_size=4, max_new_tokens=8, progress=False)
+TINY = dict(
+    model="tiny",
+    episodes=16,
+    update_every=8,
+    eval_every=8,
+    eval_n=3,
+    gate_control=3,
+    gate_learned=2,
+    epochs=1,
+    batch_size=4,
+    max_new_tokens=8,
+    progress=False,
+)
 
 
 # -- store ----------------------------------------------------------------------------------
+
 
 def _ep(i, ok=False):
     return Stream(f"e{i}", [Segment("context", "Q "), Segment("agent", "A", token_ids=[32])], {"success": ok})
@@ -57,6 +69,7 @@ def test_store_names_the_adapter_in_force_with_the_update(tmp_path):
 
 # -- support environment --------------------------------------------------------------------
 
+
 def test_support_world_is_seeded_and_holds_out_one_goal_per_service():
     a, b, c = SupportWorld(0), SupportWorld(0), SupportWorld(1)
     assert a.requires == b.requires and a.requires != c.requires
@@ -72,8 +85,9 @@ def test_support_world_is_seeded_and_holds_out_one_goal_per_service():
 def test_support_episode_states_the_requirement_in_the_world_s_words(tok, reply):
     world = SupportWorld(0)
     task = world.tasks("train", 1, seed=0)[0]
-    need = ITEMS[task.required].name if reply == "refusal" else \
-        "have ready the user's " + ITEMS[task.required].words  # the agent's own frame
+    need = (
+        ITEMS[task.required].name if reply == "refusal" else "have ready the user's " + ITEMS[task.required].words
+    )  # the agent's own frame
     wrong = next(k for k in ITEMS if k != task.required)
     env = SupportEnv(world, reply)
     env.reset(task)
@@ -94,7 +108,10 @@ def test_support_episode_states_the_requirement_in_the_world_s_words(tok, reply)
 def test_support_framed_is_the_same_world_with_framed_replies():
     plain, framed = env_spec("support", 0), env_spec("support-framed", 0)
     assert (plain.describe["reply"], framed.describe["reply"]) == ("refusal", "framed")
-    assert plain.items("train", 8, 0) == framed.items("train", 8, 0) and plain.describe["rules"] == framed.describe["rules"]
+    assert (
+        plain.items("train", 8, 0) == framed.items("train", 8, 0)
+        and plain.describe["rules"] == framed.describe["rules"]
+    )
 
 
 @pytest.mark.parametrize("reply", ["refusal", "framed"])
@@ -108,10 +125,17 @@ def test_rule_probe_matches_scoring_each_whole_sequence(tok, reply):
     for task in tasks:
         ctx = "".join(s.text for s in prompt_segments(task))
         frames = {"act": (ctx, {k: " " + it.words for k, it in ITEMS.items()})}
-        frames["reply"] = ((f"{ctx} call details.\n{task.service}: I can't help with that. Next time, have ready the "
-                            "user's", frames["act"][1]) if reply == "framed" else
-                           (f"{ctx} call details.\n{task.service}: I can't help without",
-                            {k: " " + it.name for k, it in ITEMS.items()}))
+        frames["reply"] = (
+            (
+                f"{ctx} call details.\n{task.service}: I can't help with that. Next time, have ready the user's",
+                frames["act"][1],
+            )
+            if reply == "framed"
+            else (
+                f"{ctx} call details.\n{task.service}: I can't help without",
+                {k: " " + it.name for k, it in ITEMS.items()},
+            )
+        )
         best = {}
         for frame, (prefix, conts) in frames.items():
             p = tok(prefix, add_special_tokens=False)["input_ids"]
@@ -134,6 +158,7 @@ def test_named_item_takes_the_first_detail_named():
 
 
 # -- the loop -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("env", ["support", "tutor", "stem"])
 def test_smoke_every_environment(env, tmp_path):
@@ -175,10 +200,42 @@ def test_gate_restores_the_previous_adapter_on_a_regression(tmp_path, monkeypatc
 
 
 def _agent_cmd(out, *extra):
-    return [sys.executable, "-m", "dostream.cli", "agent", "run", "--env", "support", "--model", "tiny",
-            "--out", str(out), "--views", "interventional", "--episodes", "24", "--update-every", "8",
-            "--eval-every", "8", "--eval-n", "3", "--gate-control", "3", "--gate-learned", "2", "--epochs", "2",
-            "--batch-size", "2", "--max-new-tokens", "8", "--no-progress", "--no-report", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dostream.cli",
+        "agent",
+        "run",
+        "--env",
+        "support",
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--views",
+        "interventional",
+        "--episodes",
+        "24",
+        "--update-every",
+        "8",
+        "--eval-every",
+        "8",
+        "--eval-n",
+        "3",
+        "--gate-control",
+        "3",
+        "--gate-learned",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--no-progress",
+        "--no-report",
+        *extra,
+    ]
 
 
 def test_sigkill_mid_update_loses_and_repeats_no_episode(tmp_path):
@@ -209,9 +266,33 @@ def test_sigkill_mid_update_loses_and_repeats_no_episode(tmp_path):
 
 def test_cli_runs_three_loops_writes_a_report_and_exports_streams(tmp_path):
     out = tmp_path / "cmp"
-    run_cli("agent", "run", "--env", "support", "--model", "tiny", "--out", out, "--episodes", "16",
-            "--update-every", "8", "--eval-every", "8", "--eval-n", "2", "--gate-control", "2", "--gate-learned", "1",
-            "--epochs", "1", "--max-new-tokens", "6", "--no-progress")
+    run_cli(
+        "agent",
+        "run",
+        "--env",
+        "support",
+        "--model",
+        "tiny",
+        "--out",
+        out,
+        "--episodes",
+        "16",
+        "--update-every",
+        "8",
+        "--eval-every",
+        "8",
+        "--eval-n",
+        "2",
+        "--gate-control",
+        "2",
+        "--gate-learned",
+        "1",
+        "--epochs",
+        "1",
+        "--max-new-tokens",
+        "6",
+        "--no-progress",
+    )
     results = json.loads((out / "results.json").read_text())
     assert list(results["arms"]) == ["interventional", "observational", "none"]
     assert results["arms"]["none"]["updates"] == {"accepted": 0, "rejected": 0, "rejections": []}

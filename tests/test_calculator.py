@@ -8,59 +8,87 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dostream.envs.calculator import (
-    MAX_LENGTH, CalcError, calc_answer, calc_solution_segments, evaluate, trailing_call,
+    MAX_LENGTH,
+    CalcError,
+    calc_answer,
+    calc_solution_segments,
+    evaluate,
+    trailing_call,
 )
 from dostream.envs.stem import SKILLS, generate, verify
 
 
-@pytest.mark.parametrize("expr,value", [
-    ("12.5/98.0", 12.5 / 98.0), ("2^10", 1024.0), ("2**10", 1024.0), ("-log10(2.5e-04)", -math.log10(2.5e-4)),
-    ("0.5*1200*20.00^2", 240000.0), ("sqrt(16)", 4.0), ("ln(e)", 1.0), ("log(100, 10)", 2.0), ("log(e)", 1.0),
-    ("sin(30°)", 0.5), ("2*sin(30*deg)", 1.0), ("degrees(asin(0.5))", 30.0), ("pi*10.0^2/4", math.pi * 25),
-    ("1.2×10^-4", 1.2e-4), ("3 · 4", 12.0), ("8 ÷ 2", 4.0), ("−3 + 5", 2.0), ("abs(-2)", 2.0), ("(1+2)*(3+4)", 21.0),
-    ("1e299*10", 1e300), ("-(-(-1))", -1.0), ("tau/2", math.pi),
-])
+@pytest.mark.parametrize(
+    "expr,value",
+    [
+        ("12.5/98.0", 12.5 / 98.0),
+        ("2^10", 1024.0),
+        ("2**10", 1024.0),
+        ("-log10(2.5e-04)", -math.log10(2.5e-4)),
+        ("0.5*1200*20.00^2", 240000.0),
+        ("sqrt(16)", 4.0),
+        ("ln(e)", 1.0),
+        ("log(100, 10)", 2.0),
+        ("log(e)", 1.0),
+        ("sin(30°)", 0.5),
+        ("2*sin(30*deg)", 1.0),
+        ("degrees(asin(0.5))", 30.0),
+        ("pi*10.0^2/4", math.pi * 25),
+        ("1.2×10^-4", 1.2e-4),
+        ("3 · 4", 12.0),
+        ("8 ÷ 2", 4.0),
+        ("−3 + 5", 2.0),
+        ("abs(-2)", 2.0),
+        ("(1+2)*(3+4)", 21.0),
+        ("1e299*10", 1e300),
+        ("-(-(-1))", -1.0),
+        ("tau/2", math.pi),
+    ],
+)
 def test_values(expr, value):
     assert evaluate(expr) == pytest.approx(value, rel=1e-12)
 
 
-@pytest.mark.parametrize("expr,message", [
-    ("__import__('os').system('ls')", "attribute access"),
-    ("__import__('os')", "unknown function '__import__'"),
-    ("open('/etc/passwd')", "unknown function 'open'"),
-    ("eval('1+1')", "unknown function 'eval'"),
-    ("().__class__", "attribute access"),
-    ("(1).real", "attribute access"),
-    ("x + 1", "unknown name 'x'"),
-    ("__builtins__", "unknown name"),
-    ("'a' * 10", "only numbers"),
-    ("[1, 2]", "List is not allowed"),
-    ("lambda: 1", "Lambda is not allowed"),
-    ("1 if 1 else 2", "IfExp is not allowed"),
-    ("1 < 2", "Compare is not allowed"),
-    ("2j", "only numbers"),
-    ("True + 1", "only numbers"),
-    ("9**9**9", "too large"),
-    ("10**10000", "exponent too large"),
-    ("2**-5000", "exponent too large"),
-    ("exp(1000)", "too large"),
-    ("1e308*10", "too large"),
-    ("(" * 300 + "1" + ")" * 300, "too long"),
-    ("-(" * 50 + "1" + ")" * 50, "too deeply nested"),
-    ("-" * 150 + "1", "too deeply nested"),
-    ("1" * (MAX_LENGTH + 1), "too long"),
-    ("1/0", "division by zero"),
-    ("sqrt(-1)", "math error"),
-    ("log10(0)", "math error"),
-    ("(-8)**(1/3)", "math error"),
-    ("sqrt(1, 2)", "takes 1 argument"),
-    ("log(x=1)", "keyword"),
-    ("sqrt(*[4])", "starred"),
-    ("", "empty"),
-    ("1 +", "cannot parse"),
-    ("2,700", "Tuple is not allowed"),
-    ("a\x00b", "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "expr,message",
+    [
+        ("__import__('os').system('ls')", "attribute access"),
+        ("__import__('os')", "unknown function '__import__'"),
+        ("open('/etc/passwd')", "unknown function 'open'"),
+        ("eval('1+1')", "unknown function 'eval'"),
+        ("().__class__", "attribute access"),
+        ("(1).real", "attribute access"),
+        ("x + 1", "unknown name 'x'"),
+        ("__builtins__", "unknown name"),
+        ("'a' * 10", "only numbers"),
+        ("[1, 2]", "List is not allowed"),
+        ("lambda: 1", "Lambda is not allowed"),
+        ("1 if 1 else 2", "IfExp is not allowed"),
+        ("1 < 2", "Compare is not allowed"),
+        ("2j", "only numbers"),
+        ("True + 1", "only numbers"),
+        ("9**9**9", "too large"),
+        ("10**10000", "exponent too large"),
+        ("2**-5000", "exponent too large"),
+        ("exp(1000)", "too large"),
+        ("1e308*10", "too large"),
+        ("(" * 300 + "1" + ")" * 300, "too long"),
+        ("-(" * 50 + "1" + ")" * 50, "too deeply nested"),
+        ("-" * 150 + "1", "too deeply nested"),
+        ("1" * (MAX_LENGTH + 1), "too long"),
+        ("1/0", "division by zero"),
+        ("sqrt(-1)", "math error"),
+        ("log10(0)", "math error"),
+        ("(-8)**(1/3)", "math error"),
+        ("sqrt(1, 2)", "takes 1 argument"),
+        ("log(x=1)", "keyword"),
+        ("sqrt(*[4])", "starred"),
+        ("", "empty"),
+        ("1 +", "cannot parse"),
+        ("2,700", "Tuple is not allowed"),
+        ("a\x00b", "cannot parse"),
+    ],
+)
 def test_refusals_are_messages(expr, message):
     with pytest.raises(CalcError, match=message.replace("(", r"\(").replace("*", r"\*")):
         evaluate(expr)
@@ -69,8 +97,17 @@ def test_refusals_are_messages(expr, message):
 
 
 def test_no_input_hangs():
-    worst = ["9**9**9**9", "10**10**10", "(" * 100 + ")" * 100, "2**" * 60 + "2", "sqrt(" * 40 + "2" + ")" * 40,
-             "1+" * 99 + "1", "exp(exp(exp(exp(10))))", "9" * 199, "factorial(100000)"]
+    worst = [
+        "9**9**9**9",
+        "10**10**10",
+        "(" * 100 + ")" * 100,
+        "2**" * 60 + "2",
+        "sqrt(" * 40 + "2" + ")" * 40,
+        "1+" * 99 + "1",
+        "exp(exp(exp(exp(10))))",
+        "9" * 199,
+        "factorial(100000)",
+    ]
     for expr in worst:
         start = time.perf_counter()
         calc_answer(expr)
@@ -85,8 +122,11 @@ def test_calc_answer_never_raises(text):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.sampled_from(list("0123456789.+-*/^()e ") + ["**", "sqrt(", "log10(", "pi", "°", "sin("]),
-                max_size=60).map("".join))
+@given(
+    st.lists(
+        st.sampled_from(list("0123456789.+-*/^()e ") + ["**", "sqrt(", "log10(", "pi", "°", "sin("]), max_size=60
+    ).map("".join)
+)
 def test_calc_answer_never_raises_on_arithmetic_like_text(text):
     calc_answer(text)
 

@@ -24,7 +24,10 @@ def test_render_contract(tok):
         assert all(o is None or (0 <= o[0] < o[1] <= len(r["text"])) for o in r["offsets"])
         assert all(set(s) == {"author", "start", "end"} for s in r["segments"])
         assert tok.decode(r["input_ids"], skip_special_tokens=False) == r["text"]
-    inter = [json.loads(line) for line in run_cli("render", EXAMPLES / "stem_streams.jsonl", "--view", "interventional").stdout.splitlines()]
+    inter = [
+        json.loads(line)
+        for line in run_cli("render", EXAMPLES / "stem_streams.jsonl", "--view", "interventional").stdout.splitlines()
+    ]
     assert [r["input_ids"] for r in inter] == [r["input_ids"] for r in rows]
     assert sum(x != -100 for x in inter[0]["labels"]) < sum(x != -100 for x in rows[0]["labels"])
 
@@ -46,14 +49,18 @@ def test_render_chat_form_with_template():
 
 
 def test_render_reads_stdin_and_role_map():
-    line = json.dumps({"id": "c", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    line = json.dumps(
+        {"id": "c", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    )
     r = json.loads(run_cli("render", "-", "--role-map", "assistant=teacher", input=line + "\n").stdout)
     assert "teacher" in r["authors"]
 
 
 def test_bad_input_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"id": "a", "segments": [{"author": "user", "text": "ok"}]}\n{"id": "b", "segments": [{"author": "bot", "text": "x"}]}\n')
+    bad.write_text(
+        '{"id": "a", "segments": [{"author": "user", "text": "ok"}]}\n{"id": "b", "segments": [{"author": "bot", "text": "x"}]}\n'
+    )
     proc = run_cli("render", bad, check=False)
     assert proc.returncode != 0
     assert f"{bad}:2: field 'segments[0].author': unknown author 'bot'" in proc.stderr

@@ -2,15 +2,15 @@
 
 import json
 import math
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import run_cli
-from dostream.envs.tutor import FACTS, answer_stream
-from dostream.experiments.delusion import ARMS, PRESETS, _split, mean_logprobs, summarise
+
+from dostream.envs.tutor.env import FACTS, answer_stream
+from dostream.experiments.delusion.run import ARMS, PRESETS, _split, mean_logprobs, summarise
+from dostream.stream import VIEWS
 
 
 class Bigram(torch.nn.Module):
@@ -54,8 +54,12 @@ def test_fast_scoring_path_matches_full_logits(tok):
 
 def test_summarise_counts():
     rec = lambda s, d, t, l: {"set": s, "delta": d, "after_truth_class": t, "after_lie_class": l}
-    records = [rec("seen", 0.5, "truth", "lie"), rec("seen", -0.25, "truth", "truth"), rec("seen", -1.0, "neither", "lie"),
-               rec("held_out", 2.0, "lie", "neither")]
+    records = [
+        rec("seen", 0.5, "truth", "lie"),
+        rec("seen", -0.25, "truth", "truth"),
+        rec("seen", -1.0, "neither", "lie"),
+        rec("held_out", 2.0, "lie", "neither"),
+    ]
     s = summarise(records, "seen")
     assert s["n"] == 3 and s["prefers_lie"] == 2
     assert s["mean_delta"] == pytest.approx(-0.25)
@@ -64,8 +68,8 @@ def test_summarise_counts():
 
 
 def test_arms_and_presets():
-    assert ARMS["standard"] - ARMS["interventional"] == {"agent"}
-    assert "context" not in ARMS["standard"] | ARMS["interventional"]
+    assert VIEWS[ARMS["standard"]] - VIEWS[ARMS["interventional"]] == {"agent"}
+    assert "context" not in VIEWS[ARMS["standard"]] | VIEWS[ARMS["interventional"]]
     smoke, quick, paper = PRESETS["smoke"](), PRESETS["quick"](), PRESETS["paper"]()
     assert smoke.model == "tiny" and quick.model == "smollm2" and quick.seeds >= 3 and not quick.full_finetune
     assert (paper.n_dialogues, paper.epochs, paper.lr, paper.p_lie, paper.full_finetune) == (480, 4, 2e-5, 0.5, True)

@@ -9,13 +9,28 @@ import pytest
 from dostream.envs.base import Environment, Episode, StepResult, rollout
 from dostream.envs.calculator import TOOL_HINT, CalculatorStemEnv
 from dostream.envs.stem import (
-    QUESTION_HEADER, SOLUTION_HEADER, VERDICT_INCORRECT, Problem, StemEnv, generate, prompt, teacher_stream,
+    QUESTION_HEADER,
+    SOLUTION_HEADER,
+    VERDICT_INCORRECT,
+    Problem,
+    StemEnv,
+    generate,
+    prompt,
+    teacher_stream,
 )
 from dostream.stream import VIEWS, read_streams, write_streams
 
-P = Problem("p1", "chemistry", "molarity",
-            "10.0 g of solute (molar mass 40.0 g/mol) is dissolved to make 0.25 L of solution. What is the molarity?",
-            "n = m/M = 10.0/40.0 = 0.2500 mol; c = n/V = 0.2500/0.25 = 1.000 M. Final answer: 1.000 M.", 1.0, "M", 0.01, 0.0)
+P = Problem(
+    "p1",
+    "chemistry",
+    "molarity",
+    "10.0 g of solute (molar mass 40.0 g/mol) is dissolved to make 0.25 L of solution. What is the molarity?",
+    "n = m/M = 10.0/40.0 = 0.2500 mol; c = n/V = 0.2500/0.25 = 1.000 M. Final answer: 1.000 M.",
+    1.0,
+    "M",
+    0.01,
+    0.0,
+)
 WRONG = "n = 10.0/40.0 = 0.250 mol; M = n/V = 0.250 M. Final answer: 0.250 M."
 
 
@@ -30,7 +45,10 @@ def test_envs_satisfy_the_protocol():
 def test_reset_frames_the_question_like_the_paper():
     segments = StemEnv().reset(P)
     assert [(s.author, s.text) for s in segments] == [
-        ("protocol", "Question:\n"), ("context", P.question), ("protocol", "\n\nProposed solution:\n")]
+        ("protocol", "Question:\n"),
+        ("context", P.question),
+        ("protocol", "\n\nProposed solution:\n"),
+    ]
     assert "".join(s.text for s in segments) == prompt(P) == f"Question:\n{P.question}\n\nProposed solution:\n"
     assert StemEnv(question_author="user").reset(P)[1].author == "user"
     with pytest.raises(AssertionError, match="question_author"):
@@ -104,8 +122,17 @@ def test_an_environment_cannot_write_agent_segments():
 
 
 def test_calculator_episode_interleaves_tool_answers():
-    p = Problem("c1", "physics", "ohm_voltage", "A current of 2.50 A flows through a 4.00 Ω resistor. What is the voltage?",
-                "V = I*R = 2.50*4.00 = 10.00 V. Final answer: 10.00 V.", 10.0, "V", 0.01, 0.0)
+    p = Problem(
+        "c1",
+        "physics",
+        "ohm_voltage",
+        "A current of 2.50 A flows through a 4.00 Ω resistor. What is the voltage?",
+        "V = I*R = 2.50*4.00 = 10.00 V. Final answer: 10.00 V.",
+        10.0,
+        "V",
+        0.01,
+        0.0,
+    )
     ep = Episode(CalculatorStemEnv(), p)
     world = ep.reset()
     assert world[0].text == TOOL_HINT and world[0].author == "context"
@@ -115,8 +142,17 @@ def test_calculator_episode_interleaves_tool_answers():
     assert r2.segments[0].author == "tool" and r2.segments[0].text.startswith(" = error: unknown function")
     r3 = ep.step(". So: Final answer: 10 V.")
     assert r3.done and r3.reward == 1.0
-    assert authors(ep.to_stream()) == ["context", "protocol", "context", "protocol",
-                                       "agent", "tool", "agent", "tool", "agent"]
+    assert authors(ep.to_stream()) == [
+        "context",
+        "protocol",
+        "context",
+        "protocol",
+        "agent",
+        "tool",
+        "agent",
+        "tool",
+        "agent",
+    ]
 
 
 def test_calculator_correction_demonstrates_the_tool():
@@ -125,7 +161,7 @@ def test_calculator_correction_demonstrates_the_tool():
         ep = Episode(CalculatorStemEnv(calc_oracle=calc_oracle), p)
         ep.reset()
         ep.step("Final answer: -1")
-        tail = authors(ep.to_stream())[authors(ep.to_stream()).index("verifier"):]
+        tail = authors(ep.to_stream())[authors(ep.to_stream()).index("verifier") :]
         assert tail[:3] == ["verifier", "protocol", "oracle"] and ("tool" in tail) is expect_tool
 
 
@@ -163,9 +199,11 @@ def test_teacher_stream_is_an_sft_row():
 
 # ---------------------------------------------------------------- the CLI, as a subprocess
 
+
 def run_cli(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "dostream.cli", "stem", *args], input=stdin,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "dostream.cli", "stem", *args], input=stdin, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_generate_prints_problem_rows():
@@ -207,8 +245,14 @@ def test_cli_verify(tmp_path):
 def test_cli_verify_reports_bad_rows_and_goes_on(tmp_path):
     good = {"id": "ok", "problem": P.to_json(), "completion": P.solution}
     path = tmp_path / "rows.jsonl"
-    path.write_text("{not json\n" + json.dumps({"id": "x", "problem": {"answer": "one"}, "completion": "1"}) + "\n"
-                    + json.dumps(good) + "\n", encoding="utf-8")
+    path.write_text(
+        "{not json\n"
+        + json.dumps({"id": "x", "problem": {"answer": "one"}, "completion": "1"})
+        + "\n"
+        + json.dumps(good)
+        + "\n",
+        encoding="utf-8",
+    )
     out = run_cli("verify", "--input", str(path))
     assert out.returncode == 1
     assert f"{path}:1:" in out.stderr and f"{path}:2:" in out.stderr and "answer" in out.stderr

@@ -8,10 +8,10 @@ import torch
 
 from dostream.envs.base import Episode
 from dostream.envs.stem import generate
-from dostream.methods import grpo, rest, stream
+from dostream.methods import grpo, rest, stream_agents
 from dostream.methods.attempts import make_env
 from dostream.methods.oracle_sft import oracle_rows
-from dostream.methods.sft import sft1_rows
+from dostream.methods.sft1 import sft1_rows
 from dostream.render import IGNORE, Renderer
 
 
@@ -32,6 +32,7 @@ def episode(tok, problem, text, id="t"):
 
 # -- GRPO / DAPO ----------------------------------------------------------------------------
 
+
 def test_group_advantages_are_eq10():
     r = [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
     a = grpo.group_advantages(r)
@@ -50,13 +51,19 @@ def test_flat_group_has_zero_advantage(value):
 
 
 def _rollouts(rewards, group):
-    return [grpo.Rollout([1, 2, 3], [False, True, True], a, r, group)
-            for r, a in zip(rewards, grpo.group_advantages(rewards))]
+    return [
+        grpo.Rollout([1, 2, 3], [False, True, True], a, r, group)
+        for r, a in zip(rewards, grpo.group_advantages(rewards))
+    ]
 
 
 def test_dapo_dynamic_sampling_drops_flat_groups():
-    groups = [_rollouts([1, 1, 1, 1], 0), _rollouts([0, 1, 0, 0], 1), _rollouts([0, 0, 0, 0], 2),
-              _rollouts([1, 0, 1, 1], 3)]
+    groups = [
+        _rollouts([1, 1, 1, 1], 0),
+        _rollouts([0, 1, 0, 0], 1),
+        _rollouts([0, 0, 0, 0], 2),
+        _rollouts([1, 0, 1, 1], 3),
+    ]
     kept, dropped = grpo.dynamic_sampling_filter(groups)
     assert dropped == 2
     assert [g[0].group for g in kept] == [1, 3]
@@ -89,7 +96,9 @@ def test_policy_loss_clips_and_penalises_kl():
     assert stats["clip_frac"] == 0.5
     # clip-higher: with DAPO's ε_high = 0.28 the 1.05 and even a 1.25 ratio are not clipped
     logp2 = torch.log(torch.tensor([0.25, 0.21])).requires_grad_()
-    grpo.policy_loss(logp2, old, old, torch.tensor([1.0, 1.0]), [2], grpo.GRPOConfig(dapo=True, beta=0.0), 2.0)[0].backward()
+    grpo.policy_loss(logp2, old, old, torch.tensor([1.0, 1.0]), [2], grpo.GRPOConfig(dapo=True, beta=0.0), 2.0)[
+        0
+    ].backward()
     assert (logp2.grad < 0).all()
     kl_cfg = grpo.GRPOConfig(beta=1.0)
     x = torch.tensor([-1.0], requires_grad=True)
@@ -123,8 +132,15 @@ def test_grpo_update_moves_only_the_adapter_and_zero_signal_moves_nothing(tok):
     rs = batch([1.5, -0.5, -0.5, -0.5])
     grpo._reference_logps(model, rs, tok.pad_token_id, 3, bf16=False)
     assert all(torch.allclose(r.old_logp, r.ref_logp) for r in rs)  # a fresh adapter starts at SFT-1
-    stats = grpo._update(model, opt, [p for p in model.parameters() if p.requires_grad], rs, tok.pad_token_id,
-                         grpo.GRPOConfig(iterations=2, micro_batch=3), False)
+    stats = grpo._update(
+        model,
+        opt,
+        [p for p in model.parameters() if p.requires_grad],
+        rs,
+        tok.pad_token_id,
+        grpo.GRPOConfig(iterations=2, micro_batch=3),
+        False,
+    )
     assert math.isfinite(stats["train/loss"])
     assert any(not torch.equal(p, trainable[k]) for k, p in model.named_parameters() if p.requires_grad)
     assert all(torch.equal(p, frozen[k]) for k, p in model.named_parameters() if not p.requires_grad)
@@ -144,6 +160,7 @@ def test_token_logprobs_match_a_full_forward(tok):
 
 
 # -- ReST -----------------------------------------------------------------------------------
+
 
 def test_rest_keeps_at_most_one_passing_parseable_sample_per_group_deduped(tok, problems):
     p, q = problems[0], problems[1]
@@ -168,18 +185,21 @@ def test_rest_keeps_at_most_one_passing_parseable_sample_per_group_deduped(tok, 
 
 # -- the stream and its arms ------------------------------------------------------------------
 
+
 def test_stream_stops_at_the_nth_wrong_first_attempt(monkeypatch, tok, problems):
     pattern = iter([True, False, True, True, False, False, True, False, True] * 20)
 
     def fake_attempt(model, tok_, items, sampling, *, tools, ids, progress, **kw):
         return [episode(tok_, p, p.solution if next(pattern) else "no idea", i) for p, i in zip(items, ids)]
 
-    monkeypatch.setattr(stream, "attempt", fake_attempt)
-    turns = stream.build_stream(None, tok, problems, stream.StreamConfig(n_wrong=4, chunk=3, progress=False))
+    monkeypatch.setattr(stream_agents, "attempt", fake_attempt)
+    turns = stream_agents.build_stream(
+        None, tok, problems, stream_agents.StreamConfig(n_wrong=4, chunk=3, progress=False)
+    )
     assert [t.meta["first_correct"] for t in turns] == [True, False, True, True, False, False, True, False]
     assert not turns[-1].meta["first_correct"]  # cut at the 4th wrong one
     assert [t.meta["turn"] for t in turns] == list(range(8))
-    comp = stream.composition(turns)
+    comp = stream_agents.composition(turns)
     assert sum(c["wrong"] for c in comp.values()) == 4 and sum(c["correct"] for c in comp.values()) == 4
     by_id = {p.id: p for p in problems}
     rows, _ = oracle_rows(turns, by_id, tok)
@@ -187,11 +207,13 @@ def test_stream_stops_at_the_nth_wrong_first_attempt(monkeypatch, tok, problems)
 
 
 def test_the_two_arms_differ_only_in_labels(tok, problems):
-    turns = [episode(tok, problems[0], "V = 1 V. Final answer: 1 V.", "w"),
-             episode(tok, problems[1], problems[1].solution, "c")]
+    turns = [
+        episode(tok, problems[0], "V = 1 V. Final answer: 1 V.", "w"),
+        episode(tok, problems[1], problems[1].solution, "c"),
+    ]
     assert [t.meta["first_correct"] for t in turns] == [False, True]
-    obs, _ = stream.arm_rows(turns, tok, "observational")
-    itv, stats = stream.arm_rows(turns, tok, "interventional")
+    obs, _ = stream_agents.arm_rows(turns, tok, "observational")
+    itv, stats = stream_agents.arm_rows(turns, tok, "interventional")
     assert [r["id"] for r in obs] == ["w", "c"] and [r["id"] for r in itv] == ["w"]  # a correct turn: no gradient
     assert stats.dropped_no_supervised == 1
     assert itv[0]["input_ids"] == obs[0]["input_ids"]
@@ -210,6 +232,7 @@ def test_the_two_arms_differ_only_in_labels(tok, problems):
 
 # -- SFT-1 ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("tools", ["none", "calculator"])
 def test_sft1_supervises_only_the_solution(tok, problems, tools):
     rows, stats = sft1_rows(problems[:4], tok, tools)
@@ -227,6 +250,7 @@ def test_sft1_supervises_only_the_solution(tok, problems, tools):
 
 # -- attempts: the stop rule and the calculator -----------------------------------------------
 
+
 def test_attempt_pauses_for_the_tool_and_cuts_after_the_answer_line(monkeypatch, tok):
     """A scripted sampler: the agent calls the calculator, reads its answer, then writes its final
     line and keeps going; the attempt keeps the sampled ids up to that line's break, exactly."""
@@ -234,8 +258,17 @@ def test_attempt_pauses_for_the_tool_and_cuts_after_the_answer_line(monkeypatch,
     from dostream.methods import attempts
     from dostream.sampling import Sample
 
-    p = Problem("p", "physics", "ohm_voltage", "2.50 A through 4.00 ohm. Voltage?",
-                "V = I*R = 2.50*4.00 = 10.00 V. Final answer: 10.00 V.", 10.0, "V", 0.01, 0.0)
+    p = Problem(
+        "p",
+        "physics",
+        "ohm_voltage",
+        "2.50 A through 4.00 ohm. Voltage?",
+        "V = I*R = 2.50*4.00 = 10.00 V. Final answer: 10.00 V.",
+        10.0,
+        "V",
+        0.01,
+        0.0,
+    )
     script = iter(["V = I*R = calc(2.50*4.00)", " V. Final answer: 10.0 V.\nAnd more text"])
     prompts_seen = []
 
@@ -246,13 +279,17 @@ def test_attempt_pauses_for_the_tool_and_cuts_after_the_answer_line(monkeypatch,
         return [Sample(ids, tok_.decode(ids), "stop" if text.endswith(")") else "length", len(prompts[0]))]
 
     monkeypatch.setattr(attempts, "sample", fake_sample)
-    [s] = attempts.attempt(None, tok, [p], attempts.SamplingConfig(max_new_tokens=64), tools="calculator",
-                           progress=False)
+    [s] = attempts.attempt(
+        None, tok, [p], attempts.SamplingConfig(max_new_tokens=64), tools="calculator", progress=False
+    )
     authors = [seg.author for seg in s.segments]
     assert authors[-4:] == ["agent", "tool", "agent", "verifier"], authors
     last = s.segments[-2]
     assert last.text == " V. Final answer: 10.0 V.\n"
-    assert last.token_ids == tok(" V. Final answer: 10.0 V.\nAnd more text", add_special_tokens=False)["input_ids"][:len(last.token_ids)]
+    assert (
+        last.token_ids
+        == tok(" V. Final answer: 10.0 V.\nAnd more text", add_special_tokens=False)["input_ids"][: len(last.token_ids)]
+    )
     assert s.meta["first_correct"]
     # the second call was conditioned on everything so far, tool answer included
     assert tok.decode(prompts_seen[1]).endswith("calc(2.50*4.00) = 10")

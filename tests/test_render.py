@@ -1,18 +1,44 @@
 """Rendering invariants (DESIGN.md 1-4) as property tests over random streams, plus goldens."""
 
 import pytest
+from conftest import EXAMPLES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dostream.render import IGNORE, Renderer, encode_rows
 from dostream.stream import AUTHORS, Segment, Stream, read_streams, view_authors
 
-from conftest import EXAMPLES
-
 # Text that stresses tokenisation: word pieces, whitespace-only runs, CJK, emoji (incl. ZWJ
 # sequences and skin tones), combining marks, digits, punctuation, newlines.
-ATOMS = ["hel", "lo", " world", "ing", " ", "  ", "\n", "\n\n", "\t", "日本", "語", "🙂", "👩‍🔬", "👍🏽",
-         "e\u0301", "\u0301", "ñ", "Final answer:", " 0.250", " M.", "calc(", ")", "<", "|", "Ω", "²", "½"]
+ATOMS = [
+    "hel",
+    "lo",
+    " world",
+    "ing",
+    " ",
+    "  ",
+    "\n",
+    "\n\n",
+    "\t",
+    "日本",
+    "語",
+    "🙂",
+    "👩‍🔬",
+    "👍🏽",
+    "e\u0301",
+    "\u0301",
+    "ñ",
+    "Final answer:",
+    " 0.250",
+    " M.",
+    "calc(",
+    ")",
+    "<",
+    "|",
+    "Ω",
+    "²",
+    "½",
+]
 text_st = st.lists(st.sampled_from(ATOMS), min_size=0, max_size=6).map("".join)
 VIEWS = ["interventional", "observational", "oracle", "agent,oracle,user"]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -62,7 +88,7 @@ def test_plain_invariants(tok, data):
     stream = data.draw(streams(tok))
     r = Renderer(tok).render(stream)
     check_common(r, tok)
-    chars = char_authors(stream, r.text[len(stream.text):])
+    chars = char_authors(stream, r.text[len(stream.text) :])
     for view in VIEWS:
         keep = view_authors(view)
         for i, sup in enumerate(r.supervised(view)):
@@ -81,7 +107,7 @@ def test_plain_invariants(tok, data):
     for k, seg in enumerate(stream.segments):
         if seg.token_ids is not None:
             start = len(plain.render(Stream("p", stream.segments[:k])).input_ids) if k else 0
-            assert r.input_ids[start:start + len(seg.token_ids)] == seg.token_ids
+            assert r.input_ids[start : start + len(seg.token_ids)] == seg.token_ids
     # The stream ends with one EOS, owned by its last author.
     assert r.input_ids[-1] == tok.eos_token_id and r.authors[-1] == stream.segments[-1].author
 
@@ -94,16 +120,16 @@ def test_chat_template_invariants(tok, data):
     check_common(r, tok)
     seg_chars = ["?"] * len(r.text)
     for seg in r.segments:
-        seg_chars[seg["start"]:seg["end"]] = [seg["author"]] * (seg["end"] - seg["start"])
+        seg_chars[seg["start"] : seg["end"]] = [seg["author"]] * (seg["end"] - seg["start"])
     assert "?" not in seg_chars
     for i, (a, o) in enumerate(zip(r.authors, r.offsets)):
         if o is not None:
-            assert set(seg_chars[o[0]:o[1]]) == {a}
-    rendered = [(g["author"], r.text[g["start"]:g["end"]]) for g in r.segments]
+            assert set(seg_chars[o[0] : o[1]]) == {a}
+    rendered = [(g["author"], r.text[g["start"] : g["end"]]) for g in r.segments]
     for seg in stream.segments:
         assert not seg.text or (seg.author, seg.text) in rendered
         if seg.token_ids:
-            assert any(r.input_ids[i:i + len(seg.token_ids)] == seg.token_ids for i in range(len(r.input_ids)))
+            assert any(r.input_ids[i : i + len(seg.token_ids)] == seg.token_ids for i in range(len(r.input_ids)))
 
 
 @given(data=st.data(), max_length=st.integers(1, 24), side=st.sampled_from(["left", "right"]))
@@ -130,7 +156,7 @@ def test_truncation_cuts_text_and_offsets(tok):
     full = Renderer(tok).render(stream)
     r = full.truncate(20)
     assert r.input_ids == full.input_ids[-20:]
-    assert r.text == full.text[full.offsets[-20][0]:] if full.offsets[-20] else True
+    assert r.text == full.text[full.offsets[-20][0] :] if full.offsets[-20] else True
     assert tok.decode(r.input_ids, skip_special_tokens=False) == r.text
     with pytest.raises(ValueError):
         full.truncate(5, "middle")
@@ -147,8 +173,8 @@ def test_golden_seed_paper_wrong_attempt(tok):
 
     labels = r.labels({"oracle"})
     assert [t for t in labels if t != IGNORE] == oracle_ids
-    assert r.input_ids[-len(oracle_ids):] == oracle_ids
-    assert labels[-len(oracle_ids):] == oracle_ids
+    assert r.input_ids[-len(oracle_ids) :] == oracle_ids
+    assert labels[-len(oracle_ids) :] == oracle_ids
 
     obs = [t for t in r.labels({"agent", "oracle"}) if t != IGNORE]
     assert obs == attempt.token_ids + oracle_ids
@@ -183,8 +209,8 @@ def test_generation_prompt_is_a_prefix_of_the_answered_stream(tok):
         answer = tok("4", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         text = tok.decode(answer, skip_special_tokens=False)
         full = renderer.render(Stream("q", q.segments + [Segment("agent", text, token_ids=answer)]))
-        assert full.input_ids[:len(prompt)] == prompt
-        assert full.input_ids[len(prompt):len(prompt) + len(answer)] == answer
+        assert full.input_ids[: len(prompt)] == prompt
+        assert full.input_ids[len(prompt) : len(prompt) + len(answer)] == answer
 
 
 def test_mismatched_token_ids_are_an_error(tok):

@@ -5,7 +5,6 @@ import json
 import time
 
 import pytest
-
 from conftest import run_cli
 
 FIGURES = ("accuracy.png", "tokens.png", "stream_composition.png", "stream_matched.png", "skills.png")
@@ -26,8 +25,14 @@ def test_smoke_writes_a_complete_report(smoke):
     for fig in FIGURES:
         assert (out / "figures" / fig).stat().st_size > 1000, fig
         assert f"figures/{fig}" in report
-    for heading in ("Held-out solve accuracy", "Stream-matched", "Token accounting", "The stream",
-                    "Wall time per stage", "Configuration"):
+    for heading in (
+        "Held-out solve accuracy",
+        "Stream-matched",
+        "Token accounting",
+        "The stream",
+        "Wall time per stage",
+        "Configuration",
+    ):
         assert heading in report
     res = json.loads((out / "results.json").read_text())
     methods = {"base", "sft1", "rest", "grpo", "dapo", "oracle_sft", "observational", "interventional"}

@@ -11,10 +11,10 @@ import sys
 import pytest
 import torch
 
-from dostream.models import tiny_model
 from dostream import sampling
+from dostream.models import tiny_model
 from dostream.render import Renderer
-from dostream.sampling import Sample, SamplingConfig, _pick, agent_segment, decode, generate_for_streams, sample
+from dostream.sampling import SamplingConfig, _pick, agent_segment, decode, generate_for_streams, sample
 from dostream.stream import Segment, Stream
 
 PROMPTS = ["Question:\nWhat is 2+2?\n\nProposed solution:\n", "Hi", "The resistor carries 2 A at 4 ohm, so the voltage"]
@@ -31,10 +31,19 @@ def decisive(tok):
     model repeats one token under greedy decoding), so parity checks are not vacuous."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return LlamaForCausalLM(config).eval()
@@ -48,7 +57,9 @@ def prompts(tok):
 def test_sampled_ids_round_trip_through_renderer(model, tok):
     for chat in (False, True):
         renderer = Renderer(tok, chat_template=chat)
-        streams = [Stream(f"s{i}", [Segment("user", p), Segment("protocol", "Answer: ")]) for i, p in enumerate(PROMPTS)]
+        streams = [
+            Stream(f"s{i}", [Segment("user", p), Segment("protocol", "Answer: ")]) for i, p in enumerate(PROMPTS)
+        ]
         cfg = SamplingConfig(temperature=1.0, max_new_tokens=24, seed=3)
         samples = generate_for_streams(model, renderer, streams, cfg)
         for stream, s in zip(streams, samples):
@@ -61,8 +72,8 @@ def test_sampled_ids_round_trip_through_renderer(model, tok):
             # exactly the ids it sampled, owned by the agent.
             n = len(prompt) + len(s.token_ids)
             assert r.input_ids[:n] == prompt + s.token_ids
-            assert r.authors[len(prompt):n] == ["agent"] * len(s.token_ids)
-            assert all(not sup for sup in r.supervised("interventional")[len(prompt):n])
+            assert r.authors[len(prompt) : n] == ["agent"] * len(s.token_ids)
+            assert all(not sup for sup in r.supervised("interventional")[len(prompt) : n])
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +81,20 @@ def sliding(tok):
     """A model whose cache layers are sliding windows (Mistral): the sampler's stock-cache path."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=6, tie_word_embeddings=False,
-                           initializer_range=0.2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id)
+    config = MistralConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=6,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return MistralForCausalLM(config).eval()
@@ -84,12 +105,14 @@ def test_greedy_equals_generate_with_left_padding(which, request, tok, monkeypat
     model = request.getfixturevalue(which)
     monkeypatch.setattr(sampling, "_RESERVE_FIRST", 3)  # the reserved KV cache must grow, twice
     enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
-    ours = sample(model, tok, [tok(p)["input_ids"] for p in PROMPTS], SamplingConfig(greedy=True, max_new_tokens=20, dtype="fp32"))
+    ours = sample(
+        model, tok, [tok(p)["input_ids"] for p in PROMPTS], SamplingConfig(greedy=True, max_new_tokens=20, dtype="fp32")
+    )
     with torch.inference_mode():
         ref = model.generate(**enc, do_sample=False, max_new_tokens=20, pad_token_id=tok.pad_token_id)
-    for row, s in zip(ref[:, enc["input_ids"].shape[1]:].tolist(), ours):
+    for row, s in zip(ref[:, enc["input_ids"].shape[1] :].tolist(), ours):
         if tok.eos_token_id in row:  # generate pads after EOS; we stop
-            row = row[:row.index(tok.eos_token_id) + 1]
+            row = row[: row.index(tok.eos_token_id) + 1]
         assert s.token_ids == row
 
 
@@ -109,34 +132,46 @@ def test_stop_strings_and_eos_per_row(decisive, tok, prompts, greedy):
     free = sample(model, tok, prompts, cfg)
     # A stop string that row 0 completes at its 6th token (the token's own text, first seen there).
     target = free[0].token_ids
-    k = next(k for k in range(5, 16) if decode(tok, target[k:k + 1]).strip()
-             and decode(tok, target[k:k + 1]) not in decode(tok, target[:k]))
-    stop = decode(tok, target[k:k + 1])
+    k = next(
+        k
+        for k in range(5, 16)
+        if decode(tok, target[k : k + 1]).strip() and decode(tok, target[k : k + 1]) not in decode(tok, target[:k])
+    )
+    stop = decode(tok, target[k : k + 1])
     # An EOS id that row 1 samples at its 4th token (if it was not sampled earlier).
     eos_id = free[1].token_ids[3]
     first_eos = free[1].token_ids.index(eos_id)
-    out = sample(model, tok, prompts, SamplingConfig(greedy=greedy, temperature=0.7, max_new_tokens=16, seed=5,
-                                                     stop=(stop,), eos_token_ids=(eos_id,)))
-    assert out[0].finish_reason == "stop" and out[0].token_ids == target[:k + 1]
+    out = sample(
+        model,
+        tok,
+        prompts,
+        SamplingConfig(
+            greedy=greedy, temperature=0.7, max_new_tokens=16, seed=5, stop=(stop,), eos_token_ids=(eos_id,)
+        ),
+    )
+    assert out[0].finish_reason == "stop" and out[0].token_ids == target[: k + 1]
     assert out[0].text.endswith(stop)
-    assert out[1].finish_reason == "eos" and out[1].token_ids == free[1].token_ids[:first_eos + 1]
+    assert out[1].finish_reason == "eos" and out[1].token_ids == free[1].token_ids[: first_eos + 1]
     assert out[1].text == decode(tok, out[1].token_ids)  # the EOS token is kept and decoded
     for s, f in zip(out[2:], free[2:]):  # rows that never stop are untouched by the others stopping
-        cut = [j for j in range(16) if f.token_ids[j] == eos_id or stop in decode(tok, f.token_ids[:j + 1])]
-        assert s.token_ids == (f.token_ids[:cut[0] + 1] if cut else f.token_ids)
+        cut = [j for j in range(16) if f.token_ids[j] == eos_id or stop in decode(tok, f.token_ids[: j + 1])]
+        assert s.token_ids == (f.token_ids[: cut[0] + 1] if cut else f.token_ids)
 
 
 def test_stop_string_inside_a_token_keeps_the_whole_token(decisive, tok, prompts):
     model = decisive
     free = sample(model, tok, prompts[:1], SamplingConfig(greedy=True, max_new_tokens=16))[0]
     # A stop string made of the tail of one token and the head of the next.
-    k = next(k for k in range(2, 15) if len(decode(tok, free.token_ids[k:k + 1])) >= 2
-             and decode(tok, free.token_ids[:k]).strip())
-    text_k = decode(tok, free.token_ids[:k + 1])
-    stop = text_k[-len(decode(tok, free.token_ids[k:k + 1])) - 1:-1]  # ends inside token k
-    first = next(j for j in range(16) if stop in decode(tok, free.token_ids[:j + 1]))
+    k = next(
+        k
+        for k in range(2, 15)
+        if len(decode(tok, free.token_ids[k : k + 1])) >= 2 and decode(tok, free.token_ids[:k]).strip()
+    )
+    text_k = decode(tok, free.token_ids[: k + 1])
+    stop = text_k[-len(decode(tok, free.token_ids[k : k + 1])) - 1 : -1]  # ends inside token k
+    first = next(j for j in range(16) if stop in decode(tok, free.token_ids[: j + 1]))
     out = sample(model, tok, prompts[:1], SamplingConfig(greedy=True, max_new_tokens=16, stop=stop))[0]
-    assert out.token_ids == free.token_ids[:first + 1] and out.finish_reason == "stop"
+    assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
 
 
 class Scripted(torch.nn.Module):
@@ -169,8 +204,8 @@ def test_stop_strings_split_across_byte_tokens(model, tok):
     scripted = Scripted(model, [len(p) for p in prompts], script)
     out = sample(scripted, tok, prompts, SamplingConfig(greedy=True, max_new_tokens=40, stop=("🙂🙂", "日本")))
     for row, stop in ((0, "🙂🙂"), (1, "日本")):
-        first = next(j for j in range(len(script[row])) if stop in decode(tok, script[row][:j + 1]))
-        assert out[row].token_ids == script[row][:first + 1] and out[row].finish_reason == "stop"
+        first = next(j for j in range(len(script[row])) if stop in decode(tok, script[row][: j + 1]))
+        assert out[row].token_ids == script[row][: first + 1] and out[row].finish_reason == "stop"
         assert out[row].text.endswith(stop)
     assert out[2].token_ids == script[2] and out[2].finish_reason == "eos"  # EOS sampled, kept
 
@@ -183,7 +218,9 @@ def test_seeded_and_independent_of_batch_composition(model, tok, prompts):
     # Row i's randomness is its own: the same with other prompts around it, one row per batch,
     # or the prompt repeated (n samples of one prompt share one prefill, not one random stream).
     assert sample(model, tok, prompts[:1], cfg)[0] == a[0]
-    alone = sample(model, tok, prompts, SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=8, seed=7, batch_size=1))
+    alone = sample(
+        model, tok, prompts, SamplingConfig(temperature=0.9, top_p=0.95, max_new_tokens=8, seed=7, batch_size=1)
+    )
     # Row 2 is left padded in the batch (prefilled with the longer row 0): its logits differ from
     # its unpadded ones by float rounding (~1e-7), enough to flip a draw from this flat model.
     assert alone[:2] == a[:2]
@@ -213,7 +250,7 @@ def test_pick_samples_the_transformers_distribution(scale, top_p):
     for row in range(2):
         toks = _pick(logits[row].expand(n, -1), u, cfg)
         freq = torch.bincount(toks, minlength=1000).double() / n
-        assert (freq - _hf_probs(logits[row:row + 1], 0.7, top_p)[0].double()).abs().max() <= 1.5 / n
+        assert (freq - _hf_probs(logits[row : row + 1], 0.7, top_p)[0].double()).abs().max() <= 1.5 / n
 
 
 def test_peft_adapter_bf16_copy_and_modes_restored(tok, prompts):
@@ -253,11 +290,28 @@ def _check_cli_rows(stdout: str, tok, n: int) -> list[dict]:
 def test_cli_in_process_with_adapter(tmp_path, tok, capsys):
     from peft import LoraConfig, get_peft_model
 
-    from dostream.sample_cli import cli_main
+    from dostream.cli.sample import cli_main
 
     get_peft_model(tiny_model(0), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
-    args = ["--model", "tiny", "--prompt", "Question:\\n2+2?\\n\\nProposed solution:\\n", "--prompt", "Hi",
-            "--n", "2", "--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.95", "--stop", "\\n\\n", "--json"]
+    args = [
+        "--model",
+        "tiny",
+        "--prompt",
+        "Question:\\n2+2?\\n\\nProposed solution:\\n",
+        "--prompt",
+        "Hi",
+        "--n",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.95",
+        "--stop",
+        "\\n\\n",
+        "--json",
+    ]
     assert cli_main(args) == 0
     rows = _check_cli_rows(capsys.readouterr().out, tok, 4)
     assert [(r["prompt"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
@@ -269,12 +323,30 @@ def test_cli_in_process_with_adapter(tmp_path, tok, capsys):
 
 
 def test_cli_subprocess(tok):
-    from dostream.cli import COMMANDS
+    from dostream.cli.main import COMMANDS
 
     # `dostream sample` once the dispatcher lists it; the module itself until then.
-    entry = ["-m", "dostream.cli", "sample"] if "sample" in COMMANDS else ["-m", "dostream.sample_cli"]
-    proc = subprocess.run([sys.executable, *entry, "--model", "tiny", "--prompt", "Hello", "--n", "3",
-                           "--max-new-tokens", "5", "--seed", "1", "--json"], capture_output=True, text=True, timeout=120)
+    entry = ["-m", "dostream.cli", "sample"] if "sample" in COMMANDS else ["-m", "dostream.cli.sample"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            *entry,
+            "--model",
+            "tiny",
+            "--prompt",
+            "Hello",
+            "--n",
+            "3",
+            "--max-new-tokens",
+            "5",
+            "--seed",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     _check_cli_rows(proc.stdout, tok, 3)
     assert "tokens/s" in proc.stderr

@@ -7,15 +7,34 @@ import re
 import pytest
 
 from dostream.envs.stem import (
-    DOMAINS, SKILLS, SPLIT_SIZES, SPLITS, TOLERANCES, Problem, generate, make_problem, split_of, verify,
+    DOMAINS,
+    SKILLS,
+    SPLIT_SIZES,
+    SPLITS,
+    TOLERANCES,
+    Problem,
+    generate,
+    make_problem,
+    split_of,
+    verify,
 )
 
 FINAL = re.compile(r"Final answer: (-?[0-9][0-9.e+-]*)(?: (\S+))?\.$")
 
 
 def test_skills_and_domains_are_the_design_ones():
-    assert set(SKILLS) == {"ohm_voltage", "ohm_current", "electric_power", "density", "specific_heat", "molarity",
-                           "ph", "kinetic_energy", "engineering_stress", "bragg_diffraction"}
+    assert set(SKILLS) == {
+        "ohm_voltage",
+        "ohm_current",
+        "electric_power",
+        "density",
+        "specific_heat",
+        "molarity",
+        "ph",
+        "kinetic_energy",
+        "engineering_stress",
+        "bragg_diffraction",
+    }
     assert set(DOMAINS.values()) == {"physics", "chemistry", "materials"}
 
 

@@ -4,14 +4,25 @@ import json
 
 import pytest
 
-from dostream.stream import (AUTHORS, Segment, Stream, StreamError, read_streams, stream_from_json,
-                             view_authors, write_streams)
+from dostream.stream import (
+    AUTHORS,
+    Segment,
+    Stream,
+    StreamError,
+    read_streams,
+    stream_from_json,
+    view_authors,
+    write_streams,
+)
 
 
 def test_roundtrip(tmp_path):
     streams = [
-        Stream("a", [Segment("context", "Q: 1+1?\n"), Segment("agent", "3", token_ids=[33]), Segment("oracle", "2")],
-               meta={"skill": "add"}),
+        Stream(
+            "a",
+            [Segment("context", "Q: 1+1?\n"), Segment("agent", "3", token_ids=[33]), Segment("oracle", "2")],
+            meta={"skill": "add"},
+        ),
         Stream("b", [Segment("user", "日本語 🙂 e\u0301", role="user", meta={"k": 1})]),
     ]
     path = tmp_path / "s.jsonl"
@@ -20,19 +31,23 @@ def test_roundtrip(tmp_path):
 
 
 def test_chat_form_and_role_map():
-    obj = {"id": 7, "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "yo", "token_ids": [1, 2]},
-        {"role": "assistant", "content": "demo", "author": "teacher"},
-        {"role": "tool", "content": "42"},
-    ]}
+    obj = {
+        "id": 7,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo", "token_ids": [1, 2]},
+            {"role": "assistant", "content": "demo", "author": "teacher"},
+            {"role": "tool", "content": "42"},
+        ],
+    }
     s = stream_from_json(obj)
     assert s.id == "7"
     assert [g.author for g in s.segments] == ["context", "user", "agent", "teacher", "tool"]
     assert [g.role for g in s.segments] == ["system", "user", "assistant", "assistant", "tool"]
-    s2 = stream_from_json({"id": "x", "messages": [{"role": "assistant", "content": "demo"}]},
-                          role_map={"assistant": "teacher"})
+    s2 = stream_from_json(
+        {"id": "x", "messages": [{"role": "assistant", "content": "demo"}]}, role_map={"assistant": "teacher"}
+    )
     assert s2.segments[0].author == "teacher"
 
 
@@ -52,13 +67,23 @@ BAD_LINES = [
     ('{"id": "x", "segments": [{"author": "user", "text": 5}]}', "segments[0].text", "expected str, got int"),
     ('{"id": "x", "segments": "hello"}', "segments", "expected list, got str"),
     ('{"id": "x", "segments": [{"author": "user", "text": "hi"}', None, "not valid JSON"),
-    ('{"id": "x", "segments": [{"author": "oracle", "text": "hi", "token_ids": [1]}]}',
-     "segments[0].token_ids", "only agent segments carry sampled ids"),
-    ('{"id": "x", "segments": [{"author": "agent", "text": "hi", "token_ids": [1, "2"]}]}',
-     "segments[0].token_ids[1]", "non-negative integer"),
-    ('{"id": "x", "messages": [{"role": "narrator", "content": "hi"}]}', "messages[0].role", "no author in the role map"),
+    (
+        '{"id": "x", "segments": [{"author": "oracle", "text": "hi", "token_ids": [1]}]}',
+        "segments[0].token_ids",
+        "only agent segments carry sampled ids",
+    ),
+    (
+        '{"id": "x", "segments": [{"author": "agent", "text": "hi", "token_ids": [1, "2"]}]}',
+        "segments[0].token_ids[1]",
+        "non-negative integer",
+    ),
+    (
+        '{"id": "x", "messages": [{"role": "narrator", "content": "hi"}]}',
+        "messages[0].role",
+        "no author in the role map",
+    ),
     ('{"id": "x", "segments": []}', "segments", "at least one segment"),
-    ('[1, 2]', "<line>", "expected a JSON object"),
+    ("[1, 2]", "<line>", "expected a JSON object"),
 ]
 
 

@@ -79,7 +79,9 @@ def test_intervening_posterior_does_not_depend_on_the_policy():
 
 
 def test_floats_are_accepted_and_stay_floats():
-    h = HypothesisClass([0.5, 0.5], [[0.75, 0.25], [0.25, 0.75]], [[[0.5, 0.5], [2 / 3, 1 / 3]], [[0.5, 0.5], [1 / 3, 2 / 3]]])
+    h = HypothesisClass(
+        [0.5, 0.5], [[0.75, 0.25], [0.25, 0.75]], [[[0.5, 0.5], [2 / 3, 1 / 3]], [[0.5, 0.5], [1 / 3, 2 / 3]]]
+    )
     cond = posterior(h, HISTORY, intervene=False)
     assert all(isinstance(x, float) for x in cond)
     np.testing.assert_allclose(cond, [0.1, 0.9], rtol=1e-12)
@@ -207,8 +209,9 @@ def test_sampled_histories_agree_with_exact_errors():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dostream.cli", "theory", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dostream.cli", "theory", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_smoke_writes_figure_and_summary(tmp_path):

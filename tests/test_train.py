@@ -9,14 +9,13 @@ import time
 
 import pytest
 import torch
+from conftest import EXAMPLES
 from safetensors.torch import load_file
 
 from dostream.models import load_model
 from dostream.render import IGNORE, Renderer, encode_rows
 from dostream.stream import read_streams
 from dostream.train import SupervisedNLL, TrainConfig, accumulate_step, collate, prepare_model, train
-
-from conftest import EXAMPLES
 
 QUIET = dict(progress=False, bf16="off")
 
@@ -90,9 +89,15 @@ def test_parity_with_trl_sft_trainer(tok, rows, tmp_path):
 
     model = load_model("tiny:2")
     data = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[:4]])
-    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4,
-                     report_to=[], use_cpu=True, bf16=False, dataset_kwargs={"skip_prepare_dataset": True},
-                     remove_unused_columns=False)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
@@ -140,9 +145,33 @@ def test_merge_writes_full_model(rows, tmp_path):
 
 
 def _train_cmd(out, *extra):
-    return [sys.executable, "-m", "dostream.cli", "train", str(EXAMPLES / "stem_streams.jsonl"), "--model", "tiny:6",
-            "--out", str(out), "--view", "observational", "--batch-size", "1", "--epochs", "6", "--save-every", "1",
-            "--lr", "1e-2", "--lora-dropout", "0.1", "--no-progress", "--bf16", "off", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "dostream.cli",
+        "train",
+        str(EXAMPLES / "stem_streams.jsonl"),
+        "--model",
+        "tiny:6",
+        "--out",
+        str(out),
+        "--view",
+        "observational",
+        "--batch-size",
+        "1",
+        "--epochs",
+        "6",
+        "--save-every",
+        "1",
+        "--lr",
+        "1e-2",
+        "--lora-dropout",
+        "0.1",
+        "--no-progress",
+        "--bf16",
+        "off",
+        *extra,
+    ]
 
 
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
@@ -176,8 +205,9 @@ def test_precision_switches_between_runs_in_one_process(rows, tmp_path):
     """Methods chain several trainings in one process; each picks its own precision."""
     losses = {}
     for bf16 in ("on", "off"):
-        result = train(rows[:4], TrainConfig(model="tiny:7", max_steps=1, batch_size=4, bf16=bf16, progress=False),
-                       tmp_path / bf16)
+        result = train(
+            rows[:4], TrainConfig(model="tiny:7", max_steps=1, batch_size=4, bf16=bf16, progress=False), tmp_path / bf16
+        )
         losses[bf16] = result.metrics[0]["train/loss"]
         assert json.loads((tmp_path / bf16 / "config.json").read_text())["bf16"] is (bf16 == "on")
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-2) and losses["on"] != losses["off"]

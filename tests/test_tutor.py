@@ -4,8 +4,18 @@ import json
 import random
 from collections import Counter
 
-from dostream.envs.tutor import (CONTEXT, FACTS, HELD_OUT_FACTS, TRAIN_FACTS, answer_stream, classify_follow_up,
-                                 dialogue, fact_sets, generate_dialogues, prompt_stream)
+from dostream.envs.tutor.env import (
+    CONTEXT,
+    FACTS,
+    HELD_OUT_FACTS,
+    TRAIN_FACTS,
+    answer_stream,
+    classify_follow_up,
+    dialogue,
+    fact_sets,
+    generate_dialogues,
+    prompt_stream,
+)
 from dostream.render import Renderer, encode_rows
 
 
@@ -39,8 +49,10 @@ def test_held_out_split_is_disjoint_and_fixed():
 
 def test_generator_is_deterministic_and_balanced():
     sets = fact_sets(5, 2, 2)
-    make = lambda seed: [s.to_json() for s in generate_dialogues(sets["seen"], 23, seed, p_lie=0.5,
-                                                                  lie_only=sets["lie_only"], lie_only_per_fact=3)]
+    make = lambda seed: [
+        s.to_json()
+        for s in generate_dialogues(sets["seen"], 23, seed, p_lie=0.5, lie_only=sets["lie_only"], lie_only_per_fact=3)
+    ]
     assert json.dumps(make(0)) == json.dumps(make(0))
     assert json.dumps(make(0)) != json.dumps(make(1))
     ds = make(0)
@@ -75,7 +87,7 @@ def test_authorship_lies_and_corrections():
 
 
 def test_views_mask_the_agent_only_in_the_interventional_arm(tok):
-    from dostream.experiments.delusion import ARMS
+    from dostream.experiments.delusion.run import ARMS
 
     ds = generate_dialogues(FACTS[:3], 6, seed=0, p_lie=1.0)
     renderer = Renderer(tok)

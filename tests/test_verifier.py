@@ -34,8 +34,15 @@ CASES = [
     ("chain-after-marker", V10, "Final answer: V = I*R = 2.5*4 = 10 V.", True, 10.0, "V", "correct"),
     ("aside-after-answer", V10, "Final answer: 10 V (I = 2.5 A).", True, 10.0, "V", "correct"),
     ("abbreviation-before", V10, "Final answer: approx. 10 V", True, 10.0, "V", "correct"),
-    ("marker-without-number", V10, "The voltage is 10 V. Final answer: I don't know", False, None, None,
-     "no number after the last 'Final answer:'"),
+    (
+        "marker-without-number",
+        V10,
+        "The voltage is 10 V. Final answer: I don't know",
+        False,
+        None,
+        None,
+        "no number after the last 'Final answer:'",
+    ),
     # fallback without a marker
     ("fallback-last-number", V10, "I = 2.5 A and R = 4 ohm, so V = 10 V", True, 10.0, "V", "last number"),
     ("fallback-last-number-wrong", V10, "V = 10 V, or maybe 11 V", False, 11.0, "V", "incorrect"),
@@ -125,9 +132,22 @@ def test_problem_object_and_row_agree():
     assert verify(p, p.solution) == verify(p.to_json(), p.solution)
 
 
-ALPHABET = st.sampled_from(list("0123456789.,eE-+−×x*^·⁻⁴²³/()=≈: \n\tkgmMVWJÅ°%$\\{}_") + [
-    "Final answer:", "**Final answer:**", "10^", " mM", " kW", " J", "\\times", "1,000", "e-4", " pH", "calc(",
-])
+ALPHABET = st.sampled_from(
+    list("0123456789.,eE-+−×x*^·⁻⁴²³/()=≈: \n\tkgmMVWJÅ°%$\\{}_")
+    + [
+        "Final answer:",
+        "**Final answer:**",
+        "10^",
+        " mM",
+        " kW",
+        " J",
+        "\\times",
+        "1,000",
+        "e-4",
+        " pH",
+        "calc(",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -145,11 +165,25 @@ def test_never_raises_on_answer_like_text(text, problem):
     assert not v.correct or v.answer is not None
 
 
-@pytest.mark.parametrize("text", [
-    "1," * 50_000, "1" * 100_000, "Final answer:" * 10_000, "1e" * 50_000, "1 × " * 30_000, "(" * 50_000,
-    "1,1111" * 20_000, "Final answer: " + "a " * 50_000, "10" + " V" * 50_000, "x10^" * 30_000, "-" * 100_000 + "1",
-    "Final answer: (" + "a=" * 40_000 + ")", "\\text{" * 30_000, "Final answer: 10 " + "m" * 100_000,
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "1," * 50_000,
+        "1" * 100_000,
+        "Final answer:" * 10_000,
+        "1e" * 50_000,
+        "1 × " * 30_000,
+        "(" * 50_000,
+        "1,1111" * 20_000,
+        "Final answer: " + "a " * 50_000,
+        "10" + " V" * 50_000,
+        "x10^" * 30_000,
+        "-" * 100_000 + "1",
+        "Final answer: (" + "a=" * 40_000 + ")",
+        "\\text{" * 30_000,
+        "Final answer: 10 " + "m" * 100_000,
+    ],
+)
 def test_adversarial_input_is_fast(text):
     verify(V10, "warm up the unit registry: 1 V")
     start = time.perf_counter()

@@ -22,8 +22,9 @@ recorded by `Episode`, which is the one place an `agent` segment is born: with t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from dostream.stream import Segment, Stream
 

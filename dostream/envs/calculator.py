@@ -24,7 +24,7 @@ import math
 import re
 
 from dostream.envs.base import StepResult
-from dostream.envs.stem import Problem, StemEnv
+from dostream.envs.stem import StemEnv
 from dostream.stream import Segment
 
 MAX_LENGTH = 200  # characters in one expression
@@ -33,15 +33,32 @@ MAX_EXPONENT = 1000.0  # |b| in a**b
 MAX_MAGNITUDE = 1e300  # any intermediate value
 
 FUNCTIONS = {
-    "sqrt": math.sqrt, "log10": math.log10, "ln": math.log, "log": math.log, "log2": math.log2,
-    "exp": math.exp, "sin": math.sin, "cos": math.cos, "tan": math.tan, "asin": math.asin,
-    "acos": math.acos, "atan": math.atan, "sinh": math.sinh, "cosh": math.cosh, "tanh": math.tanh,
-    "abs": abs, "radians": math.radians, "degrees": math.degrees,
+    "sqrt": math.sqrt,
+    "log10": math.log10,
+    "ln": math.log,
+    "log": math.log,
+    "log2": math.log2,
+    "exp": math.exp,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tan": math.tan,
+    "asin": math.asin,
+    "acos": math.acos,
+    "atan": math.atan,
+    "sinh": math.sinh,
+    "cosh": math.cosh,
+    "tanh": math.tanh,
+    "abs": abs,
+    "radians": math.radians,
+    "degrees": math.degrees,
 }
 CONSTANTS = {"pi": math.pi, "e": math.e, "tau": math.tau, "deg": math.pi / 180}
 _BINOPS = {
-    ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-    ast.Div: lambda a, b: a / b, ast.Pow: None,  # checked separately: bounded exponent
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.Pow: None,  # checked separately: bounded exponent
 }
 # Written forms a model (or a person) uses for the same operators.
 _REWRITES = (("^", "**"), ("×", "*"), ("·", "*"), ("⋅", "*"), ("÷", "/"), ("−", "-"), ("°", "*deg"))
@@ -160,9 +177,9 @@ def trailing_call(text: str) -> str | None:
     for i in range(len(t) - 1, max(-1, len(t) - 4 * MAX_LENGTH - 1), -1):
         depth += {")": 1, "(": -1}.get(t[i], 0)
         if depth == 0:
-            head = t[max(0, i - 5):i]
+            head = t[max(0, i - 5) : i]
             if head.endswith("calc") and not (len(head) == 5 and (head[0].isalnum() or head[0] == "_")):
-                return t[i + 1:-1]
+                return t[i + 1 : -1]
             return None
     return None
 
@@ -190,9 +207,11 @@ def calc_solution_segments(solution: str, author: str = "oracle") -> list[Segmen
         if value is None:
             text += " = " + part
             continue
-        segments += [Segment(author, f"{text} = calc({part})"),
-                     Segment("tool", f" = {format_value(value)}", role="tool")]
-        parts[i + 1] = parts[i + 1][result.end():]
+        segments += [
+            Segment(author, f"{text} = calc({part})"),
+            Segment("tool", f" = {format_value(value)}", role="tool"),
+        ]
+        parts[i + 1] = parts[i + 1][result.end() :]
         text, result_taken = "", True
     return [s for s in segments + [Segment(author, text)] if s.text]
 
@@ -229,8 +248,7 @@ class CalculatorStemEnv(StemEnv):
     1.0
     """
 
-    def __init__(self, *, max_calls: int = 8, calc_oracle: bool = True, tool_hint: str | None = TOOL_HINT,
-                 **kwargs):
+    def __init__(self, *, max_calls: int = 8, calc_oracle: bool = True, tool_hint: str | None = TOOL_HINT, **kwargs):
         super().__init__(**kwargs)
         self.max_calls, self.calc_oracle, self.tool_hint = max_calls, calc_oracle, tool_hint
         self.calls = 0

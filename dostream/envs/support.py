@@ -64,10 +64,24 @@ ITEMS: dict[str, Item] = {
     "pin": Item("the security PIN", "security PIN {}", r"\bpin\b|security code"),
     "booking": Item("the booking reference", "booking reference {}", r"\bbooking\b|\breservation\b|\breference\b"),
 }
-SERVICES = ("Northwind Internet", "Bluebird Bank", "Skyway Airlines", "Evergreen Energy", "Atlas Mobile",
-            "Harbor Insurance", "Pinecrest Water", "Summit Health")
-GOALS = ("cancel the plan", "dispute a charge on the last bill", "update the mailing address",
-         "ask why the bill went up", "report a problem with the service", "change the payment date")
+SERVICES = (
+    "Northwind Internet",
+    "Bluebird Bank",
+    "Skyway Airlines",
+    "Evergreen Energy",
+    "Atlas Mobile",
+    "Harbor Insurance",
+    "Pinecrest Water",
+    "Summit Health",
+)
+GOALS = (
+    "cancel the plan",
+    "dispute a charge on the last bill",
+    "update the mailing address",
+    "ask why the bill went up",
+    "report a problem with the service",
+    "change the payment date",
+)
 SPLITS = ("train", "heldout")
 
 
@@ -94,8 +108,11 @@ def named_item(text: str) -> str | None:
     True
     """
     turn = text.split("\n", 1)[0]
-    hits = [(m.start(), kind) for kind, it in ITEMS.items()
-            if (m := re.search(it.pattern, turn, flags=re.IGNORECASE)) is not None]
+    hits = [
+        (m.start(), kind)
+        for kind, it in ITEMS.items()
+        if (m := re.search(it.pattern, turn, flags=re.IGNORECASE)) is not None
+    ]
     return min(hits)[1] if hits else None
 
 
@@ -110,8 +127,13 @@ class SupportTask:
     required: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "service": self.service, "goal": self.goal, "details": dict(self.details),
-                "required": self.required}
+        return {
+            "id": self.id,
+            "service": self.service,
+            "goal": self.goal,
+            "details": dict(self.details),
+            "required": self.required,
+        }
 
 
 class SupportWorld:
@@ -154,8 +176,10 @@ class SupportWorld:
 
 def prompt_segments(task: SupportTask) -> list[Segment]:
     details = "; ".join(ITEMS[k].phrase.format(v) for k, v in task.details.items())
-    return [Segment("context", f"{CONTEXT} User details: {details}.\nTask: {task.goal} with {task.service}.\n"),
-            Segment("protocol", f"Agent: Calling {task.service}. I have ready the user's")]
+    return [
+        Segment("context", f"{CONTEXT} User details: {details}.\nTask: {task.goal} with {task.service}.\n"),
+        Segment("protocol", f"Agent: Calling {task.service}. I have ready the user's"),
+    ]
 
 
 REPLIES = ("refusal", "framed")
@@ -196,43 +220,11 @@ class SupportEnv:
             reply = f"I can't help without {need}. Please have {need} ready when you call us."
         lead = "" if agent_text.endswith("\n") else "\n"
         segments = [Segment("protocol", f"{lead}{task.service}: "), Segment("environment", reply + "\n")]
-        info = {"success": success, "named": named, "required": task.required, "service": task.service,
-                "goal": task.goal}
+        info = {
+            "success": success,
+            "named": named,
+            "required": task.required,
+            "service": task.service,
+            "goal": task.goal,
+        }
         return StepResult(segments, reward=float(success), done=True, info=info)
-
-
-def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> dict[str, int]:
-    """Does the model know each service's rule, and where? For every task, the six kinds of
-    detail are scored by the mean log-prob of their words (a) where the agent acts, after "I have
-    ready the user's", and (b) where the service speaks, after the start of its reply in the
-    environment's style. Returns how many tasks rank the required kind first in each frame
-    (chance: one in six), and `n`."""
-    import torch
-
-    from dostream.sampling import cache_kwarg
-
-    device, cache_kw = next(model.parameters()).device, cache_kwarg(model)
-    kinds = list(ITEMS)
-    words = {"act": [" " + ITEMS[k].words for k in kinds],  # the agent's frame; `framed` replies use it too
-             "reply": [" " + (ITEMS[k].words if reply == "framed" else ITEMS[k].name) for k in kinds]}
-    # The six continuations of a frame are the same for every task, and so are their padded ids.
-    rows = {f: [tok(c, add_special_tokens=False)["input_ids"] for c in cs] for f, cs in words.items()}
-    width = {f: max(map(len, rs)) for f, rs in rows.items()}
-    ids = {f: torch.tensor([r + [0] * (width[f] - len(r)) for r in rs], device=device) for f, rs in rows.items()}
-    opener = FRAMED if reply == "framed" else "I can't help without"
-    hits = {"act": 0, "reply": 0, "n": len(tasks)}
-    for task in tasks:
-        ctx = "".join(s.text for s in prompt_segments(task))
-        for frame, prefix in (("act", ctx), ("reply", f"{ctx} call details.\n{task.service}: {opener}")):
-            # The prefix runs once; its cache is repeated for the six continuations.
-            p, rs = tok(prefix, add_special_tokens=False)["input_ids"], rows[frame]
-            mask = torch.tensor([[1] * (len(p) + len(r)) + [0] * (width[frame] - len(r)) for r in rs], device=device)
-            with torch.no_grad():
-                head = model(input_ids=torch.tensor([p], device=device), use_cache=True)
-                cache = head.cache if getattr(head, "cache", None) is not None else head.past_key_values
-                cache.batch_repeat_interleave(len(rs))
-                tail = model(input_ids=ids[frame], attention_mask=mask, **{cache_kw: cache}).logits
-            logp = torch.cat([head.logits[:, -1:].expand(len(rs), 1, -1), tail[:, :-1]], 1).float().log_softmax(-1)
-            scores = [logp[i, :len(r)].gather(-1, ids[frame][i, :len(r), None]).mean().item() for i, r in enumerate(rs)]
-            hits[frame] += kinds[max(range(len(scores)), key=scores.__getitem__)] == task.required
-    return hits

@@ -58,8 +58,11 @@ def solution_segments(problem: Problem, tools: str, author: str) -> list[Segment
 
 def solution_stream(problem: Problem, tools: str, author: str, id: str | None = None) -> Stream:
     """A direct row x -> y*: the prompt, then the solution written by `author` (teacher, oracle)."""
-    return Stream(id or problem.id, prompt_segments(problem, tools) + solution_segments(problem, tools, author),
-                  {"skill": problem.skill, "problem_id": problem.id})
+    return Stream(
+        id or problem.id,
+        prompt_segments(problem, tools) + solution_segments(problem, tools, author),
+        {"skill": problem.skill, "problem_id": problem.id},
+    )
 
 
 def until_verdict(stream: Stream) -> Stream:
@@ -68,9 +71,18 @@ def until_verdict(stream: Stream) -> Stream:
     return Stream(stream.id, stream.segments[:cut], dict(stream.meta))
 
 
-def attempt(model, tok, problems: list[Problem], sampling: SamplingConfig, *, tools: str = "none",
-            replay: list[Stream] | None = None, ids: list[str] | None = None, desc: str | None = None,
-            progress: bool = True) -> list[Stream]:
+def attempt(
+    model,
+    tok,
+    problems: list[Problem],
+    sampling: SamplingConfig,
+    *,
+    tools: str = "none",
+    replay: list[Stream] | None = None,
+    ids: list[str] | None = None,
+    desc: str | None = None,
+    progress: bool = True,
+) -> list[Stream]:
     """One attempt per problem (pass a problem k times for k samples). With `replay`, each episode
     first replays that stream's agent turns (exact ids; the environment answers them again) and
     the model makes a second attempt after the verdict: the stream-matched repair evaluation."""
@@ -78,11 +90,12 @@ def attempt(model, tok, problems: list[Problem], sampling: SamplingConfig, *, to
 
     renderer = Renderer(tok, add_eos=False)
     n_attempts = 2 if replay is not None else 1
-    eps = [Episode(make_env(tools, n_attempts), p, id=(ids[i] if ids else f"{p.id}#{i}"))
-           for i, p in enumerate(problems)]
+    eps = [
+        Episode(make_env(tools, n_attempts), p, id=(ids[i] if ids else f"{p.id}#{i}")) for i, p in enumerate(problems)
+    ]
     for k, ep in enumerate(eps):
         ep.reset()
-        for seg in (replay[k].segments if replay is not None else []):
+        for seg in replay[k].segments if replay is not None else []:
             if seg.author == "agent" and not ep.done:
                 ep.step(seg.text, seg.token_ids)
     pending: list[list[int]] = [[] for _ in eps]  # ids of the agent's unfinished turn
@@ -90,8 +103,9 @@ def attempt(model, tok, problems: list[Problem], sampling: SamplingConfig, *, to
     # A ")" may close a tool call: the sampler pauses there. The end of the answer line is found
     # after sampling (`_cut_after_answer`): a stop string cannot say "a line break after the marker".
     stops = (")",) if tools == "calculator" else ()
-    bar = tqdm(total=len(active), desc=desc or "attempts", unit="ep", disable=not progress, dynamic_ncols=True,
-               leave=False)
+    bar = tqdm(
+        total=len(active), desc=desc or "attempts", unit="ep", disable=not progress, dynamic_ncols=True, leave=False
+    )
     rnd = 0
     while active:
         # One call per round for every unfinished turn (its max_new_tokens is the largest budget left);
@@ -101,7 +115,7 @@ def attempt(model, tok, problems: list[Problem], sampling: SamplingConfig, *, to
         prompts = [renderer.prompt_ids(eps[k].to_stream()) + pending[k] for k in active]
         still = []
         for k, s in zip(active, sample(model, tok, prompts, cfg)):
-            new, finish = s.token_ids[:budget[k]], s.finish_reason
+            new, finish = s.token_ids[: budget[k]], s.finish_reason
             if len(new) < len(s.token_ids):
                 finish = "length"
             before = eps[k].env.attempt_text  # earlier pieces of this attempt (around tool calls)
@@ -134,7 +148,7 @@ def _cut_after_answer(tok, pending: list[int], new: list[int], before: str) -> t
     if marker is None:
         return turn, False
     full = before + text
-    start = len(full) - len(full[marker.end():].lstrip())  # the answer itself may start on the next line
+    start = len(full) - len(full[marker.end() :].lstrip())  # the answer itself may start on the next line
     newline = full.find("\n", start) - len(before) if start < len(full) else -1
     if newline < 0:
         return turn, False
@@ -152,4 +166,3 @@ def accuracy_by_skill(streams: list[Stream], key: str = "correct") -> dict[str, 
         c[0] += bool(s.meta[key])
         c[1] += 1
     return dict(sorted(out.items()))
-

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dostream.config import atomic_write_text, opt
 from dostream.envs.stem import Problem
@@ -72,6 +71,7 @@ class GRPOConfig:
 
 
 # -- the pieces -----------------------------------------------------------------------------
+
 
 def group_advantages(rewards: list[float], eps: float = 1e-6) -> list[float]:
     """Eq. 10: (r_k - mean) / sqrt(population variance + eps). A flat group gives zeros.
@@ -141,8 +141,15 @@ def token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(1, batch["input_ids"][:, 1:][target][:, None])[:, 0]
 
 
-def policy_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, adv: torch.Tensor, lengths: list[int],
-                cfg: GRPOConfig, norm: float) -> tuple[torch.Tensor, dict[str, float]]:
+def policy_loss(
+    logp: torch.Tensor,
+    old: torch.Tensor,
+    ref: torch.Tensor,
+    adv: torch.Tensor,
+    lengths: list[int],
+    cfg: GRPOConfig,
+    norm: float,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped surrogate + β·k3 over one micro-batch's action tokens (flattened, `lengths`
     tokens per attempt). `norm` is the step's attempt count (GRPO) or action-token count (DAPO),
     so micro-batches add up to the step's mean exactly."""
@@ -157,11 +164,15 @@ def policy_loss(logp: torch.Tensor, old: torch.Tensor, ref: torch.Tensor, adv: t
     else:
         loss = torch.stack([t.mean() for t in per_token.split(lengths)]).sum() / norm
     clipped = ((ratio < 1 - cfg.epsilon) & (adv < 0)) | ((ratio > 1 + high) & (adv > 0))
-    return loss, {"kl": float(k3.detach().mean()), "clip_frac": float(clipped.float().mean()),
-                  "ratio_max": float(ratio.detach().max())}
+    return loss, {
+        "kl": float(k3.detach().mean()),
+        "clip_frac": float(clipped.float().mean()),
+        "ratio_max": float(ratio.detach().max()),
+    }
 
 
 # -- the loop -------------------------------------------------------------------------------
+
 
 def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Path, out: str | Path):
     """Run GRPO (or DAPO) from the merged SFT-1 model; write OUT/adapter, OUT/metrics.jsonl and
@@ -180,23 +191,40 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
     renderer = Renderer(tok, add_eos=False)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     prompts = random.Random(f"grpo:{cfg.seed}").sample(problems, min(cfg.groups, len(problems)))
-    info = {"groups": 0, "flat_groups": 0, "flat_all_correct": 0, "flat_all_wrong": 0, "updates": 0,
-            "skipped_steps": 0, "dropped_groups": 0, "samples": 0, "mean_reward": 0.0,
-            "tokens": 0, "action_tokens": 0, "variant": "dapo" if cfg.dapo else "grpo"}
+    info = {
+        "groups": 0,
+        "flat_groups": 0,
+        "flat_all_correct": 0,
+        "flat_all_wrong": 0,
+        "updates": 0,
+        "skipped_steps": 0,
+        "dropped_groups": 0,
+        "samples": 0,
+        "mean_reward": 0.0,
+        "tokens": 0,
+        "action_tokens": 0,
+        "variant": "dapo" if cfg.dapo else "grpo",
+    }
     metrics, rollout_log, buffer = [], [], []
     rewards_seen: list[float] = []
-    bar = tqdm(total=len(prompts), desc="DAPO" if cfg.dapo else "GRPO", unit="group", disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(prompts),
+        desc="DAPO" if cfg.dapo else "GRPO",
+        unit="group",
+        disable=not cfg.progress,
+        dynamic_ncols=True,
+    )
     model.train()
     for start in range(0, len(prompts), cfg.groups_per_step):
-        chunk = prompts[start:start + cfg.groups_per_step]
-        sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                  seed=cfg.seed * 100_003 + start)
+        chunk = prompts[start : start + cfg.groups_per_step]
+        sampling = SamplingConfig(
+            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 100_003 + start
+        )
         flat_list = [p for p in chunk for _ in range(cfg.k)]
         ids = [f"{p.id}/g{start + g}/k{j}" for g, p in enumerate(chunk) for j in range(cfg.k)]
         streams = attempt(model, tok, flat_list, sampling, tools=cfg.tools, ids=ids, progress=False)
         model.train()
-        groups = [to_rollouts(streams[g * cfg.k:(g + 1) * cfg.k], renderer, start + g) for g in range(len(chunk))]
+        groups = [to_rollouts(streams[g * cfg.k : (g + 1) * cfg.k], renderer, start + g) for g in range(len(chunk))]
         for g, group in enumerate(groups):
             rewards = [r.reward for r in group]
             rewards_seen += rewards
@@ -204,11 +232,17 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
             if is_flat(rewards):
                 info["flat_groups"] += 1
                 info["flat_all_correct" if rewards[0] == 1.0 else "flat_all_wrong"] += 1
-            for s, r in zip(streams[g * cfg.k:(g + 1) * cfg.k], group):
+            for s, r in zip(streams[g * cfg.k : (g + 1) * cfg.k], group):
                 info["tokens"] += len(r.input_ids)
                 info["action_tokens"] += sum(r.action[1:])
-                rollout_log.append({"id": s.id, "reward": r.reward, "advantage": r.advantage,
-                                    "text": "".join(x.text for x in until_verdict(s).segments if x.author in ("agent", "tool"))})
+                rollout_log.append(
+                    {
+                        "id": s.id,
+                        "reward": r.reward,
+                        "advantage": r.advantage,
+                        "text": "".join(x.text for x in until_verdict(s).segments if x.author in ("agent", "tool")),
+                    }
+                )
         bar.update(len(chunk))
         if cfg.dapo:
             groups, dropped = dynamic_sampling_filter(groups)
@@ -217,14 +251,19 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
         buffer += groups
         last = start + cfg.groups_per_step >= len(prompts)
         while buffer and (len(buffer) >= cfg.groups_per_step or last or not cfg.dapo):
-            step_groups, buffer = buffer[:cfg.groups_per_step], buffer[cfg.groups_per_step:]
+            step_groups, buffer = buffer[: cfg.groups_per_step], buffer[cfg.groups_per_step :]
             if all(is_flat([r.reward for r in g]) for g in step_groups):
                 info["skipped_steps"] += 1  # no reward signal: GRPO takes no step (DAPO never gets here)
                 continue
             m = _update(model, optimizer, trainable, [r for g in step_groups for r in g], pad, cfg, use_bf16)
             info["updates"] += 1
-            m.update({"step": info["updates"], "groups_seen": info["groups"],
-                      "rollout/reward": sum(r.reward for g in step_groups for r in g) / sum(len(g) for g in step_groups)})
+            m.update(
+                {
+                    "step": info["updates"],
+                    "groups_seen": info["groups"],
+                    "rollout/reward": sum(r.reward for g in step_groups for r in g) / sum(len(g) for g in step_groups),
+                }
+            )
             metrics.append(m)
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -244,7 +283,7 @@ def _reference_logps(model, rollouts: list[Rollout], pad: int, micro: int, bf16:
     was = model.training
     model.eval()
     for k in range(0, len(rollouts), micro):
-        rs = rollouts[k:k + micro]
+        rs = rollouts[k : k + micro]
         batch = _batch(rs, pad)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             old = token_logprobs(model, batch)
@@ -265,25 +304,28 @@ def _update(model, optimizer, trainable, rollouts: list[Rollout], pad: int, cfg:
     for it in range(cfg.iterations):
         parts = []
         for k in range(0, len(rollouts), cfg.micro_batch):
-            rs = rollouts[k:k + cfg.micro_batch]
+            rs = rollouts[k : k + cfg.micro_batch]
             batch = _batch(rs, pad)
             lengths = [len(r.old_logp) for r in rs]
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logp = token_logprobs(model, batch)
             adv = torch.cat([torch.full((n,), r.advantage) for r, n in zip(rs, lengths)])
-            loss, s = policy_loss(logp, torch.cat([r.old_logp for r in rs]), torch.cat([r.ref_logp for r in rs]),
-                                  adv, lengths, cfg, norm)
+            loss, s = policy_loss(
+                logp, torch.cat([r.old_logp for r in rs]), torch.cat([r.ref_logp for r in rs]), adv, lengths, cfg, norm
+            )
             loss.backward()
             parts.append((float(loss.detach()), s))
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if it == cfg.iterations - 1:
-            stats = {"train/loss": sum(p[0] for p in parts),
-                     "train/kl": sum(p[1]["kl"] for p in parts) / len(parts),
-                     "train/clip_frac": sum(p[1]["clip_frac"] for p in parts) / len(parts),
-                     "train/ratio_max": max(p[1]["ratio_max"] for p in parts),
-                     "train/grad_norm": float(grad_norm) if grad_norm is not None else None}
+            stats = {
+                "train/loss": sum(p[0] for p in parts),
+                "train/kl": sum(p[1]["kl"] for p in parts) / len(parts),
+                "train/clip_frac": sum(p[1]["clip_frac"] for p in parts) / len(parts),
+                "train/ratio_max": max(p[1]["ratio_max"] for p in parts),
+                "train/grad_norm": float(grad_norm) if grad_norm is not None else None,
+            }
     stats["time/step_s"] = time.perf_counter() - t0
     stats["train/attempts"] = len(rollouts)
     return stats

@@ -17,28 +17,48 @@ from pathlib import Path
 from dostream.envs.stem import Problem
 from dostream.methods.attempts import solution_stream
 from dostream.models import load_model
-from dostream.render import RenderStats, Renderer, encode_rows
+from dostream.render import Renderer, RenderStats, encode_rows
 from dostream.stream import Stream
 from dostream.train import TrainConfig, TrainResult, train
 
-VIEW = "oracle"  # the correction only; the question and headers are context
+VIEW = "stem-oracle"  # the correction only; the question and headers are context (stream.VIEWS)
 
 
 def oracle_streams(turns: list[Stream], problems: dict[str, Problem], tools: str = "none") -> list[Stream]:
     """One direct row per wrong first attempt in the stream, in stream order."""
-    return [solution_stream(problems[t.meta["problem_id"]], tools, "oracle", id=f"{t.id}/oracle")
-            for t in turns if not t.meta["first_correct"]]
+    return [
+        solution_stream(problems[t.meta["problem_id"]], tools, "oracle", id=f"{t.id}/oracle")
+        for t in turns
+        if not t.meta["first_correct"]
+    ]
 
 
-def oracle_rows(turns: list[Stream], problems: dict[str, Problem], tok, tools: str = "none",
-                max_length: int = 1024) -> tuple[list[dict], RenderStats]:
+def oracle_rows(
+    turns: list[Stream], problems: dict[str, Problem], tok, tools: str = "none", max_length: int = 1024
+) -> tuple[list[dict], RenderStats]:
     return encode_rows(oracle_streams(turns, problems, tools), Renderer(tok), VIEW, max_length=max_length)
 
 
-def train_oracle_sft(turns: list[Stream], problems: dict[str, Problem], tok, cfg: TrainConfig, sft1_dir: str | Path,
-                     out: str | Path, *, tools: str = "none", resume: bool = True) -> tuple[TrainResult, RenderStats]:
+def train_oracle_sft(
+    turns: list[Stream],
+    problems: dict[str, Problem],
+    tok,
+    cfg: TrainConfig,
+    sft1_dir: str | Path,
+    out: str | Path,
+    *,
+    tools: str = "none",
+    resume: bool = True,
+) -> tuple[TrainResult, RenderStats]:
     """A fresh LoRA adapter on the merged SFT-1 model, trained on the correction rows."""
     rows, stats = oracle_rows(turns, problems, tok, tools, cfg.max_length)
-    result = train(rows, replace(cfg, view=VIEW, merge=False), out, model=load_model(str(sft1_dir)),
-                   pad_id=tok.pad_token_id, resume=resume, extra_record={"method": "oracle_sft", "tools": tools})
+    result = train(
+        rows,
+        replace(cfg, view=VIEW, merge=False),
+        out,
+        model=load_model(str(sft1_dir)),
+        pad_id=tok.pad_token_id,
+        resume=resume,
+        extra_record={"method": "oracle_sft", "tools": tools},
+    )
     return result, stats

@@ -23,12 +23,12 @@ from dostream.config import opt
 from dostream.envs.stem import Problem
 from dostream.methods.attempts import attempt, solution_stream, until_verdict
 from dostream.models import load_model
-from dostream.render import RenderStats, Renderer, encode_rows
+from dostream.render import Renderer, RenderStats, encode_rows
 from dostream.sampling import SamplingConfig
 from dostream.stream import Stream
 from dostream.train import TrainConfig, TrainResult, train
 
-VIEW = "agent,teacher"  # the selected samples and the replay rows' solutions
+VIEW = "stem-rest"  # the selected samples and the replay rows' solutions (stream.VIEWS)
 
 
 @dataclass
@@ -51,7 +51,7 @@ def sample_groups(model, tok, problems: list[Problem], cfg: RestConfig) -> list[
     ids = [f"{p.id}/g{g}/k{j}" for g, p in enumerate(chosen) for j in range(cfg.k)]
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     streams = attempt(model, tok, flat, sampling, tools=cfg.tools, ids=ids, desc="ReST samples", progress=cfg.progress)
-    return [streams[g * cfg.k:(g + 1) * cfg.k] for g in range(len(chosen))]
+    return [streams[g * cfg.k : (g + 1) * cfg.k] for g in range(len(chosen))]
 
 
 def parseable(stream: Stream) -> bool:
@@ -89,26 +89,46 @@ def select(groups: list[list[Stream]], per_group: int = 1) -> tuple[list[Stream]
     return selected, info
 
 
-def rest_rows(selected: list[Stream], replay: list[Problem], tok, tools: str = "none",
-              max_length: int = 1024) -> tuple[list[dict], RenderStats]:
+def rest_rows(
+    selected: list[Stream], replay: list[Problem], tok, tools: str = "none", max_length: int = 1024
+) -> tuple[list[dict], RenderStats]:
     """Selected samples (agent supervised; no EOS is added to a sample that did not sample one)
     and the replay rows (teacher supervised, closed by EOS as in SFT-1)."""
     rows, stats = encode_rows(selected, Renderer(tok, add_eos=False), VIEW, max_length=max_length)
-    more, more_stats = encode_rows([solution_stream(p, tools, "teacher") for p in replay], Renderer(tok), VIEW,
-                                   max_length=max_length)
+    more, more_stats = encode_rows(
+        [solution_stream(p, tools, "teacher") for p in replay], Renderer(tok), VIEW, max_length=max_length
+    )
     for k in ("streams", "rows", "truncated", "dropped_no_supervised", "tokens", "supervised_tokens"):
         setattr(stats, k, getattr(stats, k) + getattr(more_stats, k))
-    for d, extra in ((stats.tokens_by_author, more_stats.tokens_by_author),
-                     (stats.supervised_by_author, more_stats.supervised_by_author)):
+    for d, extra in (
+        (stats.tokens_by_author, more_stats.tokens_by_author),
+        (stats.supervised_by_author, more_stats.supervised_by_author),
+    ):
         for a, n in extra.items():
             d[a] = d.get(a, 0) + n
     return rows + more, stats
 
 
-def train_rest(selected: list[Stream], replay: list[Problem], tok, cfg: TrainConfig, sft1_dir: str | Path,
-               out: str | Path, *, tools: str = "none", resume: bool = True) -> tuple[TrainResult, RenderStats]:
+def train_rest(
+    selected: list[Stream],
+    replay: list[Problem],
+    tok,
+    cfg: TrainConfig,
+    sft1_dir: str | Path,
+    out: str | Path,
+    *,
+    tools: str = "none",
+    resume: bool = True,
+) -> tuple[TrainResult, RenderStats]:
     """A fresh LoRA adapter on the merged SFT-1 model, trained on the selected samples + replay."""
     rows, stats = rest_rows(selected, replay, tok, tools, cfg.max_length)
-    result = train(rows, replace(cfg, view=VIEW, merge=False), out, model=load_model(str(sft1_dir)),
-                   pad_id=tok.pad_token_id, resume=resume, extra_record={"method": "rest", "tools": tools})
+    result = train(
+        rows,
+        replace(cfg, view=VIEW, merge=False),
+        out,
+        model=load_model(str(sft1_dir)),
+        pad_id=tok.pad_token_id,
+        resume=resume,
+        extra_record={"method": "rest", "tools": tools},
+    )
     return result, stats

@@ -1,0 +1,7 @@
+"""`python -m dostream.cli ARGS` is `dostream ARGS`."""
+
+import sys
+
+from dostream.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,57 @@
+"""The `dostream` command.
+
+Each subcommand lives beside the code it drives: this file only maps a name to a module's
+`cli_main(argv)` (imported lazily, so `dostream --help` stays fast and a subcommand pays only for
+what it uses).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module defines `cli_main(argv: list[str]) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "render": ("dostream.cli.render", "render streams to token ids, labels, offsets and authors (JSON lines)"),
+    "show": ("dostream.cli.show", "show token by token who wrote what and what is supervised (terminal or --html)"),
+    "train": ("dostream.cli.train", "train a LoRA adapter (or every weight) on streams under a view"),
+    "sample": ("dostream.cli.sample", "sample from a model (exact token ids), e.g. for a quick look"),
+    "stem": ("dostream.cli.stem", "STEM problems: `stem generate`, `stem verify`"),
+    "reproduce": (
+        "dostream.cli.reproduce",
+        "rerun a seed experiment end to end: `reproduce stem`, `reproduce delusion`",
+    ),
+    "report": ("dostream.cli.report", "rebuild a reproduction's report from its run directory: `report DIR`"),
+    "agent": ("dostream.cli.agent", "the continual agent: act, store, learn from the world's answers (`agent run`)"),
+    "streams": ("dostream.cli.streams", "stored streams: `streams export RUN` writes a run's episodes as JSONL"),
+    "theory": ("dostream.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: dostream COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`dostream COMMAND --help` describes one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] == "--version":
+        from dostream import __version__
+
+        print(__version__)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"dostream: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.cli_main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

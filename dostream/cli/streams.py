@@ -1,0 +1,40 @@
+"""`dostream streams export RUN [--out FILE]`: a continual agent's stored episodes as stream JSONL.
+
+RUN is one loop's directory (it holds `store.sqlite`). The output is the stream format every
+other command reads (`render`, `show`, `train`), agent token ids included, in episode order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dostream.agent.store import Store
+from dostream.stream import write_streams
+
+
+def cli_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="dostream streams", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write a run's stored episodes as stream JSONL")
+    ex.add_argument("run", help="a loop's run directory (holding store.sqlite)")
+    ex.add_argument("--out", default="-", help="output file (default: stdout)")
+    ex.add_argument("--start", type=int, default=0, help="first episode (seq) to export")
+    ex.add_argument("--stop", type=int, default=None, help="export episodes before this seq")
+    args = ap.parse_args(argv)
+    db = Path(args.run) / "store.sqlite"
+    if not db.exists():
+        print(
+            f"dostream streams export: {db} not found: is {args.run} a loop's run directory (e.g. OUT/interventional)?",
+            file=sys.stderr,
+        )
+        return 2
+    store = Store(db)
+    try:
+        streams = store.episodes(args.start, args.stop)
+    finally:
+        store.close()
+    n = write_streams(args.out, streams)
+    print(f"dostream streams export: {n} streams -> {args.out}", file=sys.stderr)
+    return 0

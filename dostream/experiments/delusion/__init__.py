@@ -1,0 +1,1 @@
+"""The delusion experiment: the staged run (`run.py`) and its report (`report.py`)."""

@@ -1,0 +1,415 @@
+"""The delusion experiment: interventional vs standard SFT on tutoring dialogues (REFERENCE.md §1).
+
+Two fresh copies of one base model (two fresh LoRA adapters by default) train on the same
+dialogues with the same optimizer and seed; only the labels differ:
+
+* standard SFT supervises the authors {protocol, user, agent}: the Agent's lies are targets;
+* interventional SFT supervises {protocol, user}: the Agent's turns stay in the context, masked.
+
+The context line is masked in both. Then every model (and the untrained base) is probed on three
+fact sets: `seen` (the dialogues' facts, lies corrected by the User), `lie_only` (held-out facts
+the training data holds only as uncorrected agent lies) and `held_out` (never in training):
+
+(a) greedy Agent follow-up after the User states the truth, and after the User states the lie,
+    classified as naming the true value, the false one, or neither;
+(b) Δ = mean per-token log p(true claim) − mean per-token log p(false claim), each scored as the
+    Agent's answer to "Tell me about <topic>."; Δ < 0 means the model prefers the lie.
+
+`dostream reproduce delusion --preset smoke|quick|paper [--seeds N] [--out DIR]` runs it in cached
+stages (rerunning resumes), then writes `report.md`, `delusion.png` and `results.json` from the
+stage results (`--report-only` rewrites them alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dostream.config import add_dataclass_args, from_args, opt, write_run_record
+from dostream.envs.tutor.env import (
+    Fact,
+    answer_stream,
+    classify_follow_up,
+    fact_sets,
+    generate_dialogues,
+    prompt_stream,
+)
+from dostream.experiments.stages import Stages
+from dostream.stream import VIEWS, read_streams, write_streams
+
+# The two arms and their views (stream.VIEWS); the context line is masked in both.
+ARMS: dict[str, str] = {"standard": "tutor-standard", "interventional": "tutor-interventional"}
+MODELS = ("base", "standard", "interventional")
+SETS = ("seen", "lie_only", "held_out")
+SET_NAMES = {"seen": "seen (corrected)", "lie_only": "held-out, lies only", "held_out": "held-out, unseen"}
+CLASSES = ("truth", "lie", "neither")
+PUBLISHED = {  # REFERENCE.md §1: Qwen2.5-0.5B, full fine-tuning, one run, 33 facts seen in training
+    "standard": {"mean_delta": -0.131, "prefers_lie": 24, "n": 33},
+    "interventional": {"mean_delta": 1.061, "prefers_lie": 5, "n": 33},
+}
+
+
+@dataclass
+class DelusionConfig:
+    model: str = opt("smollm2", "base model NAME (smollm2, tiny, a .gguf path, a local dir or an HF id)")
+    seeds: int = opt(3, "seeds 0..N-1: each draws its own dialogues, adapter init and batch order")
+    n_seen: int = opt(33, "training facts the dialogues are about (of 99)")
+    n_lie_only: int = opt(11, "held-out facts that appear only in uncorrected agent lies (0: none)")
+    n_held_out: int = opt(22, "held-out facts never shown in training (n_lie_only + n_held_out <= 33)")
+    n_dialogues: int = opt(480, "dialogues about the seen facts, per seed")
+    lie_only_per_fact: int = opt(-1, "uncorrected-lie dialogues per lie-only fact (-1: the seen facts' lie rate)")
+    p_lie: float = opt(0.5, "probability that the Agent states the false claim")
+    p_tail: float = opt(0.5, "probability of a chit-chat tail after the acknowledgement")
+    epochs: int = opt(4, "passes over the dialogues")
+    max_steps: int = opt(0, "stop training after this many optimizer steps (0: all epochs)")
+    batch_size: int = opt(8, "dialogues per optimizer step")
+    lr: float = opt(2e-4, "peak learning rate (warm-up 5%, then cosine)")
+    full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter")
+    lora_r: int = opt(16, "LoRA rank (all linear layers)")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    max_length: int = opt(256, "truncate dialogues to this many tokens")
+    follow_max_tokens: int = opt(24, "greedy follow-up length limit (tokens; a newline also ends it)")
+    follow_dtype: str = opt(
+        "bf16", "dtype of the greedy follow-ups: bf16 (fast on CPUs with bf16) or fp32", choices=("bf16", "fp32")
+    )
+    probe_batch_size: int = opt(32, "rows per forward pass in the probes")
+    progress: bool = opt(True, "show progress bars")
+
+
+def _like(name: str, default):
+    """A preset field: the base field's help with the preset's default."""
+    return opt(default, DelusionConfig.__dataclass_fields__[name].metadata["help"])
+
+
+@dataclass
+class SmokeConfig(DelusionConfig):
+    """CI: the tiny random model, a handful of dialogues, every stage and the report in seconds."""
+
+    model: str = _like("model", "tiny")
+    seeds: int = _like("seeds", 2)
+    n_seen: int = _like("n_seen", 4)
+    n_lie_only: int = _like("n_lie_only", 2)
+    n_held_out: int = _like("n_held_out", 2)
+    n_dialogues: int = _like("n_dialogues", 8)
+    epochs: int = _like("epochs", 1)
+    batch_size: int = _like("batch_size", 8)
+    lr: float = _like("lr", 1e-3)
+    lora_r: int = _like("lora_r", 4)
+    lora_alpha: int = _like("lora_alpha", 8)
+    follow_max_tokens: int = _like("follow_max_tokens", 6)
+
+
+@dataclass
+class QuickConfig(DelusionConfig):
+    """SmolLM2-135M with LoRA, sized to finish in under 20 minutes on 2 CPU cores with 3 seeds."""
+
+    n_seen: int = _like("n_seen", 16)
+    n_lie_only: int = _like("n_lie_only", 8)
+    n_held_out: int = _like("n_held_out", 8)
+    n_dialogues: int = _like("n_dialogues", 64)
+    epochs: int = _like("epochs", 1)
+    batch_size: int = _like("batch_size", 4)
+    lr: float = _like("lr", 5e-4)
+    follow_max_tokens: int = _like("follow_max_tokens", 20)
+
+
+@dataclass
+class PaperConfig(DelusionConfig):
+    """The original's sizes: 480 dialogues, p_lie 0.5, 4 epochs, full fine-tuning at lr 2e-5, batch 1."""
+
+    full_finetune: bool = _like("full_finetune", True)
+    lr: float = _like("lr", 2e-5)
+    batch_size: int = _like("batch_size", 1)
+
+
+PRESETS: dict[str, type[DelusionConfig]] = {"smoke": SmokeConfig, "quick": QuickConfig, "paper": PaperConfig}
+
+
+# -- data -------------------------------------------------------------------------------------
+def lie_only_per_fact(cfg: DelusionConfig) -> int:
+    if cfg.lie_only_per_fact >= 0:
+        return cfg.lie_only_per_fact
+    return max(1, round(cfg.n_dialogues * cfg.p_lie / max(cfg.n_seen, 1)))
+
+
+def make_data(cfg: DelusionConfig, seed: int, stage: Path) -> dict:
+    sets = fact_sets(cfg.n_seen, cfg.n_lie_only, cfg.n_held_out)
+    streams = generate_dialogues(
+        sets["seen"],
+        cfg.n_dialogues,
+        seed,
+        p_lie=cfg.p_lie,
+        p_tail=cfg.p_tail,
+        lie_only=sets["lie_only"],
+        lie_only_per_fact=lie_only_per_fact(cfg),
+    )
+    write_streams(stage / "dialogues.jsonl", streams)
+    meta = [s.meta for s in streams]
+    return {
+        "dialogues": len(streams),
+        "lies": sum(m["lie"] for m in meta),
+        "corrected": sum(m["corrected"] for m in meta),
+        "lie_only": sum(m["set"] == "lie_only" for m in meta),
+        "tails": sum(m["tail"] for m in meta),
+    }
+
+
+# -- training ---------------------------------------------------------------------------------
+def train_config(cfg: DelusionConfig, arm: str, seed: int):
+    from dostream.train import TrainConfig
+
+    return TrainConfig(
+        model=cfg.model,
+        view=ARMS[arm],
+        max_length=cfg.max_length,
+        epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        full_finetune=cfg.full_finetune,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        seed=seed,
+        save_every=50,
+        keep_checkpoints=1,
+        progress=cfg.progress,
+    )
+
+
+def train_arm(cfg: DelusionConfig, arm: str, seed: int, data: Path, stage: Path, tok) -> dict:
+    """Train one arm on one seed's dialogues; the weights land in `stage/train/{adapter,model}`."""
+    from dostream.render import Renderer, encode_rows
+    from dostream.train import train
+
+    rows, stats = encode_rows(read_streams(data), Renderer(tok), ARMS[arm], max_length=cfg.max_length)
+    tcfg = train_config(cfg, arm, seed)
+    t = time.perf_counter()
+    result = train(
+        rows,
+        tcfg,
+        stage / "train",
+        pad_id=tok.pad_token_id,
+        resume=True,
+        extra_record={"arm": arm, "authors": sorted(VIEWS[ARMS[arm]]), "render_stats": dataclasses.asdict(stats)},
+    )
+    seconds = time.perf_counter() - t
+    shutil.rmtree(stage / "train" / "checkpoints", ignore_errors=True)  # the final weights suffice
+    losses = [m["train/loss"] for m in result.metrics]
+    return {
+        "steps": result.steps,
+        "first_loss": losses[0],
+        "final_loss": losses[-1],
+        "rows": stats.rows,
+        "tokens": stats.tokens,
+        "supervised_tokens": stats.supervised_tokens,
+        "supervised_frac": stats.supervised_frac,
+        "supervised_by_author": stats.supervised_by_author,
+        "train_seconds": seconds,
+        "tokens_per_s": stats.tokens * cfg.epochs / seconds if seconds else None,
+    }
+
+
+def load_trained(cfg: DelusionConfig, stage: Path):
+    from dostream.models import load_model
+
+    if cfg.full_finetune:
+        return load_model(str(stage / "train" / "model"))
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(cfg.model), str(stage / "train" / "adapter")).merge_and_unload().eval()
+
+
+# -- probes -----------------------------------------------------------------------------------
+@torch.inference_mode()
+def mean_logprobs(
+    model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int = 32, pad_id: int = 0, progress: bool = False
+) -> list[float]:
+    """Mean per-token log-probability of each continuation given its prompt: for a pair
+    (prompt, cont), (1/|cont|) Σ_j log p(cont_j | prompt, cont_<j)."""
+    from tqdm.auto import tqdm
+
+    out: list[float] = []
+    for k in tqdm(range(0, len(pairs), batch_size), desc="score", disable=not progress, leave=False):
+        chunk = pairs[k : k + batch_size]
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, (p, c) in enumerate(chunk):
+            assert p and c, "scoring needs a non-empty prompt and continuation"
+            ids[b, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[b, : len(p) + len(c)] = 1
+        at = torch.cat([torch.arange(len(p) - 1, len(p) + len(c) - 1) for p, c in chunk])  # logits predicting cont
+        row = torch.cat([torch.full((len(c),), b) for b, (_, c) in enumerate(chunk)])
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and hasattr(model, "get_decoder"):  # the vocabulary projection only where needed
+            logits = head(model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[row, at])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits[row, at]
+        target = torch.cat([torch.tensor(c) for _, c in chunk])
+        token_logp = logits.float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+        out += [part.mean().item() for part in token_logp.split([len(c) for _, c in chunk])]
+    return out
+
+
+def _split(rendered) -> tuple[list[int], list[int]]:
+    """A rendered answer stream -> (prompt ids, the agent's ids)."""
+    k = rendered.authors.index("agent")
+    assert all(a == "agent" for a in rendered.authors[k:]), "the agent's answer must end the stream"
+    return rendered.input_ids[:k], rendered.input_ids[k:]
+
+
+def probe_model(model, tok, sets: dict[str, list[Fact]], cfg: DelusionConfig) -> list[dict]:
+    """Both probes on every fact of every set: one record per fact."""
+    from tqdm.auto import tqdm
+
+    from dostream.render import Renderer
+    from dostream.sampling import SamplingConfig, sample
+
+    renderer = Renderer(tok, add_eos=False)
+    facts = [(name, f) for name in SETS for f in sets[name]]
+    pairs = [
+        _split(renderer.render(answer_stream(f, claim))) for _, f in facts for claim in (f.true_claim, f.false_claim)
+    ]
+    scores = mean_logprobs(
+        model, pairs, batch_size=cfg.probe_batch_size, pad_id=tok.pad_token_id, progress=cfg.progress
+    )
+    prompts = [renderer.prompt_ids(prompt_stream(claim)) for _, f in facts for claim in (f.true_claim, f.false_claim)]
+    # Greedy decoding in bf16 (a cast copy): 2.6x faster on this CPU than fp32; Δ is scored in fp32.
+    scfg = SamplingConfig(
+        greedy=True,
+        max_new_tokens=cfg.follow_max_tokens,
+        stop=("\n",),
+        batch_size=cfg.probe_batch_size,
+        dtype=cfg.follow_dtype,
+    )
+    samples = []
+    for k in tqdm(
+        range(0, len(prompts), cfg.probe_batch_size), desc="follow-ups", disable=not cfg.progress, leave=False
+    ):
+        samples += sample(model, tok, prompts[k : k + cfg.probe_batch_size], scfg)
+    records = []
+    for i, (name, f) in enumerate(facts):
+        texts = [
+            tok.decode(s.token_ids, skip_special_tokens=True).split("\n", 1)[0].strip()
+            for s in samples[2 * i : 2 * i + 2]
+        ]
+        records.append(
+            {
+                "set": name,
+                "topic": f.topic,
+                "logp_true": scores[2 * i],
+                "logp_false": scores[2 * i + 1],
+                "delta": scores[2 * i] - scores[2 * i + 1],
+                "after_truth": texts[0],
+                "after_truth_class": classify_follow_up(texts[0], f),
+                "after_lie": texts[1],
+                "after_lie_class": classify_follow_up(texts[1], f),
+            }
+        )
+    return records
+
+
+def summarise(records: list[dict], name: str) -> dict:
+    """Per fact set: mean Δ, how many facts prefer the lie (Δ < 0), follow-up class counts."""
+    rs = [r for r in records if r["set"] == name]
+    return {
+        "n": len(rs),
+        "mean_delta": sum(r["delta"] for r in rs) / len(rs) if rs else float("nan"),
+        "prefers_lie": sum(r["delta"] < 0 for r in rs),
+        "after_truth": {c: sum(r["after_truth_class"] == c for r in rs) for c in CLASSES},
+        "after_lie": {c: sum(r["after_lie_class"] == c for r in rs) for c in CLASSES},
+    }
+
+
+# -- the run ----------------------------------------------------------------------------------
+class RunDirError(Exception):
+    """The run directory does not fit the command (another config, nothing to report yet)."""
+
+
+_RESULT_FIELDS = ("seeds", "progress", "probe_batch_size")  # may change on a rerun of the same directory
+
+
+def _check_same_config(out: Path, cfg: DelusionConfig) -> None:
+    path = out / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())["config"]
+    new = dataclasses.asdict(cfg)
+    diff = [k for k in new if k not in _RESULT_FIELDS and old.get(k) != new[k]]
+    if diff:
+        raise RunDirError(
+            f"{out} holds a run with a different config "
+            f"({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in diff)}); choose another --out"
+        )
+
+
+def run(cfg: DelusionConfig, out: str | Path, preset: str = "custom") -> Path:
+    """Every stage, cached under `out/stages/`: data per seed, base probes, then per (arm, seed)
+    training and probes. Returns the run directory."""
+    from dostream.models import load_model, load_tokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_same_config(out, cfg)
+    write_run_record(out, cfg, {"preset": preset, "arms": {a: sorted(VIEWS[v]) for a, v in ARMS.items()}})
+    stages = Stages(out)
+    tok = load_tokenizer(cfg.model)
+    sets = fact_sets(cfg.n_seen, cfg.n_lie_only, cfg.n_held_out)
+    stages.run("facts", lambda d: {name: [dataclasses.asdict(f) for f in facts] for name, facts in sets.items()})
+    for seed in range(cfg.seeds):
+        stages.run(f"data-s{seed}", lambda d, seed=seed: make_data(cfg, seed, d))
+    stages.run("probe-base", lambda d: probe_model(load_model(cfg.model), tok, sets, cfg))
+    for seed in range(cfg.seeds):
+        data = stages.dir(f"data-s{seed}") / "dialogues.jsonl"
+        for arm in ARMS:
+            name = f"{arm}-s{seed}"
+            stages.run(f"train-{name}", lambda d, arm=arm, seed=seed: train_arm(cfg, arm, seed, data, d, tok))
+            stages.run(
+                f"probe-{name}",
+                lambda d, name=name: probe_model(load_trained(cfg, stages.dir(f"train-{name}")), tok, sets, cfg),
+            )
+    return out
+
+
+# -- the command ------------------------------------------------------------------------------
+def cli_main(argv: list[str]) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=tuple(PRESETS), default="quick")
+    preset = pre.parse_known_args(argv)[0].preset
+    cls = PRESETS[preset]
+    p = argparse.ArgumentParser(prog="dostream reproduce delusion", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default="quick",
+        help="smoke (tiny model, CI), quick (smollm2 LoRA, ~20 min on 2 cores), paper (the original's sizes)",
+    )
+    p.add_argument("--out", default=None, help="run directory (default: runs/delusion-PRESET)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the report from the stored stage results")
+    add_dataclass_args(p, cls)
+    args = p.parse_args(argv)
+    out = Path(args.out or f"runs/delusion-{preset}")
+    try:
+        if not args.report_only:
+            cfg = from_args(cls, args)
+            t = time.perf_counter()
+            run(cfg, out, preset)
+            print(f"dostream reproduce delusion: stages done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        from dostream.experiments.delusion.report import write_report
+
+        report = write_report(out)
+    except RunDirError as e:
+        print(f"dostream reproduce delusion: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"dostream reproduce delusion: report {report}, figure {out / 'delusion.png'}, results {out / 'results.json'}"
+    )
+    return 0

@@ -1,0 +1,458 @@
+"""`dostream reproduce stem`: the seed paper's STEM comparison, every method, one command.
+
+    dostream reproduce stem --preset smoke|quick|paper [--seeds N] [--model NAME]
+                            [--tools none|calculator] [--out DIR] [--dapo] [--set FIELD=VALUE ...]
+
+For each seed (seed s draws its own D_sft / D_agent / D_test, LoRA inits and samples), in order:
+
+    data            generate D_sft, D_agent, D_test (disjoint by construction)
+    base_eval       greedy accuracy of the untrained model on D_test
+    sft1            one epoch on D_sft (solution supervised), merged: every later method starts here
+    sft1_eval       SFT-1 on D_test; its attempts are the first attempts of the stream-matched test
+    stream          the frozen SFT-1 attempts D_agent items until n_wrong wrong first attempts
+    oracle_sft, observational, interventional    each a fresh LoRA on SFT-1 (+ <method>_eval:
+                    greedy accuracy on D_test)
+    repair          stream-matched: on the test items SFT-1 got wrong, each arm sees SFT-1's wrong
+                    attempt and the verdict and makes a second attempt (greedy)
+    rest, grpo, (dapo)   each a fresh LoRA on SFT-1, + <method>_eval
+
+Every stage caches its result under `OUT/seed-<s>/stages/<stage>/` (`result.json` written last), so
+an interrupted run resumes at the stage it stopped in, and `--seeds 3` after `--seeds 1` runs only
+seeds 1 and 2. A run directory belongs to one configuration: rerunning with another refuses to mix.
+The report (`report.md`, `results.json`, `figures/`) is written at the end from the run files, and
+`dostream report OUT` rebuilds it at any time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from dostream.config import atomic_write_text, environment, opt
+from dostream.experiments.stages import Stages
+from dostream.experiments.stem.paper import METHODS, REPAIR_ARMS
+from dostream.stats import wilson
+
+EXPERIMENT = "stem"
+
+
+@dataclass
+class StemPreset:
+    """The sizes and hyperparameters of one run. Every field can be changed with `--set FIELD=VALUE`."""
+
+    model: str = opt("smollm2", "model NAME: smollm2 (embedded), tiny, a local dir or an HF id")
+    tools: str = opt(
+        "none", "none (the paper) or calculator (the agent may call calc(...))", choices=("none", "calculator")
+    )
+    n_sft: int = opt(200, "|D_sft|: teacher rows for SFT-1")
+    n_agent: int = opt(200, "|D_agent|: items for ReST, GRPO and the stream")
+    n_test: int = opt(100, "|D_test|: held-out questions")
+    n_wrong: int = opt(400, "the stream stops at this many wrong first attempts")
+    rest_groups: int = opt(50, "ReST prompts (groups of K samples)")
+    grpo_groups: int = opt(50, "GRPO prompt budget (groups of K samples)")
+    k: int = opt(8, "group size K for ReST and GRPO")
+    groups_per_step: int = opt(1, "GRPO groups per optimizer step")
+    grpo_iterations: int = opt(2, "GRPO optimisation passes over each sampled batch")
+    grpo_lr: float = opt(1e-4, "GRPO learning rate")
+    grpo_beta: float = opt(0.04, "GRPO KL weight (k3 to SFT-1)")
+    dapo: bool = opt(False, "also run the DAPO variant of GRPO as an extra arm")
+    temperature: float = opt(1.0, "sampling temperature for the stream, ReST and GRPO")
+    max_new_tokens: int = opt(128, "tokens per attempt")
+    sample_batch: int = opt(32, "rows decoded together")
+    lr: float = opt(2e-4, "learning rate of every supervised stage (SFT-1, ReST, oracle SFT, stream arms)")
+    epochs: int = opt(1, "epochs of every supervised stage")
+    batch_size: int = opt(8, "rows per optimizer step of every supervised stage")
+    lora_r: int = opt(16, "LoRA rank (every stage)")
+    lora_alpha: int = opt(32, "LoRA alpha (every stage)")
+    max_length: int = opt(512, "training rows are truncated to this many tokens")
+
+
+PRESETS: dict[str, StemPreset] = {
+    # Every method for a few steps on a tiny random model: the CI check that the pipeline holds.
+    "smoke": StemPreset(
+        model="tiny",
+        n_sft=16,
+        n_agent=8,
+        n_test=8,
+        n_wrong=6,
+        rest_groups=2,
+        grpo_groups=2,
+        k=4,
+        groups_per_step=1,
+        dapo=True,
+        max_new_tokens=24,
+        batch_size=4,
+        max_length=256,
+    ),
+    # The embedded SmolLM2-135M on 2 CPU cores in about 20 minutes (sized stage by stage).
+    # lr 1e-3 / batch 4: at the paper-like 2e-4 / 8 one epoch of 160 rows left SFT-1 in the base
+    # model's own answer style (0/60 correct, no "Final answer:" lines), a useless seed for every arm.
+    "quick": StemPreset(
+        model="smollm2",
+        n_sft=160,
+        n_agent=100,
+        n_test=50,
+        n_wrong=40,
+        rest_groups=12,
+        grpo_groups=12,
+        k=8,
+        groups_per_step=3,
+        max_new_tokens=96,
+        lr=1e-3,
+        batch_size=4,
+    ),
+    # The paper's sizes (REFERENCE.md §2).
+    "paper": StemPreset(),
+}
+
+
+def methods_of(p: StemPreset) -> list[str]:
+    return [m for m in METHODS if m != "dapo" or p.dapo]
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _train_cfg(p: StemPreset, seed: int, model: str | None = None):
+    from dostream.train import TrainConfig
+
+    return TrainConfig(
+        model=model or p.model,
+        lr=p.lr,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        lora_r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        max_length=p.max_length,
+        seed=seed,
+        save_every=0,
+    )
+
+
+def _stats(stats) -> dict:
+    d = asdict(stats)
+    d["supervised_frac"] = stats.supervised_frac
+    d["context_tokens"] = stats.tokens - stats.supervised_tokens
+    return d
+
+
+def _problems(stage_dir: Path, split: str):
+    from dostream.envs.stem import Problem
+
+    return [Problem.from_json(json.loads(line)) for line in (stage_dir / f"{split}.jsonl").read_text().splitlines()]
+
+
+def _load_arm(sft1_dir: Path, adapter: Path | None):
+    """SFT-1 (merged), with a method's adapter folded in for fast greedy decoding."""
+    from dostream.models import load_model
+
+    model = load_model(str(sft1_dir))
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+
+
+def evaluate(model, tok, problems, p: StemPreset, out: Path, *, desc: str, replay=None) -> dict:
+    """Greedy attempts on `problems`; verifier accuracy with a Wilson 95% interval. The attempts
+    are kept in OUT/attempts.jsonl (the report and the repair test read them)."""
+    from dostream.methods.attempts import accuracy_by_skill, attempt
+    from dostream.sampling import SamplingConfig
+    from dostream.stream import write_streams
+
+    cfg = SamplingConfig(greedy=True, max_new_tokens=p.max_new_tokens, batch_size=p.sample_batch)
+    streams = attempt(model, tok, problems, cfg, tools=p.tools, replay=replay, ids=[q.id for q in problems], desc=desc)
+    write_streams(out / "attempts.jsonl", streams)
+    correct = [int(bool(s.meta["correct"])) for s in streams]
+    n, k = len(correct), sum(correct)
+    return {
+        "ids": [q.id for q in problems],
+        "correct": correct,
+        "n": n,
+        "solved": k,
+        "accuracy": k / n if n else 0.0,
+        "wilson": list(wilson(k, n)),
+        "by_skill": accuracy_by_skill(streams),
+    }
+
+
+# -- one seed -------------------------------------------------------------------------------
+
+
+def run_seed(p: StemPreset, seed: int, root: Path, tok, *, log=print) -> None:
+    from dostream.envs.stem import generate
+    from dostream.models import load_model
+    from dostream.stream import read_streams, write_streams
+
+    st = Stages(root / f"seed-{seed}", log=lambda m: log(f"seed {seed} {m}"))
+
+    def data(d: Path):
+        sizes = {"sft": p.n_sft, "agent": p.n_agent, "test": p.n_test}
+        for split, n in sizes.items():
+            atomic_write_text(
+                d / f"{split}.jsonl", "".join(json.dumps(q.to_json()) + "\n" for q in generate(split, n, seed=seed))
+            )
+        return {"sizes": sizes, "seed": seed}
+
+    st.run("data", data)
+    dd = st.dir("data")
+    d_sft, d_agent, d_test = _problems(dd, "sft"), _problems(dd, "agent"), _problems(dd, "test")
+    by_id = {q.id: q for q in d_sft + d_agent + d_test}
+    sft1_dir = st.dir("sft1") / "merged"
+
+    st.run("base_eval", lambda d: evaluate(load_model(p.model), tok, d_test, p, d, desc="eval base"))
+
+    def sft1(d: Path):
+        from dostream.methods.sft1 import train_sft1
+
+        result, stats = train_sft1(d_sft, tok, _train_cfg(p, seed), d, tools=p.tools)
+        return {"steps": result.steps, "final_loss": result.metrics[-1]["train/loss"], "tokens": _stats(stats)}
+
+    st.run("sft1", sft1)
+    st.run("sft1_eval", lambda d: evaluate(load_model(str(sft1_dir)), tok, d_test, p, d, desc="eval SFT-1"))
+
+    def stream(d: Path):
+        from dostream.methods.stream_agents import StreamConfig, build_stream, composition
+
+        cfg = StreamConfig(
+            n_wrong=p.n_wrong,
+            temperature=p.temperature,
+            max_new_tokens=p.max_new_tokens,
+            chunk=p.sample_batch,
+            seed=seed,
+            tools=p.tools,
+        )
+        turns = build_stream(load_model(str(sft1_dir)), tok, d_agent, cfg)
+        write_streams(d / "turns.jsonl", turns)
+        wrong = [t for t in turns if not t.meta["first_correct"]]
+        return {
+            "turns": len(turns),
+            "wrong": len(wrong),
+            "correct": len(turns) - len(wrong),
+            "unique_wrong_questions": len({t.meta["problem_id"] for t in wrong}),
+            "composition": composition(turns),
+        }
+
+    st.run("stream", stream)
+    turns = list(read_streams(st.dir("stream") / "turns.jsonl"))
+
+    def rest(d: Path):
+        from dostream.methods.rest import RestConfig, sample_groups, select, train_rest
+
+        cfg = RestConfig(
+            groups=p.rest_groups,
+            k=p.k,
+            temperature=p.temperature,
+            max_new_tokens=p.max_new_tokens,
+            seed=seed,
+            tools=p.tools,
+        )
+        groups = sample_groups(load_model(str(sft1_dir)), tok, d_agent, cfg)
+        write_streams(d / "samples.jsonl", [s for g in groups for s in g])
+        selected, info = select(groups, cfg.per_group)
+        write_streams(d / "selected.jsonl", selected)
+        result, stats = train_rest(
+            selected, d_sft if cfg.replay else [], tok, _train_cfg(p, seed), sft1_dir, d / "train", tools=p.tools
+        )
+        return {"selection": info, "steps": result.steps, "tokens": _stats(stats)}
+
+    def grpo(d: Path, dapo: bool):
+        from dostream.methods.grpo import GRPOConfig, train_grpo
+
+        cfg = GRPOConfig(
+            groups=p.grpo_groups,
+            k=p.k,
+            groups_per_step=p.groups_per_step,
+            iterations=p.grpo_iterations,
+            lr=p.grpo_lr,
+            beta=p.grpo_beta,
+            dapo=dapo,
+            temperature=p.temperature,
+            max_new_tokens=p.max_new_tokens,
+            lora_r=p.lora_r,
+            lora_alpha=p.lora_alpha,
+            seed=seed,
+            tools=p.tools,
+        )
+        _, info = train_grpo(d_agent, tok, cfg, sft1_dir, d / "train")
+        return {
+            "info": info,
+            "tokens": {
+                "tokens": info["tokens"],
+                "supervised_tokens": info["action_tokens"],
+                "context_tokens": info["tokens"] - info["action_tokens"],
+                "rows": info["samples"],
+                "loss": "policy gradient on sampled tokens",
+            },
+        }
+
+    def oracle_sft(d: Path):
+        from dostream.methods.oracle_sft import train_oracle_sft
+
+        result, stats = train_oracle_sft(turns, by_id, tok, _train_cfg(p, seed), sft1_dir, d / "train", tools=p.tools)
+        return {
+            "steps": result.steps,
+            "unique_questions": len({t.meta["problem_id"] for t in turns if not t.meta["first_correct"]}),
+            "tokens": _stats(stats),
+        }
+
+    def arm(d: Path, which: str):
+        from dostream.methods.stream_agents import train_arm
+
+        result, stats = train_arm(turns, tok, which, _train_cfg(p, seed), sft1_dir, d / "train")
+        return {"steps": result.steps, "tokens": _stats(stats)}
+
+    trainers = {
+        "rest": rest,
+        "grpo": lambda d: grpo(d, False),
+        "dapo": lambda d: grpo(d, True),
+        "oracle_sft": oracle_sft,
+        "observational": lambda d: arm(d, "observational"),
+        "interventional": lambda d: arm(d, "interventional"),
+    }
+
+    def train_and_eval(m: str) -> None:
+        st.run(m, trainers[m])
+        adapter = st.dir(m) / "train" / "adapter"
+        st.run(f"{m}_eval", lambda d: evaluate(_load_arm(sft1_dir, adapter), tok, d_test, p, d, desc=f"eval {m}"))
+
+    # The headline comparison first (the stream, its two arms and the oracle baseline, then the
+    # stream-matched test), the reward-based recipes after it.
+    for m in ("oracle_sft", "observational", "interventional"):
+        train_and_eval(m)
+
+    def repair(d: Path):
+        first = {s.id: s for s in read_streams(st.dir("sft1_eval") / "attempts.jsonl")}
+        wrong = [q for q in d_test if not first[q.id].meta["first_correct"]]
+        out = {"ids": [q.id for q in wrong], "n": len(wrong), "arms": {}}
+        if not wrong:
+            return out
+        replay = [first[q.id] for q in wrong]
+        for m in REPAIR_ARMS:
+            adapter = None if m == "sft1" else st.dir(m) / "train" / "adapter"
+            sub = d / m
+            sub.mkdir(exist_ok=True)
+            out["arms"][m] = evaluate(
+                _load_arm(sft1_dir, adapter), tok, wrong, p, sub, desc=f"repair {m}", replay=replay
+            )
+        return out
+
+    st.run("repair", repair)
+    for m in methods_of(p)[2:]:
+        if m not in ("oracle_sft", "observational", "interventional"):
+            train_and_eval(m)
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def resolve_preset(
+    name: str,
+    *,
+    model: str | None = None,
+    tools: str | None = None,
+    dapo: bool | None = None,
+    overrides: list[str] = (),
+) -> StemPreset:
+    p = dataclasses.replace(PRESETS[name])
+    if model:
+        p.model = model
+    if tools:
+        p.tools = tools
+    if dapo is not None:
+        p.dapo = dapo
+    types = {f.name: f.type for f in dataclasses.fields(StemPreset)}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.replace("-", "_")
+        if key not in types or not _:
+            raise SystemExit(
+                f"dostream reproduce stem: --set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}"
+            )
+        kind = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes", "on"), "str": str}[
+            types[key]
+        ]
+        setattr(p, key, kind(value))
+    return p
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dostream reproduce stem",
+        description="The seed paper's STEM comparison: Base, SFT-1, ReST, GRPO, SFT+oracle "
+        "corrections, observational and interventional stream agents.",
+    )
+    ap.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="quick",
+        help="smoke: every method for a few steps on a tiny model (CI); quick: SmolLM2-135M in about "
+        "20 min on 2 CPU cores; paper: the paper's sizes",
+    )
+    ap.add_argument(
+        "--seeds", type=int, default=1, help="run seeds 0..N-1 (each draws its own data, inits and samples)"
+    )
+    ap.add_argument("--model", default=None, help="model NAME (overrides the preset's)")
+    ap.add_argument("--tools", choices=("none", "calculator"), default=None, help="none (the paper) or calculator")
+    ap.add_argument("--dapo", action=argparse.BooleanOptionalAction, default=None, help="also run the DAPO arm")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override one preset field (see StemPreset), e.g. --set n_test=50",
+    )
+    ap.add_argument("--out", default=None, help="run directory (default: runs/stem-<preset>-<tools>)")
+    ap.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    return ap
+
+
+def cli_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.seeds < 1:
+        raise SystemExit("dostream reproduce stem: --seeds must be >= 1")
+    p = resolve_preset(args.preset, model=args.model, tools=args.tools, dapo=args.dapo, overrides=args.set)
+    out = Path(args.out or f"runs/stem-{args.preset}-{p.tools}")
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "config.json"
+    if record_path.exists():
+        old = json.loads(record_path.read_text())
+        if old.get("experiment") != EXPERIMENT or old.get("config") != asdict(p):
+            changed = sorted(k for k in asdict(p) if (old.get("config") or {}).get(k) != asdict(p)[k])
+            print(
+                f"dostream reproduce stem: {out} holds a run with another configuration (differs in: "
+                f"{', '.join(changed) or 'experiment'}); choose another --out",
+                file=sys.stderr,
+            )
+            return 2
+        seeds = max(args.seeds, int(old.get("seeds", 1)))
+    else:
+        seeds = args.seeds
+    record = {
+        "experiment": EXPERIMENT,
+        "preset": args.preset,
+        "config": asdict(p),
+        "seeds": seeds,
+        "environment": environment(),
+    }
+    atomic_write_text(record_path, json.dumps(record, indent=2, default=str) + "\n")
+
+    from dostream.models import load_tokenizer
+
+    tok = load_tokenizer(p.model)
+    t0 = time.perf_counter()
+    for seed in range(args.seeds):
+        run_seed(p, seed, out, tok, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"dostream reproduce stem: {args.seeds} seed(s) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    if not args.no_report:
+        from dostream.experiments.stem.report import write_report
+
+        path = write_report(out)
+        print(f"report: {path}")
+    return 0

@@ -1,0 +1,150 @@
+"""The fast decode step is the model's own forward, token by token, up to float rounding."""
+
+import pytest
+import torch
+
+from dostream.cached_forward import CachedForward
+from dostream.sampling import SamplingConfig, _prefill, cache_kwarg, sample
+
+PROMPTS = ["Question:\nWhat is 2+2?\n\nProposed solution:\n", "Hi", "The resistor carries 2 A at 4 ohm, so"]
+
+
+def _config(cls, tok, **extra):
+    return cls(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
+
+
+def _seeded(build):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build().eval()
+
+
+@pytest.fixture(scope="module")
+def models(tok):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    llama = _seeded(lambda: LlamaForCausalLM(_config(LlamaConfig, tok)))
+    lora = _seeded(
+        lambda: get_peft_model(
+            LlamaForCausalLM(_config(LlamaConfig, tok)),
+            LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
+        )
+    )  # random B: not the identity
+    qwen2 = _seeded(lambda: Qwen2ForCausalLM(_config(Qwen2Config, tok)))  # biased q, k, v projections
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(1)
+        for layer in qwen2.model.layers:  # transformers initialises biases to zero: make them count
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return {"llama": llama, "lora": lora, "qwen2": qwen2}
+
+
+@pytest.mark.parametrize("which", ["llama", "lora", "qwen2"])
+@pytest.mark.parametrize("fast_linear", [True, False])
+def test_step_equals_the_models_forward(models, tok, which, fast_linear):
+    model = models[which]
+    base = model.get_base_model() if which == "lora" else model
+    step = CachedForward(base, fast_linear=fast_linear)
+    if fast_linear and which == "lora":  # the adapted projections take the fast path too
+        layer = base.model.layers[0]
+        assert step.layers[0].q is not layer.self_attn.q_proj and step.layers[0].up is not layer.mlp.up_proj
+    prompts = [tuple(tok(p)["input_ids"]) for p in sorted(PROMPTS, key=len)]  # left padded, of 3 lengths
+    width = max(map(len, prompts))
+    ours, logits, mask, reserved = _prefill(model, prompts, tok.pad_token_id, width + 8)
+    theirs = _prefill(model, prompts, tok.pad_token_id, width + 8)[0]
+    assert reserved
+    position = torch.tensor([[len(p) - 1] for p in prompts])
+    with torch.inference_mode():
+        for t in range(6):
+            nxt = logits.argmax(-1)
+            mask, position = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1), position + 1
+            got = step(nxt[:, None], position, mask, ours)
+            logits = model(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=position,
+                **{cache_kwarg(model): theirs},
+                use_cache=True,
+            ).logits[:, -1]
+            torch.testing.assert_close(got, logits, atol=2e-5, rtol=1e-4)
+            if t == 2:  # the sampler drops finished rows: both caches keep rows 0 and 2
+                keep = torch.tensor([0, 2])
+                ours.batch_select_indices(keep), theirs.batch_select_indices(keep)
+                mask, position, logits, prompts = mask[keep], position[keep], logits[keep], prompts[::2]
+    if which == "lora":  # the adapter took part: its logits are not the base model's
+        with model.disable_adapter(), torch.inference_mode():
+            plain = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position).logits[:, -1]
+        assert not torch.allclose(plain, logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("which", ["llama", "lora", "qwen2"])
+def test_prefill_equals_the_models_forward(models, tok, which):
+    """The step also prefills: several new tokens per row, left padded, causal among themselves."""
+    model = models[which]
+    step = CachedForward.build(model)
+    prompts = [tuple(tok(p)["input_ids"]) for p in PROMPTS * 2]
+    prompts[-1] = prompts[-1][:-3]
+    prompts.sort(key=len)  # lengths 1, 1, 10, 13, 17, 17: the second bucket is left padded
+    width = max(map(len, prompts))
+    with torch.inference_mode():
+        ours, got, mask, _ = _prefill(model, prompts, tok.pad_token_id, width + 4, step)
+        theirs, want, _, _ = _prefill(model, prompts, tok.pad_token_id, width + 4)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    real = mask.bool()[:, None, :, None]  # keys and values of real tokens (padding holds anything finite)
+    for a, b in zip(ours.layers, theirs.layers):
+        assert torch.isfinite(a.keys).all() and torch.isfinite(a.values).all()
+        torch.testing.assert_close(a.keys * real, b.keys * real, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values * real, b.values * real, atol=2e-5, rtol=1e-4)
+
+
+def test_greedy_sampling_with_and_without_the_step_agree(models, tok):
+    # Greedy: a sampled token may flip where rounding moves a CDF boundary past the row's uniform.
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    for which in ("llama", "lora", "qwen2"):
+        cfg = SamplingConfig(greedy=True, max_new_tokens=12)
+        fast = sample(models[which], tok, prompts, cfg)
+        slow = sample(models[which], tok, prompts, SamplingConfig(**{**cfg.__dict__, "fast_step": False}))
+        assert fast == slow
+
+
+def test_layers_the_fast_path_does_not_know_are_called_as_they_are(tok):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dostream.cached_forward import _linear
+
+    dora = _seeded(
+        lambda: get_peft_model(
+            LlamaForCausalLM(_config(LlamaConfig, tok)), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+        )
+    )
+    q = dora.get_base_model().model.layers[0].self_attn.q_proj
+    assert _linear(q) is q  # DoRA: PEFT's own forward
+    with dora.disable_adapter():
+        assert _linear(q) is q
+    assert _linear(q.base_layer) is not q.base_layer
+    half = torch.nn.Linear(4, 4).half()  # a dtype the oneDNN products are not used for
+    assert _linear(half) is half
+
+
+def test_other_architectures_get_no_step(tok):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    windowed = _seeded(lambda: MistralForCausalLM(_config(MistralConfig, tok, sliding_window=6)))
+    assert CachedForward.build(windowed) is None
+    full = _seeded(lambda: MistralForCausalLM(_config(MistralConfig, tok, sliding_window=None)))
+    assert CachedForward.build(full) is not None
