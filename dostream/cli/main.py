@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from dostream.cli._common import CliError
+
 # name -> (module, one-line help). Each module defines `cli_main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("dostream.cli.render", "render streams to token ids, labels, offsets and authors (JSON lines)"),
@@ -50,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dostream: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.cli_main(argv[1:]) or 0)
+    try:
+        return int(module.cli_main(argv[1:]) or 0)
+    except CliError as e:
+        print(f"dostream {argv[0]}: {e}", file=sys.stderr)
+        return e.status
 
 
 if __name__ == "__main__":
