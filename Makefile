@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dostream-setup
 
-.PHONY: setup test demo clean-venv
+.PHONY: setup test lint demo clean-venv
 
 setup: $(STAMP)
 
@@ -23,6 +23,11 @@ $(STAMP): pyproject.toml Makefile
 
 test: setup
 	$(BIN)/python -m pytest
+
+# ruff (lint + format check; config in ruff.toml). `$(BIN)/ruff format .` applies the format.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # The main job, end to end on the embedded SmolLM2-135M-Instruct (a few minutes on a laptop CPU):
 # see what is supervised, train an adapter on the seed paper's streams under the paper's view, and

@@ -1,4 +1,4 @@
-"""Config dataclasses → command-line options, and run-directory records.
+"""Config dataclasses → command-line options; config blocks; run-directory records and the guard.
 
 Every configurable piece of dostream is a dataclass whose fields carry a one-line help in
 `field(metadata={"help": ...})`; the CLI is generated from it, so the two never drift apart.
@@ -10,11 +10,19 @@ Every configurable piece of dostream is a dataclass whose fields carry a one-lin
 >>> import argparse; p = argparse.ArgumentParser(); add_dataclass_args(p, C)
 >>> from_args(C, p.parse_args(["--lr", "3e-4"]))
 C(lr=0.0003)
+
+Settings that several configs share live in one *block* (`LoraBlock`, `SupervisedBlock`); a config
+composes a block by subclassing it, so its fields, flags and run record stay flat (`cfg.lr`,
+`--lr`, `"lr"` in `config.json`), and changes one of the block's defaults with `like`.
+
+A run directory holds one run: `config.json` (`write_run_record`) names its `experiment` and its
+resolved config, and `check_run_dir` refuses to continue it with another config.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,8 +31,10 @@ import subprocess
 import sys
 import tempfile
 import typing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 def opt(default: Any, help: str, **kw) -> Any:
@@ -34,26 +44,84 @@ def opt(default: Any, help: str, **kw) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+def like(cls: type, name: str, default: Any) -> Any:
+    """Field `name` of the dataclass `cls` (a block) with another default; its help stays.
+
+    >>> @dataclass
+    ... class Agentish(SupervisedBlock):
+    ...     epochs: int = like(SupervisedBlock, "epochs", 2)
+    >>> Agentish().epochs, Agentish().lr
+    (2, 0.0002)
+    """
+    return opt(default, **cls.__dataclass_fields__[name].metadata)
+
+
+# -- the shared blocks -------------------------------------------------------------------------
+
+
+@dataclass
+class LoraBlock:
+    """LoRA and optimiser
+
+    The settings every trainer shares: `train()`, GRPO, the agent, the reproductions."""
+
+    lr: float = opt(2e-4, "learning rate (AdamW; the peak under a warm-up/decay schedule)")
+    lora_r: int = opt(16, "LoRA rank")
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
+
+
+@dataclass
+class SupervisedBlock(LoraBlock):
+    """LoRA, optimiser and batches
+
+    `LoraBlock` and the passes over the rows, rows per step and row length: every run of `train()`."""
+
+    epochs: int = opt(1, "passes over the training rows")
+    batch_size: int = opt(8, "rows per optimizer step (per micro-batch, with gradient accumulation)")
+    max_length: int = opt(1024, "truncate training rows to this many tokens")
+
+
+def block_values(config: Any, block: type) -> dict[str, Any]:
+    """The values of `block`'s fields in `config` (which composes it): to hand them on as a whole,
+    e.g. `TrainConfig(model=..., **block_values(preset, SupervisedBlock))`."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(block)}
+
+
+# -- dataclass -> command line -----------------------------------------------------------------
+
+
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (), defaults: Any = None
+) -> None:
+    """One flag per field of `cls` (`lora_r` -> `--lora-r`), with its help, type, choices and
+    default; `defaults` (an instance, e.g. a preset) supplies other defaults. The fields of the
+    block `cls` composes are listed after its own, in a group of their own."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    block = next((b for b in cls.__mro__[1:] if dataclasses.is_dataclass(b)), None)
+    inherited = {f.name for f in dataclasses.fields(block)} if block else set()
+    group = parser.add_argument_group(block.__doc__.strip().splitlines()[0]) if block else parser
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):  # stable: own fields first
         if f.name in skip:
             continue
+        target = group if f.name in inherited else parser
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
         origin, args = typing.get_origin(kind), typing.get_args(kind)
         if origin in (list, tuple):
-            parser.add_argument(flag, nargs="+", type=args[0], default=default, help=f"{help_} (default: {default})")
+            target.add_argument(flag, nargs="+", type=args[0], default=default, help=f"{help_} (default: {default})")
             continue
         if args and type(None) in args:  # Optional[X]
             kind = next(a for a in args if a is not type(None))
         choices = f.metadata.get("choices")
-        parser.add_argument(flag, type=kind, default=default, choices=choices, help=f"{help_} (default: {default})")
+        target.add_argument(flag, type=kind, default=default, choices=choices, help=f"{help_} (default: {default})")
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides):
@@ -63,20 +131,66 @@ def from_args(cls: type, args: argparse.Namespace, **overrides):
     return cls(**values)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def set_argv(cls: type, items: Iterable[str]) -> list[str]:
+    """`--set FIELD=VALUE` items as the generated flags they stand for, to be parsed (and checked)
+    like them: `n_test=5` -> `--n-test=5`, `dapo=true` -> `--dapo`. Raises ValueError for an item
+    that names no field of `cls`.
+
+    >>> set_argv(SupervisedBlock, ["max_length=64", "lora-r=4"])
+    ['--max-length=64', '--lora-r=4']
+    """
+    fields = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    argv: list[str] = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        flag = "--" + key.replace("_", "-")
+        if hints[key] is bool:
+            if value.strip().lower() not in _TRUE + _FALSE:
+                raise ValueError(f"--set {item!r}: {key} is true or false")
+            argv.append(flag if value.strip().lower() in _TRUE else f"--no-{flag[2:]}")
+        elif typing.get_origin(hints[key]) in (list, tuple):
+            argv += [flag, *value.split(",")]
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
+    """Open `path` for writing (text, UTF-8) so that readers see the old content or the new, never
+    half of it: the writes go to a temp file beside it, which replaces `path` (fsynced, renamed)
+    when the block ends, and is removed if the block raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+# -- run directories ---------------------------------------------------------------------------
 
 
 def environment() -> dict[str, Any]:
@@ -112,7 +226,51 @@ def environment() -> dict[str, Any]:
     }
 
 
-def write_run_record(out: str | os.PathLike, config: Any, extra: dict | None = None) -> None:
-    """`config.json` in the run directory: the resolved config and the environment."""
-    record = {"config": dataclasses.asdict(config), "environment": environment(), **(extra or {})}
-    atomic_write_text(Path(out) / "config.json", json.dumps(record, indent=2, default=str) + "\n")
+def write_run_record(out: str | os.PathLike, config: Any, extra: dict | None = None, *, experiment: str) -> None:
+    """`config.json` in the run directory: what ran (`experiment`: stem, delusion, agent, train,
+    ...), the resolved config, the environment, and `extra`."""
+    record = {"experiment": experiment, "config": dataclasses.asdict(config), "environment": environment()}
+    atomic_write_text(Path(out) / "config.json", json.dumps({**record, **(extra or {})}, indent=2, default=str) + "\n")
+
+
+class RunDirError(ValueError):
+    """A run directory that does not fit the command: it holds a run of another experiment or
+    another config, a run the command would start over on, or nothing to report yet."""
+
+
+def check_run_dir(
+    out: str | os.PathLike,
+    config: Any,
+    *,
+    experiment: str,
+    resume: bool = True,
+    may_change: tuple[str, ...] = (),
+) -> dict | None:
+    """The one run-directory guard: a directory holds one run, of one experiment and one config.
+
+    Returns the stored record (`config.json`), or None where the directory holds no run yet.
+    Raises `RunDirError` where it holds a run and `resume` is false (the command would start over
+    on top of it), a run of another experiment, or a run of another config: every differing field
+    is named with its stored and its new value. The fields in `may_change` may differ (how far or
+    how visibly a run goes: seeds, episodes, progress bars)."""
+    path = Path(out) / "config.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if not resume:
+        raise RunDirError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    stored = record.get("experiment")  # records written before every run named its experiment lack it
+    if stored is not None and stored != experiment:
+        raise RunDirError(f"{out} holds a {stored!r} run, not a {experiment!r} one; choose another --out")
+    old = record.get("config") or {}
+    new = json.loads(json.dumps(dataclasses.asdict(config), default=str))  # as `write_run_record` stores it
+    missing = "(none)"
+    diff = [k for k in {**old, **new} if k not in may_change and old.get(k, missing) != new.get(k, missing)]
+    if diff:
+        changes = ", ".join(f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in diff)
+        keep = f" (only {', '.join(may_change)} may change)" if may_change else ""
+        raise RunDirError(
+            f"{out} holds a run with a different config ({changes}); rerun with its settings{keep} "
+            "or choose another --out"
+        )
+    return record

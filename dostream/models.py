@@ -10,6 +10,9 @@
 * `tiny` — a tiny random model of the same Llama architecture with the smollm2 tokenizer, built
   offline in a second (tests, smoke runs). `tiny:SEED` picks the initialisation seed.
 * a path to a `.gguf` file, a local model directory, or a Hugging Face hub id.
+
+`load_model(NAME, adapter=DIR, merge=...)` is the one loader of a base model with a PEFT adapter
+(what `train` writes to OUT/adapter): kept apart, merged in, or loaded to train further.
 """
 
 from __future__ import annotations
@@ -145,14 +148,36 @@ def tiny_model(seed: int = 0, *, hidden_size: int = 32, layers: int = 2, heads: 
         return LlamaForCausalLM(config)
 
 
-def load_model(name: str = "smollm2", *, dtype: torch.dtype = torch.float32):
-    """Load a causal LM by NAME (see module docstring), in `dtype`, in eval mode."""
+def load_model(
+    name: str = "smollm2",
+    *,
+    dtype: torch.dtype = torch.float32,
+    adapter: str | os.PathLike | None = None,
+    merge: bool = False,
+    trainable: bool = False,
+):
+    """Load a causal LM by NAME (see module docstring), in `dtype`, in eval mode.
+
+    `adapter`: a PEFT adapter directory to load on top (a `PeftModel`, the adapter kept apart);
+    `merge`: fold it into the weights (`merge_and_unload`: a plain model, faster to sample from);
+    `trainable`: load it to train further (`is_trainable=True`; the mode is left to the trainer).
+    Without an adapter, `merge` and `trainable` change nothing."""
     from transformers import AutoModelForCausalLM
 
+    if merge and trainable:
+        raise ValueError("load_model: a merged adapter cannot be trained further (merge=True with trainable=True)")
     if name.split(":")[0] == "tiny":
         seed = int(name.split(":")[1]) if ":" in name else 0
         model = tiny_model(seed).to(dtype)
     else:
         path, kwargs = resolve(name)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    return model.eval()
+    model = model.eval()
+    if adapter is None:
+        return model
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    if merge:
+        model = model.merge_and_unload()
+    return model if trainable else model.eval()

@@ -80,7 +80,7 @@ class Rendered:
         return [t if s else IGNORE for t, s in zip(self.input_ids, self.supervised(view))]
 
     def to_json(self, view: str | Iterable[str]) -> dict[str, Any]:
-        """The public `dostream render` record (DESIGN.md)."""
+        """The public `dostream render` record (docs/design.md)."""
         return {
             "id": self.id,
             "text": self.text,

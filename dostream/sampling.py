@@ -4,7 +4,7 @@ The sampled ids are where an agent's tokens are born, so provenance is recorded 
 reconstructed: `Sample.token_ids` are the ids in the order they were drawn, the EOS token
 included when the model chose to stop (that decision is part of its action), and
 `Sample.text` is their decoding with nothing skipped or cleaned up. `agent_segment(sample)` turns a
-sample into the `agent` segment that `Renderer` emits as those same ids (DESIGN.md invariant 2).
+sample into the `agent` segment that `Renderer` emits as those same ids (docs/design.md invariant 2).
 
 >>> from dostream.models import load_model, load_tokenizer               # doctest: +SKIP
 >>> tok, model = load_tokenizer("smollm2"), load_model("smollm2")       # doctest: +SKIP
@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 
 from dostream.cached_forward import CachedForward
+from dostream.config import opt
 from dostream.render import decode
 from dostream.stream import Segment, Stream
 
@@ -49,19 +50,31 @@ _TOPK_FIRST = 64  # nucleus candidates tried first (a trained model's nucleus is
 class SamplingConfig:
     """How to sample. `SamplingConfig(greedy=True)` is deterministic argmax decoding (evaluation)."""
 
-    temperature: float = 1.0  # softmax temperature; 0 means greedy
-    top_p: float = 1.0  # nucleus: sample from the most likely tokens that together hold top_p of the mass
-    max_new_tokens: int = 256  # per row, the EOS token included
-    stop: tuple[str, ...] = ()  # stop strings: a row ends after the token that completes one (kept whole)
-    seed: int = 0  # row i draws from a generator seeded by (seed, i): same seed and config, same samples
-    greedy: bool = False  # argmax decoding; temperature, top_p and seed are ignored
-    batch_size: int = 64  # rows decoded together (sorted by length first); 64 beat 32 by ~15% on 2 CPU cores
-    dtype: str = "auto"  # "auto" (the model's own dtype; bf16 on a CUDA GPU), "fp32", "bf16" (a cast copy)
-    eos_token_ids: tuple[int, ...] | None = (
-        None  # ids that end a row; None: tokenizer's + generation_config's; (): none
+    temperature: float = opt(1.0, "softmax temperature; 0 means greedy")
+    top_p: float = opt(1.0, "nucleus sampling: draw from the most likely tokens that together hold this mass")
+    max_new_tokens: int = opt(256, "new tokens per row, the EOS token included")
+    stop: tuple[str, ...] = opt((), "stop strings: a row ends after the token that completes one (kept whole)")
+    seed: int = opt(
+        0, "random seed: row i draws from a generator seeded by (seed, i); same seed and config, same samples"
     )
-    backend: str = "auto"  # "auto" (vLLM for a model on a CUDA GPU if vllm is installed, else torch), "torch", "vllm"
-    fast_step: bool = True  # Llama-family models run `cached_forward.CachedForward` (False: the model's forward)
+    greedy: bool = opt(False, "argmax decoding (temperature, top-p and seed are ignored)")
+    # Rows are sorted by length first; 64 beat 32 by ~15% on 2 CPU cores.
+    batch_size: int = opt(64, "rows decoded together")
+    dtype: str = opt(
+        "auto",
+        "dtype to sample in: auto (the model's own; bf16 on a CUDA GPU), or a cast copy in fp32, bf16 or fp16",
+        choices=("auto", *_DTYPES),
+    )
+    # None: the tokenizer's EOS ids and the generation config's; (): none.
+    eos_token_ids: tuple[int, ...] | None = opt(None, "token ids that end a row")
+    backend: str = opt(
+        "auto",
+        "auto (vLLM for a model on a CUDA GPU when vllm is installed, else torch), torch or vllm",
+        choices=("auto", "torch", "vllm"),
+    )
+    fast_step: bool = opt(
+        True, "Llama-family models decode with cached_forward.CachedForward (off: the model's forward)"
+    )
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -164,7 +177,7 @@ def _in_dtype(model, dtype: str):
     if dtype == "auto":
         # On CPU, auto keeps the model's dtype, the policy being trained. bf16 pays only where the
         # CPU has fast bf16 matmuls: sampling measured 0.8x fp32 here (Intel, AVX512-BF16, no AMX;
-        # matmul 0.5x), while REFERENCE.md's AMD EPYC has 2.3x bf16 matmuls: pass dtype="bf16" there.
+        # matmul 0.5x), while the AMD EPYC of docs/reference.md §4 has 2.3x bf16 matmuls: pass dtype="bf16" there.
         on_cuda = next(model.parameters()).is_cuda
         want = torch.bfloat16 if on_cuda and have == torch.float32 and torch.cuda.is_bf16_supported() else have
     else:
@@ -216,7 +229,8 @@ def _reserved_cache(model_config, capacity: int):
 
         def update(self, key_states, value_states, *args, **kwargs):
             n = key_states.shape[-2]
-            assert self.is_initialized, "the reserved cache is filled by _prefill first"
+            if not self.is_initialized:
+                raise RuntimeError("the reserved cache is filled by _prefill first")
             if self._len + n > self._k.shape[2]:  # full: double (a copy per doubling, not per token)
                 more = max(self._k.shape[2], n)
                 self._k = torch.cat([self._k, self._k.new_zeros(*self._k.shape[:2], more, self._k.shape[3])], dim=2)

@@ -36,7 +36,8 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
 def mcnemar(a: list[bool], b: list[bool]) -> dict[str, float]:
     """Exact McNemar test for two arms answering the same items: counts of discordant pairs and
     the two-sided binomial p-value."""
-    assert len(a) == len(b), "McNemar needs paired answers to the same items"
+    if len(a) != len(b):
+        raise ValueError("McNemar needs paired answers to the same items")
     only_a = sum(x and not y for x, y in zip(a, b))
     only_b = sum(y and not x for x, y in zip(a, b))
     n = only_a + only_b

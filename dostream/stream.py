@@ -19,15 +19,16 @@ takes it from its role through a role→author map (`DEFAULT_ROLE_MAP`, `assista
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from dostream.config import atomic_open
 
 AUTHORS: tuple[str, ...] = (
     "agent",
@@ -285,25 +286,9 @@ def read_streams(
 def write_streams(path: str | os.PathLike, streams: Iterable[Stream]) -> int:
     """Write streams as JSONL, atomically (temp file + rename): an existing file is replaced only
     once the new one is complete. `path` may be `-` for standard output. Returns the count."""
-    if str(path) == "-":
-        n = 0
+    n = 0
+    with contextlib.nullcontext(sys.stdout) if str(path) == "-" else atomic_open(path) as f:
         for s in streams:
-            sys.stdout.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
+            f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
             n += 1
-        return n
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        n = 0
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for s in streams:
-                f.write(json.dumps(s.to_json(), ensure_ascii=False) + "\n")
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return n
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    return n

@@ -39,10 +39,8 @@ Everything here is small enough to compute exactly, so it is the ground truth th
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -416,28 +414,3 @@ def summary(results: dict[str, Any]) -> str:
         f"   model 0, {s['n']} sampled histories: squared error of m0 {s['mse_m0']:.4f}, of m1 {s['mse_m1']:.4f}"
     )
     return "\n".join(lines)
-
-
-def cli_main(argv: list[str]) -> int:
-    """`dostream theory [--seeds N] [--steps T] [--seed S] [--out DIR] [--json] ...`."""
-    parser = argparse.ArgumentParser(prog="dostream theory", description=__doc__.split("\n")[0])
-    for f in fields(TheoryConfig):
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}",
-            type=type(f.default),
-            default=f.default,
-            help=f"{f.metadata['help']} (default {f.default})",
-        )
-    parser.add_argument("--out", type=Path, default=Path("runs/theory"), help="folder for theory.png and theory.json")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of text")
-    args = parser.parse_args(argv)
-    try:
-        cfg = TheoryConfig(**{f.name: getattr(args, f.name) for f in fields(TheoryConfig)})
-    except ValueError as e:
-        parser.error(str(e))
-    results = run_theory(cfg)
-    figure = plot_delusion(results, args.out / "theory.png")
-    results["figure"] = str(figure)
-    (args.out / "theory.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results) if args.json else f"{summary(results)}\n\nfigure: {figure}")
-    return 0

@@ -6,7 +6,7 @@ Every method in dostream trains through `train(rows, cfg, out)`. Rows are `{"inp
 What makes it exact:
 * The loss of an optimizer step is the mean over *all* supervised tokens of that step (every
   micro-batch, every process): each micro-batch contributes `sum of NLL / step token count`, so the
-  result does not depend on how the step is split (DESIGN.md invariant 5).
+  result does not depend on how the step is split (docs/design.md invariant 5).
 * The vocabulary projection and cross-entropy run only at supervised positions: in an
   interventional stream most tokens are masked, and their logits are never computed.
 * Rows with no supervised token never reach the loop (`encode_rows` drops them).
@@ -40,22 +40,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dostream.config import atomic_write_text, opt, write_run_record
+from dostream.config import SupervisedBlock, atomic_write_text, check_run_dir, opt, write_run_record
 from dostream.render import IGNORE
+from dostream.scoring import logits_at
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(SupervisedBlock):
+    """One run of `train()`. The LoRA/optimiser/batch fields (lr, lora_r, lora_alpha, epochs,
+    batch_size, max_length) are the shared `config.SupervisedBlock`."""
+
     model: str = opt("smollm2", "model NAME: smollm2 (embedded default), tiny, a .gguf path, a local dir or an HF id")
     view: str = opt("interventional", "loss view: interventional, observational, or a comma-separated author set")
     chat_template: bool = opt(False, "render streams with the tokenizer's chat template instead of plain text")
-    max_length: int = opt(1024, "truncate rows to this many tokens")
     truncation_side: str = opt(
         "left", "left keeps the most recent tokens, right the first ones", choices=("left", "right")
     )
-    epochs: int = opt(1, "passes over the rows")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")
-    batch_size: int = opt(8, "rows per micro-batch")
     micro_batch_tokens: int = opt(
         -1,
         "run a micro-batch in pieces of at most this many padded tokens (same "
@@ -63,13 +64,10 @@ class TrainConfig:
         "whole on a GPU; 0: whole)",
     )
     grad_accum: int = opt(1, "micro-batches per optimizer step (per process)")
-    lr: float = opt(2e-4, "peak learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_ratio: float = opt(0.05, "fraction of steps spent warming up linearly from 0")
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
     target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma-separated list of names")
     full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter")
@@ -84,6 +82,10 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
     merge: bool = opt(False, "also save the base model with the adapter merged in, as OUT/merged")
     progress: bool = opt(True, "show a progress bar")
+
+
+# What a resumed run may change: how it saves and shows itself, nothing that changes its weights.
+RESUME_MAY_CHANGE = ("progress", "save_every", "keep_checkpoints", "merge")
 
 
 @functools.cache
@@ -108,6 +110,28 @@ def bf16_faster(device_type: str) -> bool:
     return rate(torch.bfloat16) >= 1.2 * rate(torch.float32)
 
 
+@dataclass(frozen=True)
+class DevicePolicy:
+    """Where a run computes and in what precision: the one policy of `train()` and GRPO."""
+
+    device: torch.device  # a GPU when there is one, else the CPU
+    bf16: bool  # autocast forwards to bf16
+
+
+def device_policy(bf16: str = "auto") -> DevicePolicy:
+    """The run's device (CUDA when available, else the CPU) and its precision: `bf16` "on", "off",
+    or "auto" (on where `bf16_faster` says so), applied per forward by `autocast`."""
+    if bf16 not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 must be auto, on or off, not {bf16!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return DevicePolicy(device, bf16 == "on" or (bf16 == "auto" and bf16_faster(device.type)))
+
+
+def autocast(device: torch.device | str, bf16: bool):
+    """A forward's precision on `device`: bf16 autocast when `bf16`, else float32 (a no-op)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
 # -- the model ------------------------------------------------------------------------------
 
 
@@ -117,7 +141,8 @@ def prepare_model(cfg: TrainConfig, model: nn.Module | None = None) -> nn.Module
     from dostream.models import load_model
 
     if model is not None and hasattr(model, "peft_config") and not cfg.full_finetune:
-        assert any(p.requires_grad for p in model.parameters()), "the adapter is frozen: load it with is_trainable=True"
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the adapter is frozen: load it with is_trainable=True")
         return model
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
@@ -142,29 +167,19 @@ class SupervisedNLL(nn.Module):
     """Sum of the next-token NLL over supervised positions, and how many there are.
 
     The decoder runs on every position (masked tokens are context), but the vocabulary projection
-    and the cross-entropy run only where the next token is supervised. Wrapping this in one module
-    lets DDP/FSDP see a single forward."""
+    and the cross-entropy run only where the next token is supervised (`scoring.logits_at`; the
+    NLL is minus `scoring.target_logprobs`, summed by the fused cross-entropy). Wrapping this in
+    one module lets DDP/FSDP see a single forward."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.decoder = core.get_decoder()
-        self.head = core.get_output_embeddings()
-        cfg = core.config
-        # Models that transform logits after the head (softcapping, scaling) take the plain path.
-        self.plain = any(getattr(cfg, k, None) for k in ("final_logit_softcapping", "logit_scale"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        if self.plain:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][keep]
-        else:
-            hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            logits = self.head(hidden[:, :-1][keep])
-        nll = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        return nll, keep.sum()
+        supervised = labels != IGNORE
+        logits = logits_at(self.model, input_ids, attention_mask, supervised)
+        nll = F.cross_entropy(logits.float(), labels[:, 1:][supervised[:, 1:]], reduction="sum")
+        return nll, supervised[:, 1:].sum()
 
 
 # -- batches --------------------------------------------------------------------------------
@@ -257,7 +272,7 @@ def accumulate_step(
     for j, idx in enumerate(mine):
         batch = {key: v.to(acc.device) for key, v in collate(rows, idx, pad_id).items()}
         sync = contextlib.nullcontext() if j == len(mine) - 1 else acc.no_sync(loss_module)
-        with sync, torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with sync, autocast(acc.device, bf16):
             nll, _ = loss_module(**batch)
             acc.backward(nll * acc.num_processes / n_sup)
         nll_total += nll.item()
@@ -295,18 +310,18 @@ def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: d
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{step:07d}"
-    tmp = ckdir / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-        tmp / "state.pt",
-    )
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
-    model.save_pretrained(tmp / "adapter")  # the PEFT adapter (or full model) for users
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        save_file(trainable_state(model), tmp / "trainable.safetensors")
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+            tmp / "state.pt",
+        )
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
+        model.save_pretrained(tmp / "adapter")  # the PEFT adapter (or full model) for users
+
+    _replace_dir(final, write)
     atomic_write_text(ckdir / "latest", final.name)
     older = sorted(p for p in ckdir.glob("step-*") if p.name != final.name)
     for old in older[: max(0, len(older) - (keep - 1))]:
@@ -374,7 +389,9 @@ def train(
     """Train on labelled rows; write checkpoints, metrics and the final adapter under `out`.
 
     `model` may be passed already loaded (the methods chain stages); otherwise `cfg.model` is
-    loaded and given a fresh LoRA adapter (or made fully trainable)."""
+    loaded and given a fresh LoRA adapter (or made fully trainable). A directory that holds
+    checkpoints is continued only with `resume=True` and the same config (`config.check_run_dir`;
+    the fields of `RESUME_MAY_CHANGE` aside), else `config.RunDirError`."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -382,10 +399,10 @@ def train(
     rows = [r for r in rows if any(label != IGNORE for label in r["labels"][1:])]
     if not rows:
         raise ValueError("no training rows: every stream was empty or had no supervised token under the view")
-    if latest_checkpoint(out) is not None and not resume:
-        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
-    cuda = torch.cuda.is_available()
-    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_faster("cuda" if cuda else "cpu"))
+    if latest_checkpoint(out) is not None:  # a run that saved nothing yet holds nothing to continue
+        check_run_dir(out, cfg, experiment="train", resume=resume, may_change=RESUME_MAY_CHANGE)
+    policy = device_policy(cfg.bf16)
+    cuda, use_bf16 = policy.device.type == "cuda", policy.bf16
     # Precision is ours to switch per call (autocast below); Accelerate's process-wide
     # mixed_precision setting cannot change within a process, and the methods chain several runs.
     acc = Accelerator(cpu=not cuda)
@@ -402,6 +419,7 @@ def train(
                 "world_size": acc.num_processes,
                 **(extra_record or {}),
             },
+            experiment="train",
         )
 
     torch.manual_seed(cfg.seed)
@@ -518,6 +536,9 @@ def merged_copy(model: nn.Module) -> nn.Module:
 
 
 def _replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` builds a directory under a temp name beside `target`, which is then renamed into
+    place (an old `target` moved aside first, removed after): a killed write never leaves a
+    half-written checkpoint or adapter behind. (The same rule for a file: `config.atomic_open`.)"""
     tmp = target.with_name(f".tmp-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)

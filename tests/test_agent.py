@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import run_cli
 
-from dostream.agent.loop import Agent, AgentConfig, env_spec, run
+from dostream.agent.loop import Agent, AgentConfig, run
 from dostream.agent.probe import rule_probe
 from dostream.agent.store import Store
+from dostream.envs.registry import env_spec
 from dostream.envs.support import GOALS, ITEMS, SERVICES, SupportEnv, SupportWorld, named_item, prompt_segments
 from dostream.models import tiny_model
 from dostream.render import Renderer
@@ -46,9 +47,9 @@ def _ep(i, ok=False):
 def test_store_appends_in_order_and_refuses_gaps_and_repeats(tmp_path):
     store = Store(tmp_path / "s.sqlite")
     store.add_episodes([(0, _ep(0), None), (1, _ep(1, True), None)])
-    with pytest.raises(AssertionError, match="continue the sequence at 2"):
+    with pytest.raises(RuntimeError, match="continue the sequence at 2"):
         store.add_episodes([(1, _ep(1), None)])
-    with pytest.raises(AssertionError):
+    with pytest.raises(RuntimeError):
         store.add_episodes([(3, _ep(3), None)])
     assert [s.id for s in store.episodes()] == ["e0", "e1"]
     assert store.episodes()[1].segments[1].token_ids == [32]  # exact agent ids survive the store

@@ -80,3 +80,119 @@ def test_show_terminal_and_html(tmp_path):
     assert html.startswith("<!doctype html>") and 'title="id ' in html and "author oracle" in html
     obs = run_cli("show", EXAMPLES / "tutoring.jsonl", "--view", "observational").stdout
     assert "[LOSS] agent" in obs
+
+
+def _bad_inputs(tmp_path) -> dict[str, list]:
+    """One user mistake per subcommand of the dispatch table (a missing file where it reads one)."""
+    missing = tmp_path / "missing.jsonl"
+    return {
+        "render": ["render", missing],
+        "show": ["show", missing],
+        "train": ["train", missing, "--model", "tiny", "--out", tmp_path / "train"],
+        "sample": ["sample", "--model", "tiny", "--prompt", "Hi", "--n", "0"],
+        "stem": ["stem", "verify", "--input", missing],
+        "reproduce": ["reproduce", "delusion", "--report-only", "--out", tmp_path / "nowhere"],
+        "report": ["report", tmp_path / "nowhere"],
+        "agent": ["agent", "run", "--env", "support", "--model", "tiny", "--out", tmp_path / "agent", "--views", "x"],
+        "streams": ["streams", "export", tmp_path / "nowhere"],
+        "theory": ["theory", "--out", tmp_path / "theory", "--verifier-hit", "1.0"],
+    }
+
+
+def test_every_command_reports_a_user_error_in_one_line(tmp_path):
+    """`dostream CMD: message` on stderr, exit status 2, no traceback: the one error convention."""
+    from dostream.cli.main import COMMANDS
+
+    cases = _bad_inputs(tmp_path)
+    assert set(cases) == set(COMMANDS), "give every subcommand a bad input here"
+    for name, args in cases.items():
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2, (name, proc.returncode, proc.stderr)
+        assert "Traceback" not in proc.stderr, (name, proc.stderr)
+        assert proc.stderr.splitlines()[-1].startswith(f"dostream {name}: "), (name, proc.stderr)
+    assert not (tmp_path / "train").exists() and not (tmp_path / "agent").exists()
+
+
+def test_user_error_messages(tmp_path):
+    """What the converted library errors say (the file, the view, the flag at fault)."""
+    missing = tmp_path / "missing.jsonl"
+    proc = run_cli("render", missing, check=False)
+    assert proc.stderr.strip() == f"dostream render: {missing}: No such file or directory"
+    proc = run_cli("render", EXAMPLES / "stem_streams.jsonl", "--view", "robots", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("dostream render: --view: unknown view 'robots'")
+    proc = run_cli("show", EXAMPLES / "stem_streams.jsonl", "--role-map", "assistant", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "dostream show: --role-map: expected ROLE=AUTHOR, got 'assistant'"
+    proc = run_cli("sample", "--model", "tiny", "--prompt", "Hi", "--top-p", "0", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == "dostream sample: top_p must be in (0, 1], got 0.0"
+    proc = run_cli("stem", "verify", "--input", missing, check=False)
+    assert proc.stderr.strip() == f"dostream stem: cannot read {missing}: No such file or directory"
+
+
+# -- reproduce and report: one preset mechanism, one run-directory guard ----------------------
+
+
+def test_reproduce_flags_start_from_the_preset():
+    """`--preset` picks a config instance; every field is a flag defaulting to the preset's value,
+    and `--set FIELD=VALUE` is the same flag spelled another way (later flags win)."""
+    import dostream.experiments.delusion.run as delusion
+    import dostream.experiments.stem.run as stem
+    from dostream.cli.reproduce import _parse
+
+    for module in (stem, delusion):
+        for name, preset in module.PRESETS.items():
+            assert _parse(module.EXPERIMENT, module, ["--preset", name])[1] == preset
+    args, p = _parse("stem", stem, ["--preset", "smoke", "--set", "n_test=5", "--set", "dapo=no", "--lr", "0.5"])
+    assert (p.n_test, p.dapo, p.lr, p.model, args.seeds) == (5, False, 0.5, "tiny", 1)
+    assert stem.PRESETS["quick"].lr == 1e-3 and _parse("stem", stem, [])[1].lr == 1e-3  # quick is the default
+    _, cfg = _parse("delusion", delusion, ["--preset", "smoke", "--set", "lr=0.5", "--no-progress"])
+    assert (cfg.lr, cfg.progress, cfg.seeds, cfg.lora_r) == (0.5, False, 2, 4)
+    proc = run_cli("reproduce", "stem", "--preset", "smoke", "--set", "bogus=1", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("dostream reproduce: --set 'bogus=1': expected FIELD=VALUE")
+
+
+def test_run_dir_guard(tmp_path):
+    """`config.check_run_dir`: a run directory holds one experiment and one config; the refusal
+    names every differing field, old -> new."""
+    import dataclasses
+
+    import pytest
+
+    from dostream.config import RunDirError, check_run_dir, write_run_record
+    from dostream.experiments.delusion.run import PRESETS
+
+    smoke = PRESETS["smoke"]
+    assert check_run_dir(tmp_path, smoke, experiment="delusion") is None  # nothing there yet
+    write_run_record(tmp_path, smoke, {"preset": "smoke"}, experiment="delusion")
+    assert check_run_dir(tmp_path, smoke, experiment="delusion")["preset"] == "smoke"
+    with pytest.raises(RunDirError, match="pass --resume"):
+        check_run_dir(tmp_path, smoke, experiment="delusion", resume=False)
+    with pytest.raises(RunDirError, match="holds a 'delusion' run, not a 'stem' one"):
+        check_run_dir(tmp_path, smoke, experiment="stem")
+    other = PRESETS["quick"]
+    with pytest.raises(RunDirError, match=r"different config \(.*lr: 0\.001 -> 0\.0005.*\)") as e:
+        check_run_dir(tmp_path, other, experiment="delusion")
+    assert "n_seen: 4 -> 16" in str(e.value) and "seeds" in str(e.value)
+    more = dataclasses.replace(smoke, seeds=5, progress=False)
+    assert check_run_dir(tmp_path, more, experiment="delusion", may_change=("seeds", "progress"))
+    record = json.loads((tmp_path / "config.json").read_text())
+    del record["experiment"]  # a record written before every record named its experiment
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    assert check_run_dir(tmp_path, smoke, experiment="delusion")
+
+
+def test_report_refuses_a_run_without_a_report(tmp_path):
+    from dataclasses import dataclass
+
+    from dostream.config import write_run_record
+
+    @dataclass
+    class Nothing:
+        pass
+
+    write_run_record(tmp_path, Nothing(), experiment="train")
+    proc = run_cli("report", tmp_path, check=False)
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip() == f"dostream report: {tmp_path} is a 'train' run; reports exist for stem, delusion, agent"
+    )

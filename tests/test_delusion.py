@@ -70,7 +70,7 @@ def test_summarise_counts():
 def test_arms_and_presets():
     assert VIEWS[ARMS["standard"]] - VIEWS[ARMS["interventional"]] == {"agent"}
     assert "context" not in VIEWS[ARMS["standard"]] | VIEWS[ARMS["interventional"]]
-    smoke, quick, paper = PRESETS["smoke"](), PRESETS["quick"](), PRESETS["paper"]()
+    smoke, quick, paper = PRESETS["smoke"], PRESETS["quick"], PRESETS["paper"]
     assert smoke.model == "tiny" and quick.model == "smollm2" and quick.seeds >= 3 and not quick.full_finetune
     assert (paper.n_dialogues, paper.epochs, paper.lr, paper.p_lie, paper.full_finetune) == (480, 4, 2e-5, 0.5, True)
 
@@ -101,4 +101,8 @@ def test_smoke_preset_end_to_end_and_resume(tmp_path):
     assert other.returncode == 2 and "different config" in other.stderr and "lr" in other.stderr
     (out / "report.md").unlink()
     run_cli("reproduce", "delusion", "--report-only", "--out", out, timeout=120)
+    assert (out / "report.md").read_text() == report
+    assert json.loads((out / "config.json").read_text())["experiment"] == "delusion"
+    (out / "report.md").unlink()
+    run_cli("report", out, timeout=120)  # `dostream report` rebuilds any run's report
     assert (out / "report.md").read_text() == report

@@ -1,4 +1,5 @@
-"""The episode API (StemEnv, the calculator variant, Episode, rollout) and the `dostream stem` CLI."""
+"""The episode API (StemEnv, the calculator variant, Episode), the acting loop (`envs.rollout`), the
+environments by name (`envs.registry`) and the `dostream stem` CLI."""
 
 import json
 import subprocess
@@ -6,8 +7,11 @@ import sys
 
 import pytest
 
-from dostream.envs.base import Environment, Episode, StepResult, rollout
+from dostream.envs import rollout as rollout_module
+from dostream.envs.base import Environment, Episode, StepResult
 from dostream.envs.calculator import TOOL_HINT, CalculatorStemEnv
+from dostream.envs.registry import ENVS, env_spec
+from dostream.envs.rollout import rollout
 from dostream.envs.stem import (
     QUESTION_HEADER,
     SOLUTION_HEADER,
@@ -18,6 +22,9 @@ from dostream.envs.stem import (
     prompt,
     teacher_stream,
 )
+from dostream.envs.support import SupportEnv, SupportWorld
+from dostream.envs.tutor.env import FACTS, TutorEnv
+from dostream.sampling import Sample, SamplingConfig
 from dostream.stream import VIEWS, read_streams, write_streams
 
 P = Problem(
@@ -40,6 +47,9 @@ def authors(stream):
 
 def test_envs_satisfy_the_protocol():
     assert isinstance(StemEnv(), Environment) and isinstance(CalculatorStemEnv(), Environment)
+    assert isinstance(SupportEnv(SupportWorld(0)), Environment) and isinstance(TutorEnv(), Environment)
+    for name in ENVS:
+        assert isinstance(env_spec(name, 0).make_env(), Environment)
 
 
 def test_reset_frames_the_question_like_the_paper():
@@ -51,7 +61,7 @@ def test_reset_frames_the_question_like_the_paper():
     ]
     assert "".join(s.text for s in segments) == prompt(P) == f"Question:\n{P.question}\n\nProposed solution:\n"
     assert StemEnv(question_author="user").reset(P)[1].author == "user"
-    with pytest.raises(AssertionError, match="question_author"):
+    with pytest.raises(ValueError, match="question_author"):
         StemEnv(question_author="agent")
 
 
@@ -117,7 +127,7 @@ def test_an_environment_cannot_write_agent_segments():
         def step(self, agent_text, token_ids=None):
             return StepResult([], 0.0, True)
 
-    with pytest.raises(AssertionError, match="only Episode records agent turns"):
+    with pytest.raises(ValueError, match="only Episode records agent turns"):
         Episode(Bad(), P).reset()
 
 
@@ -173,21 +183,113 @@ def test_calculator_call_budget_then_graded():
     assert result.done and [s.author for s in result.segments][:2] == ["verifier", "protocol"]
 
 
-def test_rollout_with_a_policy_and_jsonl_round_trip(tmp_path):
+def scripted(monkeypatch, tok, policy, calls=None):
+    """Replace the acting loop's sampler by `policy(prompt text) -> (text, finish reason)`; each
+    call's config is appended to `calls`."""
+
+    def fake_sample(model, tok_, prompts, cfg):
+        if calls is not None:
+            calls.append(cfg)
+        out = []
+        for prompt_ids in prompts:
+            text, finish = policy(tok_.decode(prompt_ids))
+            ids = tok_(text, add_special_tokens=False)["input_ids"][: cfg.max_new_tokens]
+            out.append(Sample(ids, tok_.decode(ids), finish, len(prompt_ids)))
+        return out
+
+    monkeypatch.setattr(rollout_module, "sample", fake_sample)
+
+
+def test_rollout_with_a_policy_and_jsonl_round_trip(tmp_path, monkeypatch, tok):
     problems = generate("agent", 6, seed=1)
 
-    def policy(segments):
-        question = next(s.text for s in segments if s.author == "context")
-        p = next(p for p in problems if p.question == question)
-        return (p.solution, [1, 2, 3]) if p.skill != "ph" else "Final answer: 99"
+    def policy(prompt_text):
+        p = next(p for p in problems if p.question in prompt_text)
+        return (p.solution if p.skill != "ph" else "Final answer: 99"), "eos"
 
-    streams = [rollout(StemEnv(), p, policy) for p in problems]
+    scripted(monkeypatch, tok, policy)
+    streams = rollout(None, tok, StemEnv, problems, SamplingConfig(max_new_tokens=256))
     assert [s.id for s in streams] == [p.id for p in problems]
     for stream, p in zip(streams, problems):
         assert stream.meta["reward"] == (0.0 if p.skill == "ph" else 1.0)
     write_streams(tmp_path / "s.jsonl", streams)
     back = list(read_streams(tmp_path / "s.jsonl"))
     assert [s.to_json() for s in back] == [s.to_json() for s in streams]
+
+
+TWO_VOLTS = Problem(
+    "v2", "physics", "ohm_voltage", "2 A through 1 ohm. Voltage?", "Final answer: 2 V.", 2.0, "V", 0.01, 0.0
+)
+
+
+@pytest.mark.parametrize(
+    "sampled,kept,marked,answer",
+    [
+        # emphasis around the marker: the answer line ends the turn, and that line is graded
+        ("**Final answer**: 2 V\nThen 7 more words", "**Final answer**: 2 V\n", True, 2.0),
+        # a line break inside the marker: no marker, so no cut, and the last number is graded
+        ("Final\nanswer: 2 V\nThen 7 more words", "Final\nanswer: 2 V\nThen 7 more words", False, 7.0),
+    ],
+)
+def test_what_is_cut_is_what_is_graded(monkeypatch, tok, sampled, kept, marked, answer):
+    """One `Final answer:` rule, the verifier's: the turn is cut at the end of the answer line
+    exactly when the verifier reads the answer after a marker."""
+    scripted(monkeypatch, tok, lambda prompt: (sampled, "length"))
+    [s] = rollout(None, tok, StemEnv, [TWO_VOLTS], SamplingConfig(max_new_tokens=64))
+    agent = next(seg for seg in s.segments if seg.author == "agent")
+    assert agent.text == kept
+    assert agent.token_ids == tok(sampled, add_special_tokens=False)["input_ids"][: len(agent.token_ids)]
+    assert s.meta["verdict"]["marked"] is marked and s.meta["verdict"]["answer"] == answer
+
+
+def test_single_turn_envs_sample_once_with_their_stop_and_seed(monkeypatch, tok):
+    """Support and tutor episodes are one line: one sampler call, stopped at the line break, with
+    the caller's seed and budget; the agent segment keeps the sampled ids."""
+    calls = []
+    scripted(monkeypatch, tok, lambda prompt: (" card ending 1234.\n", "stop"), calls)
+    spec = env_spec("support", 0)
+    items = spec.items("train", 3, 0)
+    streams = spec.act(None, tok, items, SamplingConfig(max_new_tokens=24, seed=5), ["a", "b", "c"])
+    assert [(c.stop, c.seed, c.max_new_tokens) for c in calls] == [(("\n",), 5, 24)]
+    assert [s.id for s in streams] == ["a", "b", "c"]
+    for s, task in zip(streams, items):
+        [agent] = [seg for seg in s.segments if seg.author == "agent"]
+        assert agent.token_ids == tok(" card ending 1234.\n", add_special_tokens=False)["input_ids"]
+        assert s.meta["success"] is (task.required == "card") and s.meta["turns"] == 1
+    # a sample that runs past the line break is cut after the token that completes it
+    scripted(monkeypatch, tok, lambda prompt: ("The capital of Australia is Canberra.\nUser: more", "length"))
+    [s] = rollout(None, tok, TutorEnv, [FACTS[0]], SamplingConfig(max_new_tokens=32))
+    assert next(seg.text for seg in s.segments if seg.author == "agent") == "The capital of Australia is Canberra.\n"
+    assert s.meta["success"] is True
+
+
+def test_a_turn_paused_at_a_stop_goes_on_and_rounds_are_seeded(monkeypatch, tok):
+    """The calculator pauses sampling at every ")": one that closes no call continues the same turn
+    (one agent segment, all its ids); a call is answered by the tool; round r draws with seed
+    `seed * seed_stride + r`."""
+    script = iter([("I = (2.0)", "stop"), (" so V = calc(2*1)", "stop"), (" V. Final answer: 2 V\nmore", "length")])
+    calls = []
+    scripted(monkeypatch, tok, lambda prompt: next(script), calls)
+    [s] = rollout(None, tok, CalculatorStemEnv, [TWO_VOLTS], SamplingConfig(max_new_tokens=64, seed=3), seed_stride=7)
+    assert [(c.stop, c.seed) for c in calls] == [((")",), 21), ((")",), 22), ((")",), 23)]
+    assert [seg.author for seg in s.segments][-3:] == ["agent", "tool", "agent"]
+    first, tool, last = s.segments[-3:]
+    assert first.text == "I = (2.0) so V = calc(2*1)" and tool.text == " = 2" and last.text == " V. Final answer: 2 V\n"
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ("I = (2.0)", " so V = calc(2*1)")]
+    assert first.token_ids == ids[0] + ids[1]
+    assert s.meta["correct"] is True and s.meta["calls"] == 1
+    # the budget is per turn: after the pause the same turn gets what is left of it
+    assert calls[1].max_new_tokens == 64 - len(ids[0]) and calls[2].max_new_tokens == 64
+
+
+def test_rollout_refuses_mixed_stop_rules_and_misaligned_arguments(tok):
+    envs = iter([StemEnv(), CalculatorStemEnv()])
+    with pytest.raises(ValueError, match="stop strings"):
+        rollout(None, tok, lambda: next(envs), [P, P], SamplingConfig())
+    with pytest.raises(ValueError, match="ids has 1 entries for 2 items"):
+        rollout(None, tok, StemEnv, [P, P], SamplingConfig(), ids=["x"])
+    with pytest.raises(ValueError, match="unknown environment"):
+        env_spec("chess", 0)
 
 
 def test_teacher_stream_is_an_sft_row():
@@ -237,7 +339,8 @@ def test_cli_verify(tmp_path):
     verdicts = [json.loads(line) for line in out.stdout.splitlines()]
     assert [v["id"] for v in verdicts] == ["a", "b", "c", "d"]
     assert [v["correct"] for v in verdicts] == [True, True, False, False]
-    assert set(verdicts[0]) == {"id", "correct", "answer", "unit", "reason"}
+    assert set(verdicts[0]) == {"id", "correct", "answer", "unit", "marked", "reason"}
+    assert [v["marked"] for v in verdicts] == [True, True, True, False]
     assert verdicts[1]["answer"] == 1000.0 and verdicts[1]["unit"] == "mM"
     assert "wrong unit" in verdicts[2]["reason"] and verdicts[3]["answer"] is None
 

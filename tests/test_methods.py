@@ -153,13 +153,51 @@ def test_token_logprobs_match_a_full_forward(tok):
     r = grpo.Rollout(tok("a b c d e", add_special_tokens=False)["input_ids"], [False, False, True, True, True], 0, 0, 0)
     b = grpo._batch([r], tok.pad_token_id)
     with torch.no_grad():
-        got = grpo.token_logprobs(model, b)
+        got = grpo._action_logprobs(model, b)
         full = torch.log_softmax(model(input_ids=b["input_ids"]).logits.float(), -1)[0]
     want = torch.stack([full[t - 1, r.input_ids[t]] for t in (2, 3, 4)])
     assert torch.allclose(got, want, atol=1e-5)
 
 
 # -- ReST -----------------------------------------------------------------------------------
+
+
+def test_grpo_computes_where_the_device_policy_says(monkeypatch, tok, problems, tmp_path):
+    """GRPO takes train()'s device policy: the model goes to the policy's device, every batch it
+    scores is on the model's device, and autocast runs there with the policy's precision (bf16
+    here, whatever this CPU measures)."""
+    from dostream.models import tiny_model
+    from dostream.train import DevicePolicy
+
+    tiny_model(0).save_pretrained(tmp_path / "sft1")
+    policy, asked, moved, seen = DevicePolicy(torch.device("cpu"), True), [], [], []
+
+    def device_policy(bf16):
+        asked.append(bf16)
+        return policy
+
+    module_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        moved.extend(a for a in args if a is policy.device)
+        return module_to(self, *args, **kwargs)
+
+    def logprobs_at(model, input_ids, attention_mask, score):
+        device = next(model.parameters()).device
+        on_device = all(t.device == device for t in (input_ids, attention_mask, score))
+        seen.append((on_device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)))
+        return real(model, input_ids, attention_mask, score)
+
+    real = grpo.logprobs_at
+    monkeypatch.setattr(grpo, "device_policy", device_policy)
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(grpo, "logprobs_at", logprobs_at)
+    cfg = grpo.GRPOConfig(groups=2, k=2, max_new_tokens=4, bf16="off", progress=False)
+    model, info = grpo.train_grpo(problems[:2], tok, cfg, tmp_path / "sft1", tmp_path / "grpo")
+    assert asked == ["off"] and moved  # the policy decides, not cfg.bf16 alone
+    assert info["groups"] == 2 and len(seen) >= 4  # the sampling policy and the reference, per group
+    assert all(s == (True, True, torch.bfloat16) for s in seen)
+    assert next(model.parameters()).device == policy.device
 
 
 def test_rest_keeps_at_most_one_passing_parseable_sample_per_group_deduped(tok, problems):
@@ -254,6 +292,7 @@ def test_sft1_supervises_only_the_solution(tok, problems, tools):
 def test_attempt_pauses_for_the_tool_and_cuts_after_the_answer_line(monkeypatch, tok):
     """A scripted sampler: the agent calls the calculator, reads its answer, then writes its final
     line and keeps going; the attempt keeps the sampled ids up to that line's break, exactly."""
+    from dostream.envs import rollout
     from dostream.envs.stem import Problem
     from dostream.methods import attempts
     from dostream.sampling import Sample
@@ -278,7 +317,7 @@ def test_attempt_pauses_for_the_tool_and_cuts_after_the_answer_line(monkeypatch,
         ids = tok_(text, add_special_tokens=False)["input_ids"]
         return [Sample(ids, tok_.decode(ids), "stop" if text.endswith(")") else "length", len(prompts[0]))]
 
-    monkeypatch.setattr(attempts, "sample", fake_sample)
+    monkeypatch.setattr(rollout, "sample", fake_sample)  # the acting loop's sampler
     [s] = attempts.attempt(
         None, tok, [p], attempts.SamplingConfig(max_new_tokens=64), tools="calculator", progress=False
     )

@@ -1,4 +1,4 @@
-"""Rendering invariants (DESIGN.md 1-4) as property tests over random streams, plus goldens."""
+"""Rendering invariants (docs/design.md 1-4) as property tests over random streams, plus goldens."""
 
 import pytest
 from conftest import EXAMPLES

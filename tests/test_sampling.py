@@ -322,6 +322,20 @@ def test_cli_in_process_with_adapter(tmp_path, tok, capsys):
     assert "sample 1/1" in capsys.readouterr().out
 
 
+def test_cli_options_are_sampling_config_fields():
+    import dataclasses
+
+    from dostream.cli.sample import build_parser
+
+    args = build_parser().parse_args([])
+    # Every field but the ids (no command-line form) is an option; the defaults are today's.
+    assert {f.name for f in dataclasses.fields(SamplingConfig)} - set(vars(args)) == {"eos_token_ids"}
+    assert (args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size) == (1.0, 1.0, 64, 0, 64)
+    assert (args.greedy, args.dtype, args.backend, args.stop, args.n) == (False, "auto", "auto", [], 1)
+    args = build_parser().parse_args(["--greedy", "--stop", "a", "--stop", "b", "--max-new-tokens", "3"])
+    assert (args.greedy, args.stop, args.max_new_tokens) == (True, ["a", "b"], 3)
+
+
 def test_cli_subprocess(tok):
     from dostream.cli.main import COMMANDS
 

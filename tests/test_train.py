@@ -144,6 +144,45 @@ def test_merge_writes_full_model(rows, tmp_path):
         torch.testing.assert_close(merged(x).logits, result.model.eval()(x).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_one_loader_keeps_merges_or_trains_an_adapter(tmp_path):
+    """`load_model(NAME, adapter=DIR)`: the adapter kept apart (frozen, eval), merged in (a plain
+    model, same outputs), or loaded to train further (its LoRA weights require grad)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    trained = get_peft_model(load_model("tiny:4"), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "adapter")
+    x = torch.tensor([[5, 17, 300, 9, 41]])
+    with torch.no_grad():
+        want = trained.eval()(x).logits
+        kept = load_model("tiny:4", adapter=tmp_path / "adapter")
+        assert isinstance(kept, PeftModel) and not kept.training
+        assert not any(p.requires_grad for p in kept.parameters())
+        torch.testing.assert_close(kept(x).logits, want)
+        merged = load_model("tiny:4", adapter=tmp_path / "adapter", merge=True)
+        assert not isinstance(merged, PeftModel) and not merged.training
+        torch.testing.assert_close(merged(x).logits, want, rtol=1e-5, atol=1e-5)
+    more = load_model("tiny:4", adapter=tmp_path / "adapter", trainable=True)
+    assert {k for k, p in more.named_parameters() if p.requires_grad} == {
+        k for k, p in trained.named_parameters() if p.requires_grad
+    }
+    plain = load_model("tiny:4", merge=True)  # no adapter: the base model
+    assert not isinstance(plain, PeftModel) and not plain.training
+    with pytest.raises(ValueError, match="merged adapter"):
+        load_model("tiny:4", adapter=tmp_path / "adapter", merge=True, trainable=True)
+
+
+def test_device_policy():
+    """train() and GRPO share one policy: CUDA when available, bf16 on, off or as measured."""
+    from dostream.train import bf16_faster, device_policy
+
+    cuda = torch.cuda.is_available()
+    assert device_policy("off").device.type == ("cuda" if cuda else "cpu")
+    assert device_policy("on").bf16 and not device_policy("off").bf16
+    assert device_policy("auto").bf16 == bf16_faster("cuda" if cuda else "cpu")
+    with pytest.raises(ValueError, match="bf16"):
+        device_policy("yes")
+
+
 def _train_cmd(out, *extra):
     return [
         sys.executable,

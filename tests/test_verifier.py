@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dostream.envs.stem import Verdict, verify
+from dostream.envs.stem import FINAL_ANSWER, Verdict, answer_line_ended, verify
 
 
 def row(answer, unit, rel=0.01, abs_=0.0):
@@ -121,6 +121,30 @@ def test_verifier_table(name, problem, completion, correct, answer, unit, fragme
     assert fragment in v.reason, v
 
 
+@pytest.mark.parametrize("name,problem,completion,correct,answer,unit,fragment", CASES, ids=[c[0] for c in CASES])
+def test_marked_says_whether_a_marker_was_found(name, problem, completion, correct, answer, unit, fragment):
+    assert verify(problem, completion).marked is (FINAL_ANSWER.search(completion) is not None)
+
+
+@pytest.mark.parametrize(
+    "completion,marked,ended",
+    [
+        ("**Final answer**: 2 V", True, False),  # graded after the marker ...
+        ("**Final answer**: 2 V\nmore", True, True),  # ... and its line's end ends the attempt
+        ("Final\nanswer: 2 V\nmore", False, False),  # not a marker: the last number, no cut
+        ("Final answer:\n2 V", True, False),  # the answer may start on the next line
+        ("Final answer:\n\n2 V\n", True, True),
+        ("Final answer: $2\\,\\text{V}$\n", True, True),
+        ("final ANSWER： 2 V\n", True, True),
+        ("The answer is 2 V.\nDone.\n", False, False),
+    ],
+)
+def test_the_cutter_and_the_grader_share_one_marker_rule(completion, marked, ended):
+    v = verify(row(2.0, "V"), completion)
+    assert v.marked is marked and answer_line_ended(completion) is ended
+    assert v.answer == 2.0
+
+
 def test_table_is_large_enough():
     assert len(CASES) >= 40
 
@@ -163,6 +187,15 @@ def test_never_raises_on_answer_like_text(text, problem):
     v = verify(problem, text)
     assert v.answer is None or isinstance(v.answer, float)
     assert not v.correct or v.answer is not None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ALPHABET | st.sampled_from(["Final\nanswer:", "**Final answer**:", "FINAL ANSWER"]), max_size=40))
+def test_a_completion_is_cut_exactly_when_it_is_marked(parts):
+    """A marked completion's answer line ends at its next line break; an unmarked one is never cut."""
+    text = "".join(parts)
+    assert verify(V10, text).marked is answer_line_ended(text + "x\n")
+    assert not answer_line_ended(text) or verify(V10, text).marked
 
 
 @pytest.mark.parametrize(

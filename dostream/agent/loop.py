@@ -28,24 +28,27 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from dostream.agent.store import Store
-from dostream.config import atomic_write_text, environment, opt
-from dostream.envs.base import Episode
+from dostream.config import SupervisedBlock, atomic_write_text, block_values, check_run_dir, like, opt, write_run_record
+from dostream.envs.registry import ENVS, env_spec
 from dostream.render import Renderer, encode_rows
-from dostream.sampling import SamplingConfig, sample
-from dostream.stream import Stream, view_authors
+from dostream.sampling import SamplingConfig
+from dostream.stream import view_authors
 
-ENVS = ("support", "support-framed", "stem", "tutor")
 # The loops `agent run` compares: each learns from a view of `stream.VIEWS`, or not at all (`none`).
 LOOPS = ("interventional", "observational", "none")
 
 
 @dataclass
-class AgentConfig:
+class AgentConfig(SupervisedBlock):
+    """One loop of the agent. The LoRA/optimiser/batch fields of every update (lr, constant with a
+    fresh AdamW per update; lora_r, lora_alpha, epochs, batch_size, max_length) are the shared
+    `config.SupervisedBlock`."""
+
     env: str = opt(
         "support",
         "environment: support (calls to services), support-framed (the services' replies in "
@@ -59,12 +62,8 @@ class AgentConfig:
     episodes: int = opt(192, "episodes to act in total")
     update_every: int = opt(16, "episodes between updates (also the acting batch)")
     replay: float = opt(1.0, "older episodes replayed per new episode in an update (drawn uniformly from the store)")
-    epochs: int = opt(2, "passes over an update's rows")
-    batch_size: int = opt(8, "rows per optimizer step")
-    lr: float = opt(2e-4, "learning rate of every update (constant, fresh AdamW per update)")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha")
-    max_length: int = opt(512, "training rows are truncated to this many tokens")
+    epochs: int = like(SupervisedBlock, "epochs", 2)
+    max_length: int = like(SupervisedBlock, "max_length", 512)
     gate_control: int = opt(16, "held-out control items the gate asks (0 with gate_learned 0: no gate)")
     gate_learned: int = opt(8, "items the agent already solved that the gate asks again")
     gate_tolerance: float = opt(0.1, "reject a candidate whose control success is this much below the adapter in force")
@@ -79,77 +78,6 @@ class AgentConfig:
     progress: bool = opt(True, "show a live progress line")
 
 
-# -- environments ---------------------------------------------------------------------------
-
-
-@dataclass
-class EnvSpec:
-    """What the loop needs from an environment: items per split, and how a batch is acted."""
-
-    items: Callable[[str, int, int], list]  # (split: train|heldout|control, n, seed) -> items
-    act: Callable[..., list[Stream]]  # (model, tok, items, sampling, ids) -> streams with meta["success"]
-    max_new_tokens: int
-    describe: dict[str, Any]  # for the report (e.g. the support world's rules)
-
-
-def single_turn_act(make_env: Callable[[], Any]) -> Callable[..., list[Stream]]:
-    """Acting for environments where the agent speaks once per episode (one line, `env.stop`)."""
-
-    def act(model, tok, items, sampling: SamplingConfig, ids: list[str]) -> list[Stream]:
-        renderer = Renderer(tok, add_eos=False)
-        eps = [Episode(make_env(), item, id=i) for item, i in zip(items, ids)]
-        for ep in eps:
-            ep.reset()
-        cfg = replace(sampling, stop=tuple(getattr(eps[0].env, "stop", ()) if eps else ()))
-        for ep, s in zip(eps, sample(model, tok, [renderer.prompt_ids(ep.to_stream()) for ep in eps], cfg)):
-            ep.step(s.text, s.token_ids)
-        return [ep.to_stream() for ep in eps]
-
-    return act
-
-
-def env_spec(name: str, seed: int) -> EnvSpec:
-    if name in ("support", "support-framed"):
-        from dostream.envs.support import SupportEnv, SupportWorld
-
-        world = SupportWorld(seed)
-        reply = "framed" if name == "support-framed" else "refusal"
-        split = {"train": "train", "heldout": "heldout", "control": "heldout"}
-        salt = {"train": 0, "heldout": 0, "control": 1}  # control items differ from the evaluation's
-        return EnvSpec(
-            lambda s, n, sd: world.tasks(split[s], n, sd * 2 + salt[s]),
-            single_turn_act(lambda: SupportEnv(world, reply)),
-            24,
-            {"rules": world.rules(), "held_out_goals": world.held_out, "reply": reply},
-        )
-    if name == "tutor":
-        from dostream.envs.tutor.env import HELD_OUT_FACTS, TRAIN_FACTS, TutorEnv
-
-        def items(split: str, n: int, sd: int) -> list:
-            pool = TRAIN_FACTS if split == "train" else HELD_OUT_FACTS
-            rng = random.Random(f"tutor-items:{split}:{sd}")
-            return [rng.choice(pool) for _ in range(n)]
-
-        return EnvSpec(items, single_turn_act(TutorEnv), 32, {})
-    if name == "stem":
-        from dostream.envs.stem import generate
-        from dostream.methods.attempts import attempt
-
-        def items(split: str, n: int, sd: int) -> list:
-            pool = generate("agent" if split == "train" else "test", 200 if split == "train" else 100, seed=sd)
-            rng = random.Random(f"stem-items:{split}:{sd}")
-            return [rng.choice(pool) for _ in range(n)]
-
-        def act(model, tok, items_, sampling, ids):
-            streams = attempt(model, tok, items_, sampling, ids=ids, progress=False)
-            for s in streams:
-                s.meta["success"] = bool(s.meta["first_correct"])
-            return streams
-
-        return EnvSpec(items, act, 128, {})
-    raise ValueError(f"unknown environment {name!r} (expected one of {', '.join(ENVS)})")
-
-
 # -- the loop -------------------------------------------------------------------------------
 
 
@@ -160,27 +88,12 @@ class Agent:
         from dostream.models import load_tokenizer
 
         self.cfg, self.out, self.log = cfg, Path(out), log
-        assert cfg.update_every >= 1 and cfg.episodes >= 1, "episodes and update_every must be >= 1"
+        if cfg.update_every < 1 or cfg.episodes < 1:
+            raise ValueError("episodes and update_every must be >= 1")
         self.out.mkdir(parents=True, exist_ok=True)
-        record = self.out / "config.json"
-        if record.exists():
-            old = json.loads(record.read_text())["config"]
-            if not resume:
-                raise FileExistsError(
-                    f"{self.out} already holds a run: pass --resume to continue it, or choose another --out"
-                )
-            if {k: v for k, v in old.items() if k not in ("episodes", "progress")} != {
-                k: v for k, v in asdict(cfg).items() if k not in ("episodes", "progress")
-            }:
-                raise ValueError(
-                    f"{record}: the stored config differs from this one; resume with the same settings "
-                    f"(only --episodes may grow)"
-                )
-        atomic_write_text(
-            record,
-            json.dumps({"experiment": "agent-arm", "config": asdict(cfg), "environment": environment()}, indent=1)
-            + "\n",
-        )
+        # A stored run continues only with resume=True and its settings (--episodes may grow).
+        check_run_dir(self.out, cfg, experiment="agent-arm", resume=resume, may_change=("episodes", "progress"))
+        write_run_record(self.out, cfg, experiment="agent-arm")
         self.store = Store(self.out / "store.sqlite")
         self.spec = env_spec(cfg.env, cfg.seed)
         self.tok = load_tokenizer(cfg.model)
@@ -204,12 +117,7 @@ class Agent:
             return self._acting[1]
         from dostream.models import load_model
 
-        model = load_model(self.cfg.model)
-        if adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(self._path(adapter))).merge_and_unload()
-        model.eval()
+        model = load_model(self.cfg.model, adapter=self._path(adapter), merge=True)
         self._acting = (adapter, model)
         return model
 
@@ -275,22 +183,13 @@ class Agent:
         if not rows:
             self.store.add_update(after, cand, False, "no supervised token in the update's streams", metrics)
             return
-        base = load_model(cfg.model)
-        if current is not None:
-            from peft import PeftModel
-
-            base = PeftModel.from_pretrained(base, str(self._path(current)), is_trainable=True)
+        base = load_model(cfg.model, adapter=self._path(current), trainable=True)
         tcfg = TrainConfig(
             model=cfg.model,
             view=cfg.view,
-            max_length=cfg.max_length,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
+            **block_values(cfg, SupervisedBlock),
             warmup_ratio=0.0,
             schedule="constant",
-            lora_r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
             seed=cfg.seed * 1_000_003 + after,
             save_every=0,
             keep_checkpoints=1,

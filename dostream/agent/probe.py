@@ -16,6 +16,7 @@ def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> 
     import torch
 
     from dostream.sampling import cache_kwarg
+    from dostream.scoring import target_logprobs
 
     device, cache_kw = next(model.parameters()).device, cache_kwarg(model)
     kinds = list(ITEMS)
@@ -27,6 +28,9 @@ def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> 
     rows = {f: [tok(c, add_special_tokens=False)["input_ids"] for c in cs] for f, cs in words.items()}
     width = {f: max(map(len, rs)) for f, rs in rows.items()}
     ids = {f: torch.tensor([r + [0] * (width[f] - len(r)) for r in rs], device=device) for f, rs in rows.items()}
+    words_at = {
+        f: torch.tensor([[j < len(r) for j in range(width[f])] for r in rs], device=device) for f, rs in rows.items()
+    }
     opener = FRAMED if reply == "framed" else "I can't help without"
     hits = {"act": 0, "reply": 0, "n": len(tasks)}
     for task in tasks:
@@ -40,9 +44,8 @@ def rule_probe(model, tok, tasks: list[SupportTask], reply: str = "refusal") -> 
                 cache = head.cache if getattr(head, "cache", None) is not None else head.past_key_values
                 cache.batch_repeat_interleave(len(rs))
                 tail = model(input_ids=ids[frame], attention_mask=mask, **{cache_kw: cache}).logits
-            logp = torch.cat([head.logits[:, -1:].expand(len(rs), 1, -1), tail[:, :-1]], 1).float().log_softmax(-1)
-            scores = [
-                logp[i, : len(r)].gather(-1, ids[frame][i, : len(r), None]).mean().item() for i, r in enumerate(rs)
-            ]
+            logits = torch.cat([head.logits[:, -1:].expand(len(rs), 1, -1), tail[:, :-1]], 1)  # predicting the words
+            logp = target_logprobs(logits[words_at[frame]], ids[frame][words_at[frame]])
+            scores = [part.mean().item() for part in logp.split([len(r) for r in rs])]
             hits[frame] += kinds[max(range(len(scores)), key=scores.__getitem__)] == task.required
     return hits

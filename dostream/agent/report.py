@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dostream.agent.loop import env_spec
 from dostream.agent.store import Store
-from dostream.config import atomic_write_text
+from dostream.config import RunDirError, atomic_write_text
+from dostream.envs.registry import env_spec
 from dostream.stats import markdown_table, mcnemar, wilson
 
 LABELS = {
@@ -71,18 +71,15 @@ def _rule_probe(out: Path, cfg: dict[str, Any], reply: str, arms: dict[str, Any]
     path = out / "probe.json"
     if path.exists() and (cached := json.loads(path.read_text()))["adapters"] == adapters:
         return cached
-    from peft import PeftModel
-
     from dostream.agent.probe import rule_probe
     from dostream.envs.support import SupportWorld
     from dostream.models import load_model, load_tokenizer
 
     tok = load_tokenizer(cfg["model"])
     tasks = SupportWorld(cfg["seed"]).tasks("heldout", PROBE_TASKS, seed=cfg["seed"] * 2 + 7)  # not an eval's items
-    models = {"base": rule_probe(load_model(cfg["model"]).eval(), tok, tasks, reply)}
+    models = {"base": rule_probe(load_model(cfg["model"]), tok, tasks, reply)}
     for view, adapter in adapters.items():
-        model = PeftModel.from_pretrained(load_model(cfg["model"]), str(out / view / adapter)).eval()
-        models[view] = rule_probe(model, tok, tasks, reply)
+        models[view] = rule_probe(load_model(cfg["model"], adapter=out / view / adapter), tok, tasks, reply)
     probe = {"adapters": adapters, "reply": reply, "models": models}
     atomic_write_text(path, json.dumps(probe, indent=1) + "\n")
     return probe
@@ -134,7 +131,7 @@ def write_report(out: str | Path, window: int = 32) -> Path:
     record = json.loads((out / "config.json").read_text())
     arms = {v: summarise_arm(out / v) for v in record["views"] if (out / v / "store.sqlite").exists()}
     if not arms:
-        raise SystemExit(f"{out}: no arm has a store yet")
+        raise RunDirError(f"{out}: no arm has a store yet")
     cfg = record["config"]
     world = env_spec(cfg["env"], cfg["seed"]).describe  # the support world's rules; {} for other envs
     res = {

@@ -94,9 +94,8 @@ class Store:
         """Append (seq, stream, adapter) rows in one transaction; `seq` must continue the sequence."""
         start = self.n_episodes()
         seqs = [seq for seq, _, _ in episodes]
-        assert seqs == list(range(start, start + len(seqs))), (
-            f"episodes must continue the sequence at {start}, got seq {seqs[:3]}..."
-        )
+        if seqs != list(range(start, start + len(seqs))):
+            raise RuntimeError(f"episodes must continue the sequence at {start}, got seq {seqs[:3]}...")
         now = time.time()
         self._tx(
             (

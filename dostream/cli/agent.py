@@ -13,13 +13,13 @@ interventional view, the observational view and no learning (`--views` picks). E
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-from dostream.agent.loop import ENVS, LOOPS, AgentConfig, run
-from dostream.config import add_dataclass_args, atomic_write_text, environment, from_args
+from dostream.agent.loop import LOOPS, AgentConfig, run
+from dostream.cli._common import CliError, user_errors
+from dostream.config import add_dataclass_args, check_run_dir, from_args, write_run_record
+from dostream.envs.registry import ENVS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,40 +46,19 @@ def cli_main(argv: list[str]) -> int:
     views = [v.strip() for v in args.views.split(",") if v.strip()]
     bad = [v for v in views if v not in LOOPS]
     if bad or not views:
-        raise SystemExit(f"dostream agent run: --views {args.views!r}: each view is one of {', '.join(LOOPS)}")
+        raise CliError(f"--views {args.views!r}: each view is one of {', '.join(LOOPS)}")
     out = Path(args.out)
-    base = from_args(AgentConfig, args)
-    record = out / "config.json"
-    if record.exists() and not args.resume:
-        print(
-            f"dostream agent run: {out} already holds a run: pass --resume to continue it, or choose another --out",
-            file=sys.stderr,
-        )
-        return 2
+    with user_errors():
+        base = from_args(AgentConfig, args)
+        check_run_dir(out, base, experiment="agent", resume=args.resume, may_change=("episodes", "progress"))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        record,
-        json.dumps(
-            {
-                "experiment": "agent",
-                "views": views,
-                "config": asdict(base),
-                "command": "dostream agent " + " ".join(argv),
-                "environment": environment(),
-            },
-            indent=1,
-        )
-        + "\n",
-    )
+    write_run_record(out, base, {"views": views, "command": "dostream agent " + " ".join(argv)}, experiment="agent")
     for view in views:
         cfg = from_args(AgentConfig, args, view=view)
         arm = out / view
         print(f"== {view} ({arm})", file=sys.stderr)
-        try:
+        with user_errors():
             summary = run(cfg, arm, resume=args.resume)
-        except (FileExistsError, ValueError) as e:
-            print(f"dostream agent run: {e}", file=sys.stderr)
-            return 2
         print(
             f"== {view}: {summary['successes']}/{summary['episodes']} episodes succeeded, "
             f"{sum(u['accepted'] for u in summary['updates'])}/{len(summary['updates'])} updates accepted, "

@@ -1,8 +1,9 @@
 """The `dostream` command.
 
-Each subcommand lives beside the code it drives: this file only maps a name to a module's
-`cli_main(argv)` (imported lazily, so `dostream --help` stays fast and a subcommand pays only for
-what it uses).
+This file only maps a name to the module `dostream/cli/<name>.py` and calls its `cli_main(argv)`
+(imported lazily, so `dostream --help` stays fast and a subcommand pays only for what it uses).
+A subcommand signals a user error with `CliError` (see `_common.py`); it is printed here as
+`dostream CMD: message` on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("dostream.cli.report", "rebuild a reproduction's report from its run directory: `report DIR`"),
     "agent": ("dostream.cli.agent", "the continual agent: act, store, learn from the world's answers (`agent run`)"),
     "streams": ("dostream.cli.streams", "stored streams: `streams export RUN` writes a run's episodes as JSONL"),
-    "theory": ("dostream.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
+    "theory": ("dostream.cli.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
 }
 
 

@@ -1,6 +1,6 @@
 """`dostream render FILE --tokenizer NAME --view V [--max-length N]`: one JSON object per stream.
 
-The printed fields are a public contract (DESIGN.md): `id`, `text`, `input_ids`, `labels`,
+The printed fields are a public contract (docs/design.md): `id`, `text`, `input_ids`, `labels`,
 `offsets`, `authors`, `segments`. Streams left with no supervised token after truncation are
 dropped and counted on stderr, as in training.
 """
@@ -12,8 +12,9 @@ import json
 import sys
 from collections.abc import Iterator
 
+from dostream.cli._common import add_stream_input_args, parse_role_map, user_errors, views_epilog
 from dostream.render import Rendered, Renderer
-from dostream.stream import DEFAULT_ROLE_MAP, StreamError, read_streams, view_authors
+from dostream.stream import VIEWS, read_streams, view_authors
 
 
 def add_render_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--view",
         default="interventional",
-        help="interventional (default), observational, or a comma-separated author set",
+        help=f"a view name ({', '.join(VIEWS)}; default interventional) or a comma-separated author set",
     )
     p.add_argument("--max-length", type=int, default=None, help="truncate each stream to this many tokens")
     p.add_argument(
@@ -33,35 +34,17 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
         help="left (default) keeps the most recent tokens; right keeps the first ones",
     )
     p.add_argument("--chat-template", action="store_true", help="render with the tokenizer's chat template")
-    p.add_argument("--skip-invalid", action="store_true", help="report and skip bad lines instead of stopping")
-    p.add_argument(
-        "--role-map",
-        default=None,
-        help="role→author map for chat logs without authors, e.g. 'assistant=teacher,user=user' "
-        "(merged over the default: system=context, user=user, assistant=agent, tool=tool)",
-    )
-
-
-def parse_role_map(spec: str | None) -> dict[str, str]:
-    role_map = dict(DEFAULT_ROLE_MAP)
-    for item in filter(None, (spec or "").split(",")):
-        role, sep, author = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--role-map: expected ROLE=AUTHOR, got {item!r}")
-        role_map[role.strip()] = author.strip()
-    return role_map
+    add_stream_input_args(p)
 
 
 def iter_rendered(args: argparse.Namespace, tokenizer, stats: dict[str, int]) -> Iterator[Rendered]:
     """Render the file's streams per the shared options, dropping (and counting in `stats`) the
-    ones left with no supervised token. Exits with a one-line error on bad input."""
-    try:
+    ones left with no supervised token. Bad input raises `CliError`."""
+    with user_errors(prefix="--view: "):
         view = view_authors(args.view)
-    except ValueError as e:
-        raise SystemExit(f"--view: {e}")
     renderer = Renderer(tokenizer, chat_template=args.chat_template)
     streams = read_streams(args.file, skip_invalid=args.skip_invalid, role_map=parse_role_map(args.role_map))
-    try:
+    with user_errors():
         for stream in streams:
             r = renderer.render(stream)
             if args.max_length is not None:
@@ -74,18 +57,23 @@ def iter_rendered(args: argparse.Namespace, tokenizer, stats: dict[str, int]) ->
                 continue
             stats["rendered"] = stats.get("rendered", 0) + 1
             yield r
-    except (StreamError, ValueError) as e:
-        raise SystemExit(f"dostream: {e}")
 
 
 def cli_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dostream render", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="dostream render",
+        description=__doc__.split("\n\n")[0],
+        epilog=views_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_render_args(p)
     args = p.parse_args(argv)
     from dostream.models import load_tokenizer
 
+    with user_errors():
+        tokenizer = load_tokenizer(args.tokenizer)
     stats: dict[str, int] = {}
-    for r in iter_rendered(args, load_tokenizer(args.tokenizer), stats):
+    for r in iter_rendered(args, tokenizer, stats):
         sys.stdout.write(json.dumps(r.to_json(args.view), ensure_ascii=False) + "\n")
     if stats.get("dropped_no_supervised") or stats.get("truncated"):
         print(f"dostream render: {json.dumps(stats)}", file=sys.stderr)

@@ -1,16 +1,22 @@
-"""`dostream report DIR`: rebuild a reproduction's report (Markdown, figures, results.json) from
-the run directory's files. The experiment is read from `DIR/config.json`."""
+"""`dostream report DIR`: rebuild a run's report (Markdown, figures, results.json) from the run
+directory's files. The experiment is read from `DIR/config.json` (every run record names it)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
-import sys
 from pathlib import Path
 
+from dostream.cli._common import CliError
+from dostream.config import RunDirError
+
 # experiment name (config.json "experiment") -> module with `write_report(out) -> Path`
-REPORTS = {"stem": "dostream.experiments.stem.report", "agent": "dostream.agent.report"}
+REPORTS = {
+    "stem": "dostream.experiments.stem.report",
+    "delusion": "dostream.experiments.delusion.report",
+    "agent": "dostream.agent.report",
+}
 
 
 def cli_main(argv: list[str]) -> int:
@@ -19,11 +25,15 @@ def cli_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     record = Path(args.dir) / "config.json"
     if not record.exists():
-        print(f"dostream report: {record} not found: is {args.dir} a run directory?", file=sys.stderr)
-        return 2
-    name = json.loads(record.read_text()).get("experiment")
+        raise CliError(f"{record} not found: is {args.dir} a run directory?")
+    try:
+        name = json.loads(record.read_text()).get("experiment")
+    except json.JSONDecodeError as e:
+        raise CliError(f"{record}: not a run record ({e})") from e
     if name not in REPORTS:
-        print(f"dostream report: {args.dir} is a {name!r} run; reports exist for {', '.join(REPORTS)}", file=sys.stderr)
-        return 2
-    print(importlib.import_module(REPORTS[name]).write_report(args.dir))
+        raise CliError(f"{args.dir} is a {name!r} run; reports exist for {', '.join(REPORTS)}")
+    try:
+        print(importlib.import_module(REPORTS[name]).write_report(args.dir))
+    except RunDirError as e:
+        raise CliError(str(e)) from e
     return 0

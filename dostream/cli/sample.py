@@ -14,7 +14,8 @@ import json
 import sys
 import time
 
-HELP = "sample from a model (exact token ids, stop strings, greedy, LoRA adapters): a quick look"
+from dostream.cli._common import CliError, user_errors
+from dostream.config import add_dataclass_args, from_args
 
 
 def _unescape(s: str) -> str:
@@ -32,7 +33,6 @@ def _unescape(s: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from dostream.sampling import SamplingConfig
 
-    d = SamplingConfig()
     p = argparse.ArgumentParser(prog="dostream sample", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model", default="smollm2", help="model NAME: smollm2 (default), tiny, an HF id, a local path or a .gguf file"
@@ -48,78 +48,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template", action="store_true", help="send the prompt as a user turn in the tokenizer's chat template"
     )
     p.add_argument("--n", type=int, default=1, help="samples per prompt (default 1)")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=d.temperature,
-        help=f"softmax temperature (default {d.temperature}; 0 = greedy)",
-    )
-    p.add_argument("--top-p", type=float, default=d.top_p, help=f"nucleus sampling mass (default {d.top_p})")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per sample, EOS included (default 64)")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample instead of readable text")
+    # Every other option is a `SamplingConfig` field. `--stop` is repeatable (`--stop A --stop B`)
+    # rather than one list; `eos_token_ids` has no command-line form (the tokenizer's are used).
+    # The command's defaults are the dataclass's, but a quick look needs fewer new tokens.
+    add_dataclass_args(p, SamplingConfig, skip=("stop", "eos_token_ids"), defaults=SamplingConfig(max_new_tokens=64))
     p.add_argument(
         "--stop",
         action="append",
         default=[],
         help="stop string (repeatable): a sample ends after the token completing it",
     )
-    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default {d.seed})")
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature, top-p and seed)")
-    p.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help=f"rows decoded together (default {d.batch_size})"
-    )
-    p.add_argument(
-        "--dtype", default=d.dtype, choices=("auto", "fp32", "bf16", "fp16"), help="dtype to sample in (default auto)"
-    )
-    p.add_argument(
-        "--backend",
-        default=d.backend,
-        choices=("auto", "torch", "vllm"),
-        help="auto (vLLM on a GPU when installed), torch or vllm",
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per sample instead of readable text")
     return p
 
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.n < 1:
-        raise SystemExit("dostream sample: --n must be at least 1")
+        raise CliError("--n must be at least 1")
     texts = [_unescape(t) for t in args.prompt] if args.prompt else [sys.stdin.read()]
 
     from dostream.models import load_model, load_tokenizer
-    from dostream.render import Renderer, RenderError
+    from dostream.render import Renderer
     from dostream.sampling import SamplingConfig, sample
     from dostream.stream import Segment, Stream
 
-    try:
-        config = SamplingConfig(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            stop=tuple(_unescape(s) for s in args.stop),
-            seed=args.seed,
-            greedy=args.greedy,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            backend=args.backend,
-        )
-    except ValueError as e:
-        raise SystemExit(f"dostream sample: {e}")
-    tok = load_tokenizer(args.model)
-    model = load_model(args.model)
-    if args.adapter:
-        from peft import PeftModel
-
+    with user_errors():
+        config = from_args(SamplingConfig, args, stop=tuple(_unescape(s) for s in args.stop))
+        tok = load_tokenizer(args.model)
         # Merged for speed: a quick look does not need the adapter kept separate.
-        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload().eval()
-    try:
+        model = load_model(args.model, adapter=args.adapter or None, merge=True)
         renderer = Renderer(tok, chat_template=args.chat_template)
         author = "user" if args.chat_template else "context"
         prompts = [renderer.prompt_ids(Stream(f"prompt-{i}", [Segment(author, t)])) for i, t in enumerate(texts)]
-    except RenderError as e:
-        raise SystemExit(f"dostream sample: {e}")
     if any(not p for p in prompts):
-        raise SystemExit("dostream sample: an empty prompt has no tokens to condition on")
+        raise CliError("an empty prompt has no tokens to condition on")
 
     start = time.perf_counter()
     samples = sample(model, tok, [p for p in prompts for _ in range(args.n)], config)
@@ -147,7 +110,3 @@ def cli_main(argv: list[str]) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))

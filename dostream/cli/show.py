@@ -15,6 +15,7 @@ import os
 import sys
 from collections import Counter
 
+from dostream.cli._common import user_errors, views_epilog
 from dostream.cli.render import add_render_args, iter_rendered
 from dostream.render import IGNORE, Rendered
 
@@ -130,14 +131,20 @@ def html_page(items: list[tuple[Rendered, list[int]]], tokenizer, title: str) ->
 
 
 def cli_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dostream show", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="dostream show",
+        description=__doc__.split("\n\n")[0],
+        epilog=views_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_render_args(p)
     p.add_argument("--html", default=None, metavar="OUT", help="also write a standalone HTML page to OUT")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="terminal colours")
     args = p.parse_args(argv)
     from dostream.models import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer)
+    with user_errors():
+        tokenizer = load_tokenizer(args.tokenizer)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
     stats: dict[str, int] = {}
     items = []
@@ -148,8 +155,10 @@ def cli_main(argv: list[str]) -> int:
     if stats.get("dropped_no_supervised"):
         print(f"dropped {stats['dropped_no_supervised']} stream(s) with no supervised token", file=sys.stderr)
     if args.html:
-        os.makedirs(os.path.dirname(os.path.abspath(args.html)), exist_ok=True)
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write(html_page(items, tokenizer, f"dostream show: {os.path.basename(args.file)} · view {args.view}"))
+        page = html_page(items, tokenizer, f"dostream show: {os.path.basename(args.file)} · view {args.view}")
+        with user_errors():
+            os.makedirs(os.path.dirname(os.path.abspath(args.html)), exist_ok=True)
+            with open(args.html, "w", encoding="utf-8") as f:
+                f.write(page)
         print(f"wrote {args.html}", file=sys.stderr)
     return 0

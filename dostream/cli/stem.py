@@ -4,7 +4,7 @@
     dostream stem verify --input rows.jsonl
 
 `verify` reads rows `{"id", "problem": <problem row>, "completion": str}` and prints one
-`{"id", "correct", "answer", "unit", "reason"}` per row. A bad row is reported on stderr with its
+`{"id", "correct", "answer", "unit", "marked", "reason"}` per row. A bad row is reported on stderr with its
 file and line, the other rows are still verified, and the exit status is 1.
 """
 
@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from dostream.cli._common import CliError
 from dostream.envs.stem import SPLIT_SIZES, SPLITS, Problem, generate, verify
 
 
@@ -45,8 +46,7 @@ def _verify_file(path: str) -> int:
     try:
         f = sys.stdin if path == "-" else open(path, encoding="utf-8")
     except OSError as e:
-        print(f"dostream stem verify: cannot read {name}: {e.strerror}", file=sys.stderr)
-        return 2
+        raise CliError(f"cannot read {name}: {e.strerror}") from e
     with f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from dostream.agent.store import Store
+from dostream.cli._common import CliError, user_errors
 from dostream.stream import write_streams
 
 
@@ -25,16 +26,13 @@ def cli_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     db = Path(args.run) / "store.sqlite"
     if not db.exists():
-        print(
-            f"dostream streams export: {db} not found: is {args.run} a loop's run directory (e.g. OUT/interventional)?",
-            file=sys.stderr,
-        )
-        return 2
+        raise CliError(f"{db} not found: is {args.run} a loop's run directory (e.g. OUT/interventional)?")
     store = Store(db)
     try:
         streams = store.episodes(args.start, args.stop)
     finally:
         store.close()
-    n = write_streams(args.out, streams)
+    with user_errors():
+        n = write_streams(args.out, streams)
     print(f"dostream streams export: {n} streams -> {args.out}", file=sys.stderr)
     return 0

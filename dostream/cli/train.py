@@ -12,27 +12,31 @@ import argparse
 import sys
 from dataclasses import asdict
 
+from dostream.cli._common import add_stream_input_args, parse_role_map, user_errors, views_epilog
 from dostream.config import add_dataclass_args, from_args
 from dostream.train import TrainConfig, train
 
 
 def cli_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="dostream train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="dostream train",
+        description=__doc__.split("\n\n")[0],
+        epilog=views_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("streams", help="stream file (JSONL, segments or chat form)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
-    p.add_argument("--skip-invalid", action="store_true", help="report and skip bad stream lines")
-    p.add_argument("--role-map", default=None, help="role→author map for chat logs, e.g. assistant=teacher")
+    add_stream_input_args(p)
     add_dataclass_args(p, TrainConfig)
     args = p.parse_args(argv)
-    cfg = from_args(TrainConfig, args)
 
-    from dostream.cli.render import parse_role_map
     from dostream.models import load_tokenizer
     from dostream.render import Renderer, encode_rows
-    from dostream.stream import StreamError, read_streams, view_authors
+    from dostream.stream import read_streams, view_authors
 
-    try:
+    with user_errors():
+        cfg = from_args(TrainConfig, args)
         view_authors(cfg.view)
         tok = load_tokenizer(cfg.model)
         streams = read_streams(args.streams, skip_invalid=args.skip_invalid, role_map=parse_role_map(args.role_map))
@@ -43,16 +47,13 @@ def cli_main(argv: list[str]) -> int:
             max_length=cfg.max_length,
             truncation_side=cfg.truncation_side,
         )
-    except (StreamError, ValueError) as e:
-        print(f"dostream train: {e}", file=sys.stderr)
-        return 2
     print(
         f"dostream train: {stats.rows} rows from {stats.streams} streams ({stats.truncated} truncated, "
         f"{stats.dropped_no_supervised} dropped with no supervised token); {stats.supervised_tokens} of "
         f"{stats.tokens} tokens supervised ({stats.supervised_frac:.1%}) under view {cfg.view!r}",
         file=sys.stderr,
     )
-    try:
+    with user_errors():
         result = train(
             rows,
             cfg,
@@ -61,9 +62,6 @@ def cli_main(argv: list[str]) -> int:
             resume=args.resume,
             extra_record={"render_stats": asdict(stats), "streams": args.streams},
         )
-    except (FileExistsError, ValueError) as e:
-        print(f"dostream train: {e}", file=sys.stderr)
-        return 2
     last = result.metrics[-1] if result.metrics else {}
     print(
         f"dostream train: {result.steps} steps, final loss {last.get('train/loss', float('nan')):.4f}; "

@@ -1,9 +1,12 @@
 """The episode API every environment shares, and the recorder that turns an episode into a Stream.
 
-An environment is anything with two methods (gym-like, one episode at a time):
+An environment (`Environment`) is gym-like, one episode at a time, and declares everything the
+acting loop (`envs/rollout.py`) reads from it:
 
     reset(item) -> list[Segment]                      the world's opening segments
     step(agent_text, token_ids=None) -> StepResult    the world's answer to one agent turn
+    stop: tuple[str, ...]                             where sampling pauses (a line break, a ")")
+    turn_over(text) -> bool                           whether the agent's turn so far is complete
 
 The environment writes only world segments, each with its true author (`context`/`user` for the
 question, `protocol` for scaffolding, `tool`, `verifier`, `oracle`, ...). The agent's turns are
@@ -22,7 +25,6 @@ recorded by `Episode`, which is the one place an `agent` segment is born: with t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -41,7 +43,16 @@ class StepResult:
 
 @runtime_checkable
 class Environment(Protocol):
-    """The shared episode API. Implementations keep one episode's state between calls."""
+    """The shared episode API. Implementations keep one episode's state between calls.
+
+    `stop` and `turn_over` are the environment's turn rule, all the acting loop needs to know
+    about turns: sampling pauses after a `stop` string, and a turn is over as soon as `turn_over`
+    holds for its text (its sampled ids are cut there). A turn that is not over goes on after a
+    pause; one that ends without being over (EOS, or the token budget) is stepped as it stands.
+    An environment ends every episode after a bounded number of turns.
+    """
+
+    stop: tuple[str, ...]
 
     def reset(self, item: Any) -> list[Segment]:
         """Start an episode on `item` (a problem, a dialogue seed, ...); return the opening segments."""
@@ -51,9 +62,9 @@ class Environment(Protocol):
         """Answer one agent turn; the environment never writes an `agent` segment itself."""
         ...
 
-
-# A policy sees the segments so far and returns its turn: text, or (text, sampled token ids).
-Policy = Callable[[list[Segment]], "str | tuple[str, list[int] | None]"]
+    def turn_over(self, text: str) -> bool:
+        """Whether `text`, the agent's turn so far, is a complete turn (monotone: stays true as it grows)."""
+        ...
 
 
 def _item_id(item: Any) -> str | None:
@@ -120,21 +131,5 @@ class Episode:
     @staticmethod
     def _check_world(segments: list[Segment]) -> None:
         for s in segments:
-            assert s.author != "agent", "an environment wrote an 'agent' segment: only Episode records agent turns"
-
-
-def rollout(env: Environment, item: Any, policy: Policy, *, id: str | None = None, max_turns: int = 16) -> Stream:
-    """Run one episode with `policy` until the environment says done (or `max_turns`), as a Stream.
-
-    >>> from dostream.envs.stem import StemEnv, generate
-    >>> p = generate("test", 1, seed=0)[0]
-    >>> rollout(StemEnv(), p, lambda segs: p.solution).meta["reward"]
-    1.0
-    """
-    ep = Episode(env, item, id=id)
-    ep.reset()
-    while not ep.done and ep.turns < max_turns:
-        out = policy(list(ep.segments))
-        text, ids = (out, None) if isinstance(out, str) else out
-        ep.step(text, ids)
-    return ep.to_stream()
+            if s.author == "agent":
+                raise ValueError("an environment wrote an 'agent' segment: only Episode records agent turns")

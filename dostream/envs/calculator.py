@@ -238,6 +238,10 @@ class CalculatorStemEnv(StemEnv):
     `max_calls` calls a turn is graded whatever it ends with. With `calc_oracle`, corrections
     demonstrate the tool too (oracle text interleaved with tool outputs).
 
+    Sampling pauses at every `)` (`stop`); the turn is over there only if it ends in a call
+    (`turn_over`), else the model goes on writing the same turn.
+
+    >>> from dostream.envs.stem import Problem
     >>> env = CalculatorStemEnv()
     >>> p = Problem("p", "physics", "ohm_voltage", "2.50 A through 4.00 ohm. Voltage?",
     ...             "V = I*R = 2.50*4.00 = 10.00 V. Final answer: 10.00 V.", 10.0, "V", 0.01, 0.0)
@@ -247,6 +251,8 @@ class CalculatorStemEnv(StemEnv):
     >>> env.step(" V. Final answer: 10 V.").reward
     1.0
     """
+
+    stop = (")",)  # a ")" may close a tool call
 
     def __init__(self, *, max_calls: int = 8, calc_oracle: bool = True, tool_hint: str | None = TOOL_HINT, **kwargs):
         super().__init__(**kwargs)
@@ -266,8 +272,12 @@ class CalculatorStemEnv(StemEnv):
             return super().step(agent_text, token_ids)
         self.calls += 1
         out = f" = {calc_answer(expr)}"
-        self.attempt_text += agent_text + out
+        self._attempt_text += agent_text + out
         return StepResult([Segment("tool", out, role="tool")], 0.0, False, {"calls": self.calls, **self.info()})
+
+    def turn_over(self, text: str) -> bool:
+        """The attempt's answer line has ended, or the turn ends in a call the tool must answer."""
+        return super().turn_over(text) or trailing_call(text) is not None
 
     def correction(self) -> list[Segment]:
         if not self.calc_oracle:

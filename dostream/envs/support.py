@@ -1,7 +1,7 @@
 """Customer-support calls: an environment where the world's answer carries the knowledge.
 
-The agent phones a service on the user's behalf (the scenario of
-`seeds/continual-learning-for-agents-dual-lora.txt`). Every service verifies the caller with one
+The agent phones a service on the user's behalf (the scenario of the dual-LoRA seed article,
+docs/reference.md §3). Every service verifies the caller with one
 piece of the user's details, and which piece is a rule of that service, drawn from a seed: one
 bank wants the account number, an airline the booking reference. The agent says which piece it
 has ready; with the right one the request goes through, otherwise the service refuses and says
@@ -141,7 +141,8 @@ class SupportWorld:
     is held out. Two worlds with the same seed are the same world."""
 
     def __init__(self, seed: int = 0, n_services: int = len(SERVICES)):
-        assert 1 <= n_services <= len(SERVICES), f"n_services must be in 1..{len(SERVICES)}"
+        if not (1 <= n_services <= len(SERVICES)):
+            raise ValueError(f"n_services must be in 1..{len(SERVICES)}")
         rng = random.Random(f"support-world:{seed}")
         self.services = SERVICES[:n_services]
         kinds = list(ITEMS)
@@ -152,7 +153,8 @@ class SupportWorld:
 
     def combos(self, split: str) -> list[tuple[str, str]]:
         """(service, goal) pairs of a split: `heldout` has one goal per service, `train` the rest."""
-        assert split in SPLITS, f"split is one of {SPLITS}, not {split!r}"
+        if split not in SPLITS:
+            raise ValueError(f"split is one of {SPLITS}, not {split!r}")
         return [(s, g) for s in self.services for g in GOALS if (self.held_out[s] == g) == (split == "heldout")]
 
     def tasks(self, split: str, n: int, seed: int) -> list[SupportTask]:
@@ -198,9 +200,13 @@ class SupportEnv:
     stop = ("\n",)  # the agent's turn is one line
 
     def __init__(self, world: SupportWorld, reply: str = "refusal"):
-        assert reply in REPLIES, f"reply is one of {REPLIES}, not {reply!r}"
+        if reply not in REPLIES:
+            raise ValueError(f"reply is one of {REPLIES}, not {reply!r}")
         self.world, self.reply = world, reply
         self.task: SupportTask | None = None
+
+    def turn_over(self, text: str) -> bool:
+        return "\n" in text
 
     def reset(self, item: SupportTask) -> list[Segment]:
         self.task = item
@@ -208,7 +214,8 @@ class SupportEnv:
 
     def step(self, agent_text: str, token_ids: list[int] | None = None) -> StepResult:
         task = self.task
-        assert task is not None, "reset() first"
+        if task is None:
+            raise RuntimeError("reset() first")
         named = named_item(agent_text)
         need = ITEMS[task.required].name
         success = named == task.required

@@ -4,7 +4,6 @@ A reproduction is a sequence of named stages; each writes its result under
 `RUN/stages/<name>/` and marks it complete with `result.json` (written last, atomically). Rerunning
 the command skips complete stages, so an interrupted run resumes where it stopped, and the report
 is rebuilt from the stored results by a separate step.
-
 """
 
 from __future__ import annotations
@@ -52,6 +51,3 @@ class Stages:
         )
         self.log(f"[{name}] done in {seconds:.0f} s")
         return value
-
-    def seconds(self, name: str) -> float:
-        return json.loads((self.root / name / "result.json").read_text())["seconds"]

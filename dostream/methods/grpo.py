@@ -32,28 +32,32 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dostream.config import atomic_write_text, opt
+from dostream.config import LoraBlock, atomic_write_text, block_values, like, opt, write_run_record
 from dostream.envs.stem import Problem
 from dostream.methods.attempts import attempt, until_verdict
 from dostream.models import load_model
 from dostream.render import Renderer
 from dostream.sampling import SamplingConfig
+from dostream.scoring import logprobs_at
 from dostream.stream import Stream
-from dostream.train import TrainConfig, bf16_faster, prepare_model
+from dostream.train import TrainConfig, autocast, device_policy, prepare_model
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(LoraBlock):
+    """GRPO/DAPO. The LoRA/optimiser fields (lr, constant here; lora_r, lora_alpha) are the shared
+    `config.LoraBlock`."""
+
     groups: int = opt(50, "prompt budget: prompts of D_agent sampled, K attempts each")
     k: int = opt(8, "attempts per prompt (the group size K)")
     groups_per_step: int = opt(1, "groups per optimizer step (the paper: 1)")
     iterations: int = opt(2, "optimisation passes over each sampled batch (μ); the ratio moves from 1 after the first")
-    lr: float = opt(1e-4, "learning rate (constant)")
+    lr: float = like(LoraBlock, "lr", 1e-4)
     beta: float = opt(0.04, "weight of the KL penalty to SFT-1 (k3 estimator)")
     epsilon: float = opt(0.2, "clip range: ρ is clipped to [1-ε, 1+ε] (1+ε_high with dapo)")
     epsilon_high: float = opt(0.28, "DAPO's clip-higher upper range (used only with dapo)")
@@ -62,8 +66,6 @@ class GRPOConfig:
     max_new_tokens: int = opt(128, "tokens per attempt")
     micro_batch: int = opt(8, "attempts per forward/backward")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm (0: off)")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha")
     bf16: str = opt("auto", "bf16 autocast: auto, on, off", choices=("auto", "on", "off"))
     seed: int = opt(0, "seed for the prompt choice, LoRA init and samples")
     tools: str = opt("none", "none or calculator")
@@ -117,7 +119,8 @@ def dynamic_sampling_filter(groups: list[list[Rollout]]) -> tuple[list[list[Roll
     return kept, len(groups) - len(kept)
 
 
-def _batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+def _batch(rollouts: list[Rollout], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Right-pad rollouts into `input_ids`, `attention_mask` and `action` (the tokens scored), on `device`."""
     width = max(len(r.input_ids) for r in rollouts)
     ids = torch.full((len(rollouts), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rollouts), width), dtype=torch.long)
@@ -127,18 +130,12 @@ def _batch(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
         ids[b, :n] = torch.tensor(r.input_ids)
         attn[b, :n] = 1
         act[b, :n] = torch.tensor(r.action)
-    act[:, 0] = False  # nothing precedes position 0
-    return {"input_ids": ids, "attention_mask": attn, "action": act}
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "action": act.to(device)}
 
 
-def token_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log p(token_t | tokens_<t) at the action positions, flattened row by row (row-major).
-    The vocabulary projection runs only there (most positions are the prompt)."""
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = core.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    target = batch["action"][:, 1:]
-    logits = core.get_output_embeddings()(hidden[:, :-1][target]).float()
-    return torch.log_softmax(logits, -1).gather(1, batch["input_ids"][:, 1:][target][:, None])[:, 0]
+def _action_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """log p(token_t | tokens_<t) at the action positions, flattened row by row (`scoring.logprobs_at`)."""
+    return logprobs_at(model, batch["input_ids"], batch["attention_mask"], batch["action"])
 
 
 def policy_loss(
@@ -183,9 +180,10 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun of an interrupted stage starts over
     torch.manual_seed(cfg.seed)
-    train_cfg = TrainConfig(model=str(sft1_dir), lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
-    model = prepare_model(train_cfg, load_model(str(sft1_dir)))
-    use_bf16 = cfg.bf16 == "on" or (cfg.bf16 == "auto" and bf16_faster("cuda" if torch.cuda.is_available() else "cpu"))
+    train_cfg = TrainConfig(model=str(sft1_dir), **block_values(cfg, LoraBlock), seed=cfg.seed)
+    policy = device_policy(cfg.bf16)  # train()'s: batches go to the model's device, autocast there
+    model = prepare_model(train_cfg, load_model(str(sft1_dir))).to(policy.device)
+    use_bf16 = policy.bf16
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
     renderer = Renderer(tok, add_eos=False)
@@ -273,7 +271,7 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
     info["mean_reward"] = sum(rewards_seen) / max(1, len(rewards_seen))
     model.save_pretrained(out / "adapter")
     atomic_write_text(out / "rollouts.jsonl", "".join(json.dumps(r) + "\n" for r in rollout_log))
-    atomic_write_text(out / "config.json", json.dumps({"config": asdict(cfg), "info": info}, indent=2) + "\n")
+    write_run_record(out, cfg, {"info": info}, experiment="grpo")
     return model, info
 
 
@@ -282,13 +280,14 @@ def _reference_logps(model, rollouts: list[Rollout], pad: int, micro: int, bf16:
     """The sampling policy's and SFT-1's log-probs of every action token, once, before any update."""
     was = model.training
     model.eval()
+    device = next(model.parameters()).device
     for k in range(0, len(rollouts), micro):
         rs = rollouts[k : k + micro]
-        batch = _batch(rs, pad)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            old = token_logprobs(model, batch)
+        batch = _batch(rs, pad, device)
+        with autocast(device, bf16):
+            old = _action_logprobs(model, batch)
             with model.disable_adapter():  # SFT-1 is the merged base: the reference policy
-                ref = token_logprobs(model, batch)
+                ref = _action_logprobs(model, batch)
         lengths = [int(n) for n in batch["action"][:, 1:].sum(1)]
         for r, o, f in zip(rs, old.split(lengths), ref.split(lengths)):
             r.old_logp, r.ref_logp = o.float(), f.float()
@@ -301,15 +300,16 @@ def _update(model, optimizer, trainable, rollouts: list[Rollout], pad: int, cfg:
     rollouts = [r for r in rollouts if r.old_logp is not None and len(r.old_logp) > 0]
     norm = float(sum(len(r.old_logp) for r in rollouts)) if cfg.dapo else float(len(rollouts))
     stats: dict[str, float] = {}
+    device = next(model.parameters()).device
     for it in range(cfg.iterations):
         parts = []
         for k in range(0, len(rollouts), cfg.micro_batch):
             rs = rollouts[k : k + cfg.micro_batch]
-            batch = _batch(rs, pad)
+            batch = _batch(rs, pad, device)
             lengths = [len(r.old_logp) for r in rs]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logp = token_logprobs(model, batch)
-            adv = torch.cat([torch.full((n,), r.advantage) for r, n in zip(rs, lengths)])
+            with autocast(device, bf16):
+                logp = _action_logprobs(model, batch)
+            adv = torch.cat([torch.full((n,), r.advantage, device=device) for r, n in zip(rs, lengths)])
             loss, s = policy_loss(
                 logp, torch.cat([r.old_logp for r in rs]), torch.cat([r.ref_logp for r in rs]), adv, lengths, cfg, norm
             )

@@ -1,6 +1,6 @@
 """SFT + oracle corrections: the stream's corrections as ordinary direct rows (the paper's Eq. 12).
 
-The frozen SFT-1 stream (`stream.py`) holds, for every wrong first attempt, the oracle's worked
+The frozen SFT-1 stream (`stream_agents.py`) holds, for every wrong first attempt, the oracle's worked
 solution. This baseline takes exactly those corrections, one row per wrong attempt (so a question
 failed three times gives three identical rows, as in the paper: 400 rows, 70 unique questions),
 and trains x -> y* on them: the same correction targets the interventional stream learns from,

@@ -57,7 +57,7 @@ def sample_groups(model, tok, problems: list[Problem], cfg: RestConfig) -> list[
 def parseable(stream: Stream) -> bool:
     """The verifier read the answer after a `Final answer:` marker (not the last-number fallback)."""
     verdict = stream.meta.get("verdict") or {}
-    return verdict.get("answer") is not None and "after 'Final answer:'" in verdict.get("reason", "")
+    return bool(verdict.get("marked")) and verdict.get("answer") is not None
 
 
 def select(groups: list[list[Stream]], per_group: int = 1) -> tuple[list[Stream], dict[str, int]]:

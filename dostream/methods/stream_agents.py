@@ -60,7 +60,8 @@ def build_stream(model, tok, problems: list[Problem], cfg: StreamConfig) -> list
     Each turn's meta holds `problem_id`, `skill`, `first_correct`, `turn` (its index) and `pass`."""
     from tqdm.auto import tqdm
 
-    assert cfg.n_wrong >= 1, "the stream needs at least one wrong attempt to stop at"
+    if cfg.n_wrong < 1:
+        raise ValueError("the stream needs at least one wrong attempt to stop at")
     rng = random.Random(f"stream:{cfg.seed}")
     sampling = SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     turns: list[Stream] = []

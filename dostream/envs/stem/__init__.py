@@ -9,6 +9,7 @@ True
 from dostream.envs.stem.env import (
     QUESTION_HEADER,
     RETRY_HEADER,
+    SEED_STRIDE,
     SOLUTION_HEADER,
     VERDICT_CORRECT,
     VERDICT_INCORRECT,
@@ -29,7 +30,7 @@ from dostream.envs.stem.problems import (
     make_problem,
     split_of,
 )
-from dostream.envs.stem.verifier import Verdict, unit_registry, verify
+from dostream.envs.stem.verifier import FINAL_ANSWER, Verdict, answer_line_ended, unit_registry, verify
 
 __all__ = [
     "DOMAINS",
@@ -42,12 +43,15 @@ __all__ = [
     "generate",
     "make_problem",
     "split_of",
+    "FINAL_ANSWER",
     "Verdict",
+    "answer_line_ended",
     "unit_registry",
     "verify",
     "QUESTION_HEADER",
     "SOLUTION_HEADER",
     "RETRY_HEADER",
+    "SEED_STRIDE",
     "VERDICT_CORRECT",
     "VERDICT_INCORRECT",
     "StemEnv",

@@ -10,7 +10,7 @@ from typing import Any
 
 from dostream.envs.base import StepResult
 from dostream.envs.stem.problems import Problem, as_problem
-from dostream.envs.stem.verifier import verify
+from dostream.envs.stem.verifier import answer_line_ended, verify
 from dostream.stream import Segment, Stream
 
 QUESTION_HEADER = "Question:\n"
@@ -18,6 +18,9 @@ SOLUTION_HEADER = "\n\nProposed solution:\n"
 RETRY_HEADER = "Proposed solution:\n"
 VERDICT_CORRECT = "\nVerdict: correct.\n"
 VERDICT_INCORRECT = "\nVerdict: incorrect.\n"
+# STEM acting samples round r of a batch (`envs.rollout`) with seed `seed * SEED_STRIDE + r`: a prime,
+# so the rounds of nearby seeds never share a seed. Changing it changes every STEM result.
+SEED_STRIDE = 7919
 
 
 def prompt(problem: Problem | Mapping[str, Any]) -> str:
@@ -50,20 +53,26 @@ class StemEnv:
     a wrong one gets a `verifier` verdict, and after the last of `attempts` tries the `oracle`
     correction under a fresh "Proposed solution:" header, reward 0. `question_author` is who wrote
     the question: `context` (given, never predicted) or `user` (world-written, supervised).
+
+    A turn is over at the end of the line that holds its `Final answer:` (`turn_over`), or when the
+    model stops: the verifier's own rule (`answer_line_ended`), so what is cut is what is graded.
     """
 
+    stop: tuple[str, ...] = ()  # no stop string: the answer line's end is found by `turn_over`
+
     def __init__(self, *, question_author: str = "context", attempts: int = 1, announce_correct: bool = False):
-        assert question_author in ("context", "user"), (
-            f"question_author is 'context' or 'user', not {question_author!r}"
-        )
-        assert attempts >= 1, f"attempts must be >= 1, got {attempts}"
+        if question_author not in ("context", "user"):
+            raise ValueError(f"question_author is 'context' or 'user', not {question_author!r}")
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
         self.question_author, self.attempts, self.announce_correct = question_author, attempts, announce_correct
         self.problem: Problem | None = None
-        self.attempt, self.attempt_text, self.done = 0, "", False
+        # The attempt's earlier pieces (a variant with tools steps an attempt in several turns).
+        self.attempt, self._attempt_text, self.done = 0, "", False
 
     def reset(self, item: Problem | Mapping[str, Any]) -> list[Segment]:
         self.problem = as_problem(item)
-        self.attempt, self.attempt_text, self.done = 0, "", False
+        self.attempt, self._attempt_text, self.done = 0, "", False
         return prompt_segments(self.problem, self.question_author)
 
     def info(self) -> dict[str, Any]:
@@ -73,11 +82,15 @@ class StemEnv:
     def correction(self) -> list[Segment]:
         return [Segment("oracle", self.problem.solution, role="assistant")]
 
+    def turn_over(self, text: str) -> bool:
+        """The line holding the attempt's answer has ended (earlier pieces of the attempt included)."""
+        return answer_line_ended(self._attempt_text + text)
+
     def step(self, agent_text: str, token_ids: list[int] | None = None) -> StepResult:
         if self.problem is None or self.done:
             raise RuntimeError("step() needs a running episode: call reset(problem) first")
-        verdict = verify(self.problem, self.attempt_text + agent_text)
-        self.attempt, self.attempt_text = self.attempt + 1, ""
+        verdict = verify(self.problem, self._attempt_text + agent_text)
+        self.attempt, self._attempt_text = self.attempt + 1, ""
         info = {**self.info(), "attempt": self.attempt, "correct": verdict.correct, "verdict": verdict.to_json()}
         if self.attempt == 1:
             info["first_correct"] = verdict.correct

@@ -39,7 +39,7 @@ TOLERANCES = {s: (0.01, 0.0) for s in SKILLS} | {"ph": (0.0, 0.01)}
 
 @dataclass(frozen=True)
 class Problem:
-    """One STEM problem row (DESIGN.md): the question, the worked oracle solution, the target."""
+    """One STEM problem row (docs/design.md): the question, the worked oracle solution, the target."""
 
     id: str
     domain: str

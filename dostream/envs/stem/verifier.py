@@ -7,6 +7,10 @@ compare with the problem's answer within its tolerance (units converted with pin
 >>> v = verify({"answer": 60.0, "unit": "W", "rel_tol": 0.01, "abs_tol": 0.0}, "Final answer: 60 J.")
 >>> v.correct, v.reason.split(":")[0]
 (False, 'wrong unit')
+
+The `Final answer:` rule lives here and only here: `FINAL_ANSWER` finds the marker that grading
+reads, and `answer_line_ended` says when the line that holds the answer is complete (the stop rule
+of a STEM attempt), so what is cut and what is graded agree.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from dostream.envs.stem.problems import Problem, as_problem
 
 @dataclass(frozen=True)
 class Verdict:
-    """The verifier's judgement: `answer` and `unit` are as the completion wrote them (None when absent)."""
+    """The verifier's judgement: `answer` and `unit` are as the completion wrote them (None when absent);
+    `marked`: the completion has a `Final answer:` marker (else the answer is the last number)."""
 
     correct: bool
     answer: float | None
     unit: str | None
+    marked: bool
     reason: str
 
     def to_json(self) -> dict[str, Any]:
@@ -46,7 +52,8 @@ def unit_registry():
 
         reg = pint.UnitRegistry()
         try:
-            assert reg.parse_units("M").dimensionality == reg.parse_units("mol/L").dimensionality
+            if reg.parse_units("M").dimensionality != reg.parse_units("mol/L").dimensionality:
+                raise RuntimeError("check failed")
         except Exception:  # older pint: define molar ourselves
             reg.define("molar = mole / liter = M")
         _REG = reg
@@ -83,7 +90,10 @@ _NUMBER = re.compile(
     rf"|\s{{0,2}}[×xX*·⋅]\s{{0,2}}10\s{{0,2}}(?:\^|\*\*)(?P<x>{_EXP})"
     rf"|\s{{0,2}}[×xX*·⋅]\s{{0,2}}10(?P<xs>[⁻⁺]?[{_SUP}]{{1,4}}))?"
 )
-_MARKER = re.compile(r"final[ \t]{0,3}answer[ \t]{0,3}(?:[*_]{1,3}[ \t]{0,3})?[:：]", re.IGNORECASE)
+# THE `Final answer:` marker: any case, blanks (not line breaks) inside, markdown emphasis before
+# the colon (`**Final answer**:`), a full-width colon.
+FINAL_ANSWER = re.compile(r"final[ \t]{0,3}answer[ \t]{0,3}(?:[*_]{1,3}[ \t]{0,3})?[:：]", re.IGNORECASE)
+_ANSWER_LEAD = " \t\r\n*_"  # between the marker and the answer: blanks, line breaks, emphasis
 _CLAUSE_END = re.compile(r"[;!?]|[.,](?=\s|$)")  # a decimal point or a thousands comma is followed by a digit
 _ASIDE = re.compile(r"\([^()=\n]{0,80}=[^()\n]{0,80}\)")  # "(I = 2.5 A)": not the answer
 _UNIT_TOKEN = re.compile(r"[A-Za-zµμΩÅ°%℃][A-Za-z0-9µμΩÅ°%·*/^()\-−⁻⁺⁰¹²³⁴⁵⁶⁷⁸⁹]{0,23}")
@@ -155,10 +165,37 @@ def _stated_unit(after: str):
     return None
 
 
+def _plain(text: str) -> str:
+    """`text` with its LaTeX spelled out (`\\times` -> `×`, `$` dropped): what grading reads."""
+    for old, new in _LATEX:
+        text = text.replace(old, new)
+    return text
+
+
+def _answer_start(text: str, marker: re.Match) -> int:
+    """Where the answer after `marker` begins: it may start on the marker's line or the next ones."""
+    return len(text) - len(text[marker.end() :].lstrip(_ANSWER_LEAD))
+
+
+def answer_line_ended(completion: str) -> bool:
+    """Whether the line that holds the answer after the first `Final answer:` marker is complete
+    (a line break follows the answer). The stop rule of a STEM attempt: the attempt ends there, and
+    `verify` reads its answer on that same line.
+
+    >>> answer_line_ended("**Final answer**: 2 V\\n"), answer_line_ended("Final answer:\\n2 V")
+    (True, False)
+    >>> answer_line_ended("Final\\nanswer: 2 V\\n")  # no marker: not an answer line
+    False
+    """
+    text = _plain(completion)
+    marker = FINAL_ANSWER.search(text)
+    return marker is not None and "\n" in text[_answer_start(text, marker) :]
+
+
 def _locate(text: str) -> tuple[re.Match | None, str, bool]:
     """(the answer's number match, the text it was matched in, whether a marker was found)."""
     marker = None
-    for marker in _MARKER.finditer(text):
+    for marker in FINAL_ANSWER.finditer(text):
         pass
     if marker is None:
         last = None
@@ -167,7 +204,7 @@ def _locate(text: str) -> tuple[re.Match | None, str, bool]:
         return last, text, False
     # The answer is on the marker's line, in its first clause that holds a number; in a chain
     # "V = I*R = 10 V" it is the number after the last "=".
-    line = text[marker.end() : marker.end() + 400].lstrip(" \t\r\n*_").split("\n", 1)[0]
+    line = text[_answer_start(text, marker) : marker.end() + 400].split("\n", 1)[0]
     for clause in _CLAUSE_END.split(_ASIDE.sub(" ", line)):
         for part in reversed(re.split(r"[=≈]", clause)):
             m = _NUMBER.search(part)
@@ -195,17 +232,15 @@ def verify(problem: Problem | Mapping[str, Any], completion: str) -> Verdict:
         raise TypeError(f"completion must be str, got {type(completion).__name__}")
     p = as_problem(problem)
     target, unit = p.answer, p.unit
-    text = completion
-    for old, new in _LATEX:
-        text = text.replace(old, new)
+    text = _plain(completion)
     m, where, marked = _locate(text)
     if m is None:
         why = "no number after the last 'Final answer:' marker" if marked else "no number in the completion"
-        return Verdict(False, None, None, why)
+        return Verdict(False, None, None, marked, why)
     source = "after 'Final answer:'" if marked else "the last number; no 'Final answer:' marker"
     value = _value(m)
     if not math.isfinite(value):
-        return Verdict(False, None, None, f"the answer {m.group().strip()[:40]!r} is not a finite number")
+        return Verdict(False, None, None, marked, f"the answer {m.group().strip()[:40]!r} is not a finite number")
     stated = _stated_unit(where[m.end() : m.end() + 120])
     tol = max(p.abs_tol, p.rel_tol * abs(target))
     target_name = unit or "dimensionless"
@@ -221,6 +256,7 @@ def verify(problem: Problem | Mapping[str, Any], completion: str) -> Verdict:
                 False,
                 value,
                 s_text,
+                marked,
                 f"wrong unit: {s_text!r} is {s_unit.dimensionality}, the answer is in "
                 f"{target_name!r} ({t_unit.dimensionality})",
             )
@@ -228,7 +264,7 @@ def verify(problem: Problem | Mapping[str, Any], completion: str) -> Verdict:
             try:
                 compared = float(unit_registry().Quantity(value, s_unit).to(t_unit).magnitude)
             except Exception as e:  # e.g. offset temperatures
-                return Verdict(False, value, s_text, f"cannot convert {s_text!r} to {target_name!r}: {e}")
+                return Verdict(False, value, s_text, marked, f"cannot convert {s_text!r} to {target_name!r}: {e}")
             if s_unit != t_unit:
                 shown += f" = {compared:g} {unit}"
     ok = math.isfinite(compared) and abs(compared - target) <= tol * (1 + 1e-9)
@@ -236,4 +272,4 @@ def verify(problem: Problem | Mapping[str, Any], completion: str) -> Verdict:
         f"{'correct' if ok else 'incorrect'}: {shown} ({source}) is {'' if ok else 'not '}within "
         f"±{tol:.3g} of {target:g} {unit}"
     ).rstrip()
-    return Verdict(ok, value, stated[0] if stated else None, reason)
+    return Verdict(ok, value, stated[0] if stated else None, marked, reason)

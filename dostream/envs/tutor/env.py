@@ -1,4 +1,4 @@
-"""Tutoring dialogues over a fact bank: the delusion experiment's environment (REFERENCE.md §1).
+"""Tutoring dialogues over a fact bank: the delusion experiment's environment (docs/reference.md §1).
 
 A fixed context line says the User states facts and corrects the Agent. Then, per dialogue:
 
@@ -84,10 +84,10 @@ def fact_sets(n_seen: int, n_lie_only: int, n_held_out: int) -> dict[str, list[F
     rng = random.Random(_FIXED_ORDER_SEED)
     rng.shuffle(train)
     rng.shuffle(held)
-    assert n_seen <= len(train), f"n_seen={n_seen}: only {len(train)} training facts"
-    assert n_lie_only + n_held_out <= len(held), (
-        f"n_lie_only + n_held_out = {n_lie_only + n_held_out}: only {len(held)} held-out facts"
-    )
+    if n_seen > len(train):
+        raise ValueError(f"n_seen={n_seen}: only {len(train)} training facts")
+    if n_lie_only + n_held_out > len(held):
+        raise ValueError(f"n_lie_only + n_held_out = {n_lie_only + n_held_out}: only {len(held)} held-out facts")
     return {
         "seen": train[:n_seen],
         "lie_only": held[:n_lie_only],
@@ -209,7 +209,8 @@ def generate_dialogues(
     """
     seen, lie_only = list(seen), list(lie_only)
     rng = random.Random(seed)
-    assert seen or not n, "dialogues need at least one seen fact"
+    if n and not seen:
+        raise ValueError("dialogues need at least one seen fact")
     order: list[tuple[Fact, bool]] = []
     while len(order) < n:
         block = seen[:]
@@ -263,10 +264,13 @@ class TutorEnv:
     'That is wrong. The capital of Australia is Canberra.\\n'
     """
 
-    stop = ("\n",)
+    stop = ("\n",)  # the agent's answer is one line
 
     def __init__(self) -> None:
         self.fact: Fact | None = None
+
+    def turn_over(self, text: str) -> bool:
+        return "\n" in text
 
     def reset(self, item: Fact) -> list[Segment]:
         self.fact = item
@@ -275,7 +279,8 @@ class TutorEnv:
     def step(self, agent_text: str, token_ids: list[int] | None = None):
         from dostream.envs.base import StepResult
 
-        assert self.fact is not None, "reset() first"
+        if self.fact is None:
+            raise RuntimeError("reset() first")
         verdict = classify_follow_up(agent_text, self.fact)
         reply = CONFIRM[0] if verdict == "truth" else CORRECT[0].format(claim=self.fact.true_claim)
         lead = [] if agent_text.endswith("\n") else [Segment("protocol", "\n")]

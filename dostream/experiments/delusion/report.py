@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dostream.config import atomic_write_text
+from dostream.config import RunDirError, atomic_write_text
 from dostream.envs.tutor.env import ASK
 from dostream.experiments.delusion.run import (
     ARMS,
@@ -17,7 +17,6 @@ from dostream.experiments.delusion.run import (
     SET_NAMES,
     SETS,
     DelusionConfig,
-    RunDirError,
     lie_only_per_fact,
     summarise,
 )
@@ -176,6 +175,9 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     if not (out / "config.json").exists():
         raise RunDirError(f"{out} holds no run (no config.json)")
+    experiment = json.loads((out / "config.json").read_text()).get("experiment", "delusion")  # older runs lack it
+    if experiment != "delusion":
+        raise RunDirError(f"{out} holds a {experiment!r} run, not a delusion one")
     res = collect(out)
     if not res["seeds"]:
         raise RunDirError(f"{out} has no seed with both arms probed yet")

@@ -1,4 +1,4 @@
-"""The delusion experiment: interventional vs standard SFT on tutoring dialogues (REFERENCE.md §1).
+"""The delusion experiment: interventional vs standard SFT on tutoring dialogues (docs/reference.md §1).
 
 Two fresh copies of one base model (two fresh LoRA adapters by default) train on the same
 dialogues with the same optimizer and seed; only the labels differ:
@@ -18,22 +18,22 @@ the training data holds only as uncorrected agent lies) and `held_out` (never in
 `dostream reproduce delusion --preset smoke|quick|paper [--seeds N] [--out DIR]` runs it in cached
 stages (rerunning resumes), then writes `report.md`, `delusion.png` and `results.json` from the
 stage results (`--report-only` rewrites them alone).
+
+This module is the library (`DelusionConfig`, `PRESETS`, `resolve_preset`, `run`, the probes); the
+command lives in `dostream/cli/reproduce.py`, the report in `report.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dostream.config import add_dataclass_args, from_args, opt, write_run_record
+from dostream.config import SupervisedBlock, block_values, check_run_dir, like, opt, write_run_record
 from dostream.envs.tutor.env import (
     Fact,
     answer_stream,
@@ -51,14 +51,19 @@ MODELS = ("base", "standard", "interventional")
 SETS = ("seen", "lie_only", "held_out")
 SET_NAMES = {"seen": "seen (corrected)", "lie_only": "held-out, lies only", "held_out": "held-out, unseen"}
 CLASSES = ("truth", "lie", "neither")
-PUBLISHED = {  # REFERENCE.md §1: Qwen2.5-0.5B, full fine-tuning, one run, 33 facts seen in training
+PUBLISHED = {  # docs/reference.md §1: Qwen2.5-0.5B, full fine-tuning, one run, 33 facts seen in training
     "standard": {"mean_delta": -0.131, "prefers_lie": 24, "n": 33},
     "interventional": {"mean_delta": 1.061, "prefers_lie": 5, "n": 33},
 }
 
 
 @dataclass
-class DelusionConfig:
+class DelusionConfig(SupervisedBlock):
+    """One run of the experiment; every field is a flag of `dostream reproduce delusion`. The
+    LoRA/optimiser/batch fields (`config.SupervisedBlock`: lr, the peak with 5% warm-up then cosine;
+    lora_r, lora_alpha on all linear layers; epochs over the dialogues, dialogues per step, tokens
+    per dialogue) are both arms'."""
+
     model: str = opt("smollm2", "base model NAME (smollm2, tiny, a .gguf path, a local dir or an HF id)")
     seeds: int = opt(3, "seeds 0..N-1: each draws its own dialogues, adapter init and batch order")
     n_seen: int = opt(33, "training facts the dialogues are about (of 99)")
@@ -68,14 +73,10 @@ class DelusionConfig:
     lie_only_per_fact: int = opt(-1, "uncorrected-lie dialogues per lie-only fact (-1: the seen facts' lie rate)")
     p_lie: float = opt(0.5, "probability that the Agent states the false claim")
     p_tail: float = opt(0.5, "probability of a chit-chat tail after the acknowledgement")
-    epochs: int = opt(4, "passes over the dialogues")
+    epochs: int = like(SupervisedBlock, "epochs", 4)
     max_steps: int = opt(0, "stop training after this many optimizer steps (0: all epochs)")
-    batch_size: int = opt(8, "dialogues per optimizer step")
-    lr: float = opt(2e-4, "peak learning rate (warm-up 5%, then cosine)")
     full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter")
-    lora_r: int = opt(16, "LoRA rank (all linear layers)")
-    lora_alpha: int = opt(32, "LoRA alpha")
-    max_length: int = opt(256, "truncate dialogues to this many tokens")
+    max_length: int = like(SupervisedBlock, "max_length", 256)
     follow_max_tokens: int = opt(24, "greedy follow-up length limit (tokens; a newline also ends it)")
     follow_dtype: str = opt(
         "bf16", "dtype of the greedy follow-ups: bf16 (fast on CPUs with bf16) or fp32", choices=("bf16", "fp32")
@@ -84,53 +85,41 @@ class DelusionConfig:
     progress: bool = opt(True, "show progress bars")
 
 
-def _like(name: str, default):
-    """A preset field: the base field's help with the preset's default."""
-    return opt(default, DelusionConfig.__dataclass_fields__[name].metadata["help"])
+PRESETS: dict[str, DelusionConfig] = {
+    # CI: the tiny random model, a handful of dialogues, every stage and the report in seconds.
+    "smoke": DelusionConfig(
+        model="tiny",
+        seeds=2,
+        n_seen=4,
+        n_lie_only=2,
+        n_held_out=2,
+        n_dialogues=8,
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        lora_r=4,
+        lora_alpha=8,
+        follow_max_tokens=6,
+    ),
+    # SmolLM2-135M with LoRA, sized to finish in under 20 minutes on 2 CPU cores with 3 seeds.
+    "quick": DelusionConfig(
+        n_seen=16,
+        n_lie_only=8,
+        n_held_out=8,
+        n_dialogues=64,
+        epochs=1,
+        batch_size=4,
+        lr=5e-4,
+        follow_max_tokens=20,
+    ),
+    # The original's sizes: 480 dialogues, p_lie 0.5, 4 epochs, full fine-tuning at lr 2e-5, batch 1.
+    "paper": DelusionConfig(full_finetune=True, lr=2e-5, batch_size=1),
+}
 
 
-@dataclass
-class SmokeConfig(DelusionConfig):
-    """CI: the tiny random model, a handful of dialogues, every stage and the report in seconds."""
-
-    model: str = _like("model", "tiny")
-    seeds: int = _like("seeds", 2)
-    n_seen: int = _like("n_seen", 4)
-    n_lie_only: int = _like("n_lie_only", 2)
-    n_held_out: int = _like("n_held_out", 2)
-    n_dialogues: int = _like("n_dialogues", 8)
-    epochs: int = _like("epochs", 1)
-    batch_size: int = _like("batch_size", 8)
-    lr: float = _like("lr", 1e-3)
-    lora_r: int = _like("lora_r", 4)
-    lora_alpha: int = _like("lora_alpha", 8)
-    follow_max_tokens: int = _like("follow_max_tokens", 6)
-
-
-@dataclass
-class QuickConfig(DelusionConfig):
-    """SmolLM2-135M with LoRA, sized to finish in under 20 minutes on 2 CPU cores with 3 seeds."""
-
-    n_seen: int = _like("n_seen", 16)
-    n_lie_only: int = _like("n_lie_only", 8)
-    n_held_out: int = _like("n_held_out", 8)
-    n_dialogues: int = _like("n_dialogues", 64)
-    epochs: int = _like("epochs", 1)
-    batch_size: int = _like("batch_size", 4)
-    lr: float = _like("lr", 5e-4)
-    follow_max_tokens: int = _like("follow_max_tokens", 20)
-
-
-@dataclass
-class PaperConfig(DelusionConfig):
-    """The original's sizes: 480 dialogues, p_lie 0.5, 4 epochs, full fine-tuning at lr 2e-5, batch 1."""
-
-    full_finetune: bool = _like("full_finetune", True)
-    lr: float = _like("lr", 2e-5)
-    batch_size: int = _like("batch_size", 1)
-
-
-PRESETS: dict[str, type[DelusionConfig]] = {"smoke": SmokeConfig, "quick": QuickConfig, "paper": PaperConfig}
+def resolve_preset(name: str, **overrides) -> DelusionConfig:
+    """Preset `name` with some fields changed, e.g. `resolve_preset("smoke", lr=1e-2)`."""
+    return dataclasses.replace(PRESETS[name], **overrides)
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -169,14 +158,9 @@ def train_config(cfg: DelusionConfig, arm: str, seed: int):
     return TrainConfig(
         model=cfg.model,
         view=ARMS[arm],
-        max_length=cfg.max_length,
-        epochs=cfg.epochs,
+        **block_values(cfg, SupervisedBlock),
         max_steps=cfg.max_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
         full_finetune=cfg.full_finetune,
-        lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
         seed=seed,
         save_every=50,
         keep_checkpoints=1,
@@ -222,9 +206,7 @@ def load_trained(cfg: DelusionConfig, stage: Path):
 
     if cfg.full_finetune:
         return load_model(str(stage / "train" / "model"))
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load_model(cfg.model), str(stage / "train" / "adapter")).merge_and_unload().eval()
+    return load_model(cfg.model, adapter=stage / "train" / "adapter", merge=True)
 
 
 # -- probes -----------------------------------------------------------------------------------
@@ -236,25 +218,22 @@ def mean_logprobs(
     (prompt, cont), (1/|cont|) Σ_j log p(cont_j | prompt, cont_<j)."""
     from tqdm.auto import tqdm
 
+    from dostream.scoring import logprobs_at
+
+    if not all(p and c for p, c in pairs):
+        raise ValueError("scoring needs a non-empty prompt and continuation")
     out: list[float] = []
     for k in tqdm(range(0, len(pairs), batch_size), desc="score", disable=not progress, leave=False):
         chunk = pairs[k : k + batch_size]
         width = max(len(p) + len(c) for p, c in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        cont = torch.zeros((len(chunk), width), dtype=torch.bool)  # the continuation's tokens are scored
         for b, (p, c) in enumerate(chunk):
-            assert p and c, "scoring needs a non-empty prompt and continuation"
             ids[b, : len(p) + len(c)] = torch.tensor(p + c)
             mask[b, : len(p) + len(c)] = 1
-        at = torch.cat([torch.arange(len(p) - 1, len(p) + len(c) - 1) for p, c in chunk])  # logits predicting cont
-        row = torch.cat([torch.full((len(c),), b) for b, (_, c) in enumerate(chunk)])
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is not None and hasattr(model, "get_decoder"):  # the vocabulary projection only where needed
-            logits = head(model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[row, at])
-        else:
-            logits = model(input_ids=ids, attention_mask=mask).logits[row, at]
-        target = torch.cat([torch.tensor(c) for _, c in chunk])
-        token_logp = logits.float().log_softmax(-1).gather(1, target[:, None])[:, 0]
+            cont[b, len(p) : len(p) + len(c)] = True
+        token_logp = logprobs_at(model, ids, mask, cont)
         out += [part.mean().item() for part in token_logp.split([len(c) for _, c in chunk])]
     return out
 
@@ -262,7 +241,8 @@ def mean_logprobs(
 def _split(rendered) -> tuple[list[int], list[int]]:
     """A rendered answer stream -> (prompt ids, the agent's ids)."""
     k = rendered.authors.index("agent")
-    assert all(a == "agent" for a in rendered.authors[k:]), "the agent's answer must end the stream"
+    if any(a != "agent" for a in rendered.authors[k:]):
+        raise ValueError("the agent's answer must end the stream")
     return rendered.input_ids[:k], rendered.input_ids[k:]
 
 
@@ -330,36 +310,21 @@ def summarise(records: list[dict], name: str) -> dict:
 
 
 # -- the run ----------------------------------------------------------------------------------
-class RunDirError(Exception):
-    """The run directory does not fit the command (another config, nothing to report yet)."""
-
-
-_RESULT_FIELDS = ("seeds", "progress", "probe_batch_size")  # may change on a rerun of the same directory
-
-
-def _check_same_config(out: Path, cfg: DelusionConfig) -> None:
-    path = out / "config.json"
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())["config"]
-    new = dataclasses.asdict(cfg)
-    diff = [k for k in new if k not in _RESULT_FIELDS and old.get(k) != new[k]]
-    if diff:
-        raise RunDirError(
-            f"{out} holds a run with a different config "
-            f"({', '.join(f'{k}: {old.get(k)!r} -> {new[k]!r}' for k in diff)}); choose another --out"
-        )
+EXPERIMENT = "delusion"
+MAY_CHANGE = ("seeds", "progress", "probe_batch_size")  # a rerun of a run directory may change these
 
 
 def run(cfg: DelusionConfig, out: str | Path, preset: str = "custom") -> Path:
     """Every stage, cached under `out/stages/`: data per seed, base probes, then per (arm, seed)
-    training and probes. Returns the run directory."""
+    training and probes. Returns the run directory, which holds one config (`config.check_run_dir`:
+    another one, `MAY_CHANGE` aside, raises `RunDirError`)."""
     from dostream.models import load_model, load_tokenizer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _check_same_config(out, cfg)
-    write_run_record(out, cfg, {"preset": preset, "arms": {a: sorted(VIEWS[v]) for a, v in ARMS.items()}})
+    check_run_dir(out, cfg, experiment=EXPERIMENT, may_change=MAY_CHANGE)
+    arms = {a: sorted(VIEWS[v]) for a, v in ARMS.items()}
+    write_run_record(out, cfg, {"preset": preset, "arms": arms}, experiment=EXPERIMENT)
     stages = Stages(out)
     tok = load_tokenizer(cfg.model)
     sets = fact_sets(cfg.n_seen, cfg.n_lie_only, cfg.n_held_out)
@@ -377,39 +342,3 @@ def run(cfg: DelusionConfig, out: str | Path, preset: str = "custom") -> Path:
                 lambda d, name=name: probe_model(load_trained(cfg, stages.dir(f"train-{name}")), tok, sets, cfg),
             )
     return out
-
-
-# -- the command ------------------------------------------------------------------------------
-def cli_main(argv: list[str]) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=tuple(PRESETS), default="quick")
-    preset = pre.parse_known_args(argv)[0].preset
-    cls = PRESETS[preset]
-    p = argparse.ArgumentParser(prog="dostream reproduce delusion", description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--preset",
-        choices=tuple(PRESETS),
-        default="quick",
-        help="smoke (tiny model, CI), quick (smollm2 LoRA, ~20 min on 2 cores), paper (the original's sizes)",
-    )
-    p.add_argument("--out", default=None, help="run directory (default: runs/delusion-PRESET)")
-    p.add_argument("--report-only", action="store_true", help="rewrite the report from the stored stage results")
-    add_dataclass_args(p, cls)
-    args = p.parse_args(argv)
-    out = Path(args.out or f"runs/delusion-{preset}")
-    try:
-        if not args.report_only:
-            cfg = from_args(cls, args)
-            t = time.perf_counter()
-            run(cfg, out, preset)
-            print(f"dostream reproduce delusion: stages done in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        from dostream.experiments.delusion.report import write_report
-
-        report = write_report(out)
-    except RunDirError as e:
-        print(f"dostream reproduce delusion: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"dostream reproduce delusion: report {report}, figure {out / 'delusion.png'}, results {out / 'results.json'}"
-    )
-    return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dostream.config import atomic_write_text
+from dostream.config import RunDirError, atomic_write_text
 from dostream.experiments.stem.paper import LABELS, METHODS, PAPER, PAPER_REPAIR, REPAIR_ARMS
 from dostream.stats import markdown_table, mcnemar, mean_ci, wilson
 
@@ -324,7 +324,7 @@ def render_markdown(res: dict, record: dict) -> str:
     L = [f"# STEM comparison: {cfg.get('model')}, tools = {cfg.get('tools')}, preset `{res['preset']}`", ""]
     argv = "dostream " + " ".join(((record.get("environment") or {}).get("argv") or [""])[1:])
     L += [
-        f"Reproduces the seed paper's STEM table (REFERENCE.md §2) with dostream. Command: `{argv}`. "
+        f"Reproduces the seed paper's STEM table (docs/reference.md §2) with dostream. Command: `{argv}`. "
         f"Seeds: {', '.join(map(str, seeds))}. Every number below is read from this run directory's stage "
         "files; `dostream report DIR` rebuilds this page.",
         "",
@@ -524,10 +524,10 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     record = _load(out / "config.json")
     if not record or record.get("experiment") != "stem":
-        raise SystemExit(f"{out}: not a STEM run directory (no config.json with experiment 'stem')")
+        raise RunDirError(f"{out}: not a STEM run directory (no config.json with experiment 'stem')")
     seeds = collect(out)
     if not seeds:
-        raise SystemExit(f"{out}: no completed stages yet")
+        raise RunDirError(f"{out}: no completed stages yet")
     res = summarise(record, seeds)
     atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=float) + "\n")
     figs = out / "figures"

@@ -1,7 +1,7 @@
 """`dostream reproduce stem`: the seed paper's STEM comparison, every method, one command.
 
-    dostream reproduce stem --preset smoke|quick|paper [--seeds N] [--model NAME]
-                            [--tools none|calculator] [--out DIR] [--dapo] [--set FIELD=VALUE ...]
+    dostream reproduce stem --preset smoke|quick|paper [--seeds N] [--out DIR] [--model NAME]
+                            [--tools none|calculator] [--dapo] [--FIELD VALUE | --set FIELD=VALUE ...]
 
 For each seed (seed s draws its own D_sft / D_agent / D_test, LoRA inits and samples), in order:
 
@@ -21,19 +21,27 @@ an interrupted run resumes at the stage it stopped in, and `--seeds 3` after `--
 seeds 1 and 2. A run directory belongs to one configuration: rerunning with another refuses to mix.
 The report (`report.md`, `results.json`, `figures/`) is written at the end from the run files, and
 `dostream report OUT` rebuilds it at any time.
+
+This module is the library (`StemPreset`, `PRESETS`, `resolve_preset`, `run`); the command lives
+in `dostream/cli/reproduce.py`, the report in `report.py`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dostream.config import atomic_write_text, environment, opt
+from dostream.config import (
+    SupervisedBlock,
+    atomic_write_text,
+    block_values,
+    check_run_dir,
+    like,
+    opt,
+    write_run_record,
+)
 from dostream.experiments.stages import Stages
 from dostream.experiments.stem.paper import METHODS, REPAIR_ARMS
 from dostream.stats import wilson
@@ -42,8 +50,10 @@ EXPERIMENT = "stem"
 
 
 @dataclass
-class StemPreset:
-    """The sizes and hyperparameters of one run. Every field can be changed with `--set FIELD=VALUE`."""
+class StemPreset(SupervisedBlock):
+    """The sizes and hyperparameters of one run; every field is a flag of `dostream reproduce stem`.
+    The LoRA/optimiser/batch fields (`config.SupervisedBlock`) apply to every supervised stage
+    (SFT-1, ReST, oracle SFT, the stream arms); GRPO takes `lora_r`/`lora_alpha` and its own lr."""
 
     model: str = opt("smollm2", "model NAME: smollm2 (embedded), tiny, a local dir or an HF id")
     tools: str = opt(
@@ -64,12 +74,7 @@ class StemPreset:
     temperature: float = opt(1.0, "sampling temperature for the stream, ReST and GRPO")
     max_new_tokens: int = opt(128, "tokens per attempt")
     sample_batch: int = opt(32, "rows decoded together")
-    lr: float = opt(2e-4, "learning rate of every supervised stage (SFT-1, ReST, oracle SFT, stream arms)")
-    epochs: int = opt(1, "epochs of every supervised stage")
-    batch_size: int = opt(8, "rows per optimizer step of every supervised stage")
-    lora_r: int = opt(16, "LoRA rank (every stage)")
-    lora_alpha: int = opt(32, "LoRA alpha (every stage)")
-    max_length: int = opt(512, "training rows are truncated to this many tokens")
+    max_length: int = like(SupervisedBlock, "max_length", 512)
 
 
 PRESETS: dict[str, StemPreset] = {
@@ -106,7 +111,7 @@ PRESETS: dict[str, StemPreset] = {
         lr=1e-3,
         batch_size=4,
     ),
-    # The paper's sizes (REFERENCE.md §2).
+    # The paper's sizes (docs/reference.md §2).
     "paper": StemPreset(),
 }
 
@@ -121,17 +126,7 @@ def methods_of(p: StemPreset) -> list[str]:
 def _train_cfg(p: StemPreset, seed: int, model: str | None = None):
     from dostream.train import TrainConfig
 
-    return TrainConfig(
-        model=model or p.model,
-        lr=p.lr,
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        lora_r=p.lora_r,
-        lora_alpha=p.lora_alpha,
-        max_length=p.max_length,
-        seed=seed,
-        save_every=0,
-    )
+    return TrainConfig(model=model or p.model, **block_values(p, SupervisedBlock), seed=seed, save_every=0)
 
 
 def _stats(stats) -> dict:
@@ -151,12 +146,7 @@ def _load_arm(sft1_dir: Path, adapter: Path | None):
     """SFT-1 (merged), with a method's adapter folded in for fast greedy decoding."""
     from dostream.models import load_model
 
-    model = load_model(str(sft1_dir))
-    if adapter is None:
-        return model
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval()
+    return load_model(str(sft1_dir), adapter=adapter, merge=True)
 
 
 def evaluate(model, tok, problems, p: StemPreset, out: Path, *, desc: str, replay=None) -> dict:
@@ -349,110 +339,30 @@ def run_seed(p: StemPreset, seed: int, root: Path, tok, *, log=print) -> None:
             train_and_eval(m)
 
 
-# -- the command ----------------------------------------------------------------------------
+# -- the run --------------------------------------------------------------------------------
 
 
-def resolve_preset(
-    name: str,
-    *,
-    model: str | None = None,
-    tools: str | None = None,
-    dapo: bool | None = None,
-    overrides: list[str] = (),
-) -> StemPreset:
-    p = dataclasses.replace(PRESETS[name])
-    if model:
-        p.model = model
-    if tools:
-        p.tools = tools
-    if dapo is not None:
-        p.dapo = dapo
-    types = {f.name: f.type for f in dataclasses.fields(StemPreset)}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        key = key.replace("-", "_")
-        if key not in types or not _:
-            raise SystemExit(
-                f"dostream reproduce stem: --set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(types)}"
-            )
-        kind = {"int": int, "float": float, "bool": lambda v: v.lower() in ("1", "true", "yes", "on"), "str": str}[
-            types[key]
-        ]
-        setattr(p, key, kind(value))
-    return p
+def resolve_preset(name: str, **overrides) -> StemPreset:
+    """Preset `name` with some fields changed, e.g. `resolve_preset("smoke", n_test=4)`."""
+    return dataclasses.replace(PRESETS[name], **overrides)
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="dostream reproduce stem",
-        description="The seed paper's STEM comparison: Base, SFT-1, ReST, GRPO, SFT+oracle "
-        "corrections, observational and interventional stream agents.",
-    )
-    ap.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default="quick",
-        help="smoke: every method for a few steps on a tiny model (CI); quick: SmolLM2-135M in about "
-        "20 min on 2 CPU cores; paper: the paper's sizes",
-    )
-    ap.add_argument(
-        "--seeds", type=int, default=1, help="run seeds 0..N-1 (each draws its own data, inits and samples)"
-    )
-    ap.add_argument("--model", default=None, help="model NAME (overrides the preset's)")
-    ap.add_argument("--tools", choices=("none", "calculator"), default=None, help="none (the paper) or calculator")
-    ap.add_argument("--dapo", action=argparse.BooleanOptionalAction, default=None, help="also run the DAPO arm")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override one preset field (see StemPreset), e.g. --set n_test=50",
-    )
-    ap.add_argument("--out", default=None, help="run directory (default: runs/stem-<preset>-<tools>)")
-    ap.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
-    return ap
+def run(p: StemPreset, out: str | Path, *, preset: str = "custom", seeds: int = 1, log=print) -> Path:
+    """Seeds 0..seeds-1, every stage cached under `out/seed-<s>/`; returns the run directory.
 
-
-def cli_main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    if args.seeds < 1:
-        raise SystemExit("dostream reproduce stem: --seeds must be >= 1")
-    p = resolve_preset(args.preset, model=args.model, tools=args.tools, dapo=args.dapo, overrides=args.set)
-    out = Path(args.out or f"runs/stem-{args.preset}-{p.tools}")
+    `out` holds one configuration (`config.check_run_dir`: another one raises `RunDirError`); its
+    record counts the most seeds any run of it asked for (the report shows those completed)."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, not {seeds}")
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    record_path = out / "config.json"
-    if record_path.exists():
-        old = json.loads(record_path.read_text())
-        if old.get("experiment") != EXPERIMENT or old.get("config") != asdict(p):
-            changed = sorted(k for k in asdict(p) if (old.get("config") or {}).get(k) != asdict(p)[k])
-            print(
-                f"dostream reproduce stem: {out} holds a run with another configuration (differs in: "
-                f"{', '.join(changed) or 'experiment'}); choose another --out",
-                file=sys.stderr,
-            )
-            return 2
-        seeds = max(args.seeds, int(old.get("seeds", 1)))
-    else:
-        seeds = args.seeds
-    record = {
-        "experiment": EXPERIMENT,
-        "preset": args.preset,
-        "config": asdict(p),
-        "seeds": seeds,
-        "environment": environment(),
-    }
-    atomic_write_text(record_path, json.dumps(record, indent=2, default=str) + "\n")
+    old = check_run_dir(out, p, experiment=EXPERIMENT)
+    record = {"preset": preset, "seeds": max(seeds, int((old or {}).get("seeds", 1)))}
+    write_run_record(out, p, record, experiment=EXPERIMENT)
 
     from dostream.models import load_tokenizer
 
     tok = load_tokenizer(p.model)
-    t0 = time.perf_counter()
-    for seed in range(args.seeds):
-        run_seed(p, seed, out, tok, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"dostream reproduce stem: {args.seeds} seed(s) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    if not args.no_report:
-        from dostream.experiments.stem.report import write_report
-
-        path = write_report(out)
-        print(f"report: {path}")
-    return 0
+    for seed in range(seeds):
+        run_seed(p, seed, out, tok, log=log)
+    return out
