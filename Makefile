@@ -29,15 +29,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The main job, end to end on the embedded SmolLM2-135M-Instruct (a few minutes on a laptop CPU):
-# see what is supervised, train an adapter on the seed paper's streams under the paper's view, and
-# sample from it. `dostream reproduce stem --preset quick` is the full experiment.
-DEMO_PROMPT := Question:\n12.5 g of solute (molar mass 98.0 g/mol) is dissolved to make 1.0 L of solution. What is the molarity?\n\nProposed solution:\n
+# The main job, end to end on the embedded SmolLM2-135M-Instruct (about 3-4 minutes on 2 CPU cores):
+# what each view supervises in a stream where the agent answers wrongly and the user corrects it,
+# two adapters trained from the same start on the same rows under the two views, and how each then
+# answers about the trained facts beside the untrained model. `dostream demo --help` for the knobs.
 demo: setup
-	$(BIN)/dostream show examples/stem_streams.jsonl --tokenizer smollm2 --view oracle --html runs/demo/show.html
-	rm -rf runs/demo/train
-	$(BIN)/dostream train examples/stem_streams.jsonl --model smollm2 --view oracle --epochs 4 --batch-size 2 --lr 1e-3 --out runs/demo/train
-	printf '$(DEMO_PROMPT)' | $(BIN)/dostream sample --model smollm2 --adapter runs/demo/train/adapter --greedy --max-new-tokens 48
+	$(BIN)/dostream demo --out runs/demo
 
 clean-venv:
 	rm -rf $(VENV)

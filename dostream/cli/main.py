@@ -15,6 +15,10 @@ from dostream.cli._common import CliError
 
 # name -> (module, one-line help). Each module defines `cli_main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "dostream.cli.demo",
+        "the rule at work on the embedded model in a few minutes: two adapters, one difference",
+    ),
     "render": ("dostream.cli.render", "render streams to token ids, labels, offsets and authors (JSON lines)"),
     "show": ("dostream.cli.show", "show token by token who wrote what and what is supervised (terminal or --html)"),
     "train": ("dostream.cli.train", "train a LoRA adapter (or every weight) on streams under a view"),

@@ -156,16 +156,24 @@ class _Dialogue:
 
 
 def dialogue(
-    fact: Fact, rng: random.Random, *, p_lie: float, p_tail: float, sid: str, lie_only: bool = False
+    fact: Fact,
+    rng: random.Random,
+    *,
+    p_lie: float,
+    p_tail: float,
+    sid: str,
+    lie_only: bool = False,
+    asks: tuple[str, ...] = ASK,
 ) -> Stream:
     """One tutoring dialogue about `fact` (see the module docstring). With `lie_only`, the Agent
-    always lies and the User never corrects it."""
+    always lies and the User never corrects it. `asks`: the phrasings the User asks with (leave one
+    out to probe with a question never seen in training)."""
     d = _Dialogue()
     mode = "ask" if lie_only or rng.random() < 0.5 else "state"
     lie = lie_only or rng.random() < p_lie
     claim = fact.false_claim if lie else fact.true_claim
     if mode == "ask":
-        d.user(rng.choice(ASK).format(topic=fact.topic))
+        d.user(rng.choice(asks).format(topic=fact.topic))
         d.agent(rng.choice(ANSWER).format(claim=claim))
     else:
         d.user(rng.choice(STATE).format(claim=fact.true_claim))
@@ -198,6 +206,7 @@ def generate_dialogues(
     p_tail: float = 0.5,
     lie_only: Iterable[Fact] = (),
     lie_only_per_fact: int = 0,
+    asks: tuple[str, ...] = ASK,
 ) -> list[Stream]:
     """`n` dialogues over the `seen` facts (each fact as often as possible: round-robin over a
     shuffled order), plus `lie_only_per_fact` uncorrected-lie dialogues for each `lie_only` fact,
@@ -219,7 +228,7 @@ def generate_dialogues(
     order += [(f, True) for f in lie_only for _ in range(lie_only_per_fact)]
     rng.shuffle(order)
     return [
-        dialogue(f, rng, p_lie=p_lie, p_tail=p_tail, sid=f"tutor-s{seed}-{i:04d}", lie_only=lo)
+        dialogue(f, rng, p_lie=p_lie, p_tail=p_tail, sid=f"tutor-s{seed}-{i:04d}", lie_only=lo, asks=asks)
         for i, (f, lo) in enumerate(order)
     ]
 
