@@ -165,6 +165,11 @@ def set_argv(cls: type, items: Iterable[str]) -> list[str]:
 # -- files -------------------------------------------------------------------------------------
 
 
+# The process's umask, read once at import (reading it means setting it, which is not thread-safe).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
     """Open `path` for writing (text, UTF-8) so that readers see the old content or the new, never
@@ -174,6 +179,8 @@ def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        # mkstemp makes the file 0600; a written result gets the mode a plain open() would give it.
+        os.chmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()

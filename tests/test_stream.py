@@ -138,3 +138,13 @@ def test_segment_rejects_token_ids_on_world_segment():
     with pytest.raises(ValueError, match="only agent segments"):
         Segment("teacher", "x", token_ids=[1])
     json.dumps(Segment("agent", "x", token_ids=[1]).to_json())
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    import os
+
+    from dostream.config import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert os.stat(tmp_path / "a.txt").st_mode == os.stat(tmp_path / "b.txt").st_mode
