@@ -268,8 +268,13 @@ def accumulate_step(
     Returns this process's NLL sum and its non-pad token count."""
     n_sup = supervised_count(rows, [i for mb in micro for i in mb])
     mine = [piece for mb in micro[acc.process_index :: acc.num_processes] for piece in split_tokens(rows, mb, budget)]
+    # A process with no micro-batch in this step (the last step of an epoch can have fewer than
+    # there are processes) still has to join the gradient exchange, or the others wait forever:
+    # it runs one row with weight 0, adding nothing to the gradient.
+    weights = [1.0] * len(mine) or [0.0]
+    mine = mine or [micro[0][:1]]
     nll_total, n_tokens = 0.0, 0
-    for j, idx in enumerate(mine):
+    for j, (idx, weight) in enumerate(zip(mine, weights)):
         batch = {key: v.to(acc.device) for key, v in collate(rows, idx, pad_id).items()}
         sync = contextlib.nullcontext() if j == len(mine) - 1 else acc.no_sync(loss_module)
         with sync, autocast(acc.device, bf16):
@@ -406,6 +411,11 @@ def train(
     # Precision is ours to switch per call (autocast below); Accelerate's process-wide
     # mixed_precision setting cannot change within a process, and the methods chain several runs.
     acc = Accelerator(cpu=not cuda)
+    if os.environ.get("ACCELERATE_USE_CPU") == "True" and acc.num_processes == 1:
+        acc.print(
+            "dostream train: one process (`accelerate launch --cpu` starts one, whatever --num_processes "
+            "says); for N CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo)"
+        )
     budget = cfg.micro_batch_tokens if cfg.micro_batch_tokens >= 0 else (0 if cuda else 1024)
     out.mkdir(parents=True, exist_ok=True)
     if acc.is_main_process:
