@@ -279,9 +279,9 @@ def accumulate_step(
         sync = contextlib.nullcontext() if j == len(mine) - 1 else acc.no_sync(loss_module)
         with sync, autocast(acc.device, bf16):
             nll, _ = loss_module(**batch)
-            acc.backward(nll * acc.num_processes / n_sup)
-        nll_total += nll.item()
-        n_tokens += int(batch["attention_mask"].sum())
+            acc.backward(nll * (weight * acc.num_processes / n_sup))
+        nll_total += weight * nll.item()
+        n_tokens += int(weight) * int(batch["attention_mask"].sum())
     return nll_total, n_tokens
 
 
