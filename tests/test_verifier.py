@@ -222,3 +222,27 @@ def test_adversarial_input_is_fast(text):
     start = time.perf_counter()
     verify(V10, text)
     assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "Final answer: 1e99999 M",
+        "Final answer: 10^(-0.64) M",
+        "Final answer: 1/3 M",
+        "Final answer: 2^0 M",
+        "Final answer: 1**2 M",
+        "Final answer: 1 / 3 M",
+    ],
+)
+def test_an_expression_or_an_unreadable_numeral_is_not_an_answer(completion):
+    # Each of these once read as 1 and passed for a target of 1.0 M.
+    v = verify(row(1.0, "M"), completion)
+    assert not v.correct and v.answer is None and "not a plain number" in v.reason
+
+
+@pytest.mark.parametrize(
+    "completion", ["Final answer: 1 M.", "Final answer: 1e0 M", "Final answer: 10^0 M", "Final answer: 1.00 mol/L"]
+)
+def test_numbers_that_end_where_their_match_ends_still_pass(completion):
+    assert verify(row(1.0, "M"), completion).correct

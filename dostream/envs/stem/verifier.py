@@ -94,6 +94,9 @@ _NUMBER = re.compile(
 # the colon (`**Final answer**:`), a full-width colon.
 FINAL_ANSWER = re.compile(r"final[ \t]{0,3}answer[ \t]{0,3}(?:[*_]{1,3}[ \t]{0,3})?[:：]", re.IGNORECASE)
 _ANSWER_LEAD = " \t\r\n*_"  # between the marker and the answer: blanks, line breaks, emphasis
+# What may not follow a number's match directly: more of a numeral the number pattern could not
+# read (`1e99999`, `10^(-0.64)`), or an operation (`1/3`, `2^3`, `2**3`): an expression, not a number.
+_CONTINUES = re.compile(rf"[eE][{_SIGN}]?[0-9]|\.[0-9]|[0-9]|[ \t]{{0,2}}(?:\^|\*\*|/[ \t]{{0,2}}[0-9(.])")
 _CLAUSE_END = re.compile(r"[;!?]|[.,](?=\s|$)")  # a decimal point or a thousands comma is followed by a digit
 _ASIDE = re.compile(r"\([^()=\n]{0,80}=[^()\n]{0,80}\)")  # "(I = 2.5 A)": not the answer
 _UNIT_TOKEN = re.compile(r"[A-Za-zµμΩÅ°%℃][A-Za-z0-9µμΩÅ°%·*/^()\-−⁻⁺⁰¹²³⁴⁵⁶⁷⁸⁹]{0,23}")
@@ -238,6 +241,15 @@ def verify(problem: Problem | Mapping[str, Any], completion: str) -> Verdict:
         why = "no number after the last 'Final answer:' marker" if marked else "no number in the completion"
         return Verdict(False, None, None, marked, why)
     source = "after 'Final answer:'" if marked else "the last number; no 'Final answer:' marker"
+    if _CONTINUES.match(where, m.end()):
+        shown = (m.group() + where[m.end() :]).split()[0][:40]
+        return Verdict(
+            False,
+            None,
+            None,
+            marked,
+            f"the answer {shown!r} is not a plain number (an expression, or an exponent out of range)",
+        )
     value = _value(m)
     if not math.isfinite(value):
         return Verdict(False, None, None, marked, f"the answer {m.group().strip()[:40]!r} is not a finite number")
