@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from conftest import EXAMPLES, run_cli
 
 
@@ -86,6 +87,8 @@ def _bad_inputs(tmp_path) -> dict[str, list]:
     """One user mistake per subcommand of the dispatch table (a missing file where it reads one)."""
     missing = tmp_path / "missing.jsonl"
     return {
+        "import": ["import", missing, "--out", tmp_path / "imported.jsonl", "--assistant", "other"],
+        "export": ["export", missing, "--out", tmp_path / "exported"],
         "render": ["render", missing],
         "show": ["show", missing],
         "train": ["train", missing, "--model", "tiny", "--out", tmp_path / "train"],
@@ -95,6 +98,7 @@ def _bad_inputs(tmp_path) -> dict[str, list]:
         "report": ["report", tmp_path / "nowhere"],
         "agent": ["agent", "run", "--env", "support", "--model", "tiny", "--out", tmp_path / "agent", "--views", "x"],
         "streams": ["streams", "export", tmp_path / "nowhere"],
+        "serve": ["serve", "--model", "tiny", "--store", tmp_path / "serve", "--client-assistant", "agent"],
         "theory": ["theory", "--out", tmp_path / "theory", "--verifier-hit", "1.0"],
     }
 
@@ -111,6 +115,7 @@ def test_every_command_reports_a_user_error_in_one_line(tmp_path):
         assert "Traceback" not in proc.stderr, (name, proc.stderr)
         assert proc.stderr.splitlines()[-1].startswith(f"dostream {name}: "), (name, proc.stderr)
     assert not (tmp_path / "train").exists() and not (tmp_path / "agent").exists()
+    assert not (tmp_path / "imported.jsonl").exists() and not (tmp_path / "exported").exists()
 
 
 def test_user_error_messages(tmp_path):
@@ -196,3 +201,22 @@ def test_report_refuses_a_run_without_a_report(tmp_path):
     assert (
         proc.stderr.strip() == f"dostream report: {tmp_path} is a 'train' run; reports exist for stem, delusion, agent"
     )
+
+
+@pytest.mark.parametrize("command", ["render", "show"])
+def test_a_closed_pipe_ends_quietly(tmp_path, command):
+    import subprocess
+    import sys
+
+    many = tmp_path / "many.jsonl"
+    lines = (EXAMPLES / "tool_chat.jsonl").read_text().splitlines()
+    many.write_text("".join(line.replace('"id": "', f'"id": "{k}-', 1) + "\n" for k in range(200) for line in lines))
+    # The reader takes one line and goes away; the writer must not print a traceback.
+    proc = subprocess.run(
+        f"{sys.executable} -m dostream.cli {command} {many} | head -n 1",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr

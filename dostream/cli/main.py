@@ -9,6 +9,7 @@ A subcommand signals a user error with `CliError` (see `_common.py`); it is prin
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from dostream.cli._common import CliError
@@ -62,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as e:
         print(f"dostream {argv[0]}: {e}", file=sys.stderr)
         return e.status
+    except BrokenPipeError:
+        # The reader went away (`dostream render ... | head`): stop quietly, as a Unix filter does.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a filter killed by the broken pipe
 
 
 if __name__ == "__main__":
