@@ -125,21 +125,37 @@ def generate_for_streams(model, renderer, streams: list[Stream], config: Samplin
     return sample(model, renderer.tok, [renderer.prompt_ids(s) for s in streams], config)
 
 
-def sample(model, tokenizer, prompts: list[list[int]], config: SamplingConfig | None = None) -> list[Sample]:
+def sample(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    config: SamplingConfig | None = None,
+    *,
+    row_seeds: list[tuple[int, int]] | None = None,
+    forward: CachedForward | None = None,
+) -> list[Sample]:
     """Sample one continuation per prompt (token-id lists); outputs are in the order of `prompts`.
 
     Pass the same prompt n times for n samples: each copy has its own random stream, and the
     prompt is prefilled once. The model is put in eval mode for the call and restored after.
+    `row_seeds[i] = (seed, j)` gives row i the random stream of row j of a call seeded `seed`
+    (default `(config.seed, i)`): a server batching requests gives each request's rows its own seed,
+    so a request samples what it would alone, whatever shares its batch. `forward`: a
+    `CachedForward.build(model)` kept by a caller that samples many times from unchanged weights
+    (a server), so its weight reorder is paid once, not per call.
     """
     config = config or SamplingConfig()
     prompts = [[int(t) for t in p] for p in prompts]
+    if row_seeds is not None and len(row_seeds) != len(prompts):
+        raise ValueError(f"row_seeds has {len(row_seeds)} entries for {len(prompts)} prompts")
+    seeds = list(row_seeds) if row_seeds is not None else [(config.seed, i) for i in range(len(prompts))]
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompt {i} is empty: sampling needs at least one token to condition on")
     if not prompts:
         return []
     if _use_vllm(model, config):
-        return _sample_vllm(model, tokenizer, prompts, config)
+        return _sample_vllm(model, tokenizer, prompts, config, seeds)
     eos = set(config.eos_token_ids) if config.eos_token_ids is not None else _default_eos(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
     run = _in_dtype(model, config.dtype)
@@ -150,10 +166,17 @@ def sample(model, tokenizer, prompts: list[list[int]], config: SamplingConfig | 
     run.eval()
     try:
         with torch.inference_mode():
-            step = CachedForward.build(run) if config.fast_step else None  # (its weight copies: no autograd)
+            if not config.fast_step:
+                step = None
+            elif forward is not None and run is model:
+                step = forward
+            else:
+                step = CachedForward.build(run)  # (its weight copies: no autograd)
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
-                ids = _decode_batch(run, [prompts[i] for i in rows], rows, config, eos, pad, tokenizer, step)
+                ids = _decode_batch(
+                    run, [prompts[i] for i in rows], [seeds[i] for i in rows], config, eos, pad, tokenizer, step
+                )
                 for i, (toks, reason) in zip(rows, ids):
                     out[i] = Sample(toks, decode(tokenizer, toks), reason, len(prompts[i]))
     finally:
@@ -307,7 +330,7 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, ste
     return cache, torch.cat(logits), mask, True
 
 
-def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer, step) -> list[tuple[list[int], FinishReason]]:
+def _decode_batch(model, prompts, seeds, config, eos, pad, tokenizer, step) -> list[tuple[list[int], FinishReason]]:
     device = next(model.parameters()).device
     # Identical prompts (n samples of one question) are prefilled once, then the cache is copied.
     unique: dict[tuple[int, ...], int] = {}
@@ -326,7 +349,7 @@ def _decode_batch(model, prompts, rows, config, eos, pad, tokenizer, step) -> li
         None
         if config.is_greedy
         else torch.stack(
-            [torch.rand(steps, generator=_row_generator(config.seed, r), dtype=torch.float64) for r in rows]
+            [torch.rand(steps, generator=_row_generator(*seed), dtype=torch.float64) for seed in seeds]
         ).to(device)
     )
     generated: list[list[int]] = [[] for _ in prompts]
@@ -430,7 +453,9 @@ def _vllm_installed() -> bool:
     return True
 
 
-def _sample_vllm(model, tokenizer, prompts: list[list[int]], config: SamplingConfig) -> list[Sample]:
+def _sample_vllm(
+    model, tokenizer, prompts: list[list[int]], config: SamplingConfig, seeds: list[tuple[int, int]]
+) -> list[Sample]:
     """UNTESTED (no GPU where this was written). vLLM serves a model from a directory, so the
     current weights (a PEFT adapter merged into a copy) are exported to a temporary directory on
     every call: simple and always on-policy, but it pays a model load per call. Ids come from vLLM
@@ -456,7 +481,7 @@ def _sample_vllm(model, tokenizer, prompts: list[list[int]], config: SamplingCon
             ignore_eos=config.eos_token_ids is not None,  # then stop_token_ids alone decide
             include_stop_str_in_output=True,
             skip_special_tokens=False,
-            seed=_row_seed(config.seed, i),
+            seed=_row_seed(*seeds[i]),
         )
         for i in range(len(prompts))
     ]

@@ -64,30 +64,43 @@ CREATE TABLE IF NOT EXISTS evals (
 """
 
 
+def connect(path: str | Path, schema: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """The one way dostream opens an append-only store: autocommit mode (writes go through
+    `transaction`), WAL (readers never block the writer), synchronous writes, `schema` applied.
+    Also the served agent's store (`serve/store.py`)."""
+    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=check_same_thread)
+    if str(path) != ":memory:":
+        db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")  # a committed row survives a power cut too
+    db.executescript(schema)
+    return db
+
+
+def transaction(db: sqlite3.Connection, statements: Iterable[tuple[str, tuple]]) -> None:
+    """Run `statements` as one transaction: all of them land, or none (a kill mid-way leaves nothing)."""
+    cur = db.cursor()
+    cur.execute("BEGIN IMMEDIATE")
+    try:
+        for sql, args in statements:
+            cur.execute(sql, args)
+    except BaseException:
+        cur.execute("ROLLBACK")
+        raise
+    cur.execute("COMMIT")
+
+
 class Store:
     """One run's store. Every write is one transaction; readers never see half a batch."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
-        if self.path != ":memory:":
-            self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed episode survives a power cut too
-        self.db.executescript(SCHEMA)
+        self.db = connect(self.path, SCHEMA)
 
     def close(self) -> None:
         self.db.close()
 
     def _tx(self, statements: Iterable[tuple[str, tuple]]) -> None:
-        cur = self.db.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, args in statements:
-                cur.execute(sql, args)
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        cur.execute("COMMIT")
+        transaction(self.db, statements)
 
     # -- episodes ---------------------------------------------------------------------------
     def add_episodes(self, episodes: list[tuple[int, Stream, str | None]]) -> None:

@@ -1,0 +1,244 @@
+"""`dostream serve` beside `transformers serve`: requests/s and p50/p99 latency at 1, 8 and 32 clients.
+
+    python benchmarks/serve.py [--model smollm2] [--clients 1,8,32] [--max-tokens 32] [--json OUT]
+
+Each server runs as its own process on 127.0.0.1, serving the same local model (the embedded
+SmolLM2-135M-Instruct, from dostream's cache: `transformers serve` gets a directory holding its
+weights and tokenizer) and answering the same prompts: short user questions, greedy decoding,
+`max_tokens` new tokens at most. For each number of clients, that many asyncio clients send their
+requests back to back (`--requests` in all, at least one each, after a warm-up request); a
+request's latency runs from sending it to the last byte of its response; a row still running
+after `--cap-s` is cut there (its throughput is then of the requests that finished). Rows: dostream serve (micro-batched, every exchange committed to
+its store before the response), `transformers serve` (one generation per request) and `transformers
+serve --continuous-batching` (paged attention), each with `OMP_NUM_THREADS` as given. A server
+that cannot run here is reported with the reason instead of numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+KEY = "sk-bench"
+PROMPTS = [
+    "What is the capital of France?",
+    "Give me one tip for writing clear code.",
+    "Name three primary colors.",
+    "What does a thermometer measure?",
+    "Write a haiku about the sea.",
+    "How many legs does a spider have?",
+    "What is 12 times 11?",
+    "Suggest a name for a small bakery.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}: {log.read_text()[-1500:]}")
+        try:
+            if httpx.get(url, timeout=2, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"not ready after {timeout:.0f} s: {log.read_text()[-1500:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def run_clients(url: str, model: str, clients: int, args) -> dict:
+    """`clients` clients send `max(clients, args.requests)` requests between them, back to back;
+    a row still running after `args.cap_s` is cut there (its pending requests cancelled)."""
+    latencies: list[float] = []
+    tokens = 0
+    errors: list[str] = []
+    total = max(clients, args.requests)
+
+    async def client(c: int, http: httpx.AsyncClient, n: int) -> None:
+        nonlocal tokens
+        for r in range(n):
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": PROMPTS[(c + r * clients) % len(PROMPTS)]}],
+                "max_tokens": args.max_tokens,
+                "temperature": 0,
+            }
+            t = time.perf_counter()
+            resp = await http.post(url + "/v1/chat/completions", json=body)
+            latencies.append(time.perf_counter() - t)
+            if resp.status_code != 200:
+                errors.append(f"{resp.status_code}: {resp.text[:200]}")
+                continue
+            tokens += (resp.json().get("usage") or {}).get("completion_tokens", 0)
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(timeout=900, limits=limits, headers=headers) as http:
+        await client(0, http, 1)  # warm-up (one request), not counted
+        latencies.clear()
+        tokens = 0
+        t0 = time.perf_counter()
+        shares = [total // clients + (c < total % clients) for c in range(clients)]
+        tasks = [asyncio.create_task(client(c, http, k)) for c, k in enumerate(shares)]
+        done, pending = await asyncio.wait(tasks, timeout=args.cap_s)
+        for t in pending:
+            t.cancel()
+        wall = time.perf_counter() - t0
+    lat = sorted(latencies)
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "asked": total,
+        "cut_at_s": args.cap_s if pending else None,
+        "errors": errors[:3],
+        "n_errors": len(errors),
+        "wall_s": wall,
+        "req_per_s": len(lat) / wall,
+        "tokens_per_s": tokens / wall,
+        "p50_s": statistics.median(lat) if lat else float("nan"),
+        "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] if lat else float("nan"),
+    }
+
+
+def rows(url: str, model: str, args, name: str) -> list[dict]:
+    out = []
+    for c in args.clients:
+        r = asyncio.run(run_clients(url, model, c, args))
+        print(f"{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        out.append(r)
+    return out
+
+
+def model_dir(name: str) -> Path:
+    """A directory `transformers serve` can load offline: the cached weights and the tokenizer."""
+    from dostream.models import _smollm2_tokenizer_dir, resolve
+
+    if name != "smollm2":
+        return Path(resolve(name)[0])
+    weights = Path(resolve(name)[0])
+    out = Path(tempfile.mkdtemp(prefix="dostream-bench-model-"))
+    for src in (weights, _smollm2_tokenizer_dir()):
+        for f in src.iterdir():
+            (out / f.name).symlink_to(f)
+    return out
+
+
+def bench_dostream(args, env) -> list[dict]:
+    store = tempfile.mkdtemp(prefix="dostream-bench-store-")
+    port = free_port()
+    log = Path(store) / "server.log"
+    cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", args.model, "--store", store]
+    cmd += ["--port", str(port), "--log-level", "warning", "--dtype", args.dtype]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env={**env, "DOSTREAM_API_KEY": KEY}, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 300, log)
+        return rows(f"http://127.0.0.1:{port}", args.model, args, "dostream serve")
+    finally:
+        stop(proc)
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def bench_transformers(args, env, path: Path, continuous: bool) -> list[dict]:
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if exe is None:
+        raise RuntimeError("the `transformers` command is not installed")
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="dostream-bench-tf-")) / "server.log"
+    cmd = [exe, "serve", str(path), "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    if continuous:
+        cmd.append("--continuous-batching")
+    offline = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=offline, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}/health", 300, log)
+        return rows(f"http://127.0.0.1:{port}", str(path), args, "transformers serve" + (" cb" if continuous else ""))
+    finally:
+        stop(proc)
+
+
+def table(results: dict[str, list[dict] | str]) -> str:
+    lines = [
+        "| server | clients | requests | req/s | tokens/s | p50 latency (s) | p99 latency (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in results.items():
+        if isinstance(rows, str):
+            lines.append(f"| {name} | – | – | – | – | – | – ({rows}) |")
+            continue
+        for r in rows:
+            err = f" ({r['n_errors']} errors)" if r["n_errors"] else ""
+            if r["cut_at_s"]:
+                err += f" of {r['asked']}, cut at {r['cut_at_s']:.0f} s"
+            lines.append(
+                f"| {name} | {r['clients']} | {r['requests']}{err} | {r['req_per_s']:.2f} | "
+                f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
+    ap.add_argument("--requests", type=int, default=8, help="requests per row (at least one per client)")
+    ap.add_argument("--cap-s", type=float, default=180, help="a row still running after this is cut there")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="dostream serve's dtype")
+    ap.add_argument("--servers", default="dostream,transformers,transformers-cb")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",")]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    results: dict[str, list[dict] | str] = {}
+    path = None
+    for name in args.servers.split(","):
+        t = time.perf_counter()
+        try:
+            if name == "dostream":
+                results["dostream serve"] = bench_dostream(args, env)
+            else:
+                path = path or model_dir(args.model)
+                label = "transformers serve" + (" --continuous-batching" if name == "transformers-cb" else "")
+                results[label] = bench_transformers(args, env, path, continuous=name == "transformers-cb")
+        except Exception as e:  # a server that cannot run here: say why, go on with the others
+            results[name] = f"could not run: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    if path is not None and path.name.startswith("dostream-bench-model-"):
+        shutil.rmtree(path, ignore_errors=True)  # only symlinks to the cache
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""`dostream serve`: an OpenAI-compatible endpoint that records every conversation as a stream.
+
+    dostream serve --model NAME [--adapter DIR] --store DIR [--host 127.0.0.1] [--port 8000]
+    dostream serve keys add|list|revoke --store DIR [--scopes chat,feedback,admin] [--name NAME]
+
+Every exchange goes into DIR/serve.sqlite (what the model sampled: `agent`, exact ids; what the
+client sent: by role); `dostream streams export DIR` writes the conversations as stream JSONL.
+A key is needed: DOSTREAM_API_KEY (one admin key, quick start) or keys made with `keys add`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from dostream.cli._common import CliError, user_errors
+
+
+def _keys(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="dostream serve keys", description="manage the server's API keys")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add = sub.add_parser("add", help="make a key (printed once; only its hash is stored)")
+    add.add_argument("--store", required=True, help="the server's store directory")
+    add.add_argument("--scopes", default="chat,feedback", help="comma-separated: chat, feedback, admin")
+    add.add_argument("--name", default="", help="a label for the key")
+    ls = sub.add_parser("list", help="list keys (ids, names, scopes, revoked or not)")
+    ls.add_argument("--store", required=True)
+    rv = sub.add_parser("revoke", help="revoke a key by its id")
+    rv.add_argument("id", help="the key's id (key-...), as `keys list` shows it")
+    rv.add_argument("--store", required=True)
+    args = ap.parse_args(argv)
+    from dostream.serve.store import ServeStore
+
+    store = ServeStore.open_dir(args.store)
+    try:
+        if args.cmd == "add":
+            scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
+            with user_errors("--scopes: "):
+                kid, key = store.add_key(args.name, scopes)
+            print(key)
+            print(
+                f"dostream serve keys: {kid} ({','.join(scopes)}) added; the key above is shown once", file=sys.stderr
+            )
+        elif args.cmd == "list":
+            for k in store.keys():
+                state = (
+                    "revoked " + time.strftime("%Y-%m-%d %H:%M", time.localtime(k["revoked"]))
+                    if k["revoked"]
+                    else "live"
+                )
+                made = time.strftime("%Y-%m-%d %H:%M", time.localtime(k["created"]))
+                print(f"{k['id']}\t{k['scopes']}\t{state}\t{made}\t{k['name']}")
+        elif not store.revoke_key(args.id):
+            raise CliError(f"no live key {args.id!r} in {args.store} (see `dostream serve keys list`)")
+        else:
+            print(f"dostream serve keys: {args.id} revoked", file=sys.stderr)
+    finally:
+        store.close()
+    return 0
+
+
+def cli_main(argv: list[str]) -> int:
+    if argv[:1] == ["keys"]:
+        return _keys(argv[1:])
+    from dostream.serve.protocol import Limits
+
+    d = Limits()
+    ap = argparse.ArgumentParser(
+        prog="dostream serve",
+        description=__doc__.split("\n\n")[0],
+        epilog="`dostream serve keys --help`: manage API keys. Docs: README.md, 'Serving'.",
+    )
+    ap.add_argument(
+        "--model", default="smollm2", help="model NAME (smollm2, tiny, a directory, a hub id); the API's model id"
+    )
+    ap.add_argument("--adapter", default=None, help="a LoRA adapter directory to serve (merged in)")
+    ap.add_argument("--store", required=True, help="directory of the store (DIR/serve.sqlite)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument(
+        "--client-assistant",
+        default="teacher",
+        help="author of a client's assistant message that matches no recorded sample (default teacher)",
+    )
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="dtype to load and sample in")
+    ap.add_argument("--max-batch-rows", type=int, default=64, help="rows (requests x n) sampled together")
+    ap.add_argument("--gather-ms", type=float, default=5.0, help="how long an idle batcher waits for batch mates")
+    ap.add_argument("--max-tokens", type=int, default=d.max_tokens, help="the most max_tokens a request may ask for")
+    ap.add_argument(
+        "--default-max-tokens", type=int, default=d.default_max_tokens, help="max_tokens when a request gives none"
+    )
+    ap.add_argument("--max-n", type=int, default=d.max_n, help="the most choices (n) a request may ask for")
+    ap.add_argument("--max-body", type=int, default=d.max_body, help="request body limit in bytes (413 above)")
+    ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    args = ap.parse_args(argv)
+    from dostream.serve.app import ServeConfig, serve
+
+    with user_errors():
+        limits = Limits(
+            max_body=args.max_body,
+            max_tokens=args.max_tokens,
+            default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+            max_n=args.max_n,
+        )
+        cfg = ServeConfig(
+            model=args.model,
+            adapter=args.adapter,
+            store=args.store,
+            host=args.host,
+            port=args.port,
+            client_assistant=args.client_assistant,
+            dtype=args.dtype,
+            max_batch_rows=args.max_batch_rows,
+            gather_ms=args.gather_ms,
+            limits=limits,
+        )
+        serve(cfg, env_key=os.environ.get("DOSTREAM_API_KEY") or None, log_level=args.log_level)
+    return 0

@@ -1,0 +1,151 @@
+"""What the server records for a request: which conversation it continues, its new segments, its reply.
+
+A client speaks OpenAI chat: every request carries the whole conversation so far. The server keeps
+the conversation as a stream and must know which recorded sample a request continues, so that the
+assistant turns it sampled keep their exact ids (docs/design.md invariant 2) and the next prompt is
+rendered from the recorded stream:
+
+* every message gets a canonical form (`canonical`: its role, text, calls, tool-call id and name;
+  not how the client spelled them: `null` or `""`, a string or text parts);
+* `prefix_states` hashes the request's tools and messages as a chain, one state per message;
+* after sampling, choice c's *continuation key* is the chain extended by the reply the server
+  returned (`continuation_key`); a later request whose messages up to an assistant message hash to
+  a recorded key continues that choice: everything up to there is the recorded path (exact ids),
+  and only the messages after it are new (`new_segments`, through the importers' one conversion
+  `importers.openai.messages_to_segments`, with the tools preamble of `toolcalls.py`).
+
+An assistant message that matches no recorded sample was written by someone else: it is recorded
+as the client's (`teacher` by default, `--client-assistant AUTHOR` changes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from dostream.render import decode
+from dostream.sampling import Sample
+from dostream.stream import Segment
+from dostream.toolcalls import call_parts, parse_calls
+
+_VERSION = "dostream-serve-1"  # changes every key if the canonical form ever changes
+_ROLES = {"developer": "system", "function": "tool", "ipython": "tool"}
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out = []
+        for part in content:
+            if isinstance(part, str):
+                out.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") in ("text", "input_text", "output_text"):
+                out.append(str(part.get("text", "")))
+            else:
+                out.append(json.dumps(part, sort_keys=True, ensure_ascii=False))
+        return "\n".join(out)
+    return json.dumps(content, sort_keys=True, ensure_ascii=False)
+
+
+def _calls(message: dict) -> list:
+    out = []
+    for call in message.get("tool_calls") or []:
+        try:
+            name, args = call_parts(call)
+        except ValueError:
+            name, args = None, call
+        out.append([call.get("id") if isinstance(call, dict) else None, name, args])
+    return out
+
+
+def canonical(message: dict) -> str:
+    """One message as the server compares it (not as the client spelled it)."""
+    role = message.get("role")
+    d = {"role": _ROLES.get(role, role), "content": _text(message.get("content"))}
+    if d["role"] == "assistant":
+        d["calls"] = _calls(message)
+    for k in ("name", "tool_call_id"):
+        if isinstance(message.get(k), str):
+            d[k] = message[k]
+    return json.dumps(d, sort_keys=True, ensure_ascii=False)
+
+
+def _chain(state: str, item: str) -> str:
+    return hashlib.sha256(f"{state}\0{item}".encode()).hexdigest()
+
+
+def prefix_states(tools: list[dict] | None, messages: list[dict]) -> list[str]:
+    """The hash chain after each message (the tools in force are hashed first)."""
+    state = _chain(_VERSION, json.dumps(tools or [], sort_keys=True, ensure_ascii=False))
+    out = []
+    for m in messages:
+        state = _chain(state, canonical(m))
+        out.append(state)
+    return out
+
+
+def lookup_keys(messages: list[dict], states: list[str]) -> list[str | None]:
+    """Keys to look up: a prefix can continue a recorded sample only where it ends with an assistant message."""
+    return [s if m.get("role") == "assistant" else None for m, s in zip(messages, states)]
+
+
+def continuation_key(states: list[str], reply: dict) -> str:
+    """The key a later request has when it sends this request's messages and then `reply` back."""
+    return _chain(states[-1], canonical(reply))
+
+
+_INDEX = re.compile(r"^messages\[(\d+)\]")
+
+
+def new_segments(messages: list[dict], offset: int, tools: list[dict] | None, author: str) -> list[Segment]:
+    """The segments of `messages` (the request's messages from index `offset` on): by role,
+    `system`/`developer` → `context`, `user` → `user`, `tool` → `tool`, an assistant message (one
+    that matched no sample) → `author`; `tools` (a new conversation only) → the tools preamble.
+    Raises `ValueError(field, message)` with the field named in the request (`messages[3].content`)."""
+    from dostream.importers.base import RecordError
+    from dostream.importers.openai import messages_to_segments
+
+    role_map = {} if author == "teacher" else {"assistant": author}
+    try:
+        return messages_to_segments(messages, tools=tools, assistant="other", role_map=role_map, where="messages")
+    except RecordError as e:
+        where = _INDEX.sub(lambda m: f"messages[{int(m.group(1)) + offset}]", e.field)
+        raise FieldError(where, e.reason) from None
+
+
+class FieldError(ValueError):
+    """A request field that cannot be recorded: `field` names it as the client wrote it."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.reason = field, message
+        super().__init__(f"{field}: {message}")
+
+
+def reply(sample: Sample, tok, stop: tuple[str, ...], *, tools: bool, call_prefix: str) -> tuple[dict, str]:
+    """The OpenAI `message` for a sample and its `finish_reason`.
+
+    The content is what the model wrote, less the end-of-turn token it sampled and less a stop
+    string and what followed it in its last token (as OpenAI returns it); with tools in force,
+    `<tool_call>` blocks become `tool_calls`. The recorded segment keeps every sampled id."""
+    text = sample.text
+    if sample.finish_reason == "eos" and sample.token_ids:
+        end = decode(tok, sample.token_ids[-1:])
+        if end and text.endswith(end):
+            text = text[: -len(end)]
+    elif sample.finish_reason == "stop":
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+    calls: list[dict] = []
+    if tools:
+        text, calls = parse_calls(text, id_prefix=call_prefix)
+    message: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
+    if calls:
+        message["tool_calls"] = calls
+    finish = "tool_calls" if calls else ("length" if sample.finish_reason == "length" else "stop")
+    return message, finish

@@ -1,0 +1,395 @@
+"""The served agent's memory: an append-only SQLite store (WAL) of every exchange, its feedback, and the API keys.
+
+`DIR/serve.sqlite`, opened the way the continual agent's store is (`agent.store.connect`):
+
+    exchanges      one per answered request, in commit order (`seq` 0, 1, 2, ...): its conversation,
+                   the exchange (and choice) whose sample it continues, the world's segments that are
+                   new in the request (the client's messages after the matched prefix), one `agent`
+                   segment per choice with its exact sampled ids, the settings, the adapter in force
+    continuations  per choice, the hash of (tools, the request's messages + the returned assistant
+                   message): a later request that starts with those messages continues that choice
+    feedback       one per `POST /v1/feedback`: the exchange and choice it speaks of, its author
+                   (`verifier`, `oracle`, `user`, ...), its text, an optional reward
+    api_keys       one per key made by `dostream serve keys add`: its id, a SHA-256 of the key (the
+                   key itself is shown once and never stored), scopes, revocation time
+
+A conversation is a tree: a client that regenerates a turn, or asks for `n > 1` choices and goes
+on with one, branches it. Its stream is the path from the root to the newest exchange (choice 0
+there); `export_streams` writes it under the conversation's id, and every other leaf as the stream
+`CONVERSATION#SEQ.CHOICE` (same prefix, other ending). Feedback follows the last exchange of every
+path through the exchange it speaks of: it arrived after that turn was sampled, so no prompt the
+agent was sampled from ever contained it (what was conditioned on stays a prefix of what is trained
+on, docs/design.md invariant 2).
+
+Rows are only inserted (a key's revocation time is the one update). A batch of exchanges, with
+their continuation keys, is one transaction: after a kill at any point an exchange is there whole
+or not at all, and the server answers a request only after its transaction committed.
+
+>>> store = ServeStore(":memory:")
+>>> seq = store.add_exchanges([Exchange("chatcmpl-1", "c1", None, None, [Segment("user", "Hi")],
+...     [Segment("agent", "Hello", token_ids=[19556])], {}, None, None, ["k"])])
+>>> [s.id for s in store.export_streams()], store.find_continuation(["k"])
+(['c1'], (0, 0, 0, 'c1'))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dostream.agent.store import connect, transaction
+from dostream.stream import Segment, Stream
+
+FILENAME = "serve.sqlite"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS exchanges (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    conversation TEXT NOT NULL,
+    parent INTEGER,
+    parent_choice INTEGER,
+    segments TEXT NOT NULL,
+    samples TEXT NOT NULL,
+    request TEXT NOT NULL,
+    adapter TEXT,
+    api_key TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS exchanges_by_conversation ON exchanges (conversation, seq);
+CREATE TABLE IF NOT EXISTS continuations (
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    choice INTEGER NOT NULL,
+    conversation TEXT NOT NULL,
+    PRIMARY KEY (key, seq, choice)
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    conversation TEXT NOT NULL,
+    exchange INTEGER NOT NULL,
+    choice INTEGER NOT NULL,
+    author TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    text TEXT NOT NULL,
+    role TEXT,
+    reward REAL,
+    meta TEXT NOT NULL,
+    api_key TEXT,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_by_conversation ON feedback (conversation, seq);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL
+);
+"""
+
+SCOPES = ("chat", "feedback", "admin")
+
+
+def store_path(directory: str | Path) -> Path:
+    return Path(directory) / FILENAME
+
+
+def hash_key(key: str) -> str:
+    """Keys are 256 random bits, so a plain SHA-256 is as strong as a slow password hash here."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass
+class Exchange:
+    """One answered request, as recorded."""
+
+    id: str  # the completion id returned to the client (`chatcmpl-...`)
+    conversation: str
+    parent: int | None  # seq of the exchange whose sample this one continues; None: a new root
+    parent_choice: int | None
+    segments: list[Segment]  # the world's segments new in this request, in order
+    samples: list[Segment]  # one `agent` segment per choice, exact sampled ids
+    request: dict[str, Any]  # settings, seed, finish reasons, usage, the client's own fields
+    adapter: str | None
+    api_key: str | None
+    continuations: list[str] = field(default_factory=list)  # one key per choice
+
+
+@dataclass
+class Feedback:
+    id: str
+    conversation: str
+    exchange: int
+    choice: int
+    author: str
+    kind: str
+    text: str
+    role: str | None
+    reward: float | None
+    meta: dict[str, Any]
+    api_key: str | None
+    created: float = 0.0
+
+
+def _segments(raw: str) -> list[Segment]:
+    return [Segment(**d) for d in json.loads(raw)]
+
+
+def _dump(segments: list[Segment]) -> str:
+    return json.dumps([s.to_json() for s in segments], ensure_ascii=False)
+
+
+class ServeStore:
+    """The server's store. One connection shared by the request threads and the batcher, under a
+    lock (SQLite serialises writers anyway); every write is one transaction."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = connect(self.path, SCHEMA, check_same_thread=False)
+        self.lock = threading.RLock()
+
+    @classmethod
+    def open_dir(cls, directory: str | Path) -> ServeStore:
+        return cls(store_path(directory))
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    def _one(self, sql: str, args: tuple = ()) -> tuple | None:
+        with self.lock:
+            return self.db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self.lock:
+            return self.db.execute(sql, args).fetchall()
+
+    # -- exchanges --------------------------------------------------------------------------
+    def add_exchanges(self, exchanges: list[Exchange]) -> list[int]:
+        """Append exchanges (and their continuation keys) in one transaction; returns their seqs."""
+        now = time.time()
+        with self.lock:
+            start = self.db.execute("SELECT COALESCE(MAX(seq), -1) + 1 FROM exchanges").fetchone()[0]
+            statements: list[tuple[str, tuple]] = []
+            for k, e in enumerate(exchanges):
+                seq = start + k
+                statements.append(
+                    (
+                        "INSERT INTO exchanges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            seq,
+                            e.id,
+                            e.conversation,
+                            e.parent,
+                            e.parent_choice,
+                            _dump(e.segments),
+                            _dump(e.samples),
+                            json.dumps(e.request, ensure_ascii=False),
+                            e.adapter,
+                            e.api_key,
+                            now,
+                        ),
+                    )
+                )
+                statements += [
+                    ("INSERT OR IGNORE INTO continuations VALUES (?, ?, ?, ?)", (key, seq, c, e.conversation))
+                    for c, key in enumerate(e.continuations)
+                ]
+            transaction(self.db, statements)
+        return list(range(start, start + len(exchanges)))
+
+    def n_exchanges(self) -> int:
+        return self._one("SELECT COUNT(*) FROM exchanges")[0]
+
+    def find_continuation(self, keys: list[str], conversation: str | None = None) -> tuple[int, int, int, str] | None:
+        """The longest prefix a recorded choice continues: `keys[i]` is the key of the request's
+        first i+1 messages (None where message i is not an assistant's). Returns (i, seq, choice,
+        conversation) of the newest match, or None; `conversation` restricts the search."""
+        for i in range(len(keys) - 1, -1, -1):
+            if keys[i] is None:
+                continue
+            sql = "SELECT seq, choice, conversation FROM continuations WHERE key = ?"
+            args: tuple = (keys[i],)
+            if conversation is not None:
+                sql, args = sql + " AND conversation = ?", (*args, conversation)
+            row = self._one(sql + " ORDER BY seq DESC, choice LIMIT 1", args)
+            if row is not None:
+                return i, row[0], row[1], row[2]
+        return None
+
+    def path_segments(self, seq: int, choice: int) -> list[Segment]:
+        """The stream up to and including choice `choice` of exchange `seq`: every ancestor's new
+        segments and the sample it was continued from, exact ids kept."""
+        parts: list[list[Segment]] = []
+        node: tuple[int, int] | None = (seq, choice)
+        while node is not None:
+            row = self._one("SELECT parent, parent_choice, segments, samples FROM exchanges WHERE seq = ?", (node[0],))
+            if row is None:
+                raise KeyError(f"exchange {node[0]} is not in the store")
+            parts.append(_segments(row[2]) + [_segments(row[3])[node[1]]])
+            node = None if row[0] is None else (row[0], row[1])
+        return [s for part in reversed(parts) for s in part]
+
+    def exchange(self, completion_id: str) -> tuple[int, str, int] | None:
+        """(seq, conversation, number of choices) of a completion id, or None."""
+        row = self._one("SELECT seq, conversation, samples FROM exchanges WHERE id = ?", (completion_id,))
+        return None if row is None else (row[0], row[1], len(json.loads(row[2])))
+
+    def latest_exchange(self, conversation: str) -> int | None:
+        row = self._one("SELECT MAX(seq) FROM exchanges WHERE conversation = ?", (conversation,))
+        return None if row is None else row[0]
+
+    def has_conversation(self, conversation: str) -> bool:
+        return self._one("SELECT 1 FROM exchanges WHERE conversation = ? LIMIT 1", (conversation,)) is not None
+
+    # -- feedback ---------------------------------------------------------------------------
+    def add_feedback(self, fb: Feedback) -> None:
+        with self.lock:
+            transaction(
+                self.db,
+                [
+                    (
+                        "INSERT INTO feedback (id, conversation, exchange, choice, author, kind, text, role, reward, "
+                        "meta, api_key, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            fb.id,
+                            fb.conversation,
+                            fb.exchange,
+                            fb.choice,
+                            fb.author,
+                            fb.kind,
+                            fb.text,
+                            fb.role,
+                            fb.reward,
+                            json.dumps(fb.meta, ensure_ascii=False),
+                            fb.api_key,
+                            fb.created or time.time(),
+                        ),
+                    )
+                ],
+            )
+
+    def feedback_ids(self) -> list[str]:
+        return [r[0] for r in self._all("SELECT id FROM feedback ORDER BY seq")]
+
+    # -- export -----------------------------------------------------------------------------
+    def conversations(self) -> list[str]:
+        """Conversation ids in the order of their first exchange."""
+        return [r[0] for r in self._all("SELECT conversation FROM exchanges GROUP BY conversation ORDER BY MIN(seq)")]
+
+    def export_streams(self, start: int = 0, stop: int | None = None) -> list[Stream]:
+        """The streams of conversations `start <= i < stop` (in order of their first exchange):
+        per conversation its main path (id: the conversation's) and then its other branches."""
+        out: list[Stream] = []
+        for conv in self.conversations()[start:stop]:
+            out += self.conversation_streams(conv)
+        return out
+
+    def conversation_streams(self, conversation: str) -> list[Stream]:
+        rows = self._all(
+            "SELECT seq, id, parent, parent_choice, segments, samples, adapter FROM exchanges "
+            "WHERE conversation = ? ORDER BY seq",
+            (conversation,),
+        )
+        feedback = self._all(
+            "SELECT id, exchange, choice, author, kind, text, role, reward, meta, created FROM feedback "
+            "WHERE conversation = ? ORDER BY seq",
+            (conversation,),
+        )
+        ex = {r[0]: r for r in rows}
+        samples = {r[0]: _segments(r[5]) for r in rows}
+        continued = {(r[2], r[3]) for r in rows if r[2] is not None}
+        leaves = [(r[0], c) for r in rows for c in range(len(samples[r[0]])) if (r[0], c) not in continued]
+        main = (rows[-1][0], 0) if rows else None
+        leaves.sort(key=lambda leaf: (leaf != main, leaf))
+        streams = []
+        for leaf in leaves:
+            path: list[tuple[int, int]] = []
+            node: tuple[int, int] | None = leaf
+            while node is not None:
+                path.append(node)
+                r = ex[node[0]]
+                node = None if r[2] is None else (r[2], r[3])
+            path.reverse()
+            on_path = set(path)
+            segments: list[Segment] = []
+            for seq, choice in path:
+                segments += _segments(ex[seq][4]) + [samples[seq][choice]]
+            notes, reward = [], None
+            for fid, fseq, fchoice, author, kind, text, role, r_, fmeta, _created in feedback:
+                if (fseq, fchoice) not in on_path:
+                    continue
+                if text:
+                    segments.append(Segment(author, text, role=role, meta={"feedback": fid, "kind": kind}))
+                if r_ is not None:
+                    reward = r_
+                notes.append({"id": fid, "author": author, "kind": kind, "reward": r_, **json.loads(fmeta)})
+            meta: dict[str, Any] = {
+                "source": "serve",
+                "conversation": conversation,
+                "completions": [ex[seq][1] for seq, _ in path],
+                "adapters": [ex[seq][6] for seq, _ in path],
+                "turns": len(path),
+                "done": False,
+            }
+            if reward is not None:
+                meta["reward"] = reward
+            if notes:
+                meta["feedback"] = notes
+            sid = conversation if leaf == main else f"{conversation}#{leaf[0]}.{leaf[1]}"
+            if leaf != main:
+                meta["branch"] = f"{leaf[0]}.{leaf[1]}"
+            streams.append(Stream(sid, segments, meta))
+        return streams
+
+    # -- API keys ---------------------------------------------------------------------------
+    def add_key(self, name: str, scopes: tuple[str, ...]) -> tuple[str, str]:
+        """Make a key; returns (key id, the key). Only its hash is stored: show the key once."""
+        bad = [s for s in scopes if s not in SCOPES]
+        if bad or not scopes:
+            raise ValueError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}, got {','.join(scopes)!r}")
+        key = "ds-" + secrets.token_urlsafe(32)
+        kid = "key-" + secrets.token_hex(4)
+        with self.lock:
+            transaction(
+                self.db,
+                [
+                    (
+                        "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)",
+                        (kid, hash_key(key), name, ",".join(scopes), time.time()),
+                    )
+                ],
+            )
+        return kid, key
+
+    def keys(self) -> list[dict[str, Any]]:
+        cols = ("id", "name", "scopes", "created", "revoked")
+        return [dict(zip(cols, r)) for r in self._all(f"SELECT {', '.join(cols)} FROM api_keys ORDER BY created")]
+
+    def revoke_key(self, kid: str) -> bool:
+        """Revoke a key by id; False if there is no such live key."""
+        with self.lock:
+            row = self.db.execute("SELECT revoked FROM api_keys WHERE id = ?", (kid,)).fetchone()
+            if row is None or row[0] is not None:
+                return False
+            transaction(self.db, [("UPDATE api_keys SET revoked = ? WHERE id = ?", (time.time(), kid))])
+        return True
+
+    def lookup_key(self, key: str) -> tuple[str, frozenset[str]] | None:
+        """(key id, scopes) of a live key, or None."""
+        row = self._one("SELECT id, scopes FROM api_keys WHERE hash = ? AND revoked IS NULL", (hash_key(key),))
+        return None if row is None else (row[0], frozenset(row[1].split(",")))
+
+    def n_live_keys(self) -> int:
+        return self._one("SELECT COUNT(*) FROM api_keys WHERE revoked IS NULL")[0]
