@@ -213,7 +213,7 @@ def _agent_cmd(out, *extra):
         "tiny",
         "--out",
         str(out),
-        "--views",
+        "--learners",
         "interventional",
         "--episodes",
         "24",

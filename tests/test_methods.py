@@ -124,15 +124,15 @@ def test_grpo_update_moves_only_the_adapter_and_zero_signal_moves_nothing(tok):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     cfg = grpo.GRPOConfig(beta=0.0, iterations=1, micro_batch=2)
     rs = batch([0.0, 0.0])
-    grpo._reference_logps(model, rs, tok.pad_token_id, 2, bf16=False)
-    grpo._update(model, opt, [p for p in model.parameters() if p.requires_grad], rs, tok.pad_token_id, cfg, False)
+    grpo.reference_logps(model, rs, tok.pad_token_id, 2, bf16=False)
+    grpo.policy_update(model, opt, [p for p in model.parameters() if p.requires_grad], rs, tok.pad_token_id, cfg, False)
     for k, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, trainable[k]), f"{k} moved without any signal"
     rs = batch([1.5, -0.5, -0.5, -0.5])
-    grpo._reference_logps(model, rs, tok.pad_token_id, 3, bf16=False)
+    grpo.reference_logps(model, rs, tok.pad_token_id, 3, bf16=False)
     assert all(torch.allclose(r.old_logp, r.ref_logp) for r in rs)  # a fresh adapter starts at SFT-1
-    stats = grpo._update(
+    stats = grpo.policy_update(
         model,
         opt,
         [p for p in model.parameters() if p.requires_grad],

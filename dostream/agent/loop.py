@@ -4,20 +4,24 @@ One loop over an environment's seeded episode sequence:
 
 1. act: the current adapter plays the next `update_every` episodes (batched sampling; every
    agent turn keeps its exact sampled token ids); the episodes go into the store in one
-   transaction;
-2. learn: the new episodes plus a replay sample of older ones are rendered under the view
-   (`interventional`: the world's tokens are supervised, the agent's masked; `observational`:
-   the agent's too) and the adapter is trained a little further (a fresh optimizer each time);
+   transaction. With `group_size` K > 1 each item of the sequence is played K times in a row
+   (a group: what the reward learners compare), the same for every learner of a run;
+2. learn: the learner (`agent/learners.py`) trains a candidate from the new episodes (plus a
+   replay sample of older ones for the NLL losses): `interventional` (the world's tokens
+   supervised, the agent's masked), `observational` (the agent's too), `dapo` (reward only),
+   `dual` (DAPO and the world NLL, each on its own half of one adapter) or `dual-shared`; a fresh
+   optimizer each time;
 3. gate: the candidate and the adapter in force answer a control set (held-out items plus items
    the agent already solved, greedy); a candidate that loses more than `gate_tolerance` of
    success rate is rejected, the previous adapter stays in force, and the reason is logged;
 4. every `eval_every` episodes: greedy success on a held-out split.
 
-`view="none"` only acts and evaluates: the no-learning baseline on the same episode sequence.
+`learner="none"` only acts and evaluates: the no-learning baseline on the same episode sequence.
 Everything is recorded in `OUT/store.sqlite` (see `store.py`); adapters live in
-`OUT/adapters/update-NNNNNN/`. A killed run continues with `resume=True`: episodes continue at the
-stored count, an update that had not been recorded is redone (its training resumes from its own
-checkpoint), nothing is lost or repeated.
+`OUT/adapters/update-NNNNNN/adapter/` (a PEFT adapter each). A killed run continues with
+`resume=True`: episodes continue at the stored count, an update that had not been recorded is
+redone, nothing is lost or repeated. Once an update is recorded its training checkpoints are
+removed (only an update killed before its record needs them).
 
 >>> run(AgentConfig(env="support", model="tiny", episodes=32), "runs/agent")  # doctest: +SKIP
 """
@@ -32,15 +36,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from dostream.agent.learners import (
+    DEFAULT_GROUP,
+    DEFAULT_LEARNERS,
+    LEARNER_HELP,
+    LEARNERS,
+    REWARD_LEARNERS,
+    check_learner,
+    group_size_for,
+    learn,
+)
 from dostream.agent.store import Store
-from dostream.config import SupervisedBlock, atomic_write_text, block_values, check_run_dir, like, opt, write_run_record
+from dostream.config import SupervisedBlock, atomic_write_text, check_run_dir, like, opt, write_run_record
 from dostream.envs.registry import ENVS, env_spec
-from dostream.render import Renderer, encode_rows
 from dostream.sampling import SamplingConfig
-from dostream.stream import view_authors
 
-# The loops `agent run` compares: each learns from a view of `stream.VIEWS`, or not at all (`none`).
-LOOPS = ("interventional", "observational", "none")
+# What a stored run may change on --resume: how far it goes and how visibly.
+MAY_CHANGE = ("episodes", "progress")
 
 
 @dataclass
@@ -56,12 +68,22 @@ class AgentConfig(SupervisedBlock):
         choices=ENVS,
     )
     model: str = opt("smollm2", "model NAME: smollm2 (embedded), tiny, a local dir or an HF id")
-    view: str = opt(
-        "interventional", "what updates learn from: interventional, observational, none (no learning)", choices=LOOPS
+    learner: str = opt(
+        "interventional",
+        "what updates learn: " + "; ".join(f"{k} ({v})" for k, v in LEARNER_HELP.items()),
+        choices=LEARNERS,
     )
     episodes: int = opt(192, "episodes to act in total")
     update_every: int = opt(16, "episodes between updates (also the acting batch)")
-    replay: float = opt(1.0, "older episodes replayed per new episode in an update (drawn uniformly from the store)")
+    group_size: int = opt(
+        0,
+        f"K: each item is played K times in a row (a group, what DAPO compares); 0: {DEFAULT_GROUP} where a "
+        f"learner of the run learns from reward ({', '.join(REWARD_LEARNERS)}), else 1",
+        min=0,
+    )
+    replay: float = opt(
+        1.0, "older episodes replayed per new episode in an NLL update (drawn uniformly from the store)"
+    )
     epochs: int = like(SupervisedBlock, "epochs", 2)
     max_length: int = like(SupervisedBlock, "max_length", 512)
     gate_control: int = opt(16, "held-out control items the gate asks (0 with gate_learned 0: no gate)")
@@ -74,6 +96,18 @@ class AgentConfig(SupervisedBlock):
     )
     max_new_tokens: int = opt(0, "tokens per agent turn (0: the environment's default)")
     sample_batch: int = opt(32, "rows decoded together")
+    dual_rank: int = opt(
+        64,
+        "rank R of the dual learners' adapter: ranks 1..R/2 the policy, R/2+1..R the world model (scale lora_alpha/lora_r)",
+        min=2,
+    )
+    policy_iterations: int = opt(4, "DAPO: optimisation passes over an update's groups (μ)", min=1)
+    clip_low: float = opt(0.2, "DAPO: ε_low, the ratio is clipped below at 1 - ε_low", gt=0.0, max=1.0)
+    clip_high: float = opt(0.28, "DAPO: ε_high (clip-higher), the ratio is clipped above at 1 + ε_high", gt=0.0)
+    kl_beta: float = opt(0.0, "DAPO: weight of a k3 KL penalty to the base model (DAPO drops it: 0)", min=0.0)
+    overlong_buffer: int = opt(
+        6, "DAPO: soft overlong punishment, a turn within this many tokens of its budget loses up to 1 (0: off)", min=0
+    )
     seed: int = opt(0, "seed of the episode sequence, the world's rules, the samples and the updates")
     progress: bool = opt(True, "show a live progress line")
 
@@ -84,20 +118,32 @@ class AgentConfig(SupervisedBlock):
 class Agent:
     """One run directory: config, store, adapters. `run()` continues it to `cfg.episodes`."""
 
-    def __init__(self, cfg: AgentConfig, out: str | Path, *, resume: bool = False, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        log: Callable[[str], None] = print,
+        tok: Any = None,
+    ):
         from dostream.models import load_tokenizer
 
+        if cfg.group_size == 0:
+            cfg = replace(cfg, group_size=group_size_for([cfg.learner]))
         self.cfg, self.out, self.log = cfg, Path(out), log
         if cfg.update_every < 1 or cfg.episodes < 1:
             raise ValueError("episodes and update_every must be >= 1")
+        check_learner(cfg.learner, cfg.group_size, cfg.update_every)
         self.out.mkdir(parents=True, exist_ok=True)
         # A stored run continues only with resume=True and its settings (--episodes may grow).
-        check_run_dir(self.out, cfg, experiment="agent-arm", resume=resume, may_change=("episodes", "progress"))
+        check_run_dir(self.out, cfg, experiment="agent-arm", resume=resume, may_change=MAY_CHANGE)
         write_run_record(self.out, cfg, experiment="agent-arm")
         self.store = Store(self.out / "store.sqlite")
         self.spec = env_spec(cfg.env, cfg.seed)
-        self.tok = load_tokenizer(cfg.model)
-        self.items = self.spec.items("train", cfg.episodes, cfg.seed)
+        self.tok = tok if tok is not None else load_tokenizer(cfg.model)  # several loops may share one
+        # Episode seq plays item seq // K; the first items of a split do not depend on how many are drawn.
+        self.items = self.spec.items("train", -(-cfg.episodes // cfg.group_size), cfg.seed)
         self.heldout = self.spec.items("heldout", cfg.eval_n, cfg.seed)
         self.control = self.spec.items("control", cfg.gate_control, cfg.seed)
         self.sampling = SamplingConfig(
@@ -105,7 +151,9 @@ class Agent:
             batch_size=cfg.sample_batch,
             max_new_tokens=cfg.max_new_tokens or self.spec.max_new_tokens,
         )
-        self._acting: tuple[str | None, Any] | None = None  # (adapter, merged model) cache
+        # The merged models last used, by adapter: the adapter in force and the gate's candidate
+        # (the gate asks both, then the winner acts), so an update loads one model, not three.
+        self._acting: dict[str | None, Any] = {}
 
     # -- models ---------------------------------------------------------------------------
     def _path(self, rel: str | None) -> Path | None:
@@ -113,12 +161,15 @@ class Agent:
 
     def model_for(self, adapter: str | None):
         """The base model with `adapter` merged in (sampling runs faster without the LoRA split)."""
-        if self._acting is not None and self._acting[0] == adapter:
-            return self._acting[1]
+        if adapter in self._acting:
+            self._acting[adapter] = self._acting.pop(adapter)  # most recently used last
+            return self._acting[adapter]
         from dostream.models import load_model
 
         model = load_model(self.cfg.model, adapter=self._path(adapter), merge=True)
-        self._acting = (adapter, model)
+        self._acting[adapter] = model
+        while len(self._acting) > 2:
+            self._acting.pop(next(iter(self._acting)))
         return model
 
     def successes(self, adapter: str | None, items: list, tag: str) -> list[bool]:
@@ -135,18 +186,23 @@ class Agent:
         return [bool(s.meta["success"]) for s in streams]
 
     # -- steps ----------------------------------------------------------------------------
+    def item(self, seq: int):
+        """The item episode `seq` plays: each item K times in a row."""
+        return self.items[seq // self.cfg.group_size]
+
     def act(self, start: int, stop: int) -> None:
         adapter = self.store.current_adapter()
         sampling = replace(self.sampling, seed=self.cfg.seed * 1_000_003 + start)
         streams = self.spec.act(
             self.model_for(adapter),
             self.tok,
-            self.items[start:stop],
+            [self.item(seq) for seq in range(start, stop)],
             sampling,
             [f"ep-{seq:06d}" for seq in range(start, stop)],
         )
         for seq, s in zip(range(start, stop), streams):
-            s.meta.update({"seq": seq, "adapter": adapter, "view": self.cfg.view})
+            meta = {"seq": seq, "adapter": adapter, "learner": self.cfg.learner}
+            s.meta.update(meta if self.cfg.group_size == 1 else {**meta, "group": seq // self.cfg.group_size})
         self.store.add_episodes([(seq, s, adapter) for seq, s in zip(range(start, stop), streams)])
 
     def evaluate(self, after: int) -> None:
@@ -157,55 +213,29 @@ class Agent:
 
     def learned_items(self, upto: int) -> list:
         """The most recent items the agent solved while acting (the gate asks them again)."""
-        solved = [seq for seq, ok, _ in self.store.successes() if ok and seq < upto]
-        return [self.items[seq] for seq in solved[-self.cfg.gate_learned :]] if self.cfg.gate_learned else []
+        k = self.cfg.group_size
+        solved = [seq // k for seq, ok, _ in self.store.successes() if ok and seq < upto]
+        recent = list(dict.fromkeys(reversed(solved)))[: self.cfg.gate_learned]  # each item once
+        return [self.items[i] for i in reversed(recent)]
 
     def update(self, after: int, previous: int) -> None:
-        """Train the adapter in force on episodes [previous, after) plus replay; gate; record."""
-        from dostream.models import load_model
-        from dostream.train import TrainConfig, train
+        """The learner trains a candidate on episodes [previous, after) (plus replay); gate; record."""
+        import shutil
 
         cfg = self.cfg
         new = self.store.episodes(previous, after)
         old = self.store.episodes(0, previous)
         rng = random.Random(f"replay:{cfg.seed}:{after}")
         replayed = rng.sample(old, min(len(old), round(cfg.replay * len(new))))
-        rows, stats = encode_rows(new + replayed, Renderer(self.tok), view_authors(cfg.view), max_length=cfg.max_length)
         current = self.store.current_adapter()
         cand = f"adapters/update-{after:06d}"
-        metrics: dict[str, Any] = {
-            "new": len(new),
-            "replayed": len(replayed),
-            "rows": len(rows),
-            "supervised_tokens": stats.supervised_tokens,
-            "tokens": stats.tokens,
-        }
-        if not rows:
-            self.store.add_update(after, cand, False, "no supervised token in the update's streams", metrics)
+        outcome = learn(
+            cfg, self.tok, after, new, replayed, self._path(current), self.out / cand, self.sampling.max_new_tokens
+        )
+        metrics = outcome.metrics
+        if outcome.adapter is None:
+            self.store.add_update(after, cand, False, outcome.reason, metrics)
             return
-        base = load_model(cfg.model, adapter=self._path(current), trainable=True)
-        tcfg = TrainConfig(
-            model=cfg.model,
-            view=cfg.view,
-            **block_values(cfg, SupervisedBlock),
-            warmup_ratio=0.0,
-            schedule="constant",
-            seed=cfg.seed * 1_000_003 + after,
-            save_every=0,
-            keep_checkpoints=1,
-            progress=False,
-        )
-        result = train(
-            rows,
-            tcfg,
-            self.out / cand,
-            model=base,
-            pad_id=self.tok.pad_token_id,
-            resume=True,
-            extra_record={"method": f"agent_{cfg.view}", "after_episodes": after},
-        )
-        metrics["train/loss"] = sum(m["train/loss"] for m in result.metrics) / max(1, len(result.metrics))
-        metrics["train/steps"] = result.steps
         adapter = f"{cand}/adapter"
         accepted, reason = True, "no gate"
         control = self.control + self.learned_items(after)
@@ -219,6 +249,8 @@ class Agent:
                 "" if accepted else ": regression, previous adapter restored"
             )
         self.store.add_update(after, adapter, accepted, reason, metrics)
+        for done in (self.out / cand).glob("**/checkpoints"):  # recorded: no redo will need them
+            shutil.rmtree(done, ignore_errors=True)
         self.log(f"[update] after {after} episodes: {'accepted' if accepted else 'REJECTED'}: {reason}")
 
     # -- the loop -------------------------------------------------------------------------
@@ -230,7 +262,7 @@ class Agent:
         bar = tqdm(
             total=cfg.episodes,
             initial=n,
-            desc=f"agent {cfg.env}/{cfg.view}",
+            desc=f"agent {cfg.env}/{cfg.learner}",
             unit="ep",
             disable=not cfg.progress,
             dynamic_ncols=True,
@@ -240,7 +272,7 @@ class Agent:
             if (
                 n > 0
                 and n % cfg.update_every == 0
-                and cfg.view != "none"
+                and cfg.learner != "none"
                 and n < cfg.episodes
                 and not self.store.has_update(n)
             ):
@@ -280,9 +312,46 @@ class Agent:
         }
 
 
-def run(cfg: AgentConfig, out: str | Path, *, resume: bool = False) -> dict[str, Any]:
-    agent = Agent(cfg, out, resume=resume)
+def run(cfg: AgentConfig, out: str | Path, *, resume: bool = False, tok: Any = None) -> dict[str, Any]:
+    agent = Agent(cfg, out, resume=resume, tok=tok)
     try:
         return agent.run()
     finally:
         agent.store.close()
+
+
+def run_learners(
+    cfg: AgentConfig,
+    learners: list[str] | tuple[str, ...] = DEFAULT_LEARNERS,
+    out: str | Path = "runs/agent",
+    *,
+    resume: bool = False,
+    record: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
+    """One run directory, one loop per learner (`OUT/<learner>/`), in order, on the same seeded
+    episode sequence with the same K (`group_size_for`). `OUT/config.json` (experiment `agent`)
+    names the learners; `agent.report.write_report(OUT)` compares them. Returns each loop's summary."""
+    learners = list(learners)
+    bad = [x for x in learners if x not in LEARNERS]
+    if bad or not learners or len(set(learners)) != len(learners):
+        raise ValueError(f"learners {learners}: each one of {', '.join(LEARNERS)}, once")
+    base = replace(cfg, learner=learners[0], group_size=group_size_for(learners, cfg.group_size))
+    for learner in learners:
+        check_learner(learner, base.group_size, base.update_every)
+    out = Path(out)
+    check_run_dir(out, base, experiment="agent", resume=resume, may_change=MAY_CHANGE)
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_record(out, base, {"learners": learners, **(record or {})}, experiment="agent")
+    from dostream.models import load_tokenizer
+
+    tok = load_tokenizer(base.model)
+    summaries = {}
+    for learner in learners:
+        log(f"== {learner} ({out / learner})")
+        s = summaries[learner] = run(replace(base, learner=learner), out / learner, resume=resume, tok=tok)
+        log(
+            f"== {learner}: {s['successes']}/{s['episodes']} episodes succeeded, "
+            f"{sum(u['accepted'] for u in s['updates'])}/{len(s['updates'])} updates accepted, {s['seconds']:.0f} s"
+        )
+    return summaries

@@ -2,9 +2,10 @@
 
 `DIR/report.md` (tables with Wilson 95% intervals, the configuration, wall time),
 `DIR/results.json` (every number in the report) and `DIR/success.png` (success over episodes,
-rolling, and held-out success at each evaluation, per view). For the support environment, the
+rolling, and held-out success at each evaluation, per learner). For the support environment, the
 report also probes the base model and each loop's final adapter for the services' rules
-(`agent.probe.rule_probe`), cached in `DIR/probe.json` until an adapter changes.
+(`agent.probe.rule_probe`), cached in `DIR/probe.json` until an adapter or the number of probed
+calls changes.
 """
 
 from __future__ import annotations
@@ -22,8 +23,23 @@ LABELS = {
     "interventional": "Interventional (world tokens supervised)",
     "observational": "Observational (agent tokens too)",
     "none": "No learning",
+    "dapo": "DAPO (reward only)",
+    "dual": "Dual LoRA (policy half: DAPO; world half: world tokens)",
+    "dual-shared": "Dual losses, one shared adapter (no isolation)",
 }
-COLORS = {"interventional": "#1b7837", "observational": "#c51b7d", "none": "#777777"}
+COLORS = {
+    "interventional": "#1b7837",
+    "observational": "#c51b7d",
+    "none": "#777777",
+    "dapo": "#e08214",
+    "dual": "#2166ac",
+    "dual-shared": "#8073ac",
+}
+
+
+def arm_names(record: dict[str, Any]) -> list[str]:
+    """The learners a run record names (`views` in records written before there were learners)."""
+    return list(record.get("learners") or record.get("views") or [])
 
 
 def summarise_arm(arm: Path) -> dict[str, Any]:
@@ -32,6 +48,7 @@ def summarise_arm(arm: Path) -> dict[str, Any]:
         succ = [ok for _, ok, _ in store.successes()]
         evals = store.evals("heldout")
         ups = store.updates()
+        informative = [u["metrics"].get("groups_informative") for u in ups]
         # Per-item held-out answers of the last evaluation are not stored; the counts are.
         n = len(succ)
         quarter = succ[-max(1, n // 4) :] if n else []
@@ -54,6 +71,11 @@ def summarise_arm(arm: Path) -> dict[str, Any]:
                     {"after_episodes": u["after_episodes"], "reason": u["reason"]} for u in ups if not u["accepted"]
                 ],
             },
+            # reward learners: groups whose outcomes differed (the only ones DAPO learns from)
+            "groups": {
+                "informative": sum(x for x in informative if x is not None),
+                "total": sum(u["metrics"].get("groups", 0) for u in ups),
+            },
             "seconds": json.loads(timing.read_text())["seconds"] if timing.exists() else None,
             "adapter": store.current_adapter(),
             "config": json.loads((arm / "config.json").read_text())["config"],
@@ -65,22 +87,26 @@ def summarise_arm(arm: Path) -> dict[str, Any]:
 PROBE_TASKS = 48
 
 
-def _rule_probe(out: Path, cfg: dict[str, Any], reply: str, arms: dict[str, Any]) -> dict[str, Any]:
+def _rule_probe(
+    out: Path, cfg: dict[str, Any], reply: str, arms: dict[str, Any], n: int = PROBE_TASKS
+) -> dict[str, Any]:
     """The rule probe of the support environment for the base model and every final adapter."""
     adapters = {v: a["adapter"] for v, a in arms.items() if a["adapter"]}
     path = out / "probe.json"
-    if path.exists() and (cached := json.loads(path.read_text()))["adapters"] == adapters:
-        return cached
+    if path.exists():
+        cached = json.loads(path.read_text())
+        if cached["adapters"] == adapters and cached.get("tasks", PROBE_TASKS) == n:
+            return cached
     from dostream.agent.probe import rule_probe
     from dostream.envs.support import SupportWorld
     from dostream.models import load_model, load_tokenizer
 
     tok = load_tokenizer(cfg["model"])
-    tasks = SupportWorld(cfg["seed"]).tasks("heldout", PROBE_TASKS, seed=cfg["seed"] * 2 + 7)  # not an eval's items
+    tasks = SupportWorld(cfg["seed"]).tasks("heldout", n, seed=cfg["seed"] * 2 + 7)  # not an eval's items
     models = {"base": rule_probe(load_model(cfg["model"]), tok, tasks, reply)}
     for view, adapter in adapters.items():
         models[view] = rule_probe(load_model(cfg["model"], adapter=out / view / adapter), tok, tasks, reply)
-    probe = {"adapters": adapters, "reply": reply, "models": models}
+    probe = {"adapters": adapters, "tasks": n, "reply": reply, "models": models}
     atomic_write_text(path, json.dumps(probe, indent=1) + "\n")
     return probe
 
@@ -129,7 +155,7 @@ def _pct(k: int, n: int, ci: tuple[float, float]) -> str:
 def write_report(out: str | Path, window: int = 32) -> Path:
     out = Path(out)
     record = json.loads((out / "config.json").read_text())
-    arms = {v: summarise_arm(out / v) for v in record["views"] if (out / v / "store.sqlite").exists()}
+    arms = {v: summarise_arm(out / v) for v in arm_names(record) if (out / v / "store.sqlite").exists()}
     if not arms:
         raise RunDirError(f"{out}: no arm has a store yet")
     cfg = record["config"]
@@ -137,7 +163,9 @@ def write_report(out: str | Path, window: int = 32) -> Path:
     res = {
         "record": record,
         "arms": arms,
-        "rule_probe": _rule_probe(out, cfg, world["reply"], arms) if "rules" in world else None,
+        "rule_probe": _rule_probe(out, cfg, world["reply"], arms, record.get("probe_tasks", PROBE_TASKS))
+        if "rules" in world
+        else None,
     }
     atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=float) + "\n")
     window = max(1, min(window, min(a["episodes"] for a in arms.values()) or 1))
@@ -183,6 +211,19 @@ def write_report(out: str | Path, window: int = 32) -> Path:
         "![success over episodes](success.png)",
         "",
     ]
+    k = cfg.get("group_size", 1)
+    if k > 1:
+        lines += [
+            f"Each call is played {k} times in a row (a group) by every loop. The reward learners learn "
+            "only from groups whose outcomes differ (DAPO's dynamic sampling drops the others):",
+            "",
+        ]
+        lines += [
+            f"- {v}: {a['groups']['informative']} of {a['groups']['total']} groups informative"
+            for v, a in arms.items()
+            if a["groups"]["total"]
+        ]
+        lines.append("")
     if "none" in arms:
         lines += [
             "Acting success of each learning loop vs no learning, over the same episodes "
@@ -208,7 +249,7 @@ def write_report(out: str | Path, window: int = 32) -> Path:
     if res["rule_probe"]:
         models = res["rule_probe"]["models"]
         lines += [
-            f"Does the agent know the rules? On {PROBE_TASKS} fresh held-out calls, how often the detail the "
+            f"Does the agent know the rules? On {res['rule_probe'].get('tasks', PROBE_TASKS)} fresh held-out calls, how often the detail the "
             "service requires is the likeliest of the six (mean log-prob of its words; chance 1/6) where the "
             'agent acts (after "I have ready the user\'s") and where the service speaks (after the start '
             f"of its reply, {res['rule_probe']['reply']} style):",
@@ -246,7 +287,7 @@ def write_report(out: str | Path, window: int = 32) -> Path:
         "## Configuration",
         "",
         "```json",
-        json.dumps({k: v for k, v in arm_cfg.items() if k != "view"}, indent=1),
+        json.dumps({k: v for k, v in arm_cfg.items() if k not in ("view", "learner")}, indent=1),
         "```",
         "",
     ]

@@ -15,6 +15,7 @@ from dostream.config import RunDirError
 REPORTS = {
     "stem": "dostream.experiments.stem.report",
     "delusion": "dostream.experiments.delusion.report",
+    "dual-lora": "dostream.experiments.dual_lora.report",
     "agent": "dostream.agent.report",
 }
 

@@ -25,13 +25,24 @@ from dostream.config import RunDirError, add_dataclass_args, set_argv
 EXPERIMENTS = {
     "stem": "the seed paper's STEM comparison: seven methods, one verifier, held-out accuracy",
     "delusion": "interventional vs standard SFT on tutoring dialogues, seen and held-out facts",
+    "dual-lora": "the continual agent's learners on support calls: reward only, world model, dual LoRA",
 }
 PRESET_HELP = {
     "stem": "smoke: every method for a few steps on a tiny model (CI); quick: SmolLM2-135M in about "
     "20 min on 2 CPU cores; paper: the paper's sizes",
     "delusion": "smoke (tiny model, CI), quick (smollm2 LoRA, ~20 min on 2 cores), paper (the original's sizes)",
+    "dual-lora": "smoke (tiny model, CI), quick (smollm2, every learner, support-framed, 3 seeds: ~25 min on 2 cores)",
 }
-DEFAULT_OUT = {"stem": "runs/stem-PRESET-TOOLS", "delusion": "runs/delusion-PRESET"}
+DEFAULT_OUT = {
+    "stem": "runs/stem-PRESET-TOOLS",
+    "delusion": "runs/delusion-PRESET",
+    "dual-lora": "runs/dual-lora-PRESET",
+}
+
+
+def _module(name: str, part: str) -> Any:
+    """`dostream.experiments.<name>.<part>` (a hyphen in the command is an underscore in the package)."""
+    return importlib.import_module(f"dostream.experiments.{name.replace('-', '_')}.{part}")
 
 
 def _default_out(name: str, preset: str, cfg: Any) -> Path:
@@ -91,7 +102,7 @@ def cli_main(argv: list[str]) -> int:
     if not argv or argv[0] not in EXPERIMENTS:
         return _usage(argv)
     name = argv[0]
-    module = importlib.import_module(f"dostream.experiments.{name}.run")
+    module = _module(name, "run")
     args, cfg = _parse(name, module, argv[1:])
     out = Path(args.out) if args.out else _default_out(name, args.preset, cfg)
     seeds = cfg.seeds if hasattr(cfg, "seeds") else args.seeds
@@ -108,7 +119,7 @@ def cli_main(argv: list[str]) -> int:
                 module.run(cfg, out, args.preset)
             print(f"dostream reproduce {name}: {seeds} seed(s) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         if not args.no_report:
-            report = importlib.import_module(f"dostream.experiments.{name}.report").write_report(out)
+            report = _module(name, "report").write_report(out)
             print(f"dostream reproduce {name}: report {report}, results {out / 'results.json'}")
     except RunDirError as e:
         raise CliError(str(e)) from e

@@ -19,7 +19,12 @@ From SFT-1 (merged) with a fresh LoRA adapter, for each step:
 DAPO (Yu et al. 2025) changes three things, nothing else: clip-higher (ε_high > ε_low), dynamic
 sampling (flat groups are dropped and sampling goes on until `groups_per_step` informative
 groups fill the step, within the same prompt budget), and a token-level loss (the mean over all
-agent tokens of the step, so long attempts are not down-weighted).
+agent tokens of the step, so long attempts are not down-weighted). Its fourth part, the soft
+overlong punishment (`overlong_penalty`), is off unless `overlong_buffer` > 0.
+
+The pieces are functions the continual agent's reward learners use too (`agent/learners.py`):
+`group_advantages`, `overlong_penalty`, `make_rollouts`, `dynamic_sampling_filter`,
+`policy_loss`, `reference_logps` and `policy_update`.
 
 Only `agent` tokens carry the loss: in the calculator variant the tool's outputs inside an
 attempt are context (the renderer knows who wrote every token; no string search).
@@ -62,6 +67,10 @@ class GRPOConfig(LoraBlock):
     epsilon: float = opt(0.2, "clip range: ρ is clipped to [1-ε, 1+ε] (1+ε_high with dapo)")
     epsilon_high: float = opt(0.28, "DAPO's clip-higher upper range (used only with dapo)")
     dapo: bool = opt(False, "DAPO: clip-higher, dynamic sampling (drop flat groups), token-level loss")
+    overlong_buffer: int = opt(
+        0,
+        "DAPO's soft overlong punishment: an attempt within this many tokens of max_new_tokens loses up to 1 (0: off)",
+    )
     temperature: float = opt(1.0, "sampling temperature")
     max_new_tokens: int = opt(128, "tokens per attempt")
     micro_batch: int = opt(8, "attempts per forward/backward")
@@ -104,13 +113,47 @@ class Rollout:
     ref_logp: torch.Tensor | None = None  # per action token, SFT-1's log-prob
 
 
-def to_rollouts(group: list[Stream], renderer: Renderer, gid: int) -> list[Rollout]:
-    rewards = [1.0 if s.meta["first_correct"] else 0.0 for s in group]
+def overlong_penalty(length: int, max_len: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), added to the reward: 0 up to
+    `max_len - buffer` tokens, then falling linearly to -1 at `max_len`, and -1 beyond. `buffer` 0: off.
+
+    >>> [overlong_penalty(n, 24, 8) for n in (16, 20, 24, 25)]
+    [0.0, -0.5, -1.0, -1.0]
+    """
+    if buffer <= 0 or length <= max_len - buffer:
+        return 0.0
+    if length >= max_len:
+        return -1.0
+    return (max_len - buffer - length) / buffer
+
+
+def longest_turn(stream: Stream) -> int:
+    """Tokens in the stream's longest agent turn (what the overlong punishment measures)."""
+    return max((len(s.token_ids or ()) for s in stream.segments if s.author == "agent"), default=0)
+
+
+def make_rollouts(
+    group: list[Stream], rewards: list[float], renderer: Renderer, gid: int, *, max_len: int = 0, buffer: int = 0
+) -> list[Rollout]:
+    """One group of attempts at the same item as rollouts: each stream rendered (its agent tokens
+    carry the loss), its advantage from the group's rewards, each shaped by `overlong_penalty`
+    when `buffer` > 0. `Rollout.reward` keeps the unshaped reward: dynamic sampling asks whether
+    the *outcomes* differ (DAPO filters on accuracy), not the shaped values."""
+    shaped = [r + overlong_penalty(longest_turn(s), max_len, buffer) for s, r in zip(group, rewards)]
     out = []
-    for s, a, r in zip(group, group_advantages(rewards), rewards):
-        rendered = renderer.render(until_verdict(s))  # exactly the ids the policy saw and sampled
+    for s, a, r in zip(group, group_advantages(shaped), rewards):
+        rendered = renderer.render(s)
         out.append(Rollout(rendered.input_ids, [au == "agent" for au in rendered.authors], a, r, gid))
     return out
+
+
+def to_rollouts(
+    group: list[Stream], renderer: Renderer, gid: int, *, max_len: int = 0, buffer: int = 0
+) -> list[Rollout]:
+    """A group of STEM attempts: reward 1 where the first attempt is correct, rendered up to the
+    verdict (exactly the ids the policy saw and sampled)."""
+    rewards = [1.0 if s.meta["first_correct"] else 0.0 for s in group]
+    return make_rollouts([until_verdict(s) for s in group], rewards, renderer, gid, max_len=max_len, buffer=buffer)
 
 
 def dynamic_sampling_filter(groups: list[list[Rollout]]) -> tuple[list[list[Rollout]], int]:
@@ -222,7 +265,10 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
         ids = [f"{p.id}/g{start + g}/k{j}" for g, p in enumerate(chunk) for j in range(cfg.k)]
         streams = attempt(model, tok, flat_list, sampling, tools=cfg.tools, ids=ids, progress=False)
         model.train()
-        groups = [to_rollouts(streams[g * cfg.k : (g + 1) * cfg.k], renderer, start + g) for g in range(len(chunk))]
+        shaping = {"max_len": cfg.max_new_tokens, "buffer": cfg.overlong_buffer if cfg.dapo else 0}
+        groups = [
+            to_rollouts(streams[g * cfg.k : (g + 1) * cfg.k], renderer, start + g, **shaping) for g in range(len(chunk))
+        ]
         for g, group in enumerate(groups):
             rewards = [r.reward for r in group]
             rewards_seen += rewards
@@ -245,7 +291,7 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
         if cfg.dapo:
             groups, dropped = dynamic_sampling_filter(groups)
             info["dropped_groups"] += dropped
-        _reference_logps(model, [r for g in groups for r in g], pad, cfg.micro_batch, use_bf16)
+        reference_logps(model, [r for g in groups for r in g], pad, cfg.micro_batch, use_bf16)
         buffer += groups
         last = start + cfg.groups_per_step >= len(prompts)
         while buffer and (len(buffer) >= cfg.groups_per_step or last or not cfg.dapo):
@@ -253,7 +299,7 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
             if all(is_flat([r.reward for r in g]) for g in step_groups):
                 info["skipped_steps"] += 1  # no reward signal: GRPO takes no step (DAPO never gets here)
                 continue
-            m = _update(model, optimizer, trainable, [r for g in step_groups for r in g], pad, cfg, use_bf16)
+            m = policy_update(model, optimizer, trainable, [r for g in step_groups for r in g], pad, cfg, use_bf16)
             info["updates"] += 1
             m.update(
                 {
@@ -276,8 +322,13 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
 
 
 @torch.no_grad()
-def _reference_logps(model, rollouts: list[Rollout], pad: int, micro: int, bf16: bool) -> None:
-    """The sampling policy's and SFT-1's log-probs of every action token, once, before any update."""
+def reference_logps(
+    model, rollouts: list[Rollout], pad: int, micro: int, bf16: bool, *, reference: bool = True
+) -> None:
+    """The sampling policy's and the reference's (the model with its adapters disabled: SFT-1 in
+    GRPO, the base model in the agent) log-probs of every action token, once, before any update.
+    `reference=False` skips the reference forward where β = 0 (its log-probs are then the sampling
+    policy's, so the k3 term, weighted 0, reports the drift from the sampling policy)."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -286,16 +337,20 @@ def _reference_logps(model, rollouts: list[Rollout], pad: int, micro: int, bf16:
         batch = _batch(rs, pad, device)
         with autocast(device, bf16):
             old = _action_logprobs(model, batch)
-            with model.disable_adapter():  # SFT-1 is the merged base: the reference policy
-                ref = _action_logprobs(model, batch)
+            if reference:
+                with model.disable_adapter():  # SFT-1 is the merged base: the reference policy
+                    ref = _action_logprobs(model, batch)
+            else:
+                ref = old
         lengths = [int(n) for n in batch["action"][:, 1:].sum(1)]
         for r, o, f in zip(rs, old.split(lengths), ref.split(lengths)):
             r.old_logp, r.ref_logp = o.float(), f.float()
     model.train(was)
 
 
-def _update(model, optimizer, trainable, rollouts: list[Rollout], pad: int, cfg: GRPOConfig, bf16: bool) -> dict:
-    """`cfg.iterations` optimizer steps on one batch of rollouts."""
+def policy_update(model, optimizer, trainable, rollouts: list[Rollout], pad: int, cfg: GRPOConfig, bf16: bool) -> dict:
+    """`cfg.iterations` optimizer steps on one batch of rollouts (`reference_logps` first). Only
+    the parameters that require a gradient move; `trainable` are the ones clipped."""
     t0 = time.perf_counter()
     rollouts = [r for r in rollouts if r.old_logp is not None and len(r.old_logp) > 0]
     norm = float(sum(len(r.old_logp) for r in rollouts)) if cfg.dapo else float(len(rollouts))

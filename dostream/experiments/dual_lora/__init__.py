@@ -1,0 +1,1 @@
+"""The dual-LoRA experiment: the staged run (`run.py`) and its report (`report.py`)."""
