@@ -24,6 +24,17 @@ import torch
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def runnable_dtypes(dtypes) -> tuple[str, ...]:
+    """`dtypes` less bf16 where this CPU only emulates it (it would run for hours): said on stderr."""
+    from dostream.train import BF16_EMULATED, bf16_speedup
+
+    speed = bf16_speedup("cuda" if torch.cuda.is_available() else "cpu")
+    if "bf16" in dtypes and speed < BF16_EMULATED:
+        print(f"skipping bf16: a bf16 matmul runs at {speed:.3f}x fp32 here (emulated)", file=sys.stderr)
+        return tuple(d for d in dtypes if d != "bf16")
+    return tuple(dtypes)
+
+
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
@@ -187,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             model,
             LoraConfig(r=args.lora, lora_alpha=2 * args.lora, target_modules="all-linear", init_lora_weights=False),
         )
-    kw = dict(new_tokens=args.new_tokens, repeats=args.repeats, dtypes=tuple(args.dtypes.split(",")))
+    kw = dict(new_tokens=args.new_tokens, repeats=args.repeats, dtypes=runnable_dtypes(args.dtypes.split(",")))
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     out = {f"batch={b}": bench_sampling(model, tok, batch_size=b, **kw) for b in sizes}
     if args.grouped > 1:

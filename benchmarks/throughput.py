@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sampling import bench_sampling, matmul_gflops  # noqa: E402
+from bench_sampling import bench_sampling, matmul_gflops, runnable_dtypes  # noqa: E402
 
 N_PARAMS = 134.5e6
 
@@ -195,7 +195,8 @@ def main() -> int:
         "machine": {
             "threads": torch.get_num_threads(),
             "matmul_gflops_fp32": matmul_gflops(torch.float32),
-            "matmul_gflops_bf16": matmul_gflops(torch.bfloat16),
+            # None where bf16 is emulated: a 2048^3 bf16 matmul would take minutes there.
+            "matmul_gflops_bf16": matmul_gflops(torch.bfloat16) if runnable_dtypes(("bf16",)) else None,
         }
     }
     fp32, bf16 = result["machine"]["matmul_gflops_fp32"], result["machine"]["matmul_gflops_bf16"]
@@ -204,14 +205,15 @@ def main() -> int:
         kw = dict(batch_size=args.batch_size, steps=args.steps)
         from dostream.train import bf16_faster
 
-        precisions = (bf16_faster("cpu"),) if args.quick_compare else (True, False)
+        runnable = tuple(d == "bf16" for d in runnable_dtypes(("bf16", "fp32")))  # bf16 only where not emulated
+        precisions = (bf16_faster("cpu"),) if args.quick_compare else runnable
         # Each tool in each precision; TRL also with accumulated micro-batches and with length
         # grouping, ours also with whole micro-batches; the best of each is compared.
         # --quick-compare runs ours only as it runs by default here, and TRL without length grouping.
         ours = {f"bf16={b}": bench_dostream(rows, bf16=b, **kw) for b in precisions}
         trl = {
             f"bf16={b},group_by_length=False": bench_trl(rows, tok, bf16=b, group_by_length=False, **kw)
-            for b in (True, False)
+            for b in runnable
         }
         # TRL in its better precision, also in pieces of about the token budget dostream uses here
         # (1024), so neither tool has an advantage the other was not offered.
@@ -242,7 +244,14 @@ def main() -> int:
     if args.only in (None, "sample"):
         model, result["sample"] = load_model("smollm2"), {}
         for batch in sorted({1, args.sample_batch}):
-            r = bench_sampling(model, tok, batch_size=batch, new_tokens=args.new_tokens, repeats=2)
+            r = bench_sampling(
+                model,
+                tok,
+                batch_size=batch,
+                new_tokens=args.new_tokens,
+                repeats=2,
+                dtypes=runnable_dtypes(("fp32", "bf16")),
+            )
             result["sample"][f"batch={batch}"] = r
     print(json.dumps(result, indent=2 if not args.json else None))
     return 0

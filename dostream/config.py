@@ -38,7 +38,8 @@ from typing import Any, TextIO
 
 
 def opt(default: Any, help: str, **kw) -> Any:
-    """A dataclass field with its one-line help."""
+    """A dataclass field with its one-line help. `choices=`, and bounds `min=` / `max=` (inclusive)
+    and `gt=` (exclusive), are checked on the command line (naming the flag) and by `check_config`."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
@@ -65,9 +66,9 @@ class LoraBlock:
 
     The settings every trainer shares: `train()`, GRPO, the agent, the reproductions."""
 
-    lr: float = opt(2e-4, "learning rate (AdamW; the peak under a warm-up/decay schedule)")
-    lora_r: int = opt(16, "LoRA rank")
-    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)")
+    lr: float = opt(2e-4, "learning rate (AdamW; the peak under a warm-up/decay schedule)", gt=0)
+    lora_r: int = opt(16, "LoRA rank", min=1)
+    lora_alpha: int = opt(32, "LoRA alpha (scale = alpha / r)", gt=0)
 
 
 @dataclass
@@ -76,9 +77,9 @@ class SupervisedBlock(LoraBlock):
 
     `LoraBlock` and the passes over the rows, rows per step and row length: every run of `train()`."""
 
-    epochs: int = opt(1, "passes over the training rows")
-    batch_size: int = opt(8, "rows per optimizer step (per micro-batch, with gradient accumulation)")
-    max_length: int = opt(1024, "truncate training rows to this many tokens")
+    epochs: int = opt(1, "passes over the training rows", min=1)
+    batch_size: int = opt(8, "rows per optimizer step (per micro-batch, with gradient accumulation)", min=1)
+    max_length: int = opt(1024, "truncate training rows to this many tokens", min=2)
 
 
 def block_values(config: Any, block: type) -> dict[str, Any]:
@@ -121,14 +122,53 @@ def add_dataclass_args(
         if args and type(None) in args:  # Optional[X]
             kind = next(a for a in args if a is not type(None))
         choices = f.metadata.get("choices")
+        kind = _bounded(kind, f.metadata) if _BOUNDS & f.metadata.keys() else kind
         target.add_argument(flag, type=kind, default=default, choices=choices, help=f"{help_} (default: {default})")
+
+
+_BOUNDS = {"min", "max", "gt"}
+
+
+def _out_of_bounds(value: Any, meta: Any) -> str | None:
+    """Why `value` breaks the field's bounds (`min`, `max`, `gt` in its metadata), or None."""
+    if "min" in meta and value < meta["min"]:
+        return f"must be >= {meta['min']}, got {value}"
+    if "gt" in meta and value <= meta["gt"]:
+        return f"must be > {meta['gt']}, got {value}"
+    if "max" in meta and value > meta["max"]:
+        return f"must be <= {meta['max']}, got {value}"
+    return None
+
+
+def _bounded(kind: type, meta: Any):
+    """An argparse `type` that converts like `kind` and refuses values out of the field's bounds."""
+
+    def convert(text: str):
+        value = kind(text)
+        why = _out_of_bounds(value, meta)
+        if why:
+            raise argparse.ArgumentTypeError(why)
+        return value
+
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return convert
+
+
+def check_config(config: Any) -> None:
+    """Raise ValueError naming the first field of `config` out of its bounds (see `opt`)."""
+    for f in dataclasses.fields(config):
+        why = _out_of_bounds(getattr(config, f.name), f.metadata) if _BOUNDS & f.metadata.keys() else None
+        if why:
+            raise ValueError(f"{f.name}: {why}")
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides):
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in vars(args).items() if k in names}
     values.update(overrides)
-    return cls(**values)
+    config = cls(**values)
+    check_config(config)
+    return config
 
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")

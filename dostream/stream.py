@@ -135,6 +135,8 @@ class Stream:
     id: str
     segments: list[Segment]
     meta: dict[str, Any] = field(default_factory=dict)
+    # Where it was read from (`file:line`), for error messages; not part of the stream's data.
+    source: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -184,7 +186,7 @@ def _segment_from_json(obj: Any, where: str, *, text_key: str, author: str | Non
         author = _expect(obj, "author", str, where)
     if author not in AUTHORS:
         raise _FieldError(f"{where}author", f"unknown author {author!r} (expected one of {', '.join(AUTHORS)})")
-    text = _expect(obj, text_key, str, where)
+    text = _text(_expect(obj, text_key, str, where), f"{where}{text_key}")
     token_ids = _expect(obj, "token_ids", list, where, required=False)
     if token_ids is not None:
         if author != "agent":
@@ -192,8 +194,10 @@ def _segment_from_json(obj: Any, where: str, *, text_key: str, author: str | Non
                 f"{where}token_ids", f"token_ids on a {author!r} segment: only agent segments carry sampled ids"
             )
         for i, t in enumerate(token_ids):
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-                raise _FieldError(f"{where}token_ids[{i}]", f"expected a non-negative integer, got {t!r}")
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < MAX_TOKEN_ID:
+                raise _FieldError(
+                    f"{where}token_ids[{i}]", f"expected a non-negative integer below {MAX_TOKEN_ID}, got {t!r}"
+                )
     role = _expect(obj, "role", str, where, required=False)
     meta = _expect(obj, "meta", dict, where, required=False) or {}
     return Segment(author=author, text=text, token_ids=token_ids, role=role, meta=meta)
@@ -205,8 +209,17 @@ def stream_from_json(obj: Any, role_map: dict[str, str] | None = None) -> Stream
     Raises `_FieldError` (converted to `StreamError` with file and line by the readers).
     """
     if not isinstance(obj, dict):
-        raise _FieldError("<line>", f"expected a JSON object, got {type(obj).__name__}")
+        hint = f" ({IMPORT_HINT.format(what='a JSON array')})" if isinstance(obj, list) else ""
+        raise _FieldError("<line>", f"expected a JSON object, got {type(obj).__name__}{hint}")
+    if "segments" not in obj and "messages" not in obj:
+        other = next((k for k in _OTHER_FORMATS if k in obj), None)
+        if other is not None:
+            raise _FieldError("segments", f"missing field: {IMPORT_HINT.format(what=_OTHER_FORMATS[other])}")
+    if "id" not in obj:
+        raise _FieldError("id", "missing field (dostream import gives every stream a stable id)")
     sid = _expect(obj, "id", (str, int), "")
+    if isinstance(sid, str):
+        _text(sid, "id")
     meta = _expect(obj, "meta", dict, "", required=False) or {}
     if "segments" in obj and "messages" in obj:
         raise _FieldError("segments", "a stream has either 'segments' or 'messages', not both")
@@ -238,8 +251,50 @@ def stream_from_json(obj: Any, role_map: dict[str, str] | None = None) -> Stream
     return Stream(id=str(sid), segments=segments, meta=meta)
 
 
-def _open_text(path: str | os.PathLike) -> io.TextIOBase:
-    return sys.stdin if str(path) == "-" else open(path, encoding="utf-8")
+# What a line that is not a stream looks like, for the error that says what to do instead.
+IMPORT_HINT = "this is {what}, not a dostream stream: run `dostream import FILE --out streams.jsonl` first"
+_OTHER_FORMATS = {
+    "conversations": "a ShareGPT row ('conversations')",
+    "instruction": "an Alpaca row ('instruction')",
+    "prompt": "a TRL prompt-completion row ('prompt')",
+    "traj": "a trajectory ('traj')",
+    "history": "a trajectory ('history')",
+}
+
+
+_PRINT_SKIPPED = 20  # invalid lines reported one by one; the rest are only counted
+
+
+class _WholeFileError(StreamError):
+    """The file is not JSON Lines at all: `skip_invalid` has nothing to skip to."""
+
+
+def _not_json_lines(line: str, e: json.JSONDecodeError) -> str | None:
+    """The first line of a JSON array or a pretty-printed JSON document: why it is not JSON Lines."""
+    text = line.strip()
+    if text.startswith("["):
+        return IMPORT_HINT.format(what="a JSON array (JSON Lines holds one stream per line)")
+    if text.startswith("{") and e.pos >= len(line.rstrip()) - 1:
+        return IMPORT_HINT.format(what="a pretty-printed JSON document (JSON Lines holds one stream per line)")
+    return None
+
+
+MAX_TOKEN_ID = 2**31  # far above any vocabulary; ids past it cannot be tensors of int32 on every backend
+
+
+def _text(value: str, field: str) -> str:
+    """`value`, if it is text that can be written as UTF-8 (JSON's `\\ud800` escapes a lone
+    surrogate, which is not a character)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise _FieldError(field, f"not valid Unicode text (a lone surrogate {value[e.start]!r} at {e.start})") from None
+    return value
+
+
+def _open_lines(path: str | os.PathLike) -> io.BufferedIOBase:
+    # Bytes, decoded line by line, so that invalid UTF-8 is reported with its own line number.
+    return sys.stdin.buffer if str(path) == "-" else open(path, "rb")
 
 
 def read_streams(
@@ -256,30 +311,53 @@ def read_streams(
     `path` may be `-` for standard input.
     """
     name = "<stdin>" if str(path) == "-" else str(path)
-    f = _open_text(path)
+    f = _open_lines(path)
+    first, skipped = True, 0
     try:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
                 try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise StreamError(
+                        f"not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start} of the line)",
+                        path=name,
+                        line=lineno,
+                    ) from None
+                try:
                     obj = json.loads(line)
+                except RecursionError:
+                    raise StreamError("JSON nested too deeply to read", path=name, line=lineno) from None
                 except json.JSONDecodeError as e:
+                    whole = _not_json_lines(line, e) if first else None
+                    if whole is not None:  # the whole file is in another shape: nothing to skip to
+                        raise _WholeFileError(whole, path=name, line=lineno) from None
                     raise StreamError(f"not valid JSON ({e.msg} at column {e.colno})", path=name, line=lineno) from None
+                if first and isinstance(obj, list):
+                    raise _WholeFileError(IMPORT_HINT.format(what="a JSON array"), path=name, line=lineno)
+                first = False
                 try:
                     stream = stream_from_json(obj, role_map)
                 except _FieldError as e:
                     raise StreamError(e.message, path=name, line=lineno, field=e.field) from None
+                stream.source = f"{name}:{lineno}"
             except StreamError as err:
-                if not skip_invalid:
+                first = False
+                if not skip_invalid or isinstance(err, _WholeFileError):
                     raise
-                print(f"skipping invalid stream: {err}", file=sys.stderr)
+                skipped += 1
+                if skipped <= _PRINT_SKIPPED:
+                    print(f"skipping invalid stream: {err}", file=sys.stderr)
+                elif skipped == _PRINT_SKIPPED + 1:  # thousands of lines would bury the summary
+                    print("skipping more invalid streams: counted, not printed", file=sys.stderr)
                 if errors is not None:
                     errors.append(err)
                 continue
             yield stream
     finally:
-        if f is not sys.stdin:
+        if f is not sys.stdin.buffer:
             f.close()
 
 

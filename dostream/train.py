@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +42,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dostream.config import SupervisedBlock, atomic_write_text, check_run_dir, opt, write_run_record
-from dostream.render import IGNORE
+from dostream.config import (
+    RunDirError,
+    SupervisedBlock,
+    atomic_write_text,
+    check_config,
+    check_run_dir,
+    opt,
+    write_run_record,
+)
+from dostream.render import IGNORE, TRUNCATION_SIDES
 from dostream.scoring import logits_at
 
 
@@ -54,21 +64,25 @@ class TrainConfig(SupervisedBlock):
     view: str = opt("interventional", "loss view: interventional, observational, or a comma-separated author set")
     chat_template: bool = opt(False, "render streams with the tokenizer's chat template instead of plain text")
     truncation_side: str = opt(
-        "left", "left keeps the most recent tokens, right the first ones", choices=("left", "right")
+        "auto",
+        "turns keeps the head context (system prompt, tool list) and drops the oldest turns after it; left "
+        "keeps the most recent tokens, right the first ones; auto: turns where there is a head, else left",
+        choices=TRUNCATION_SIDES,
     )
-    max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", min=0)
     micro_batch_tokens: int = opt(
         -1,
         "run a micro-batch in pieces of at most this many padded tokens (same "
         "gradient, less memory; -1: 1024 on a CPU, where small pieces run faster, "
         "whole on a GPU; 0: whole)",
+        min=-1,
     )
-    grad_accum: int = opt(1, "micro-batches per optimizer step (per process)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    warmup_ratio: float = opt(0.05, "fraction of steps spent warming up linearly from 0")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (per process)", min=1)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    warmup_ratio: float = opt(0.05, "fraction of steps spent warming up linearly from 0", min=0.0, max=1.0)
     schedule: str = opt("cosine", "learning-rate schedule after warm-up", choices=("cosine", "linear", "constant"))
-    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)")
-    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
+    max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: no clipping)", min=0.0)
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input", min=0.0, max=0.99)
     target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma-separated list of names")
     full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter")
     bf16: str = opt(
@@ -78,8 +92,8 @@ class TrainConfig(SupervisedBlock):
     )
     group_by_length: bool = opt(True, "batch rows of similar length together to waste little on padding")
     seed: int = opt(0, "seed for initialisation, batch order and dropout")
-    save_every: int = opt(50, "checkpoint every N optimizer steps (the end is always saved)")
-    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    save_every: int = opt(50, "checkpoint every N optimizer steps (the end is always saved; 0: only the end)", min=0)
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep", min=1)
     merge: bool = opt(False, "also save the base model with the adapter merged in, as OUT/merged")
     progress: bool = opt(True, "show a progress bar")
 
@@ -89,15 +103,15 @@ RESUME_MAY_CHANGE = ("progress", "save_every", "keep_checkpoints", "merge")
 
 
 @functools.cache
-def bf16_faster(device_type: str) -> bool:
-    """Should `bf16="auto"` autocast to bf16 here? On CUDA: when the GPU supports it. On a CPU:
-    when a bf16 matmul measures at least 1.2x faster than fp32 (about 0.1 s, once per process).
-    CPUs differ: with AMX (or on some AMD EPYC) bf16 is ~2.3x faster; an Intel Xeon with AVX512-BF16
-    but no AMX measured bf16 at 0.5-0.8x fp32, where autocast would only slow training down."""
+def bf16_speedup(device_type: str) -> float:
+    """How much faster a bf16 matmul runs than an fp32 one here (measured once per process, about
+    0.1 s on a CPU): CUDA gives inf where the GPU supports bf16, else 0. CPUs differ: with AMX (or
+    on some AMD EPYC) ~2.3x; an Intel Xeon with AVX512-BF16 but no AMX measured 0.5-0.8x; a CPU
+    with only AVX2 emulates bf16 at ~1 GFLOP/s against ~178 in fp32 (~0.006x)."""
     if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return math.inf if torch.cuda.is_bf16_supported() else 0.0
     if device_type != "cpu":
-        return False
+        return 0.0
 
     def rate(dtype: torch.dtype) -> float:
         a = torch.randn(512, 512, dtype=dtype)
@@ -107,7 +121,18 @@ def bf16_faster(device_type: str) -> bool:
             a @ a
         return 8 / (time.perf_counter() - t)
 
-    return rate(torch.bfloat16) >= 1.2 * rate(torch.float32)
+    fp32 = rate(torch.float32)
+    return rate(torch.bfloat16) / fp32
+
+
+def bf16_faster(device_type: str) -> bool:
+    """Should `bf16="auto"` autocast to bf16 here? When a bf16 matmul measures at least 1.2x
+    faster than fp32 (`bf16_speedup`); autocast would only slow training down below that."""
+    return bf16_speedup(device_type) >= 1.2
+
+
+# Below this, bf16 is emulated: forcing it warns, and the benchmarks skip it (and say so).
+BF16_EMULATED = 0.25
 
 
 @dataclass(frozen=True)
@@ -124,6 +149,12 @@ def device_policy(bf16: str = "auto") -> DevicePolicy:
     if bf16 not in ("auto", "on", "off"):
         raise ValueError(f"bf16 must be auto, on or off, not {bf16!r}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if bf16 == "on" and device.type == "cpu" and bf16_speedup("cpu") < BF16_EMULATED:
+        warnings.warn(
+            f"bf16 forced on a CPU where a bf16 matmul runs at {bf16_speedup('cpu'):.3f}x fp32 (emulated): "
+            "expect a run many times slower than in fp32 (--bf16 auto picks fp32 here)",
+            stacklevel=2,
+        )
     return DevicePolicy(device, bf16 == "on" or (bf16 == "auto" and bf16_faster(device.type)))
 
 
@@ -204,6 +235,14 @@ def plan_steps(lengths: list[int], cfg: TrainConfig, epoch: int, world: int = 1)
         rng.shuffle(micro)
     per_step = cfg.grad_accum * world
     return [micro[k : k + per_step] for k in range(0, len(micro), per_step)]
+
+
+def rows_fingerprint(rows: list[dict]) -> str:
+    """SHA-256 of the rows' ids and labels: what a resumed run must be continued on."""
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r["input_ids"], r["labels"]]).encode())
+    return h.hexdigest()
 
 
 def collate(rows: list[dict], idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
@@ -400,17 +439,31 @@ def train(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    check_config(cfg)
     out = Path(out)
     rows = [r for r in rows if any(label != IGNORE for label in r["labels"][1:])]
     if not rows:
         raise ValueError("no training rows: every stream was empty or had no supervised token under the view")
-    if latest_checkpoint(out) is not None:  # a run that saved nothing yet holds nothing to continue
-        check_run_dir(out, cfg, experiment="train", resume=resume, may_change=RESUME_MAY_CHANGE)
+    data = rows_fingerprint(rows)
+    stored = None
+    if (out / "config.json").exists() or latest_checkpoint(out) is not None:
+        stored = check_run_dir(out, cfg, experiment="train", resume=resume, may_change=RESUME_MAY_CHANGE)
+        if stored is not None and latest_checkpoint(out) is not None and stored.get("data_sha256", data) != data:
+            raise RunDirError(
+                f"{out} holds a run trained on other rows (the streams or their rendering changed); "
+                "continuing it would mix the two: choose another --out"
+            )
     policy = device_policy(cfg.bf16)
     cuda, use_bf16 = policy.device.type == "cuda", policy.bf16
     # Precision is ours to switch per call (autocast below); Accelerate's process-wide
     # mixed_precision setting cannot change within a process, and the methods chain several runs.
     acc = Accelerator(cpu=not cuda)
+    if stored is not None and latest_checkpoint(out) is not None and "bf16" in stored:
+        use_bf16 = bool(stored["bf16"])  # a resumed run keeps the precision it was decided with
+    elif acc.num_processes > 1:  # `bf16="auto"` measures per process: all follow the first one
+        from accelerate.utils import broadcast_object_list
+
+        use_bf16 = bool(broadcast_object_list([use_bf16])[0])
     if os.environ.get("ACCELERATE_USE_CPU") == "True" and acc.num_processes == 1:
         acc.print(
             "dostream train: one process (`accelerate launch --cpu` starts one, whatever --num_processes "
@@ -424,6 +477,7 @@ def train(
             cfg,
             {
                 "bf16": use_bf16,
+                "data_sha256": data,
                 "micro_batch_tokens": budget,
                 "rows": len(rows),
                 "world_size": acc.num_processes,

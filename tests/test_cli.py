@@ -87,6 +87,7 @@ def _bad_inputs(tmp_path) -> dict[str, list]:
     """One user mistake per subcommand of the dispatch table (a missing file where it reads one)."""
     missing = tmp_path / "missing.jsonl"
     return {
+        "demo": ["demo", "--model", "tiny", "--n-facts", "0", "--out", tmp_path / "demo"],
         "import": ["import", missing, "--out", tmp_path / "imported.jsonl", "--assistant", "other"],
         "export": ["export", missing, "--out", tmp_path / "exported"],
         "render": ["render", missing],
@@ -114,7 +115,7 @@ def test_every_command_reports_a_user_error_in_one_line(tmp_path):
         assert proc.returncode == 2, (name, proc.returncode, proc.stderr)
         assert "Traceback" not in proc.stderr, (name, proc.stderr)
         assert proc.stderr.splitlines()[-1].startswith(f"dostream {name}: "), (name, proc.stderr)
-    assert not (tmp_path / "train").exists() and not (tmp_path / "agent").exists()
+    assert not (tmp_path / "train").exists() and not (tmp_path / "agent").exists() and not (tmp_path / "demo").exists()
     assert not (tmp_path / "imported.jsonl").exists() and not (tmp_path / "exported").exists()
 
 
@@ -199,7 +200,8 @@ def test_report_refuses_a_run_without_a_report(tmp_path):
     proc = run_cli("report", tmp_path, check=False)
     assert proc.returncode == 2
     assert (
-        proc.stderr.strip() == f"dostream report: {tmp_path} is a 'train' run; reports exist for stem, delusion, agent"
+        proc.stderr.strip()
+        == f"dostream report: {tmp_path} is a 'train' run; reports exist for stem, delusion, dual-lora, agent"
     )
 
 
@@ -220,3 +222,32 @@ def test_a_closed_pipe_ends_quietly(tmp_path, command):
         timeout=300,
     )
     assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["train", EXAMPLES / "stem_streams.jsonl", "--out", "X", "--batch-size", "-2"], "--batch-size"),
+        (["train", EXAMPLES / "stem_streams.jsonl", "--out", "X", "--epochs", "0"], "--epochs"),
+        (["train", EXAMPLES / "stem_streams.jsonl", "--out", "X", "--max-steps", "-3"], "--max-steps"),
+        (["reproduce", "stem", "--preset", "smoke", "--set", "n_test=-5", "--out", "X"], "--n-test"),
+        (["reproduce", "delusion", "--preset", "smoke", "--p-lie", "1.5", "--out", "X"], "--p-lie"),
+        (["stem", "generate", "--split", "sft", "--n", "-1"], "--n"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_naming_the_flag(tmp_path, args, flag):
+    proc = run_cli(*[tmp_path / "out" if a == "X" else a for a in args], check=False)
+    assert proc.returncode == 2 and f"argument {flag}: must be" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_configs_are_range_checked_in_the_library_too():
+    from dostream.train import TrainConfig, train
+
+    with pytest.raises(ValueError, match="epochs: must be >= 1, got 0"):
+        train([{"input_ids": [1, 2], "labels": [1, 2]}], TrainConfig(model="tiny", epochs=0), "unused")
+
+
+def test_stem_generate_beyond_the_value_space_is_a_clear_error():
+    proc = run_cli("stem", "generate", "--split", "sft", "--n", "100000", check=False)
+    assert proc.returncode == 2 and "value space is exhausted" in proc.stderr and "Traceback" not in proc.stderr

@@ -226,3 +226,40 @@ def test_example_files_render(tok):
         for stream in read_streams(path):
             for chat in (False, True):
                 check_common(Renderer(tok, chat_template=chat).render(stream), tok)
+
+
+@given(data=st.data(), max_length=st.integers(1, 40), chat=st.booleans())
+@SETTINGS
+def test_truncation_by_turns_keeps_the_head(tok, data, max_length, chat):
+    """`turns` keeps the head context (leading `context` tokens: system prompt, tool list, the
+    template's preamble) and the newest tokens after it, cutting at a turn start where the rest
+    fits; `auto` is `turns` with a head, else `left`. Tokens keep their ids, authors and text."""
+    stream = data.draw(streams(tok))
+    if data.draw(st.booleans()):
+        stream.segments.insert(0, Segment("context", data.draw(text_st) or "Be brief.", role="system"))
+    full = Renderer(tok, chat_template=chat).render(stream)
+    n, head = len(full), full.head
+    assert head == next((i for i, a in enumerate(full.authors) if a != "context"), n)
+    r = full.truncate(max_length, "turns")
+    auto = full.truncate(max_length, "auto")
+    assert (
+        (auto.input_ids, auto.text) == (r.input_ids, r.text) if head else auto.input_ids == full.input_ids[-max_length:]
+    )
+    if n <= max_length:
+        assert r is full
+        return
+    assert len(r) <= max_length
+    if not 0 < head < max_length:
+        assert r.input_ids == full.input_ids[-max_length:]
+        return
+    start = n - (len(r) - head)
+    assert r.input_ids == full.input_ids[:head] + full.input_ids[start:]
+    assert r.authors == full.authors[:head] + full.authors[start:]
+    assert start in full.turn_starts or start == n - (max_length - head)  # whole turns, else the newest one cut
+    assert start == next((t for t in full.turn_starts if t >= head and n - t <= max_length - head), start)
+    kept = list(range(head)) + list(range(start, n))
+    for i, k in enumerate(kept):  # every token keeps its characters
+        if r.offsets[i] is not None and full.offsets[k] is not None:
+            assert r.text[slice(*r.offsets[i])] == full.text[slice(*full.offsets[k])]
+    for view in VIEWS:
+        assert all(lab in (IGNORE, t) for lab, t in zip(r.labels(view), r.input_ids))

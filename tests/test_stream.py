@@ -148,3 +148,71 @@ def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "x")
     (tmp_path / "b.txt").write_text("x")
     assert os.stat(tmp_path / "a.txt").st_mode == os.stat(tmp_path / "b.txt").st_mode
+
+
+def test_other_shapes_say_run_dostream_import(tmp_path):
+    """A JSON array, a pretty-printed document or another format's row where JSON Lines of streams
+    is expected: the error says what the file is and what to run, and --skip-invalid cannot skip a
+    whole file's shape."""
+    cases = {
+        "array.json": ('[{"id": "a", "messages": []}]\n', "this is a JSON array"),
+        "array2.json": ('[\n  {"id": "a"}\n]\n', "this is a JSON array"),
+        "doc.json": ('{\n  "id": "a",\n  "messages": []\n}\n', "this is a pretty-printed JSON document"),
+    }
+    for name, (text, what) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        for skip in (False, True):
+            with pytest.raises(StreamError) as err:
+                list(read_streams(path, skip_invalid=skip))
+            assert (err.value.line, str(err.value).startswith(f"{path}:1: {what}")) == (1, True), str(err.value)
+            assert "run `dostream import FILE --out streams.jsonl` first" in str(err.value)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(
+        '{"conversations": [{"from": "human", "value": "hi"}]}\n{"messages": [{"role": "user", "content": "hi"}]}\n'
+    )
+    errors = []
+    assert list(read_streams(rows, skip_invalid=True, errors=errors)) == []
+    assert [e.field for e in errors] == ["segments", "id"]
+    assert "this is a ShareGPT row ('conversations')" in errors[0].reason
+    assert errors[1].reason == "missing field (dostream import gives every stream a stable id)"
+
+
+def test_skip_invalid_prints_the_first_few_and_counts_all(tmp_path, capsys):
+    path = tmp_path / "many.jsonl"
+    path.write_text("not json\n" * 30 + GOOD + "\n")
+    errors = []
+    assert len(list(read_streams(path, skip_invalid=True, errors=errors))) == 1 and len(errors) == 30
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 21 and err[-1] == "skipping more invalid streams: counted, not printed"
+
+
+@pytest.mark.parametrize(
+    "raw,field,words",
+    [
+        (b'{"id": "a", "segments": [{"author": "user", "text": "\\ud800"}]}\n', "segments[0].text", "lone surrogate"),
+        (b"[" * 100_000 + b"\n", None, "nested too deeply"),
+        (b'{"id": "a", "segments": [{"author": "user", "text": "hi \xff"}]}\n', None, "not valid UTF-8"),
+        (
+            b'{"id": "a", "segments": [{"author": "agent", "text": "x", "token_ids": [4294967296]}]}\n',
+            "segments[0].token_ids[0]",
+            "non-negative integer below",
+        ),
+    ],
+)
+def test_hostile_lines_are_stream_errors_naming_file_and_line(tmp_path, raw, field, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"id": "ok", "segments": [{"author": "user", "text": "fine"}]}\n' + raw)
+    with pytest.raises(StreamError) as e:
+        list(read_streams(path))
+    assert e.value.line == 2 and e.value.field == field and words in str(e.value)
+    assert str(e.value).startswith(f"{path}:2: ")
+
+
+def test_ids_outside_the_vocabulary_are_a_render_error_naming_file_and_line(tmp_path, tok):
+    from dostream.render import Renderer, RenderError
+
+    path = tmp_path / "oov.jsonl"
+    path.write_text('{"id": "a", "segments": [{"author": "agent", "text": "x", "token_ids": [60000]}]}\n')
+    with pytest.raises(RenderError, match=rf"^{path}:1: .*token id 60000 is not in the tokenizer's vocabulary"):
+        Renderer(tok).render(next(read_streams(path)))

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,46 @@ def test_precision_switches_between_runs_in_one_process(rows, tmp_path):
         losses[bf16] = result.metrics[0]["train/loss"]
         assert json.loads((tmp_path / bf16 / "config.json").read_text())["bf16"] is (bf16 == "on")
     assert losses["on"] == pytest.approx(losses["off"], rel=1e-2) and losses["on"] != losses["off"]
+
+
+def test_a_run_directory_is_continued_only_on_its_own_rows_and_precision(tmp_path):
+    """`--resume` on other rows is refused; a resumed run reuses its recorded bf16 decision; a
+    directory holding another experiment's record is never trained into."""
+    import json
+
+    from dostream.config import RunDirError
+
+    rows = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}] * 4
+    cfg = TrainConfig(model="tiny", batch_size=2, max_steps=1, progress=False, bf16="off")
+    train(rows, cfg, tmp_path / "run")
+    other = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}] * 4
+    with pytest.raises(RunDirError, match="trained on other rows"):
+        train(other, cfg, tmp_path / "run", resume=True)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["bf16"] is False and len(record["data_sha256"]) == 64
+    (tmp_path / "agent").mkdir()
+    (tmp_path / "agent" / "config.json").write_text(json.dumps({"experiment": "agent", "config": {}}))
+    with pytest.raises(RunDirError, match="holds a 'agent' run"):
+        train(rows, cfg, tmp_path / "agent", resume=True)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(rows, cfg, tmp_path / "agent")
+    assert json.loads((tmp_path / "agent" / "config.json").read_text())["experiment"] == "agent"  # untouched
+
+
+def test_forcing_bf16_where_it_is_emulated_warns_and_benchmarks_skip_it(monkeypatch, capsys):
+    import sys
+
+    import dostream.train as tr
+
+    monkeypatch.setattr(tr, "bf16_speedup", lambda device_type: 0.006)  # an AVX2-only CPU
+    monkeypatch.setattr(tr.torch.cuda, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match=r"0\.006x fp32 \(emulated\)"):
+        assert tr.device_policy("on").bf16
+    assert not tr.device_policy("auto").bf16
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_sampling import runnable_dtypes
+    finally:
+        sys.path.pop(0)
+    assert runnable_dtypes(("fp32", "bf16")) == ("fp32",)
+    assert "skipping bf16" in capsys.readouterr().err

@@ -66,16 +66,34 @@ def add_stream_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_role_map(spec: str | None) -> dict[str, str]:
-    """`--role-map 'assistant=teacher,...'` merged over `stream.DEFAULT_ROLE_MAP`."""
-    from dostream.stream import DEFAULT_ROLE_MAP
+    """`--role-map 'assistant=teacher,...'` merged over `stream.DEFAULT_ROLE_MAP`. A mistake names
+    the flag, not the data file; renaming roles (`gpt=assistant`) is `dostream import`'s."""
+    from dostream.stream import AUTHORS, DEFAULT_ROLE_MAP
 
     role_map = dict(DEFAULT_ROLE_MAP)
     for item in filter(None, (spec or "").split(",")):
         role, sep, author = item.partition("=")
         if not sep:
             raise CliError(f"--role-map: expected ROLE=AUTHOR, got {item!r}")
+        if author.strip() not in AUTHORS:
+            rename = (
+                " (renaming a role is for dostream import --role-map)" if author.strip() in DEFAULT_ROLE_MAP else ""
+            )
+            raise CliError(
+                f"--role-map: {item.strip()!r}: {author.strip()!r} is not an author "
+                f"(one of {', '.join(AUTHORS)}){rename}"
+            )
         role_map[role.strip()] = author.strip()
     return role_map
+
+
+def skipped_summary(errors: list, kept: int) -> str:
+    """`--skip-invalid`'s closing line: how many lines were skipped, by reason (`StreamError`s)."""
+    from collections import Counter
+
+    reasons = Counter(f"field {e.field!r}: {e.reason}" if e.field else e.reason for e in errors)
+    top = "; ".join(f"{n} × {r}" for r, n in reasons.most_common(5)) + ("; ..." if len(reasons) > 5 else "")
+    return f"skipped {len(errors)} invalid line(s), kept {kept} ({top})"
 
 
 def views_epilog() -> str:

@@ -20,9 +20,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dostream.cli.demo",
         "the rule at work on the embedded model in a few minutes: two adapters, one difference",
     ),
+    "import": (
+        "dostream.cli.importer",
+        "transcript files (OpenAI, ShareGPT, Alpaca, TRL; JSONL or JSON) → streams, saying who wrote the assistant turns",
+    ),
     "render": ("dostream.cli.render", "render streams to token ids, labels, offsets and authors (JSON lines)"),
     "show": ("dostream.cli.show", "show token by token who wrote what and what is supervised (terminal or --html)"),
     "train": ("dostream.cli.train", "train a LoRA adapter (or every weight) on streams under a view"),
+    "export": (
+        "dostream.cli.export",
+        "streams → labelled rows for TRL: a Hugging Face dataset or Parquet (`--format`)",
+    ),
     "sample": ("dostream.cli.sample", "sample from a model (exact token ids), e.g. for a quick look"),
     "stem": ("dostream.cli.stem", "STEM problems: `stem generate`, `stem verify`"),
     "reproduce": (
@@ -32,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("dostream.cli.report", "rebuild a reproduction's report from its run directory: `report DIR`"),
     "agent": ("dostream.cli.agent", "the continual agent: act, store, learn from the world's answers (`agent run`)"),
     "streams": ("dostream.cli.streams", "stored streams: `streams export RUN` writes a run's episodes as JSONL"),
+    "serve": (
+        "dostream.cli.serve",
+        "an OpenAI-compatible endpoint that records every conversation as a stream (`serve`, `serve keys`)",
+    ),
     "theory": ("dostream.cli.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
 }
 

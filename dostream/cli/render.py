@@ -12,9 +12,16 @@ import json
 import sys
 from collections.abc import Iterator
 
-from dostream.cli._common import add_stream_input_args, parse_role_map, user_errors, views_epilog
-from dostream.render import Rendered, Renderer
-from dostream.stream import VIEWS, read_streams, view_authors
+from dostream.cli._common import (
+    CliError,
+    add_stream_input_args,
+    parse_role_map,
+    skipped_summary,
+    user_errors,
+    views_epilog,
+)
+from dostream.render import TRUNCATION_SIDES, Rendered, Renderer, RenderStats, render_rows
+from dostream.stream import VIEWS, StreamError, read_streams, view_authors
 
 
 def add_render_args(p: argparse.ArgumentParser) -> None:
@@ -29,34 +36,52 @@ def add_render_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None, help="truncate each stream to this many tokens")
     p.add_argument(
         "--truncation-side",
-        choices=("left", "right"),
-        default="left",
-        help="left (default) keeps the most recent tokens; right keeps the first ones",
+        choices=TRUNCATION_SIDES,
+        default="auto",
+        help="turns keeps the head context (system prompt, tool list) and drops the oldest turns after it; "
+        "left keeps the most recent tokens; right the first ones; auto (default): turns where a stream "
+        "has a head context, else left",
     )
     p.add_argument("--chat-template", action="store_true", help="render with the tokenizer's chat template")
     add_stream_input_args(p)
 
 
-def iter_rendered(args: argparse.Namespace, tokenizer, stats: dict[str, int]) -> Iterator[Rendered]:
+def iter_rendered(args: argparse.Namespace, tokenizer, stats: RenderStats) -> Iterator[Rendered]:
     """Render the file's streams per the shared options, dropping (and counting in `stats`) the
-    ones left with no supervised token. Bad input raises `CliError`."""
+    ones left with no supervised token. Bad input raises `CliError`; with `--skip-invalid`, a file
+    of which no line could be read does too (after the summary of what was skipped)."""
     with user_errors(prefix="--view: "):
         view = view_authors(args.view)
     renderer = Renderer(tokenizer, chat_template=args.chat_template)
-    streams = read_streams(args.file, skip_invalid=args.skip_invalid, role_map=parse_role_map(args.role_map))
+    errors: list[StreamError] = []
+    streams = read_streams(
+        args.file, skip_invalid=args.skip_invalid, role_map=parse_role_map(args.role_map), errors=errors
+    )
+
+    def dropped(sid: str) -> None:
+        print(f"dostream: stream {sid!r} has no supervised token under this view: dropped", file=sys.stderr)
+
     with user_errors():
-        for stream in streams:
-            r = renderer.render(stream)
-            if args.max_length is not None:
-                if len(r) > args.max_length:
-                    stats["truncated"] = stats.get("truncated", 0) + 1
-                r = r.truncate(args.max_length, args.truncation_side)
-            if not any(r.supervised(view)):
-                stats["dropped_no_supervised"] = stats.get("dropped_no_supervised", 0) + 1
-                print(f"dostream: stream {r.id!r} has no supervised token under this view: dropped", file=sys.stderr)
-                continue
-            stats["rendered"] = stats.get("rendered", 0) + 1
+        for r, _ in render_rows(
+            streams,
+            renderer,
+            view,
+            max_length=args.max_length,
+            truncation_side=args.truncation_side,
+            stats=stats,
+            on_drop=dropped,
+        ):
             yield r
+    if errors:
+        print(f"dostream: {skipped_summary(errors, stats.streams)}", file=sys.stderr)
+        if not stats.streams:
+            raise CliError(f"no stream was read from {args.file}: {skipped_summary(errors, 0)}")
+
+
+def print_report(cmd: str, stats: RenderStats, view: str) -> None:
+    """The per-author split of supervised tokens and the warnings (`RenderStats.report`), on stderr."""
+    for line in stats.report(view):
+        print(f"dostream {cmd}: {line}", file=sys.stderr)
 
 
 def cli_main(argv: list[str]) -> int:
@@ -72,9 +97,11 @@ def cli_main(argv: list[str]) -> int:
 
     with user_errors():
         tokenizer = load_tokenizer(args.tokenizer)
-    stats: dict[str, int] = {}
+    stats = RenderStats()
     for r in iter_rendered(args, tokenizer, stats):
         sys.stdout.write(json.dumps(r.to_json(args.view), ensure_ascii=False) + "\n")
-    if stats.get("dropped_no_supervised") or stats.get("truncated"):
-        print(f"dostream render: {json.dumps(stats)}", file=sys.stderr)
+    if stats.dropped_no_supervised or stats.truncated:
+        counts = {"truncated": stats.truncated, "dropped_no_supervised": stats.dropped_no_supervised}
+        print(f"dostream render: {json.dumps({**counts, 'rendered': stats.rows})}", file=sys.stderr)
+    print_report("render", stats, args.view)
     return 0

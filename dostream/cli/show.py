@@ -16,8 +16,8 @@ import sys
 from collections import Counter
 
 from dostream.cli._common import user_errors, views_epilog
-from dostream.cli.render import add_render_args, iter_rendered
-from dostream.render import IGNORE, Rendered
+from dostream.cli.render import add_render_args, iter_rendered, print_report
+from dostream.render import IGNORE, Rendered, RenderStats
 
 AUTHOR_COLORS = {  # one colour per author, shared by the terminal and the page
     "agent": ("35", "#b04fc4"),
@@ -146,14 +146,16 @@ def cli_main(argv: list[str]) -> int:
     with user_errors():
         tokenizer = load_tokenizer(args.tokenizer)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
-    stats: dict[str, int] = {}
+    stats = RenderStats()
     items = []
     for r in iter_rendered(args, tokenizer, stats):
         labels = r.labels(args.view)
         print(terminal(r, labels, tokenizer, color) + "\n")
-        items.append((r, labels))
-    if stats.get("dropped_no_supervised"):
-        print(f"dropped {stats['dropped_no_supervised']} stream(s) with no supervised token", file=sys.stderr)
+        if args.html:  # only the page needs them all at once; the terminal view streams
+            items.append((r, labels))
+    if stats.dropped_no_supervised:
+        print(f"dropped {stats.dropped_no_supervised} stream(s) with no supervised token", file=sys.stderr)
+    print_report("show", stats, args.view)
     if args.html:
         page = html_page(items, tokenizer, f"dostream show: {os.path.basename(args.file)} · view {args.view}")
         with user_errors():

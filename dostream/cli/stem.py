@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from dostream.cli._common import CliError
+from dostream.cli._common import CliError, user_errors
 from dostream.envs.stem import SPLIT_SIZES, SPLITS, Problem, generate, verify
 
 
@@ -70,7 +70,9 @@ def _verify_file(path: str) -> int:
 def cli_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.command == "generate":
-        for p in generate(args.split, args.n, args.seed):
+        with user_errors(prefix="--n: "):
+            problems = generate(args.split, args.n, args.seed)
+        for p in problems:
             print(json.dumps(p.to_json(), ensure_ascii=False))
         return 0
     return _verify_file(args.input)

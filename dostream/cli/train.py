@@ -12,7 +12,14 @@ import argparse
 import sys
 from dataclasses import asdict
 
-from dostream.cli._common import add_stream_input_args, parse_role_map, user_errors, views_epilog
+from dostream.cli._common import (
+    CliError,
+    add_stream_input_args,
+    parse_role_map,
+    skipped_summary,
+    user_errors,
+    views_epilog,
+)
 from dostream.config import add_dataclass_args, from_args
 from dostream.train import TrainConfig, train
 
@@ -31,15 +38,19 @@ def cli_main(argv: list[str]) -> int:
     add_dataclass_args(p, TrainConfig)
     args = p.parse_args(argv)
 
+    from dostream.cli.render import print_report
     from dostream.models import load_tokenizer
     from dostream.render import Renderer, encode_rows
     from dostream.stream import read_streams, view_authors
 
+    errors: list = []
     with user_errors():
         cfg = from_args(TrainConfig, args)
         view_authors(cfg.view)
         tok = load_tokenizer(cfg.model)
-        streams = read_streams(args.streams, skip_invalid=args.skip_invalid, role_map=parse_role_map(args.role_map))
+        streams = read_streams(
+            args.streams, skip_invalid=args.skip_invalid, role_map=parse_role_map(args.role_map), errors=errors
+        )
         rows, stats = encode_rows(
             streams,
             Renderer(tok, chat_template=cfg.chat_template),
@@ -47,12 +58,17 @@ def cli_main(argv: list[str]) -> int:
             max_length=cfg.max_length,
             truncation_side=cfg.truncation_side,
         )
+    if errors:
+        print(f"dostream train: {skipped_summary(errors, stats.streams)}", file=sys.stderr)
+        if not stats.streams:
+            raise CliError(f"no stream was read from {args.streams}: {skipped_summary(errors, 0)}")
     print(
         f"dostream train: {stats.rows} rows from {stats.streams} streams ({stats.truncated} truncated, "
         f"{stats.dropped_no_supervised} dropped with no supervised token); {stats.supervised_tokens} of "
         f"{stats.tokens} tokens supervised ({stats.supervised_frac:.1%}) under view {cfg.view!r}",
         file=sys.stderr,
     )
+    print_report("train", stats, cfg.view)
     with user_errors():
         result = train(
             rows,

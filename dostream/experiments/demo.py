@@ -41,15 +41,15 @@ class DemoConfig(SupervisedBlock):
     learning rate the old demo used."""
 
     model: str = opt("smollm2", "model NAME: smollm2 (embedded default), tiny, a local dir or an HF id")
-    n_facts: int = opt(32, "facts the dialogues are about (each answered wrongly by the Agent, then corrected)")
-    dialogues_per_fact: int = opt(2, "dialogues per fact (different phrasings)")
+    n_facts: int = opt(32, "facts the dialogues are about (each answered wrongly by the Agent, then corrected)", min=1)
+    dialogues_per_fact: int = opt(2, "dialogues per fact (different phrasings)", min=1)
     # Seeds 0-2 were run with these settings (README); 2 is the one whose counts lie closest to the
     # three seeds' means, so the default shows a typical run, not the best.
     seed: int = opt(2, "seed for the dialogues, the LoRA initialisation and the batch order")
     lr: float = like(SupervisedBlock, "lr", 1e-3)
     epochs: int = like(SupervisedBlock, "epochs", 2)
     max_length: int = like(SupervisedBlock, "max_length", 256)
-    max_new_tokens: int = opt(24, "tokens of each greedy answer")
+    max_new_tokens: int = opt(24, "tokens of each greedy answer", min=1)
     progress: bool = opt(True, "show progress")
 
 

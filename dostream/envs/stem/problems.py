@@ -453,7 +453,7 @@ def generate(split: str, n: int | None = None, seed: int = 0, skills: tuple[str,
             if key not in seen and split_of(skill, p.question) == split:
                 break
         else:
-            raise RuntimeError(f"could not draw {n} distinct {split} problems of {skill}: the value space is exhausted")
+            raise ValueError(f"could not draw {n} distinct {split} problems of {skill}: the value space is exhausted")
         seen.add(key)
         out.append(p)
     return out

@@ -65,23 +65,25 @@ class DelusionConfig(SupervisedBlock):
     per dialogue) are both arms'."""
 
     model: str = opt("smollm2", "base model NAME (smollm2, tiny, a .gguf path, a local dir or an HF id)")
-    seeds: int = opt(3, "seeds 0..N-1: each draws its own dialogues, adapter init and batch order")
-    n_seen: int = opt(33, "training facts the dialogues are about (of 99)")
-    n_lie_only: int = opt(11, "held-out facts that appear only in uncorrected agent lies (0: none)")
-    n_held_out: int = opt(22, "held-out facts never shown in training (n_lie_only + n_held_out <= 33)")
-    n_dialogues: int = opt(480, "dialogues about the seen facts, per seed")
-    lie_only_per_fact: int = opt(-1, "uncorrected-lie dialogues per lie-only fact (-1: the seen facts' lie rate)")
-    p_lie: float = opt(0.5, "probability that the Agent states the false claim")
-    p_tail: float = opt(0.5, "probability of a chit-chat tail after the acknowledgement")
+    seeds: int = opt(3, "seeds 0..N-1: each draws its own dialogues, adapter init and batch order", min=1)
+    n_seen: int = opt(33, "training facts the dialogues are about (of 99)", min=1)
+    n_lie_only: int = opt(11, "held-out facts that appear only in uncorrected agent lies (0: none)", min=0)
+    n_held_out: int = opt(22, "held-out facts never shown in training (n_lie_only + n_held_out <= 33)", min=0)
+    n_dialogues: int = opt(480, "dialogues about the seen facts, per seed", min=1)
+    lie_only_per_fact: int = opt(
+        -1, "uncorrected-lie dialogues per lie-only fact (-1: the seen facts' lie rate)", min=-1
+    )
+    p_lie: float = opt(0.5, "probability that the Agent states the false claim", min=0.0, max=1.0)
+    p_tail: float = opt(0.5, "probability of a chit-chat tail after the acknowledgement", min=0.0, max=1.0)
     epochs: int = like(SupervisedBlock, "epochs", 4)
-    max_steps: int = opt(0, "stop training after this many optimizer steps (0: all epochs)")
+    max_steps: int = opt(0, "stop training after this many optimizer steps (0: all epochs)", min=0)
     full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter")
     max_length: int = like(SupervisedBlock, "max_length", 256)
-    follow_max_tokens: int = opt(24, "greedy follow-up length limit (tokens; a newline also ends it)")
+    follow_max_tokens: int = opt(24, "greedy follow-up length limit (tokens; a newline also ends it)", min=1)
     follow_dtype: str = opt(
         "bf16", "dtype of the greedy follow-ups: bf16 (fast on CPUs with bf16) or fp32", choices=("bf16", "fp32")
     )
-    probe_batch_size: int = opt(32, "rows per forward pass in the probes")
+    probe_batch_size: int = opt(32, "rows per forward pass in the probes", min=1)
     progress: bool = opt(True, "show progress bars")
 
 
