@@ -29,7 +29,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The main job, end to end on the embedded SmolLM2-135M-Instruct (about 3-4 minutes on 2 CPU cores):
+# The main job, end to end on the embedded SmolLM2-135M-Instruct (about 2 minutes on 2 CPU cores):
 # what each view supervises in a stream where the agent answers wrongly and the user corrects it,
 # two adapters trained from the same start on the same rows under the two views, and how each then
 # answers about the trained facts beside the untrained model. `dostream demo --help` for the knobs.
