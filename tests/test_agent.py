@@ -312,3 +312,33 @@ def test_cli_runs_three_loops_writes_a_report_and_exports_streams(tmp_path):
     assert "environment" in shown.stdout
     missing = run_cli("streams", "export", tmp_path / "nowhere", check=False)
     assert missing.returncode == 2 and "store.sqlite" in missing.stderr
+
+
+def test_export_never_writes_to_a_store_and_refuses_foreign_files(tmp_path):
+    import sqlite3
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    db = sqlite3.connect(foreign / "store.sqlite")
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    before = (foreign / "store.sqlite").read_bytes()
+    proc = run_cli("streams", "export", foreign, check=False)
+    assert proc.returncode == 2 and "not a dostream store (no table" in proc.stderr
+    assert (foreign / "store.sqlite").read_bytes() == before  # no tables made, no WAL switched on
+    assert sorted(p.name for p in foreign.iterdir()) == ["store.sqlite"]
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "store.sqlite").write_text("not sqlite")
+    proc = run_cli("streams", "export", garbage, check=False)
+    assert proc.returncode == 2 and "not a dostream store" in proc.stderr and "Traceback" not in proc.stderr
+    # A real store is read without being changed either.
+    real = tmp_path / "real"
+    real.mkdir()
+    store = Store(real / "store.sqlite")
+    store.add_episodes([(0, _ep(0), None)])
+    store.close()
+    before = (real / "store.sqlite").read_bytes()
+    out = run_cli("streams", "export", real).stdout
+    assert json.loads(out.splitlines()[0])["id"] == "e0" and (real / "store.sqlite").read_bytes() == before

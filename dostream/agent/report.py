@@ -43,7 +43,7 @@ def arm_names(record: dict[str, Any]) -> list[str]:
 
 
 def summarise_arm(arm: Path) -> dict[str, Any]:
-    store = Store(arm / "store.sqlite")
+    store = Store(arm / "store.sqlite", read_only=True)
     try:
         succ = [ok for _, ok, _ in store.successes()]
         evals = store.evals("heldout")

@@ -23,6 +23,7 @@ an episode.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -64,6 +65,41 @@ CREATE TABLE IF NOT EXISTS evals (
 """
 
 
+class StoreError(ValueError):
+    """A file that is not a dostream store (another program's SQLite file, or not SQLite at all)."""
+
+
+def _tables(schema: str) -> set[str]:
+    return set(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", schema))
+
+
+def open_read_only(path: str | Path, schema: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
+    """Open an existing store to read it, changing nothing in the file (no tables created, no
+    journal mode switched): what `streams export` and `report` use. A file that is not SQLite, or
+    lacks the schema's tables, is a `StoreError`. On a read-only mount, where SQLite cannot create
+    the WAL's shared-memory file, the store is opened as immutable."""
+    path = Path(path)
+    if not path.is_file():
+        raise StoreError(f"{path}: no such store")
+    uri = path.resolve().as_uri()
+    for mode in ("?mode=ro", "?mode=ro&immutable=1"):
+        try:
+            db = sqlite3.connect(uri + mode, uri=True, isolation_level=None, check_same_thread=check_same_thread)
+            names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            break
+        except sqlite3.OperationalError:
+            continue  # e.g. "unable to open database file": the WAL's -shm cannot be made here
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"{path}: not a dostream store ({e})") from None
+    else:
+        raise StoreError(f"{path}: cannot be opened for reading")
+    missing = _tables(schema) - names
+    if missing:
+        db.close()
+        raise StoreError(f"{path}: not a dostream store (no table {', '.join(sorted(missing))})")
+    return db
+
+
 def connect(path: str | Path, schema: str, *, check_same_thread: bool = True) -> sqlite3.Connection:
     """The one way dostream opens an append-only store: autocommit mode (writes go through
     `transaction`), WAL (readers never block the writer), synchronous writes, `schema` applied.
@@ -92,9 +128,9 @@ def transaction(db: sqlite3.Connection, statements: Iterable[tuple[str, tuple]])
 class Store:
     """One run's store. Every write is one transaction; readers never see half a batch."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = str(path)
-        self.db = connect(self.path, SCHEMA)
+        self.db = open_read_only(self.path, SCHEMA) if read_only else connect(self.path, SCHEMA)
 
     def close(self) -> None:
         self.db.close()

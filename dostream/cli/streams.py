@@ -30,7 +30,8 @@ def cli_main(argv: list[str]) -> int:
     if not db.exists() and (Path(args.run) / "serve.sqlite").exists():
         from dostream.serve.store import ServeStore
 
-        served = ServeStore.open_dir(args.run)
+        with user_errors():
+            served = ServeStore.open_dir(args.run, read_only=True)
         try:
             streams = served.export_streams(args.start, args.stop)
         finally:
@@ -43,7 +44,8 @@ def cli_main(argv: list[str]) -> int:
         raise CliError(
             f"{db} not found: is {args.run} a loop's run directory (e.g. OUT/interventional) or a server's --store?"
         )
-    store = Store(db)
+    with user_errors():
+        store = Store(db, read_only=True)
     try:
         streams = store.episodes(args.start, args.stop)
     finally:

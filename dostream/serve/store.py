@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dostream.agent.store import connect, transaction
+from dostream.agent.store import connect, open_read_only, transaction
 from dostream.stream import Segment, Stream
 
 FILENAME = "serve.sqlite"
@@ -152,16 +152,19 @@ class ServeStore:
     """The server's store. One connection shared by the request threads and the batcher, under a
     lock (SQLite serialises writers anyway); every write is one transaction."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = str(path)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self.db = connect(self.path, SCHEMA, check_same_thread=False)
+        if read_only:
+            self.db = open_read_only(self.path, SCHEMA, check_same_thread=False)
+        else:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            self.db = connect(self.path, SCHEMA, check_same_thread=False)
         self.lock = threading.RLock()
 
     @classmethod
-    def open_dir(cls, directory: str | Path) -> ServeStore:
-        return cls(store_path(directory))
+    def open_dir(cls, directory: str | Path, *, read_only: bool = False) -> ServeStore:
+        return cls(store_path(directory), read_only=read_only)
 
     def close(self) -> None:
         with self.lock:
