@@ -251,3 +251,20 @@ def test_configs_are_range_checked_in_the_library_too():
 def test_stem_generate_beyond_the_value_space_is_a_clear_error():
     proc = run_cli("stem", "generate", "--split", "sft", "--n", "100000", check=False)
     assert proc.returncode == 2 and "value space is exhausted" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["train", EXAMPLES / "stem_streams.jsonl", "--model", "tiny", "--out", "F/run"],
+        ["show", EXAMPLES / "stem_streams.jsonl", "--html", "F/page.html"],
+        ["reproduce", "delusion", "--preset", "smoke", "--out", "F/rep"],
+        ["demo", "--model", "tiny", "--n-facts", "2", "--out", "F/demo"],
+    ],
+)
+def test_an_unusable_output_path_is_a_one_line_error(tmp_path, args):
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    proc = run_cli(*[str(a).replace("F/", f"{in_the_way}/") for a in args], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"dostream {args[0]}: ")

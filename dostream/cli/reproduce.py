@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dostream.cli._common import CliError
+from dostream.cli._common import CliError, user_errors
 from dostream.config import RunDirError, add_dataclass_args, set_argv
 
 EXPERIMENTS = {
@@ -108,6 +108,9 @@ def cli_main(argv: list[str]) -> int:
     seeds = cfg.seeds if hasattr(cfg, "seeds") else args.seeds
     if seeds < 1:
         raise CliError("--seeds must be >= 1")
+    if not args.report_only:
+        with user_errors():  # an unusable --out (a file in the way, no permission) is the user's to fix
+            out.mkdir(parents=True, exist_ok=True)
     try:
         if not args.report_only:
             t0 = time.perf_counter()
