@@ -445,21 +445,22 @@ def train(
     if not rows:
         raise ValueError("no training rows: every stream was empty or had no supervised token under the view")
     data = rows_fingerprint(rows)
-    stored = None
-    if (out / "config.json").exists() or latest_checkpoint(out) is not None:
-        stored = check_run_dir(out, cfg, experiment="train", resume=resume, may_change=RESUME_MAY_CHANGE)
-        if stored is not None and latest_checkpoint(out) is not None and stored.get("data_sha256", data) != data:
-            raise RunDirError(
-                f"{out} holds a run trained on other rows (the streams or their rendering changed); "
-                "continuing it would mix the two: choose another --out"
-            )
+    ck = latest_checkpoint(out)
+    # What a checkpoint continues was recorded beside it; a run that saved nothing has nothing to keep.
+    stored = check_run_dir(out, cfg, experiment="train", resume=resume, may_change=RESUME_MAY_CHANGE)
+    continued = stored if ck is not None and stored is not None else None
+    if continued is not None and continued.get("data_sha256", data) != data:
+        raise RunDirError(
+            f"{out} holds a run trained on other rows (the streams or their rendering changed); "
+            "continuing it would mix the two: choose another --out"
+        )
     policy = device_policy(cfg.bf16)
     cuda, use_bf16 = policy.device.type == "cuda", policy.bf16
     # Precision is ours to switch per call (autocast below); Accelerate's process-wide
     # mixed_precision setting cannot change within a process, and the methods chain several runs.
     acc = Accelerator(cpu=not cuda)
-    if stored is not None and latest_checkpoint(out) is not None and "bf16" in stored:
-        use_bf16 = bool(stored["bf16"])  # a resumed run keeps the precision it was decided with
+    if continued is not None and "bf16" in continued:
+        use_bf16 = bool(continued["bf16"])  # a resumed run keeps the precision it was decided with
     elif acc.num_processes > 1:  # `bf16="auto"` measures per process: all follow the first one
         from accelerate.utils import broadcast_object_list
 
@@ -503,7 +504,7 @@ def train(
     loss_module, optimizer = acc.prepare(loss_module, optimizer)
 
     step = 0
-    ck = latest_checkpoint(out) if resume else None
+    ck = ck if resume else None
     if ck is not None:
         step = _load_checkpoint(ck, acc.unwrap_model(loss_module).model, optimizer, scheduler)["step"]
         acc.print(f"dostream train: resumed from {ck} (step {step}/{total})")

@@ -7,6 +7,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
+# A continual-agent run small enough for the default suite (tiny model, a few episodes and updates).
+TINY_AGENT = dict(
+    model="tiny",
+    episodes=16,
+    update_every=8,
+    eval_every=8,
+    eval_n=3,
+    gate_control=3,
+    gate_learned=2,
+    epochs=1,
+    batch_size=4,
+    max_new_tokens=8,
+    progress=False,
+)
+
 
 @pytest.fixture(scope="session")
 def tok():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import TINY_AGENT, run_cli
 
 from dostream.agent.loop import Agent, AgentConfig, run
 from dostream.agent.probe import rule_probe
@@ -22,19 +22,7 @@ from dostream.models import tiny_model
 from dostream.render import Renderer
 from dostream.stream import Segment, Stream, view_authors
 
-TINY = dict(
-    model="tiny",
-    episodes=16,
-    update_every=8,
-    eval_every=8,
-    eval_n=3,
-    gate_control=3,
-    gate_learned=2,
-    epochs=1,
-    batch_size=4,
-    max_new_tokens=8,
-    progress=False,
-)
+TINY = TINY_AGENT
 
 
 # -- store ----------------------------------------------------------------------------------

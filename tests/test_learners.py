@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import TINY_AGENT, run_cli
 
 from dostream.agent import learners as L
 from dostream.agent.loop import Agent, AgentConfig, run
@@ -22,23 +22,7 @@ from dostream.envs import support
 from dostream.methods import grpo
 from dostream.stream import Segment, Stream
 
-TINY = dict(
-    model="tiny",
-    episodes=16,
-    update_every=8,
-    eval_every=8,
-    eval_n=3,
-    gate_control=3,
-    gate_learned=2,
-    epochs=1,
-    batch_size=4,
-    max_new_tokens=8,
-    temperature=1.0,
-    lora_r=4,
-    lora_alpha=8,
-    dual_rank=8,
-    progress=False,
-)
+TINY = {**TINY_AGENT, "temperature": 1.0, "lora_r": 4, "lora_alpha": 8, "dual_rank": 8}
 
 # A rigged world for the tiny random model (which never names the right detail): a turn whose
 # text has a length divisible by 3 succeeds whatever it says, so groups have differing outcomes

@@ -17,7 +17,7 @@ from typing import Any
 from dostream.agent.store import Store
 from dostream.config import RunDirError, atomic_write_text
 from dostream.envs.registry import env_spec
-from dostream.stats import markdown_table, mcnemar, wilson
+from dostream.stats import environment_line, markdown_table, mcnemar, wilson
 
 LABELS = {
     "interventional": "Interventional (world tokens supervised)",
@@ -293,9 +293,6 @@ def write_report(out: str | Path, window: int = 32) -> Path:
     ]
     env = record.get("environment", {})
     if env:
-        lines += [
-            f"Environment: {', '.join(f'{k} {v}' for k, v in env.items() if isinstance(v, (str, int, float)))}",
-            "",
-        ]
+        lines += [environment_line(env), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

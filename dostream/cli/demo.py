@@ -80,7 +80,7 @@ def cli_main(argv: list[str]) -> int:
             if json.loads(record.read_text()).get("config", {}).get("view") != ARMS[arm]:
                 raise CliError(f"{out / arm} holds another run; choose another --out")
             shutil.rmtree(out / arm)
-    say = lambda s="": print(s, file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda s="": print(s, file=sys.stderr, flush=True)
     say(
         "1. One training stream: the Agent answers wrongly (its turn is authored `agent`), the User corrects it.\n"
         "   What each view trains on (LOSS: a target; mask: context only):\n"
@@ -89,7 +89,7 @@ def cli_main(argv: list[str]) -> int:
     say(_listing(shown, tok))
     say(f"\n2. Two adapters from the same start on the same {len(streams)} streams ({cfg.n_facts} facts):\n")
     with user_errors():
-        res = run_demo(cfg, out, log=say)
+        res = run_demo(cfg, out, tok=tok, log=say)
     atomic_write_text(out / "demo.json", json.dumps(res, indent=1) + "\n")
     first = {m: res["models"][m]["records"][0] for m in res["models"]}
     topic = first["base"]["topic"]

@@ -31,15 +31,24 @@ def cli_main(argv: list[str]) -> int:
         from dostream.serve.store import ServeStore
 
         with user_errors():
-            served = ServeStore.open_dir(args.run, read_only=True)
-        try:
-            streams = served.export_streams(args.start, args.stop)
-        finally:
-            served.close()
+            store = ServeStore.open_dir(args.run, read_only=True)
+        read = store.export_streams
+    elif db.exists():
         with user_errors():
-            n = write_streams(args.out, streams)
-        print(f"dostream streams export: {n} streams -> {args.out}", file=sys.stderr)
-        return 0
+            store = Store(db, read_only=True)
+        read = store.episodes
+    else:
+        raise CliError(
+            f"{db} not found: is {args.run} a loop's run directory (e.g. OUT/interventional) or a server's --store?"
+        )
+    try:
+        streams = read(args.start, args.stop)
+    finally:
+        store.close()
+    with user_errors():
+        n = write_streams(args.out, streams)
+    print(f"dostream streams export: {n} streams -> {args.out}", file=sys.stderr)
+    return 0
     if not db.exists():
         raise CliError(
             f"{db} not found: is {args.run} a loop's run directory (e.g. OUT/interventional) or a server's --store?"

@@ -93,15 +93,16 @@ def probe(model, tok, facts: list[Fact], cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
-def run_demo(cfg: DemoConfig, out: str | Path, *, log=print) -> dict[str, Any]:
-    """Train both arms on the same rows and probe them beside the untrained model."""
+def run_demo(cfg: DemoConfig, out: str | Path, *, tok=None, log=print) -> dict[str, Any]:
+    """Train both arms on the same rows and probe them beside the untrained model (`tok`: the
+    model's tokenizer, if the caller has it loaded already)."""
     from dostream.models import load_model, load_tokenizer
     from dostream.render import Renderer, encode_rows
     from dostream.train import TrainConfig, train
 
     t0 = time.perf_counter()
     out = Path(out)
-    tok = load_tokenizer(cfg.model)
+    tok = tok or load_tokenizer(cfg.model)
     facts = facts_of(cfg)
     streams = dialogues(cfg)
     res: dict[str, Any] = {"config": asdict(cfg), "models": {}, "training": {}}

@@ -17,7 +17,7 @@ from dostream.agent.report import COLORS, summarise_arm
 from dostream.config import RunDirError, atomic_write_text
 from dostream.experiments.dual_lora.run import seed_dir
 from dostream.experiments.stages import Stages
-from dostream.stats import markdown_table, mean_ci
+from dostream.stats import environment_line, markdown_table, mean_ci
 
 SHORT = {
     "none": "no learning",
@@ -65,7 +65,7 @@ def collect(out: Path) -> dict[str, Any]:
         learners = {}
         for x in cfg["learners"]:
             arms = [runs[s][x] for s in seeds]
-            rate = lambda k, n: k / n if n else 0.0  # noqa: E731
+            rate = lambda k, n: k / n if n else 0.0
             final = [a["evals"][-1] for a in arms]
             # a loop with no adapter in force at the end (no learning, or every update rejected) is the base model
             probe = [probes[s].get(x if runs[s][x]["adapter"] else "base") for s in seeds]
@@ -275,9 +275,6 @@ def write_report(out: str | Path, window: int = 16) -> Path:
     ]
     env = res["environment"]
     if env:
-        lines += [
-            f"Environment: {', '.join(f'{k} {v}' for k, v in env.items() if isinstance(v, (str, int, float)))}",
-            "",
-        ]
+        lines += [environment_line(env), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"
