@@ -126,6 +126,7 @@ class Agent:
         resume: bool = False,
         log: Callable[[str], None] = print,
         tok: Any = None,
+        base_memo: dict | None = None,
     ):
         from dostream.models import load_tokenizer
 
@@ -154,6 +155,9 @@ class Agent:
         # The merged models last used, by adapter: the adapter in force and the gate's candidate
         # (the gate asks both, then the winner acts), so an update loads one model, not three.
         self._acting: dict[str | None, Any] = {}
+        # The base model's greedy successes by (tag, items): the same for every loop of one
+        # `run_learners` (held-out at the start, the no-learning loop's evaluations, the first gate).
+        self.base_memo = base_memo
 
     # -- models ---------------------------------------------------------------------------
     def _path(self, rel: str | None) -> Path | None:
@@ -176,6 +180,9 @@ class Agent:
         """Greedy success per item (evaluation and the gate)."""
         if not items:
             return []
+        key = (tag, tuple(map(repr, items)))
+        if adapter is None and self.base_memo is not None and key in self.base_memo:
+            return list(self.base_memo[key])
         streams = self.spec.act(
             self.model_for(adapter),
             self.tok,
@@ -183,7 +190,10 @@ class Agent:
             replace(self.sampling, greedy=True),
             [f"{tag}-{i:04d}" for i in range(len(items))],
         )
-        return [bool(s.meta["success"]) for s in streams]
+        ok = [bool(s.meta["success"]) for s in streams]
+        if adapter is None and self.base_memo is not None:
+            self.base_memo[key] = ok
+        return ok
 
     # -- steps ----------------------------------------------------------------------------
     def item(self, seq: int):
@@ -312,8 +322,10 @@ class Agent:
         }
 
 
-def run(cfg: AgentConfig, out: str | Path, *, resume: bool = False, tok: Any = None) -> dict[str, Any]:
-    agent = Agent(cfg, out, resume=resume, tok=tok)
+def run(
+    cfg: AgentConfig, out: str | Path, *, resume: bool = False, tok: Any = None, base_memo: dict | None = None
+) -> dict[str, Any]:
+    agent = Agent(cfg, out, resume=resume, tok=tok, base_memo=base_memo)
     try:
         return agent.run()
     finally:
@@ -346,10 +358,12 @@ def run_learners(
     from dostream.models import load_tokenizer
 
     tok = load_tokenizer(base.model)
-    summaries = {}
+    summaries, base_memo = {}, {}
     for learner in learners:
         log(f"== {learner} ({out / learner})")
-        s = summaries[learner] = run(replace(base, learner=learner), out / learner, resume=resume, tok=tok)
+        s = summaries[learner] = run(
+            replace(base, learner=learner), out / learner, resume=resume, tok=tok, base_memo=base_memo
+        )
         log(
             f"== {learner}: {s['successes']}/{s['episodes']} episodes succeeded, "
             f"{sum(u['accepted'] for u in s['updates'])}/{len(s['updates'])} updates accepted, {s['seconds']:.0f} s"
