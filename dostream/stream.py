@@ -24,7 +24,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -249,6 +249,34 @@ def stream_from_json(obj: Any, role_map: dict[str, str] | None = None) -> Stream
     if not segments:
         raise _FieldError("segments" if "segments" in obj else "messages", "a stream needs at least one segment")
     return Stream(id=str(sid), segments=segments, meta=meta)
+
+
+def stored_stream(raw: str, where: str) -> Stream:
+    """A stream as a store holds it (its JSON text). Damage (not JSON, a bad field) is a
+    `StreamError` naming `where` (the store file and the row) and the field, never a traceback."""
+    return _stored(raw, where, stream_from_json)
+
+
+def stored_segments(raw: str, where: str) -> list[Segment]:
+    """A list of segments as a store holds it (JSON text); damage as in `stored_stream`."""
+
+    def parse(obj: Any) -> list[Segment]:
+        if not isinstance(obj, list):
+            raise _FieldError("<row>", f"expected a JSON array of segments, got {type(obj).__name__}")
+        return [_segment_from_json(s, f"[{i}].", text_key="text") for i, s in enumerate(obj)]
+
+    return _stored(raw, where, parse)
+
+
+def _stored(raw: Any, where: str, parse: Callable[[Any], Any]) -> Any:
+    try:
+        obj = json.loads(raw)
+    except (TypeError, json.JSONDecodeError, RecursionError) as e:
+        raise StreamError(f"stored row is not valid JSON ({getattr(e, 'msg', e)})", path=where) from None
+    try:
+        return parse(obj)
+    except _FieldError as e:
+        raise StreamError(e.message, path=where, field=e.field) from None
 
 
 # What a line that is not a stream looks like, for the error that says what to do instead.

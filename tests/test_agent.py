@@ -330,3 +330,63 @@ def test_export_never_writes_to_a_store_and_refuses_foreign_files(tmp_path):
     before = (real / "store.sqlite").read_bytes()
     out = run_cli("streams", "export", real).stdout
     assert json.loads(out.splitlines()[0])["id"] == "e0" and (real / "store.sqlite").read_bytes() == before
+
+
+def test_a_damaged_row_is_an_error_naming_the_store_the_row_and_the_field(tmp_path):
+    """A row damaged inside a real store (not JSON; a bad field): `streams export` names the store
+    file, the row and the field, exits 2, and changes nothing in the file."""
+    from dostream.serve.store import Exchange, ServeStore
+
+    cases = {
+        "notjson": "{not json",
+        "badfield": json.dumps({"id": "x", "segments": [{"author": "nobody", "text": "hi"}]}),
+    }
+    for name, bad in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        store = Store(d / "store.sqlite")
+        store.add_episodes([(0, _ep(0), None), (1, _ep(1), None)])
+        store.db.execute("UPDATE episodes SET stream = ? WHERE seq = 1", (bad,))
+        store.close()
+        before = (d / "store.sqlite").read_bytes()
+        proc = run_cli("streams", "export", d, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{d / 'store.sqlite'} (episodes, seq 1)" in proc.stderr
+        assert ("not valid JSON" if name == "notjson" else "'segments[0].author'") in proc.stderr
+        assert (d / "store.sqlite").read_bytes() == before
+    served = tmp_path / "served"
+    store = ServeStore.open_dir(served)
+    seg = Segment("user", "hello", role="user")
+    store.add_exchanges(
+        [Exchange("chatcmpl-1", "c1", None, None, [seg], [Segment("agent", "hi", [1])], {}, None, None)]
+    )
+    store.db.execute("UPDATE exchanges SET samples = ?", (json.dumps([{"author": "agent", "text": 5}]),))
+    store.close()
+    proc = run_cli("streams", "export", served, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "(exchanges, seq " in proc.stderr and "field '[0].text': expected str, got int" in proc.stderr
+
+
+def test_export_reads_a_store_on_a_read_only_mount(tmp_path):
+    """A store on a real read-only mount (a read-only bind mount; skipped where mounting is not
+    permitted): SQLite cannot create the WAL's shared-memory file there, and the store is opened
+    immutable instead."""
+    src, ro = tmp_path / "src", tmp_path / "ro"
+    src.mkdir()
+    ro.mkdir()
+    store = Store(src / "store.sqlite")
+    store.add_episodes([(0, _ep(0), None), (1, _ep(1), None)])
+    store.close()
+    mounted = subprocess.run(["mount", "--bind", src, ro], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {mounted.stderr.decode().strip()}")
+    try:
+        remount = subprocess.run(["mount", "-o", "remount,ro,bind", ro], capture_output=True)
+        if remount.returncode != 0:
+            pytest.skip(f"cannot remount read-only here: {remount.stderr.decode().strip()}")
+        assert subprocess.run(["touch", ro / "probe"], capture_output=True).returncode != 0  # really read-only
+        proc = run_cli("streams", "export", ro, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert [json.loads(x)["id"] for x in proc.stdout.splitlines()] == ["e0", "e1"]
+    finally:
+        subprocess.run(["umount", ro], capture_output=True)

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from dostream.stream import Segment, Stream, stream_from_json  # noqa: F401  (Segment: the doctest)
+from dostream.stream import Segment, Stream, stored_stream  # noqa: F401  (Segment: the doctest)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS episodes (
@@ -168,10 +168,10 @@ class Store:
     def episodes(self, start: int = 0, stop: int | None = None) -> list[Stream]:
         """Streams with `start <= seq < stop`, in order."""
         rows = self.db.execute(
-            "SELECT stream FROM episodes WHERE seq >= ? AND seq < ? ORDER BY seq",
+            "SELECT seq, stream FROM episodes WHERE seq >= ? AND seq < ? ORDER BY seq",
             (start, stop if stop is not None else 1 << 62),
         ).fetchall()
-        return [stream_from_json(json.loads(r[0])) for r in rows]
+        return [stored_stream(raw, f"{self.path} (episodes, seq {seq})") for seq, raw in rows]
 
     def successes(self) -> list[tuple[int, bool, str | None]]:
         """(seq, success, adapter) per episode, in order: the success-over-time curve."""

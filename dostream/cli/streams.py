@@ -42,21 +42,8 @@ def cli_main(argv: list[str]) -> int:
             f"{db} not found: is {args.run} a loop's run directory (e.g. OUT/interventional) or a server's --store?"
         )
     try:
-        streams = read(args.start, args.stop)
-    finally:
-        store.close()
-    with user_errors():
-        n = write_streams(args.out, streams)
-    print(f"dostream streams export: {n} streams -> {args.out}", file=sys.stderr)
-    return 0
-    if not db.exists():
-        raise CliError(
-            f"{db} not found: is {args.run} a loop's run directory (e.g. OUT/interventional) or a server's --store?"
-        )
-    with user_errors():
-        store = Store(db, read_only=True)
-    try:
-        streams = store.episodes(args.start, args.stop)
+        with user_errors():  # a damaged row: the store file, the row and the field
+            streams = read(args.start, args.stop)
     finally:
         store.close()
     with user_errors():

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dostream.agent.store import connect, open_read_only, transaction
-from dostream.stream import Segment, Stream
+from dostream.agent.store import StoreError, connect, open_read_only, transaction
+from dostream.stream import Segment, Stream, stored_segments
 
 FILENAME = "serve.sqlite"
 
@@ -140,8 +140,8 @@ class Feedback:
     created: float = 0.0
 
 
-def _segments(raw: str) -> list[Segment]:
-    return [Segment(**d) for d in json.loads(raw)]
+def _segments(raw: str, where: str) -> list[Segment]:
+    return stored_segments(raw, where)
 
 
 def _dump(segments: list[Segment]) -> str:
@@ -240,7 +240,8 @@ class ServeStore:
             row = self._one("SELECT parent, parent_choice, segments, samples FROM exchanges WHERE seq = ?", (node[0],))
             if row is None:
                 raise KeyError(f"exchange {node[0]} is not in the store")
-            parts.append(_segments(row[2]) + [_segments(row[3])[node[1]]])
+            where = f"{self.path} (exchanges, seq {node[0]})"
+            parts.append(_segments(row[2], where) + [_segments(row[3], where)[node[1]]])
             node = None if row[0] is None else (row[0], row[1])
         return [s for part in reversed(parts) for s in part]
 
@@ -299,6 +300,15 @@ class ServeStore:
             out += self.conversation_streams(conv)
         return out
 
+    def _meta(self, feedback: str, raw: str) -> dict[str, Any]:
+        try:
+            meta = json.loads(raw)
+        except (TypeError, json.JSONDecodeError):
+            meta = None
+        if not isinstance(meta, dict):
+            raise StoreError(f"{self.path} (feedback {feedback}): field 'meta': not a stored JSON object")
+        return meta
+
     def conversation_streams(self, conversation: str) -> list[Stream]:
         rows = self._all(
             "SELECT seq, id, parent, parent_choice, segments, samples, adapter FROM exchanges "
@@ -311,7 +321,8 @@ class ServeStore:
             (conversation,),
         )
         ex = {r[0]: r for r in rows}
-        samples = {r[0]: _segments(r[5]) for r in rows}
+        where = {r[0]: f"{self.path} (exchanges, seq {r[0]})" for r in rows}
+        samples = {r[0]: _segments(r[5], where[r[0]]) for r in rows}
         continued = {(r[2], r[3]) for r in rows if r[2] is not None}
         leaves = [(r[0], c) for r in rows for c in range(len(samples[r[0]])) if (r[0], c) not in continued]
         main = (rows[-1][0], 0) if rows else None
@@ -328,7 +339,7 @@ class ServeStore:
             on_path = set(path)
             segments: list[Segment] = []
             for seq, choice in path:
-                segments += _segments(ex[seq][4]) + [samples[seq][choice]]
+                segments += _segments(ex[seq][4], where[seq]) + [samples[seq][choice]]
             notes, reward = [], None
             for fid, fseq, fchoice, author, kind, text, role, r_, fmeta, _created in feedback:
                 if (fseq, fchoice) not in on_path:
@@ -337,7 +348,7 @@ class ServeStore:
                     segments.append(Segment(author, text, role=role, meta={"feedback": fid, "kind": kind}))
                 if r_ is not None:
                     reward = r_
-                notes.append({"id": fid, "author": author, "kind": kind, "reward": r_, **json.loads(fmeta)})
+                notes.append({"id": fid, "author": author, "kind": kind, "reward": r_, **self._meta(fid, fmeta)})
             meta: dict[str, Any] = {
                 "source": "serve",
                 "conversation": conversation,
