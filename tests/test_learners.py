@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -306,6 +307,15 @@ def test_run_learners_share_one_sequence_and_the_report_names_them(tmp_path, rig
     a, b = (Store(out / x / "store.sqlite") for x in ("dual", "none"))
     # before the first update both loops acted with the base model: the same episodes
     assert [s.to_json()["segments"] for s in a.episodes(0, 8)] == [s.to_json()["segments"] for s in b.episodes(0, 8)]
+    # the base model's held-out answers were computed once and shared: they are what a loop of
+    # its own (no shared memo) computes, at the start for both and at every evaluation of `none`
+    from dostream.agent.loop import Agent
+
+    fresh = Agent(replace(cfg, learner="none", group_size=4), tmp_path / "fresh", log=lambda m: None)
+    base = sum(fresh.successes(None, fresh.heldout, "heldout"))
+    fresh.store.close()
+    assert [e["successes"] for e in b.evals("heldout")] == [base] * len(b.evals("heldout"))
+    assert a.evals("heldout")[0]["successes"] == base
     write_report(out)
     text = (out / "report.md").read_text()
     assert "Dual LoRA" in text and "groups informative" in text
