@@ -6,15 +6,22 @@
 For each seed (seed s draws its own D_sft / D_agent / D_test, LoRA inits and samples), in order:
 
     data            generate D_sft, D_agent, D_test (disjoint by construction)
-    base_eval       greedy accuracy of the untrained model on D_test
+    base_eval       greedy accuracy of the untrained model on D_test (+ base_retry, below)
     sft1            one epoch on D_sft (solution supervised), merged: every later method starts here
     sft1_eval       SFT-1 on D_test; its attempts are the first attempts of the stream-matched test
     stream          the frozen SFT-1 attempts D_agent items until n_wrong wrong first attempts
     oracle_sft, observational, interventional    each a fresh LoRA on SFT-1 (+ <method>_eval:
-                    greedy accuracy on D_test)
+                    greedy accuracy on D_test, + <method>_retry)
     repair          stream-matched: on the test items SFT-1 got wrong, each arm sees SFT-1's wrong
-                    attempt and the verdict and makes a second attempt (greedy)
-    rest, grpo, (dapo)   each a fresh LoRA on SFT-1, + <method>_eval
+                    attempt and the verdict and makes a second attempt (greedy); the `paper`
+                    protocol's second attempts, and (arm sft1) SFT-1's under `retry`
+    rest, grpo, (dapo)   each a fresh LoRA on SFT-1, + <method>_eval, + <method>_retry
+
+<method>_retry: on the test items the method's own greedy first attempt got wrong, a second
+attempt with that attempt (its exact ids) and the verdict in context: the `retry` protocol's only
+new generations. The report combines these files into three evaluation protocols (`single`,
+`paper`, `retry`; `paper.PROTOCOLS`). A run directory written before the retry stages existed is
+upgraded by rerunning the same command: only the missing `*_retry` stages run.
 
 Every stage caches its result under `OUT/seed-<s>/stages/<stage>/` (`result.json` written last), so
 an interrupted run resumes at the stage it stopped in, and `--seeds 3` after `--seeds 1` runs only
@@ -149,6 +156,26 @@ def _load_arm(sft1_dir: Path, adapter: Path | None):
     return load_model(str(sft1_dir), adapter=adapter, merge=True)
 
 
+def wrong_first(first_dir: Path, problems):
+    """The problems whose greedy first attempt in FIRST_DIR/attempts.jsonl the verifier rejected,
+    and those attempts: what a second attempt replays."""
+    from dostream.stream import read_streams
+
+    first = {s.id: s for s in read_streams(first_dir / "attempts.jsonl")}
+    wrong = [q for q in problems if not first[q.id].meta["first_correct"]]
+    return wrong, [first[q.id] for q in wrong]
+
+
+def second_attempts(load, tok, wrong, replay, p: StemPreset, out: Path, *, desc: str) -> dict:
+    """A second greedy attempt on each of `wrong`, after its replayed first attempt: the episode
+    replays the attempt's exact ids, the environment answers it again (verdict, "Proposed
+    solution:" header), so the context is the stream rows' repair context, rendered as they are.
+    `load()` gives the model (not loaded when nothing is wrong)."""
+    if not wrong:
+        return {"ids": [], "correct": [], "n": 0, "solved": 0, "accuracy": 0.0, "wilson": list(wilson(0, 0))}
+    return evaluate(load(), tok, wrong, p, out, desc=desc, replay=replay)
+
+
 def evaluate(model, tok, problems, p: StemPreset, out: Path, *, desc: str, replay=None) -> dict:
     """Greedy attempts on `problems`; verifier accuracy with a Wilson 95% interval. The attempts
     are kept in OUT/attempts.jsonl (the report and the repair test read them)."""
@@ -196,7 +223,14 @@ def run_seed(p: StemPreset, seed: int, root: Path, tok, *, log=print) -> None:
     by_id = {q.id: q for q in d_sft + d_agent + d_test}
     sft1_dir = st.dir("sft1") / "merged"
 
+    def retry(m: str, load) -> None:
+        st.run(
+            f"{m}_retry",
+            lambda d: second_attempts(load, tok, *wrong_first(st.dir(f"{m}_eval"), d_test), p, d, desc=f"retry {m}"),
+        )
+
     st.run("base_eval", lambda d: evaluate(load_model(p.model), tok, d_test, p, d, desc="eval base"))
+    retry("base", lambda: load_model(p.model))
 
     def sft1(d: Path):
         from dostream.methods.sft1 import train_sft1
@@ -311,6 +345,7 @@ def run_seed(p: StemPreset, seed: int, root: Path, tok, *, log=print) -> None:
         st.run(m, trainers[m])
         adapter = st.dir(m) / "train" / "adapter"
         st.run(f"{m}_eval", lambda d: evaluate(_load_arm(sft1_dir, adapter), tok, d_test, p, d, desc=f"eval {m}"))
+        retry(m, lambda: _load_arm(sft1_dir, adapter))
 
     # The headline comparison first (the stream, its two arms and the oracle baseline, then the
     # stream-matched test), the reward-based recipes after it.
@@ -318,18 +353,16 @@ def run_seed(p: StemPreset, seed: int, root: Path, tok, *, log=print) -> None:
         train_and_eval(m)
 
     def repair(d: Path):
-        first = {s.id: s for s in read_streams(st.dir("sft1_eval") / "attempts.jsonl")}
-        wrong = [q for q in d_test if not first[q.id].meta["first_correct"]]
+        wrong, replay = wrong_first(st.dir("sft1_eval"), d_test)
         out = {"ids": [q.id for q in wrong], "n": len(wrong), "arms": {}}
         if not wrong:
             return out
-        replay = [first[q.id] for q in wrong]
         for m in REPAIR_ARMS:
             adapter = None if m == "sft1" else st.dir(m) / "train" / "adapter"
             sub = d / m
             sub.mkdir(exist_ok=True)
-            out["arms"][m] = evaluate(
-                _load_arm(sft1_dir, adapter), tok, wrong, p, sub, desc=f"repair {m}", replay=replay
+            out["arms"][m] = second_attempts(
+                lambda: _load_arm(sft1_dir, adapter), tok, wrong, replay, p, sub, desc=f"repair {m}"
             )
         return out
 
