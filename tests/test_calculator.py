@@ -152,3 +152,19 @@ def test_every_oracle_substitution_replays_on_the_calculator(skill):
         assert [s.author for s in segments][:2] == ["oracle", "tool"]
         text = "".join(s.text for s in segments)
         assert verify(p, text).correct, text
+
+
+def test_every_attempt_gets_its_own_calls():
+    """`max_calls` is per attempt: a repair after a wrong attempt that used them all may call again."""
+    from dostream.envs.calculator import CalculatorStemEnv
+    from dostream.envs.stem import Problem
+
+    env = CalculatorStemEnv(max_calls=1, attempts=2)
+    p = Problem("p", "physics", "ohm_voltage", "2.50 A through 4.00 ohm. Voltage?", "V = 10 V.", 10.0, "V", 0.01, 0.0)
+    env.reset(p)
+    assert env.step("V = calc(2.50*3.00)").segments[0].author == "tool"
+    wrong = env.step(" V. Final answer: 7.5 V.")
+    assert wrong.reward == 0.0 and not wrong.done
+    again = env.step("V = calc(2.50*4.00)")
+    assert again.segments[0].author == "tool" and again.segments[0].text == " = 10"
+    assert env.step(" V. Final answer: 10 V.").reward == 1.0

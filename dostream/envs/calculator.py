@@ -250,6 +250,8 @@ class CalculatorStemEnv(StemEnv):
     ' = 10'
     >>> env.step(" V. Final answer: 10 V.").reward
     1.0
+    >>> env.calls  # every attempt gets its own `max_calls`
+    0
     """
 
     stop = (")",)  # a ")" may close a tool call
@@ -269,6 +271,7 @@ class CalculatorStemEnv(StemEnv):
     def step(self, agent_text: str, token_ids: list[int] | None = None) -> StepResult:
         expr = trailing_call(agent_text)
         if expr is None or self.calls >= self.max_calls or self.done or self.problem is None:
+            self.calls = 0  # the attempt is graded: a next attempt (a repair) gets its own max_calls
             return super().step(agent_text, token_ids)
         self.calls += 1
         out = f" = {calc_answer(expr)}"
