@@ -495,7 +495,10 @@ def train(
         pad_id = getattr(model.config, "pad_token_id", None) or 0
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Full fine-tuning updates every weight: the default (foreach) AdamW step over SmolLM2-135M took
+    # 0.8-0.9 s on one CPU core, about as long as an 86-token forward and backward; fused, 0.2 s.
+    fused = cfg.full_finetune and policy.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     lengths = [len(r["input_ids"]) for r in rows]
     steps_per_epoch = len(plan_steps(lengths, cfg, 0, acc.num_processes))
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
