@@ -1,17 +1,20 @@
 """`dostream serve` beside `transformers serve`: requests/s and p50/p99 latency at 1, 8 and 32 clients.
 
-    python benchmarks/serve.py [--model smollm2] [--clients 1,8,32] [--max-tokens 32] [--json OUT]
+    python benchmarks/serve.py [--model smollm2] [--clients 1,8,32] [--per-client 4] [--max-tokens 32]
+                               [--dtype fp32|bf16] [--json OUT]
 
 Each server runs as its own process on 127.0.0.1, serving the same local model (the embedded
 SmolLM2-135M-Instruct, from dostream's cache: `transformers serve` gets a directory holding its
-weights and tokenizer) and answering the same prompts: short user questions, greedy decoding,
-`max_tokens` new tokens at most. For each number of clients, that many asyncio clients send their
-requests back to back (`--requests` in all, at least one each, after a warm-up request); a
-request's latency runs from sending it to the last byte of its response; a row still running
-after `--cap-s` is cut there (its throughput is then of the requests that finished). Rows: dostream serve (micro-batched, every exchange committed to
-its store before the response), `transformers serve` (one generation per request) and `transformers
-serve --continuous-batching` (paged attention), each with `OMP_NUM_THREADS` as given. A server
-that cannot run here is reported with the reason instead of numbers.
+weights and tokenizer) in the same dtype (`--dtype`: dostream's `--dtype fp32|bf16`, transformers'
+`--dtype float32|bfloat16`) and answering the same prompts: short user questions, greedy decoding,
+`max_tokens` new tokens at most. For each number of clients, that many asyncio clients each send
+`--per-client` requests back to back (after a warm-up request), so the load is steady rather than
+one burst; a request's latency runs from sending it to the last byte of its response; a row still
+running after `--cap-s` is cut there (its throughput is then of the requests that finished). Rows:
+dostream serve (continuous batching, every exchange committed to its store before the response),
+`transformers serve` (one generation per request) and `transformers serve --continuous-batching`
+(paged attention), each with `OMP_NUM_THREADS` as given. A server that cannot run here is reported
+with the reason instead of numbers.
 """
 
 from __future__ import annotations
@@ -74,12 +77,12 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 async def run_clients(url: str, model: str, clients: int, args) -> dict:
-    """`clients` clients send `max(clients, args.requests)` requests between them, back to back;
-    a row still running after `args.cap_s` is cut there (its pending requests cancelled)."""
+    """`clients` clients send `args.per_client` requests each, back to back; a row still running
+    after `args.cap_s` is cut there (its pending requests cancelled)."""
     latencies: list[float] = []
     tokens = 0
     errors: list[str] = []
-    total = max(clients, args.requests)
+    total = clients * args.per_client
 
     async def client(c: int, http: httpx.AsyncClient, n: int) -> None:
         nonlocal tokens
@@ -105,8 +108,7 @@ async def run_clients(url: str, model: str, clients: int, args) -> dict:
         latencies.clear()
         tokens = 0
         t0 = time.perf_counter()
-        shares = [total // clients + (c < total % clients) for c in range(clients)]
-        tasks = [asyncio.create_task(client(c, http, k)) for c, k in enumerate(shares)]
+        tasks = [asyncio.create_task(client(c, http, args.per_client)) for c in range(clients)]
         done, pending = await asyncio.wait(tasks, timeout=args.cap_s)
         for t in pending:
             t.cancel()
@@ -122,6 +124,7 @@ async def run_clients(url: str, model: str, clients: int, args) -> dict:
         "wall_s": wall,
         "req_per_s": len(lat) / wall,
         "tokens_per_s": tokens / wall,
+        "tokens_per_request": tokens / max(1, len(lat) - len(errors)),
         "p50_s": statistics.median(lat) if lat else float("nan"),
         "p99_s": lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] if lat else float("nan"),
     }
@@ -172,7 +175,8 @@ def bench_transformers(args, env, path: Path, continuous: bool) -> list[dict]:
         raise RuntimeError("the `transformers` command is not installed")
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="dostream-bench-tf-")) / "server.log"
-    cmd = [exe, "serve", str(path), "--port", str(port), "--device", "cpu", "--dtype", "float32"]
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    cmd = [exe, "serve", str(path), "--port", str(port), "--device", "cpu", "--dtype", dtype]
     if continuous:
         cmd.append("--continuous-batching")
     offline = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -187,12 +191,12 @@ def bench_transformers(args, env, path: Path, continuous: bool) -> list[dict]:
 
 def table(results: dict[str, list[dict] | str]) -> str:
     lines = [
-        "| server | clients | requests | req/s | tokens/s | p50 latency (s) | p99 latency (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| server | clients | requests | req/s | tokens/s | tokens/request | p50 latency (s) | p99 latency (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in results.items():
         if isinstance(rows, str):
-            lines.append(f"| {name} | – | – | – | – | – | – ({rows}) |")
+            lines.append(f"| {name} | – | – | – | – | – | – | – ({rows}) |")
             continue
         for r in rows:
             err = f" ({r['n_errors']} errors)" if r["n_errors"] else ""
@@ -200,7 +204,7 @@ def table(results: dict[str, list[dict] | str]) -> str:
                 err += f" of {r['asked']}, cut at {r['cut_at_s']:.0f} s"
             lines.append(
                 f"| {name} | {r['clients']} | {r['requests']}{err} | {r['req_per_s']:.2f} | "
-                f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
+                f"{r['tokens_per_s']:.1f} | {r['tokens_per_request']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
             )
     return "\n".join(lines)
 
@@ -209,10 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--clients", default="1,8,32", help="comma-separated client counts")
-    ap.add_argument("--requests", type=int, default=8, help="requests per row (at least one per client)")
+    ap.add_argument("--per-client", type=int, default=4, help="requests each client sends, back to back")
     ap.add_argument("--cap-s", type=float, default=180, help="a row still running after this is cut there")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="dostream serve's dtype")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="both servers' dtype")
     ap.add_argument("--servers", default="dostream,transformers,transformers-cb")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)

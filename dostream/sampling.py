@@ -12,10 +12,15 @@ sample into the `agent` segment that `Renderer` emits as those same ids (docs/de
 >>> [s] = sample(model, tok, [prompt], SamplingConfig(max_new_tokens=32, stop=("\\n\\n",)))  # doctest: +SKIP
 >>> stream.segments.append(agent_segment(s))                            # doctest: +SKIP
 
-The decode loop is our own: prompts sorted by length and prefilled in buckets of similar length
-(little padding compute), identical prompts prefilled once, one left-padded batch with attention
-mask and position ids, a transformers `DynamicCache` whose layers write into storage reserved for
-the whole decode instead of concatenating, last-position logits only, finished rows dropped.
+The decode loop is our own, `Decode`: rows join a running decode between steps and leave as they
+end (continuous batching: the server adds the requests that arrived meanwhile; `sample` adds a
+batch and steps it to the end). Prompts are prefilled in buckets of similar length (little
+padding compute), identical prompts once; the rows share one left-padded batch with attention mask
+and position ids, in a transformers `DynamicCache` whose layers write into reserved storage
+instead of concatenating; last-position logits only; an ended row's slot is filled by moving the
+last row into it. Each row has its own settings (temperature, top-p, stop strings, budget), an
+optional per-token hook (streaming) and optional prefixes its output must begin with (a forced
+tool call: the model chooses among what they allow, `Sample.constrained` counts those ids).
 Llama-family models (Llama, Mistral, Qwen2) prefill and decode with `cached_forward.CachedForward`
 (for SmolLM2-135M at batch 32 on 2 CPU cores, ~29 ms per decode step in bf16 against ~42 ms
 through the model's forward); other models call their forward.
@@ -30,8 +35,9 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -108,6 +114,7 @@ class Sample:
         FinishReason  # "eos": sampled an EOS id; "stop": completed a stop string; "length": hit max_new_tokens
     )
     prompt_len: int  # number of prompt tokens the row was conditioned on
+    constrained: int = 0  # leading ids drawn under a prefix constraint (`Decode.add(prefixes=)`: a forced tool call)
 
 
 def agent_segment(sample: Sample, **kwargs) -> Segment:
@@ -156,8 +163,7 @@ def sample(
         return []
     if _use_vllm(model, config):
         return _sample_vllm(model, tokenizer, prompts, config, seeds)
-    eos = set(config.eos_token_ids) if config.eos_token_ids is not None else _default_eos(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    eos = set(config.eos_token_ids) if config.eos_token_ids is not None else default_eos(model, tokenizer)
     run = _in_dtype(model, config.dtype)
     # Similar lengths share a batch (little padding); identical prompts end up adjacent.
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
@@ -174,18 +180,19 @@ def sample(
                 step = CachedForward.build(run)  # (its weight copies: no autograd)
             for start in range(0, len(order), config.batch_size):
                 rows = order[start : start + config.batch_size]
-                ids = _decode_batch(
-                    run, [prompts[i] for i in rows], [seeds[i] for i in rows], config, eos, pad, tokenizer, step
-                )
-                for i, (toks, reason) in zip(rows, ids):
-                    out[i] = Sample(toks, decode(tokenizer, toks), reason, len(prompts[i]))
+                batch = Decode(run, tokenizer, forward=step, eos=eos)
+                batch.add([prompts[i] for i in rows], [seeds[i] for i in rows], [config] * len(rows), rows)
+                while batch.active:
+                    for row in batch.step():
+                        out[row.tag] = Sample(row.ids, decode(tokenizer, row.ids), row.reason, row.prompt_len)
     finally:
         for m, training in modes.items():
             m.training = training
     return out  # type: ignore[return-value]
 
 
-def _default_eos(model, tokenizer) -> set[int]:
+def default_eos(model, tokenizer) -> set[int]:
+    """The ids that end a row unless a config names its own: the tokenizer's EOS and the generation config's."""
     eos = set()
     if tokenizer.eos_token_id is not None:
         eos.add(int(tokenizer.eos_token_id))
@@ -230,9 +237,16 @@ def _row_generator(seed: int, row: int) -> torch.Generator:
 
 
 def _reserved_cache(model_config, capacity: int):
-    """A transformers `DynamicCache` whose layers write into reserved storage, `capacity` tokens
-    and doubled when full (the stock layer concatenates: a copy of the whole cache every token),
-    filled by `_prefill`.
+    """A transformers `DynamicCache` whose layers write into reserved storage instead of
+    concatenating (the stock layer copies the whole cache every token), filled by `_prefill`.
+
+    A layer's storage is (slots, heads, capacity, head_dim); the live cache is rows [0, n) and
+    columns [lo, end) of it, and `keys`/`values` are views of that block. New tokens go in column
+    `end`; when it is full the block moves to column 0, into storage twice as large if need be (a
+    copy per doubling, not per token). Rows join at slots n.. (`append`) and leave by moving the
+    last rows into their slots (`move_rows`, a copy of the moved rows only); columns every live row
+    ignores are dropped from the left (`drop_left`, no copy). Stale columns left of a row's prompt
+    hold finite values from earlier rows (or zeros): masked, and a NaN would survive a mask.
     None for models with other layer kinds (sliding windows, ...): they get the stock cache."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -242,31 +256,77 @@ def _reserved_cache(model_config, capacity: int):
             """Rows lo:hi hold a prefill of width keys.shape[2], right aligned at `offset`."""
             if not self.is_initialized:
                 self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-                # Zeros, not garbage, in the padding: it is masked, but a NaN would survive the mask.
                 self._k = keys.new_zeros(rows, keys.shape[1], capacity, keys.shape[3])
                 self._v = values.new_zeros(rows, values.shape[1], capacity, values.shape[3])
-                self._len = offset + keys.shape[2]
-            self._k[lo:hi, :, offset : self._len] = keys
-            self._v[lo:hi, :, offset : self._len] = values
-            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+                self._lo, self._end, self._n = 0, offset + keys.shape[2], rows
+            self._k[lo:hi, :, offset : self._end] = keys
+            self._v[lo:hi, :, offset : self._end] = values
+            self._view()
+
+        def _view(self) -> None:
+            self.keys = self._k[: self._n, :, self._lo : self._end]
+            self.values = self._v[: self._n, :, self._lo : self._end]
+
+        def relayout(self, slots: int, capacity: int, lo: int) -> None:
+            """Fresh storage of `slots` x `capacity`, the live block copied to start at column `lo`."""
+            width = self._end - self._lo
+            k = self._k.new_zeros(slots, self._k.shape[1], capacity, self._k.shape[3])
+            v = self._v.new_zeros(slots, self._v.shape[1], capacity, self._v.shape[3])
+            k[: self._n, :, lo : lo + width] = self.keys
+            v[: self._n, :, lo : lo + width] = self.values
+            self._k, self._v, self._lo, self._end = k, v, lo, lo + width
+            self._view()
 
         def update(self, key_states, value_states, *args, **kwargs):
             n = key_states.shape[-2]
             if not self.is_initialized:
                 raise RuntimeError("the reserved cache is filled by _prefill first")
-            if self._len + n > self._k.shape[2]:  # full: double (a copy per doubling, not per token)
-                more = max(self._k.shape[2], n)
-                self._k = torch.cat([self._k, self._k.new_zeros(*self._k.shape[:2], more, self._k.shape[3])], dim=2)
-                self._v = torch.cat([self._v, self._v.new_zeros(*self._v.shape[:2], more, self._v.shape[3])], dim=2)
-            self._k[:, :, self._len : self._len + n] = key_states
-            self._v[:, :, self._len : self._len + n] = value_states
-            self._len += n
-            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+            if self._end + n > self._k.shape[2]:  # full: to column 0, doubled if that is not room enough
+                capacity = self._k.shape[2]
+                while self._end - self._lo + n > capacity:
+                    capacity *= 2
+                self.relayout(self._k.shape[0], capacity, 0)
+            self._k[: self._n, :, self._end : self._end + n] = key_states
+            self._v[: self._n, :, self._end : self._end + n] = value_states
+            self._end += n
+            self._view()
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
             self._k, self._v = self._k[indices], self._v[indices]
-            self.keys, self.values = self._k[:, :, : self._len], self._v[:, :, : self._len]
+            self._n = len(indices)
+            self._view()
+
+        def make_room(self, rows: int, width: int) -> int:
+            """Room for `rows` live rows and a live block `width` columns wide (widened on the
+            left); returns how many columns were added on the left."""
+            slots, have = self._k.shape[0], self._end - self._lo
+            more = max(0, width - have)
+            if rows > slots or self._end - width < 0:
+                self.relayout(max(rows, 2 * slots if rows > slots else slots), max(self._k.shape[2], 2 * width), more)
+            self._lo = min(self._lo, self._end - width)
+            self._view()
+            return more
+
+        def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            """New rows at slots n.., their prefill right aligned at the last column (`make_room` first)."""
+            rows, width = keys.shape[0], keys.shape[2]
+            self._k[self._n : self._n + rows, :, self._end - width : self._end] = keys
+            self._v[self._n : self._n + rows, :, self._end - width : self._end] = values
+            self._n += rows
+            self._view()
+
+        def move_rows(self, dst: list[int], src: list[int], rows: int) -> None:
+            """Rows `src` move to slots `dst`; `rows` rows stay live."""
+            if dst:
+                self._k[dst, :, self._lo : self._end] = self._k[src, :, self._lo : self._end]
+                self._v[dst, :, self._lo : self._end] = self._v[src, :, self._lo : self._end]
+            self._n = rows
+            self._view()
+
+        def drop_left(self, columns: int) -> None:
+            self._lo += columns
+            self._view()
 
     cache = DynamicCache(config=model_config)
     if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
@@ -285,44 +345,55 @@ def _buckets(lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, step: CachedForward | None = None):
+def _prefill_parts(model, prompts: list[tuple[int, ...]], pad: int, step: CachedForward | None, buckets: bool = True):
     """Run the prompts (sorted by length) through the model (or `step`) in buckets of similar
-    length, so padding costs little compute, and gather their caches, left padded, into one
-    reserved cache.
-    Returns (cache, last-position logits, attention mask, whether the cache is the reserved one)."""
+    length, so padding costs little compute: yields (lo, hi, width, the bucket's own cache, its
+    last-position logits) per bucket of prompts[lo:hi], each left padded to its width."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_kw = cache_kwarg(model)
+    for lo, hi in _buckets([len(p) for p in prompts]) if buckets else [(0, len(prompts))]:
+        w = max(len(p) for p in prompts[lo:hi])
+        ids = torch.full((hi - lo, w), pad, dtype=torch.long)
+        mask = torch.zeros((hi - lo, w), dtype=torch.long)
+        for r, p in enumerate(prompts[lo:hi]):  # left padding: every row's next token goes in the last column
+            ids[r, w - len(p) :] = torch.tensor(p)
+            mask[r, w - len(p) :] = 1
+        mask = mask.to(device)
+        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate
+        part = DynamicCache(config=model.config)
+        if step is not None:
+            logits = step(ids.to(device), position, mask, part)
+        else:
+            logits = model(
+                input_ids=ids.to(device),
+                attention_mask=mask,
+                position_ids=position,
+                **{cache_kw: part},
+                use_cache=True,
+                **extra,
+            ).logits[:, -1]
+        yield lo, hi, w, part, logits
+
+
+def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, step: CachedForward | None = None):
+    """Prefill the prompts (sorted by length) in buckets (`_prefill_parts`) and gather their caches,
+    left padded, into one reserved cache of `capacity` columns.
+    Returns (cache, last-position logits, attention mask, whether the cache is the reserved one)."""
+    device = next(model.parameters()).device
     width = max(map(len, prompts))
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for r, p in enumerate(prompts):  # left padding: every row's next token goes in the last column
+    for r, p in enumerate(prompts):
         mask[r, width - len(p) :] = 1
     mask = mask.to(device)
     cache = _reserved_cache(model.config, capacity)
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    cache_kw = cache_kwarg(model)
     logits = []
-    for lo, hi in _buckets([len(p) for p in prompts]) if cache is not None else [(0, len(prompts))]:
-        w = max(len(p) for p in prompts[lo:hi])
-        ids = torch.full((hi - lo, w), pad, dtype=torch.long)
-        for r, p in enumerate(prompts[lo:hi]):
-            ids[r, w - len(p) :] = torch.tensor(p)
-        part_mask = mask[lo:hi, width - w :]
-        position = (part_mask.cumsum(-1) - 1).masked_fill(part_mask == 0, 0)  # as transformers' generate
-        part = DynamicCache(config=model.config)
-        if step is not None and cache is not None:
-            logits.append(step(ids.to(device), position, part_mask, part))
-        else:
-            logits.append(
-                model(
-                    input_ids=ids.to(device),
-                    attention_mask=part_mask,
-                    position_ids=position,
-                    **{cache_kw: part},
-                    use_cache=True,
-                    **extra,
-                ).logits[:, -1]
-            )
+    for lo, hi, w, part, lg in _prefill_parts(
+        model, prompts, pad, step if cache is not None else None, cache is not None
+    ):
+        logits.append(lg)
         if cache is None:
             return part, logits[0], mask, False
         for layer, done in zip(cache.layers, part.layers):
@@ -330,64 +401,239 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, ste
     return cache, torch.cat(logits), mask, True
 
 
-def _decode_batch(model, prompts, seeds, config, eos, pad, tokenizer, step) -> list[tuple[list[int], FinishReason]]:
-    device = next(model.parameters()).device
-    # Identical prompts (n samples of one question) are prefilled once, then the cache is copied.
-    unique: dict[tuple[int, ...], int] = {}
-    inverse = [unique.setdefault(tuple(p), len(unique)) for p in prompts]
-    room = min(config.max_new_tokens, _RESERVE_FIRST)  # longer rows grow the cache; most stop well before
-    cache, logits, mask, reserved = _prefill(model, list(unique), pad, max(map(len, unique)) + room, step)
-    step = step if reserved else None  # (no reserved cache: layers other than full attention)
-    position = torch.tensor([[len(p) - 1] for p in unique], device=device)
-    if len(unique) < len(prompts):
-        expand = torch.tensor(inverse, device=device)
-        cache.batch_select_indices(expand)
-        mask, position, logits = mask[expand], position[expand], logits[expand]
+@dataclass
+class _Row:
+    """One row of a running decode: its settings, its random stream, what it drew so far."""
 
-    steps = config.max_new_tokens
-    uniforms = (
-        None
-        if config.is_greedy
-        else torch.stack(
-            [torch.rand(steps, generator=_row_generator(*seed), dtype=torch.float64) for seed in seeds]
-        ).to(device)
-    )
-    generated: list[list[int]] = [[] for _ in prompts]
-    finish: list[FinishReason | None] = [None] * len(prompts)
-    active = list(range(len(prompts)))  # batch position -> row in `prompts`
-    # A stop string is found in the decoding of a row's last tokens only (not the whole row, every
-    # step): a character is at most 4 byte-level tokens, so this many tokens cover any stop string.
-    window = 4 * max(map(len, config.stop), default=0) + 4
-    cache_kw = cache_kwarg(model)
-    scratch = None if uniforms is None else torch.empty(logits.shape, device=device)
-    for t in range(steps):
-        nxt = _pick(logits, None if uniforms is None else uniforms[active, t], config, scratch)
-        for j, tok in enumerate(nxt.tolist()):
-            r = active[j]
-            generated[r].append(tok)
-            if tok in eos:
-                finish[r] = "eos"
-            elif config.stop and any(s in decode(tokenizer, generated[r][-window:]) for s in config.stop):
-                finish[r] = "stop"  # earlier tokens did not complete it, so this token did
-            elif t == steps - 1:
-                finish[r] = "length"
-        keep = [j for j, r in enumerate(active) if finish[r] is None]
-        if not keep:
-            break
-        if len(keep) < len(active):  # drop finished rows: they would cost a full row of compute per step
-            sel = torch.tensor(keep, device=device)
-            cache.batch_select_indices(sel)
-            mask, position, nxt = mask[sel], position[sel], nxt[sel]
-            active = [active[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
-        position = position + 1
-        if step is not None:
-            logits = step(nxt[:, None], position, mask, cache)
+    tag: Any
+    config: SamplingConfig
+    eos: set[int]
+    prompt_len: int
+    uniforms: list[float] | None  # its generator's draws, one per step (None: greedy)
+    hook: Callable[[int], None] | None
+    prefixes: tuple[tuple[int, ...], ...] | None  # its output must begin with one of these
+    ids: list[int] = field(default_factory=list)
+    reason: FinishReason | None = None  # set when it ends
+    constrained: int = 0  # steps drawn under the prefix constraint
+
+    def allowed(self) -> list[int] | None:
+        """The tokens a prefix constraint leaves at this step (None: any)."""
+        if not self.prefixes:
+            return None
+        t = len(self.ids)
+        live = [p for p in self.prefixes if len(p) > t and list(p[:t]) == self.ids]
+        if not live or any(len(p) <= t and list(p) == self.ids[: len(p)] for p in self.prefixes):
+            self.prefixes = None  # a prefix is complete: free from here on
+            return None
+        self.constrained += 1
+        return sorted({p[t] for p in live})
+
+
+class Decode:
+    """A decode in progress that rows join between steps (`add`) and leave as they end (`step`).
+
+    This is the sampler's one decode loop. `sample` adds a batch and steps it to the end; the
+    server adds the requests that arrived meanwhile before every step (continuous batching), so
+    none waits for the longest row of a batch it was not in. A row is its prompt, its random stream
+    `(seed, j)`, its own `SamplingConfig` (temperature, top-p, stop strings, budget), an optional
+    `hook(token)` called as each of its tokens is drawn (streaming), and optional `prefixes`: token
+    sequences its output must begin with one of (a forced tool call; the model still chooses among
+    what they allow). Row r's t-th token uses the t-th uniform of its own generator, whatever shares
+    the batch and whenever it joined, so it draws what it would alone, up to float rounding.
+    Models whose cache is not the reserved one (sliding windows, ...) decode a batch but take no
+    rows into it once it runs (`joinable`).
+    """
+
+    def __init__(self, model, tokenizer, *, forward: CachedForward | None = None, eos: set[int] | None = None):
+        self.model, self.tok, self.forward = model, tokenizer, forward
+        self.eos = set(eos) if eos is not None else default_eos(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
+        self.device = next(model.parameters()).device
+        self.rows: list[_Row] = []
+        self.cache = None
+        self.joinable = True
+        self.mask = self.position = self.logits = None
+        self._scratch: torch.Tensor | None = None
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(
+        self,
+        prompts: list[list[int]],
+        seeds: list[tuple[int, int]],
+        configs: list[SamplingConfig],
+        tags: list[Any],
+        hooks: list[Callable[[int], None] | None] | None = None,
+        prefixes: list[tuple[tuple[int, ...], ...] | None] | None = None,
+    ) -> None:
+        """Rows join: their prompts are prefilled (identical prompts once, similar lengths together)."""
+        if not prompts:
+            return
+        if self.rows and not self.joinable:
+            raise RuntimeError("this model's cache takes no rows into a running decode")
+        unique = sorted({tuple(p) for p in prompts}, key=lambda p: (len(p), p))
+        index = {p: u for u, p in enumerate(unique)}
+        inverse = [index[tuple(p)] for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: inverse[i])  # slots in prefill order
+        inv = torch.tensor([inverse[i] for i in order], device=self.device)
+        positions = torch.tensor([[len(prompts[i]) - 1] for i in order], device=self.device)
+        if self.cache is None:
+            room = min(max(c.max_new_tokens for c in configs), _RESERVE_FIRST)
+            self.cache, logits, mask, reserved = _prefill(
+                self.model, unique, self.pad, len(unique[-1]) + room, self.forward
+            )
+            self.joinable = reserved
+            self.forward = self.forward if reserved else None  # (no reserved cache: layers other than full attention)
+            if len(unique) < len(prompts):
+                self.cache.batch_select_indices(inv)
+                mask, logits = mask[inv], logits[inv]
+            self.mask, self.logits, self.position = mask, logits, positions
         else:
-            logits = model(
-                input_ids=nxt[:, None], attention_mask=mask, position_ids=position, **{cache_kw: cache}, use_cache=True
+            width = len(unique[-1])
+            more = 0
+            for layer in self.cache.layers:
+                more = layer.make_room(len(self.rows) + len(prompts), width)
+            if more:
+                self.mask = torch.cat([self.mask.new_zeros(len(self.rows), more), self.mask], dim=1)
+            mask = self.mask.new_zeros(len(prompts), self.mask.shape[1])
+            for r, i in enumerate(order):
+                mask[r, mask.shape[1] - len(prompts[i]) :] = 1
+            logits = []
+            for lo, hi, _, part, lg in _prefill_parts(self.model, unique, self.pad, self.forward):
+                pick = inv[(inv >= lo) & (inv < hi)] - lo
+                for layer, done in zip(self.cache.layers, part.layers):
+                    layer.append(done.keys[pick], done.values[pick])
+                logits.append(lg[pick])
+            self.mask = torch.cat([self.mask, mask])
+            self.logits = torch.cat([self.logits, *logits])
+            self.position = torch.cat([self.position, positions])
+        for i in order:
+            c = configs[i]
+            draws = (
+                None
+                if c.is_greedy
+                else torch.rand(c.max_new_tokens, generator=_row_generator(*seeds[i]), dtype=torch.float64)
+            )
+            self.rows.append(
+                _Row(
+                    tag=tags[i],
+                    config=c,
+                    eos=set(c.eos_token_ids) if c.eos_token_ids is not None else self.eos,
+                    prompt_len=len(prompts[i]),
+                    uniforms=None if draws is None else draws.tolist(),
+                    hook=hooks[i] if hooks else None,
+                    prefixes=prefixes[i] if prefixes else None,
+                )
+            )
+
+    @torch.inference_mode()
+    def step(self) -> list[_Row]:
+        """One token for every row; rows that end leave the batch, the others advance by one
+        forward. Returns the rows that ended (`tag`, `ids`, `reason`, `prompt_len`, `constrained`)."""
+        tokens = self._choose()
+        ended, keep = [], []
+        for j, (row, tok) in enumerate(zip(self.rows, tokens.tolist())):
+            row.ids.append(tok)
+            if row.hook is not None:
+                row.hook(tok)
+            row.reason = self._finished(row, tok)
+            if row.reason is None:
+                keep.append(j)
+            else:
+                ended.append(row)
+        if not keep:
+            self.rows, self.cache = [], None
+            return ended
+        if len(keep) < len(self.rows):
+            tokens = self._drop(keep, tokens)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.position = self.position + 1
+        if self.forward is not None:
+            self.logits = self.forward(tokens[:, None], self.position, self.mask, self.cache)
+        else:
+            self.logits = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=self.mask,
+                position_ids=self.position,
+                **{cache_kwarg(self.model): self.cache},
+                use_cache=True,
             ).logits[:, -1]
-    return [(g, f) for g, f in zip(generated, finish)]  # type: ignore[misc]
+        return ended
+
+    def _finished(self, row: _Row, tok: int) -> FinishReason | None:
+        if tok in row.eos:
+            return "eos"
+        stop = row.config.stop
+        # A stop string is looked for in the decoding of the row's last tokens only (not the whole
+        # row, every step): a character is at most 4 byte-level tokens, so this many cover it.
+        if stop and any(s in decode(self.tok, row.ids[-(4 * max(map(len, stop)) + 4) :]) for s in stop):
+            return "stop"  # earlier tokens did not complete it, so this token did
+        if len(row.ids) >= row.config.max_new_tokens:
+            return "length"
+        return None
+
+    def _drop(self, keep: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """Ended rows leave: the last live rows move into their slots; columns no row sees go."""
+        rows = len(keep)
+        kept = set(keep)
+        holes = [j for j in range(rows) if j not in kept]
+        movers = [j for j in keep if j >= rows]
+        order = list(range(rows))
+        for h, s in zip(holes, movers):
+            order[h] = s
+        sel = torch.tensor(order, device=self.device)
+        if self.joinable:
+            for layer in self.cache.layers:
+                layer.move_rows(holes, movers, rows)
+        else:
+            self.cache.batch_select_indices(sel)
+        self.rows = [self.rows[j] for j in order]
+        self.mask, self.position = self.mask[sel], self.position[sel]
+        if self.joinable:
+            first = int(self.mask.any(0).long().argmax())  # leading columns only padding
+            if first:
+                for layer in self.cache.layers:
+                    layer.drop_left(first)
+                self.mask = self.mask[:, first:]
+        return tokens[sel]
+
+    def _choose(self) -> torch.Tensor:
+        """Each row's next token: by its own settings, under its prefix constraint if any."""
+        logits = self.logits
+        if logits.dtype != torch.float32:
+            logits = logits.float()  # (argmax and softmax of bf16 are slow on CPUs)
+        for j, row in enumerate(self.rows):
+            allowed = row.allowed()
+            if allowed is not None:
+                ids = torch.tensor(allowed, device=logits.device)
+                kept = logits[j, ids].clone()
+                logits[j] = torch.finfo(logits.dtype).min
+                logits[j, ids] = kept
+        if self._scratch is None or len(self._scratch) < len(logits):
+            self._scratch = torch.empty(
+                (max(len(logits), 2 * (len(self._scratch) if self._scratch is not None else 0)), logits.shape[1])
+            )
+        groups: dict[tuple, list[int]] = {}
+        for j, row in enumerate(self.rows):
+            c = row.config
+            groups.setdefault((c.is_greedy, c.temperature, c.top_p), []).append(j)
+        if len(groups) == 1:
+            return self._pick(logits, list(range(len(self.rows))))
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=logits.device)
+        for idx in groups.values():
+            sel = torch.tensor(idx, device=logits.device)
+            tokens[sel] = self._pick(logits[sel], idx)
+        return tokens
+
+    def _pick(self, logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        rows = [self.rows[j] for j in idx]
+        if rows[0].config.is_greedy:
+            return _pick(logits, None, rows[0].config)
+        u = torch.tensor([r.uniforms[len(r.ids)] for r in rows], dtype=torch.float64, device=logits.device)
+        return _pick(logits, u, rows[0].config, self._scratch)
 
 
 def _pick(
@@ -469,7 +715,7 @@ def _sample_vllm(
     export = copy.deepcopy(model)
     if hasattr(export, "merge_and_unload"):
         export = export.merge_and_unload()
-    eos = set(config.eos_token_ids) if config.eos_token_ids is not None else _default_eos(model, tokenizer)
+    eos = set(config.eos_token_ids) if config.eos_token_ids is not None else default_eos(model, tokenizer)
     dtype = "bfloat16" if config.dtype in ("auto", "bf16") else {"fp32": "float32", "fp16": "float16"}[config.dtype]
     params = [
         SamplingParams(

@@ -119,6 +119,24 @@ def test_every_command_reports_a_user_error_in_one_line(tmp_path):
     assert not (tmp_path / "imported.jsonl").exists() and not (tmp_path / "exported").exists()
 
 
+def test_serve_learn_refuses_bad_flags_in_one_line(tmp_path):
+    """`dostream serve --learn`: a bad control file names file, line and field; a learning flag
+    without --learn is refused; both before anything loads or is written."""
+    control = tmp_path / "control.jsonl"
+    control.write_text('{"messages": [{"role": "user", "content": "Hi"}], "expect": ["Hello"]}\n{"messages": []}\n')
+    store = tmp_path / "serve"
+    for args, message in [
+        (["--learn", "--control", control], f"{control}:2: field 'messages': expected a non-empty list"),
+        (["--learn", "--control", tmp_path / "missing.jsonl"], "--control: cannot read"),
+        (["--control", control], "--control takes effect with --learn only"),
+        (["--learn", "--gate-tolerance", "-1"], "argument --gate-tolerance"),
+    ]:
+        proc = run_cli("serve", "--model", "tiny", "--store", store, *args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert message in proc.stderr.splitlines()[-1], proc.stderr
+    assert not store.exists()
+
+
 def test_user_error_messages(tmp_path):
     """What the converted library errors say (the file, the view, the flag at fault)."""
     missing = tmp_path / "missing.jsonl"

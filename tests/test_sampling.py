@@ -364,3 +364,77 @@ def test_cli_subprocess(tok):
     assert proc.returncode == 0, proc.stderr
     _check_cli_rows(proc.stdout, tok, 3)
     assert "tokens/s" in proc.stderr
+
+
+# -- the running decode: rows join and leave (continuous batching) ----------------------------------
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("fast", [True, False])
+def test_rows_joining_a_running_decode_draw_what_they_draw_alone(decisive, tok, prompts, greedy, fast, monkeypatch):
+    """Rows added between steps, longer than the running rows (the live block widens on the left,
+    storage is laid out again) and more than the slots (they grow), each with its own budget and
+    settings; rows leave at different steps (the last rows move into their slots, padding columns
+    are dropped): each row's ids are those it samples alone, seeded by its own (seed, j)."""
+    from dostream.cached_forward import CachedForward
+    from dostream.sampling import Decode
+
+    monkeypatch.setattr(sampling, "_RESERVE_FIRST", 2)  # the cache must also grow while rows join
+    configs = [
+        SamplingConfig(greedy=greedy, temperature=0.8, max_new_tokens=n, seed=s, dtype="fp32")
+        for n, s in ((5, 1), (24, 2), (3, 3), (9, 4), (7, 5))
+    ]
+    rows = [(prompts[1], 0), (prompts[0], 1), (prompts[2], 2), (prompts[2] + prompts[0], 3), (prompts[1], 4)]
+    alone = [sample(decisive, tok, [p], c, row_seeds=[(c.seed, j)])[0] for (p, j), c in zip(rows, configs)]
+    assert len({len(s.token_ids) for s in alone}) > 2  # they end at different steps
+    forward = CachedForward.build(decisive) if fast else None
+    run, got, drawn = Decode(decisive, tok, forward=forward), {}, {}
+
+    def join(k):
+        (p, j), c = rows[k], configs[k]
+        hook = lambda t, k=k: drawn.setdefault(k, []).append(t)  # noqa: E731
+        run.add([p], [(c.seed, j)], [c], [k], hooks=[hook])
+
+    join(0)
+    for step in range(60):
+        if step == 1:
+            join(1)
+            join(2)
+        if step == 3:
+            join(3)  # the longest prompt, into a running decode
+        if step == 4:
+            join(4)
+        for row in run.step():
+            got[row.tag] = row
+        if not run.active and len(got) == len(rows):
+            break
+    for k, s in enumerate(alone):
+        assert got[k].ids == s.token_ids and got[k].reason == s.finish_reason, k
+        assert drawn[k] == s.token_ids  # the hook saw every token as it was drawn
+
+
+def test_prefixes_constrain_the_start_and_count_as_constrained(decisive, tok, prompts):
+    from dostream.sampling import Decode
+
+    a, b = (
+        tok("<tool_call>\nxyz", add_special_tokens=False)["input_ids"],
+        tok("<tool_call>\nq", add_special_tokens=False)["input_ids"],
+    )
+    assert a[:-1] == b[:-1] and a[-1] != b[-1]
+    cfg = SamplingConfig(greedy=True, max_new_tokens=len(a) + 4)
+    run = Decode(decisive, tok)
+    run.add(
+        [prompts[0], prompts[1]],
+        [(0, 0), (0, 1)],
+        [cfg, cfg],
+        ["forced", "free"],
+        prefixes=[(tuple(a), tuple(b)), None],
+    )
+    done = {}
+    while run.active:
+        done.update({row.tag: row for row in run.step()})
+    forced, free = done["forced"], done["free"]
+    assert tuple(forced.ids[: len(a)]) in (tuple(a), tuple(b)) and forced.constrained == len(a)
+    assert free.constrained == 0 and free.ids == sample(decisive, tok, [prompts[1]], cfg)[0].token_ids
+    # the model's own choice where the prefixes part: its argmax among the two
+    with torch.inference_mode():
+        logits = decisive(torch.tensor([prompts[0] + a[:-1]])).logits[0, -1]
+    assert forced.ids[len(a) - 1] == max((a[-1], b[-1]), key=lambda t: logits[t])

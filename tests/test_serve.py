@@ -206,6 +206,26 @@ def test_streaming_sends_openai_chunks_then_done(served):
     assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
 
 
+def test_streamed_content_is_the_content_whatever_the_tokens(served):
+    """Random byte-level tokens (broken UTF-8 included), stop strings, n=2: each choice's streamed
+    deltas add up to its content, and its finish reason is the same."""
+    c = client(served.url)
+    reasons = set()
+    for seed in range(6):
+        ask = dict(model="tiny", messages=[{"role": "user", "content": f"seed {seed}"}], max_tokens=16, seed=seed)
+        ask.update(n=2, stop=["e ", "the"], temperature=1.0)
+        whole = c.chat.completions.create(**ask)
+        parts, finish = ["", ""], [None, None]
+        for ch in c.chat.completions.create(stream=True, **ask):
+            for choice in ch.choices:
+                parts[choice.index] += choice.delta.content or ""
+                finish[choice.index] = choice.finish_reason or finish[choice.index]
+        assert parts == [ch.message.content for ch in whole.choices]
+        assert finish == [ch.finish_reason for ch in whole.choices]
+        reasons.update(finish)
+    assert reasons == {"stop", "length"}
+
+
 def test_n_choices_branch_and_the_client_picks_one(served):
     c = client(served.url)
     messages = [{"role": "user", "content": "Pick one"}]
@@ -345,6 +365,123 @@ def test_tool_calls_come_back_in_the_openai_shape_and_the_tool_result_continues(
         model="tiny", messages=messages[:1], tools=TOOLS, tool_choice="none", max_tokens=48
     )
     assert plain.choices[0].message.tool_calls is None and "<tool_call>" in plain.choices[0].message.content
+
+
+def _tool_segment(store, completion_id):
+    [samples] = store.db.execute("SELECT samples FROM exchanges WHERE id = ?", (completion_id,)).fetchone()
+    return json.loads(samples)[0]
+
+
+TWO_TOOLS = [*TOOLS, {"type": "function", "function": {"name": "mul", "description": "Multiply", "parameters": {}}}]
+
+
+@pytest.mark.parametrize("choice", ["required", "mul"])
+def test_tool_choice_required_or_named_forces_a_call_the_model_would_not_make(served, choice):
+    """The decisive random model never writes the tool-call convention by itself; under
+    `required` it must call one of the tools, under a named function that function. The forced
+    opening is recorded as sampled ids of the agent's turn, counted in its meta."""
+    c = client(served.url)
+    ask = dict(
+        model="tiny", messages=[{"role": "user", "content": "Compute something"}], tools=TWO_TOOLS, max_tokens=30
+    )
+    free = c.chat.completions.create(seed=9, **ask)
+    assert free.choices[0].message.tool_calls is None  # left alone, it does not call
+    tool_choice = choice if choice == "required" else {"type": "function", "function": {"name": choice}}
+    res = c.chat.completions.create(seed=9, tool_choice=tool_choice, n=2, **ask)
+    for ch in res.choices:
+        assert ch.finish_reason == "tool_calls" and ch.message.content is None
+        [call] = ch.message.tool_calls
+        assert call.function.name in ({"add", "mul"} if choice == "required" else {"mul"})
+        assert isinstance(call.function.arguments, str)
+    seg = _tool_segment(served.store, res.id)
+    assert seg["text"].startswith('<tool_call>\n{"name": "') and seg["meta"]["constrained"] > 5
+    assert seg["meta"]["tool_calls"][0]["function"]["name"] == res.choices[0].message.tool_calls[0].function.name
+    # streamed: the call comes as a tool_calls delta, its text never as content
+    chunks = list(c.chat.completions.create(seed=9, tool_choice=tool_choice, stream=True, **ask))
+    assert not "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    names = [d.function.name for ch in chunks if ch.choices for d in ch.choices[0].delta.tool_calls or []]
+    assert len(names) == 1 and names[0] in {"add", "mul"}
+
+
+def test_a_forced_call_with_arguments_that_are_not_json_is_still_a_call():
+    from dostream.serve.record import _forced_call
+
+    text = '<tool_call>\n{"name": "mul", "arguments": {"a": 2,, </tool_call>'
+    call = _forced_call(text, "call_x0")
+    assert call["function"] == {"name": "mul", "arguments": '{"a": 2,,'} and call["id"] == "call_x0"
+    ok = _forced_call('<tool_call>\n{"name": "add", "arguments": {"a": 1} junk', "c")
+    assert json.loads(ok["function"]["arguments"]) == {"a": 1}
+
+
+# -- streaming and continuous batching, on a paced model -----------------------------------------
+class Paced(torch.nn.Module):
+    """A model whose every forward takes at least `pause` seconds, with the time each one ended."""
+
+    def __init__(self, model, pause: float):
+        super().__init__()
+        self.model, self.config, self.pause, self.calls = model, model.config, pause, []
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True, **kwargs):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache)
+        time.sleep(self.pause)
+        self.calls.append(time.monotonic())
+        return out
+
+
+@pytest.fixture(scope="module")
+def paced(tok, tmp_path_factory):
+    from dostream.models import tiny_model
+
+    script = tok(" one two three four five six seven eight nine ten eleven", add_special_tokens=False)["input_ids"]
+    model = Paced(Scripted(tiny_model(), script), pause=0.05)
+    server = Server(
+        ServeConfig(model="tiny", store=str(tmp_path_factory.mktemp("paced")), fast_step=False),
+        env_key=KEY,
+        model=model,
+        tok=tok,
+    )
+    with running(server) as url:
+        yield SimpleNamespace(url=url, server=server, store=server.store, model=model)
+
+
+def test_streaming_sends_tokens_as_they_are_drawn_and_finishes_after_the_commit(paced):
+    c = client(paced.url)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Count"}], max_tokens=12, seed=1)
+    arrivals, text, committed = [], "", None
+    for ch in c.chat.completions.create(stream=True, **ask):
+        if ch.choices and ch.choices[0].delta.content:
+            arrivals.append(time.monotonic())
+            text += ch.choices[0].delta.content
+        if ch.choices and ch.choices[0].finish_reason:
+            committed = paced.store.exchange(ch.id) is not None  # already in the store when the finish came
+    generation_end = paced.model.calls[-1]
+    assert len(arrivals) >= 6 and arrivals[0] < generation_end - 0.2  # chunks came while it was decoding
+    assert committed
+    whole = c.chat.completions.create(**ask)
+    assert text == whole.choices[0].message.content and text.startswith(" one two three four five")
+
+
+def test_a_request_joins_a_running_decode_and_leaves_before_it(paced):
+    c = client(paced.url)
+    started, decodes, out = len(paced.model.calls), paced.server.batcher.batches, {}
+
+    def ask(name, max_tokens):
+        res = c.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": name}], max_tokens=max_tokens, seed=2
+        )
+        out[name] = (time.monotonic(), res)
+
+    long = threading.Thread(target=ask, args=("long", 30))
+    long.start()
+    while len(paced.model.calls) < started + 4:  # the long request is decoding
+        time.sleep(0.01)
+    ask("short", 2)
+    long.join()
+    assert out["short"][0] < out["long"][0] - 0.5  # answered while the long one still ran
+    assert paced.server.batcher.batches == decodes + 1  # one decode: the short request joined it
+    [request] = paced.store.db.execute("SELECT request FROM exchanges WHERE id = ?", (out["short"][1].id,)).fetchone()
+    assert json.loads(request)["batch"] == {"requests": 2, "rows": 2}
+    assert out["long"][1].usage.completion_tokens == 30
 
 
 # -- keys ------------------------------------------------------------------------------------------
@@ -496,6 +633,33 @@ def test_a_seeded_request_samples_the_same_whatever_shares_its_batch(served, tok
     prompt = Renderer(tok, chat_template=True).prompt_ids(Stream("p", [_seg("user", "The probe question")]))
     direct = sample(served.server.slot.get()[0], tok, [prompt] * 2, SamplingConfig(max_new_tokens=12, seed=1234))
     assert [s.text.removesuffix("<|im_end|>") for s in direct] == [ch.message.content for ch in alone.choices]
+
+
+def test_bf16_serving_is_deterministic_and_records_what_it_drew(tok, tmp_path):
+    """`--dtype bf16` (faster where the CPU has bf16 matmuls): what still holds is that a request
+    samples the same alone every time, and what is recorded is exactly what it drew; beside other
+    requests it holds up to bf16 rounding, coarser than fp32's (here a decisive model: the same)."""
+    model = decisive_model(tok).to(torch.bfloat16)
+    server = Server(ServeConfig(model="tiny", store=str(tmp_path), dtype="bf16"), env_key=KEY, model=model, tok=tok)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "bf16 probe"}], max_tokens=10, seed=4, n=2)
+    with running(server) as url:
+        c = client(url)
+        first, again = c.chat.completions.create(**ask), c.chat.completions.create(**ask)
+
+        async def crowd():
+            ac = openai.AsyncOpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+            others = [
+                ac.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x " * i}], max_tokens=6)
+                for i in range(1, 6)
+            ]
+            return (await asyncio.gather(ac.chat.completions.create(**ask), *others))[0]
+
+        crowded = asyncio.run(crowd())
+    contents = [[ch.message.content for ch in r.choices] for r in (first, again, crowded)]
+    assert contents[0] == contents[1] == contents[2]
+    [samples] = server.store.db.execute("SELECT samples FROM exchanges WHERE id = ?", (first.id,)).fetchone()
+    texts = [tok.decode(s["token_ids"]).removesuffix("<|im_end|>") for s in json.loads(samples)]
+    assert texts == contents[0]
 
 
 def _seg(author, text):

@@ -1,6 +1,7 @@
 """`dostream serve`: an OpenAI-compatible endpoint that records every conversation as a stream.
 
     dostream serve --model NAME [--adapter DIR] --store DIR [--host 127.0.0.1] [--port 8000]
+                   [--learn [--learner L] [--update-every-tokens N] [--learn-threads T] [--control FILE] ...]
     dostream serve keys add|list|revoke --store DIR [--scopes chat,feedback,admin] [--name NAME]
 
 Every exchange goes into DIR/serve.sqlite (what the model sampled: `agent`, exact ids; what the
@@ -94,8 +95,25 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--max-n", type=int, default=d.max_n, help="the most choices (n) a request may ask for")
     ap.add_argument("--max-body", type=int, default=d.max_body, help="request body limit in bytes (413 above)")
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    from dostream.config import add_dataclass_args, from_args
+    from dostream.serve.learn import LearnConfig, read_control
+
+    ap.add_argument(
+        "--learn",
+        action="store_true",
+        help="learn while serving: updates, a gate, hot swap (README, 'Learning while serving')",
+    )
+    add_dataclass_args(ap.add_argument_group("learning while serving (with --learn)"), LearnConfig)
     args = ap.parse_args(argv)
     from dostream.serve.app import ServeConfig, serve
+
+    with user_errors():
+        learn = from_args(LearnConfig, args)
+        changed = [f for f in vars(learn) if getattr(learn, f) != getattr(LearnConfig(), f)]
+        if not args.learn and changed:
+            raise CliError(f"--{changed[0].replace('_', '-')} takes effect with --learn only")
+        if args.learn and learn.control:
+            read_control(learn.control)  # a bad control set is refused before the model loads
 
     with user_errors():
         limits = Limits(
@@ -115,6 +133,7 @@ def cli_main(argv: list[str]) -> int:
             max_batch_rows=args.max_batch_rows,
             gather_ms=args.gather_ms,
             limits=limits,
+            learn=learn if args.learn else None,
         )
         serve(cfg, env_key=os.environ.get("DOSTREAM_API_KEY") or None, log_level=args.log_level)
     return 0

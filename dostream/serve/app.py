@@ -9,9 +9,16 @@ A request goes: key check → body read under the size limit → field checks (4
 → `Server.prepare` (which recorded sample it continues, its new segments, the prompt rendered from
 the recorded stream: `Renderer(tok, chat_template=True).prompt_ids(stream)`, so the ids the model
 conditions on are the ids a training run renders) → the batcher (sampled with its batch mates,
-recorded in one transaction) → the response, only once its exchange is committed. A streaming
-request gets its server-sent events then too: role, content and tool-call deltas, the finish
-reason, a usage chunk, `[DONE]` (the sampler returns whole samples, so the events come together).
+recorded in one transaction) → the response, only once its exchange is committed.
+
+A streaming request (`stream: true`) gets its server-sent events as the tokens are drawn: a role
+chunk per choice, then content deltas (`record.StreamedContent`: text that is settled, never a stop
+string, an end-of-turn token or a tool call's text), and once the exchange is committed, the rest
+of each choice's content, its tool calls, its finish reason, a usage chunk and `[DONE]`. What a
+client may rely on: a chunk with a `finish_reason` (and `[DONE]`) is sent only after the exchange
+is committed, so it is recorded exactly as streamed; content chunks alone are what the model was
+drawing, and a stream cut before the finish reason (a dropped connection, a killed server) may or
+may not have been recorded. A failure after the stream began is an `error` event, without `[DONE]`.
 """
 
 from __future__ import annotations
@@ -26,9 +33,13 @@ from typing import Any
 from fastapi import Request  # at module level: FastAPI resolves handler annotations from the module's names
 
 from dostream.render import Renderer, RenderError
-from dostream.sampling import SamplingConfig, agent_segment
+from dostream.sampling import SamplingConfig, agent_segment, default_eos
 from dostream.serve.auth import Auth
 from dostream.serve.batcher import Batcher, Job, ModelSlot, Overloaded
+from dostream.serve.learn import Learner, adapter_in_force
+from dostream.serve.learn import install as install_learn
+from dostream.serve.metrics import ServeMetrics
+from dostream.serve.metrics import install as install_metrics
 from dostream.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -41,6 +52,8 @@ from dostream.serve.protocol import (
 )
 from dostream.serve.record import (
     FieldError,
+    StreamedContent,
+    call_prefixes,
     canonical,
     continuation_key,
     lookup_keys,
@@ -68,6 +81,7 @@ class ServeConfig:
     max_queue: int = 4096
     fast_step: bool = True
     limits: Limits = field(default_factory=Limits)
+    learn: Any = None  # a `serve.learn.LearnConfig`: learn while serving (--learn)
 
     def __post_init__(self) -> None:
         if self.client_assistant not in AUTHORS or self.client_assistant == "agent":
@@ -86,6 +100,7 @@ class Prepared:
     created: int
     prompt: list[int]
     job: Job
+    tools: bool  # tools in force: tool-call blocks are not content
 
 
 class Server:
@@ -102,14 +117,17 @@ class Server:
         self.auth = Auth(self.store, env_key)
         self.tok = tok if tok is not None else load_tokenizer(cfg.model)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+        # The adapter in force: the last accepted update's (serve/learn.py), else --adapter.
+        adapter, adapter_name = adapter_in_force(self.store, cfg.adapter)
         if model is None:
             # Merged: a served adapter does not change between batches (a hot swap replaces the model).
-            model = load_model(cfg.model, dtype=dtype, adapter=cfg.adapter, merge=cfg.adapter is not None)
+            model = load_model(cfg.model, dtype=dtype, adapter=adapter, merge=adapter is not None)
         with torch.inference_mode():
             forward = CachedForward.build(model) if cfg.fast_step else None
-        self.slot = ModelSlot(model, str(cfg.adapter) if cfg.adapter else None, forward=forward)
+        self.slot = ModelSlot(model, adapter_name, forward=forward)
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.renderer = Renderer(self.tok, chat_template=True)
+        self.eos = default_eos(model, self.tok)  # what ends a turn: never streamed as content
         self._special = [t for t in self.tok.all_special_tokens if t]
         self.batcher = Batcher(
             self.slot,
@@ -120,6 +138,8 @@ class Server:
             max_queue=cfg.max_queue,
         )
         self.started = int(time.time())
+        self.learner = Learner(self, cfg.learn)  # updates, the gate, hot swap, rollback (serve/learn.py)
+        self.metrics = ServeMetrics(self)
 
     # -- a chat request → a job -------------------------------------------------------------
     def prepare(self, req: ChatRequest, conversation: str | None, key: str) -> Prepared:
@@ -175,15 +195,24 @@ class Server:
             "metadata": req.metadata,
         }
 
+        prefixes = call_prefixes(self.tok, tools, req.tool_choice)
+
         def record(samples, adapter) -> Exchange:
             choices, keys, segments = [], [], []
             for c, s in enumerate(samples):
                 message, finish = reply(
-                    s, self.tok, req.stop, tools=tools is not None, call_prefix=f"call_{cid[9:17]}{c}_"
+                    s,
+                    self.tok,
+                    req.stop,
+                    tools=tools is not None,
+                    call_prefix=f"call_{cid[9:17]}{c}_",
+                    forced=prefixes is not None,
                 )
                 choices.append({"index": c, "message": message, "finish_reason": finish})
                 keys.append(continuation_key(states, message))
                 meta: dict[str, Any] = {"finish_reason": s.finish_reason}
+                if s.constrained:  # provenance: these leading ids were drawn under tool_choice's constraint
+                    meta["constrained"] = s.constrained
                 if "tool_calls" in message:
                     meta["tool_calls"] = message["tool_calls"]
                 segments.append(agent_segment(s, role="assistant", meta=meta))
@@ -205,7 +234,8 @@ class Server:
                 continuations=keys,
             )
 
-        return Prepared(cid, conversation, int(time.time()), prompt, Job(prompt, req.n, config, record))
+        job = Job(prompt, req.n, config, record, prefixes=prefixes)
+        return Prepared(cid, conversation, int(time.time()), prompt, job, tools is not None)
 
     def _no_special_tokens(self, req: ChatRequest) -> None:
         """A template's special tokens in a client's text would be read as the template's own
@@ -279,9 +309,11 @@ class Server:
         @asynccontextmanager
         async def lifespan(app):
             server.batcher.start()
+            server.learner.start()
             try:
                 yield
             finally:
+                server.learner.stop()
                 server.batcher.stop()
 
         app = FastAPI(title="dostream serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -346,23 +378,30 @@ class Server:
                 raise no_model(req.model)
             conv = conversation_id(request.headers.get("x-conversation-id"), req)
             prepared = await run_in_threadpool(server.prepare, req, conv, key)
+            tokens: asyncio.Queue = asyncio.Queue()
+            if req.stream:
+                loop = asyncio.get_running_loop()
+                prepared.job.on_token = lambda choice, token: loop.call_soon_threadsafe(
+                    tokens.put_nowait, (choice, token)
+                )
             try:
                 future = server.batcher.submit(prepared.job)
             except Overloaded as e:
                 raise ApiError(503, f"server overloaded: {e}; retry later", type="server_error") from None
-            _, exchange = await asyncio.wrap_future(future)
-            choices, usage = exchange.request["choices"], exchange.request["usage"]
             headers = {"X-Conversation-Id": prepared.conversation}
             head = {"id": prepared.id, "created": prepared.created, "model": name, "system_fingerprint": FINGERPRINT}
-            if not req.stream:
-                body = {
-                    **head,
-                    "object": "chat.completion",
-                    "choices": [{**c, "logprobs": None} for c in choices],
-                    "usage": usage,
-                }
-                return JSONResponse(body, headers=headers)
-            return StreamingResponse(_events(head, choices, usage), media_type="text/event-stream", headers=headers)
+            if req.stream:
+                live = [StreamedContent(server.tok, req.stop, server.eos, tools=prepared.tools) for _ in range(req.n)]
+                events = _events(head, asyncio.wrap_future(future), tokens, live)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            _, exchange = await asyncio.wrap_future(future)
+            body = {
+                **head,
+                "object": "chat.completion",
+                "choices": [{**c, "logprobs": None} for c in exchange.request["choices"]],
+                "usage": exchange.request["usage"],
+            }
+            return JSONResponse(body, headers=headers)
 
         @app.post("/v1/feedback")
         async def feedback(request: Request):
@@ -370,12 +409,15 @@ class Server:
             body = parse_json(await body_of(request))
             return await run_in_threadpool(server.feedback, body, key)
 
+        install_learn(app, server)  # /v1/learn, /v1/adapters, /v1/adapters/rollback
+        install_metrics(app, server)  # /metrics and the middleware that times every request
         return app
 
 
-def _events(head: dict, choices: list[dict], usage: dict):
-    """The OpenAI chunk stream of a finished completion: per choice its role, content and tool
-    calls, then its finish reason; a usage chunk; `[DONE]`."""
+async def _events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, live: list[StreamedContent]):
+    """The OpenAI chunk stream of a completion as it is drawn: a role chunk per choice, content
+    deltas as tokens arrive; once the exchange is committed (`done`), per choice the rest of its
+    content, its tool calls and its finish reason; a usage chunk; `[DONE]`."""
 
     def chunk(index: int, delta: dict, finish: str | None = None) -> str:
         body = {
@@ -385,15 +427,38 @@ def _events(head: dict, choices: list[dict], usage: dict):
         }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    for c in choices:
-        message = c["message"]
-        yield chunk(c["index"], {"role": "assistant", "content": ""})
-        if message.get("content"):
-            yield chunk(c["index"], {"content": message["content"]})
+    def delta(item: tuple[int, int]) -> str | None:
+        choice, token = item
+        text = live[choice].push(token)
+        return chunk(choice, {"content": text}) if text else None
+
+    for c in range(len(live)):
+        yield chunk(c, {"role": "assistant", "content": ""})
+    while not done.done():
+        get = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({get, done}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            break
+        if (out := delta(get.result())) is not None:
+            yield out
+    while not tokens.empty():  # drawn before the commit, queued behind it
+        if (out := delta(tokens.get_nowait())) is not None:
+            yield out
+    try:
+        _, exchange = done.result()
+    except Exception as e:  # the request failed after the stream began: an error event, no [DONE]
+        body = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body()
+        yield f"data: {json.dumps(body)}\n\n"
+        return
+    for c in exchange.request["choices"]:
+        message, index = c["message"], c["index"]
+        if rest := live[index].rest(message):
+            yield chunk(index, {"content": rest})
         for k, call in enumerate(message.get("tool_calls") or []):
-            yield chunk(c["index"], {"tool_calls": [{"index": k, **call}]})
-        yield chunk(c["index"], {}, c["finish_reason"])
-    last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            yield chunk(index, {"tool_calls": [{"index": k, **call}]})
+        yield chunk(index, {}, c["finish_reason"])
+    last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": exchange.request["usage"]}
     yield f"data: {json.dumps(last)}\n\n"
     yield "data: [DONE]\n\n"
 

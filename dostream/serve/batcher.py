@@ -1,20 +1,27 @@
-"""The server's one sampling thread: concurrent requests micro-batched through `sampling.sample`.
+"""The server's one sampling thread: concurrent requests decoded together, continuously batched.
 
-Requests arrive as `Job`s (a prompt, n choices, the request's settings and seed). The thread takes
-every job waiting (after a short gathering window when it was idle, up to `max_rows` rows), samples
-them in as few `sample` calls as their settings allow, records the whole batch in one store
-transaction, and only then resolves each job's future: a response never goes out before its
-exchange is committed (a SIGKILL loses nothing that was acknowledged).
+Requests arrive as `Job`s (a prompt, n choices, the request's settings and seed). The sampling
+thread keeps one `sampling.Decode` running: before every decode step it adds the rows of every job
+that arrived meanwhile (up to `max_rows` rows in all; after a short gathering window when it was
+idle), and a row leaves as soon as it ends, so no request waits for the longest row of a batch it
+was not in. Each row decodes with its own request's settings (temperature, top-p, stop strings,
+budget). A job whose n choices have all ended goes to the commit thread, which records the jobs
+ended at a step in one store transaction, and only then resolves their futures: a response never
+goes out before its exchange is committed (a SIGKILL loses nothing that was acknowledged), and the
+decode goes on while the store writes.
+
+Streaming: a job's `on_token(choice, token)` is called from the sampling thread as each token is
+drawn; the response's final chunk still waits for the commit.
 
 Independence from batch mates: choice j of a request seeded s draws from the random stream
-`(s, j)` (`sample(..., row_seeds=...)`), the stream row j of `dostream sample --seed s` alone would
-use; requests whose settings differ only in `max_tokens` share one call, and each row is cut to its
-own budget afterwards (a row's first M draws do not depend on the call's budget, as in
-`envs/rollout.py`). Equal up to float rounding, as `sampling.py` says: a left-padded row's logits
-differ from its unpadded ones by ~1e-7.
+`(s, j)` (`Decode.add(seeds=...)`), the stream row j of `dostream sample --seed s` alone would use,
+its t-th token with the t-th draw whenever it joined. Equal up to float rounding, as `sampling.py`
+says: a row's logits differ with the padding and shape of the batch it shares by ~1e-7 in fp32
+(bf16 rounds coarser: `ServeConfig.dtype`).
 
-The model in force is read from a `ModelSlot` once per batch: the seam for issue 22's hot swap (a
-new adapter goes in between batches; a batch finishes on the model it started with).
+The model in force is read from a `ModelSlot`: a running decode finishes on the model it started
+with; once the slot holds another model (issue 22's hot swap), new rows wait until the running ones
+have ended, and the next decode starts on the new model.
 """
 
 from __future__ import annotations
@@ -22,18 +29,20 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from dostream.render import decode
-from dostream.sampling import Sample, SamplingConfig, sample
+from dostream.sampling import Decode, Sample, SamplingConfig
 from dostream.serve.store import Exchange, ServeStore
 
 
 class ModelSlot:
-    """The model in force and the name of its adapter. The batcher reads it once per batch;
-    `swap` replaces both between batches (what a learner that hot-swaps adapters calls)."""
+    """The model in force (in eval mode) and the name of its adapter. The batcher reads it before
+    every step; `swap` replaces both, and rows admitted after it decode on the new model (a running
+    decode finishes on the model it started with)."""
 
     def __init__(self, model, adapter: str | None = None, *, forward=None):
         self._lock = threading.Lock()
@@ -59,12 +68,17 @@ class Job:
     # Builds the exchange to record from the samples and the adapter that drew them.
     record: Callable[[list[Sample], str | None], Exchange]
     future: Future = field(default_factory=Future)  # -> (samples, exchange) once committed
-
-    @property
-    def key(self) -> tuple:
-        """Jobs with equal keys share one `sample` call (everything but seed and budget)."""
-        c = self.config
-        return (c.is_greedy, c.temperature, c.top_p, c.stop)
+    # Called from the sampling thread with (choice, token id) as each token is drawn (streaming).
+    on_token: Callable[[int, int], None] | None = None
+    # Token sequences every choice must begin with one of (a forced tool call: `tool_choice`).
+    prefixes: tuple[tuple[int, ...], ...] | None = None
+    # Filled by the batcher.
+    samples: list[Sample | None] = field(default_factory=list)
+    adapter: str | None = None
+    _left: int = 0
+    _finished_before: int = 0  # jobs finished before this one joined
+    _shared: int = 0  # jobs it shared decode steps with, itself included
+    _rows: int = 0  # the most rows its decode steps had
 
 
 class Overloaded(Exception):
@@ -85,19 +99,24 @@ class Batcher:
         self.slot, self.tok, self.store = slot, tok, store
         self.max_rows, self.gather_s, self.max_queue = max_rows, gather_s, max_queue
         self._q: queue.Queue[Job | None] = queue.Queue()
-        self._waiting = 0  # rows queued, not yet taken
+        self._commits: queue.Queue[list[Job] | None] = queue.Queue()
+        self._waiting = 0  # rows queued, not yet decoding
         self._lock = threading.Lock()
-        self._carry: Job | None = None
         self._thread = threading.Thread(target=self._loop, name="dostream-batcher", daemon=True)
-        self.batches = 0  # counters, for tests and the benchmark's notes
-        self.rows = 0
+        self._committer = threading.Thread(target=self._commit_loop, name="dostream-commit", daemon=True)
+        # Counters, for tests and the benchmark's notes: decodes started from empty, decode steps,
+        # store transactions, rows sampled.
+        self.batches = self.steps = self.commits = self.rows = 0
 
     def start(self) -> None:
         self._thread.start()
+        self._committer.start()
 
     def stop(self) -> None:
+        """Finish what was submitted, then stop."""
         self._q.put(None)
         self._thread.join(timeout=60)
+        self._committer.join(timeout=60)
 
     def submit(self, job: Job) -> Future:
         with self._lock:
@@ -107,85 +126,159 @@ class Batcher:
         self._q.put(job)
         return job.future
 
-    # -- the thread -------------------------------------------------------------------------
-    def _take(self) -> list[Job] | None:
-        # A job that did not fit in the last batch opens the next one.
-        first, self._carry = (self._carry, None) if self._carry is not None else (self._q.get(), None)
-        if first is None:
-            return None
-        jobs, rows = [first], first.n
-        deadline = time.monotonic() + self.gather_s
-        while rows < self.max_rows:
-            try:
-                # Concurrent clients arrive a few ms apart: wait briefly for them when idle; while a
-                # batch ran, the queue already holds everyone who came meanwhile.
-                job = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
+    # -- the sampling thread ----------------------------------------------------------------
+    def _arrivals(self, waiting: deque, idle: bool) -> bool:
+        """Move queued jobs to `waiting`; when idle, block for the first and gather briefly.
+        Returns False once stop was asked."""
+        if idle and not waiting:
+            job = self._q.get()
             if job is None:
-                self._q.put(None)  # stop after this batch
-                break
-            if rows + job.n > self.max_rows:
-                self._carry = job
-                break
-            jobs.append(job)
-            rows += job.n
-        with self._lock:
-            self._waiting -= rows
-        return jobs
+                return False
+            waiting.append(job)
+            # Concurrent clients arrive a few ms apart: wait briefly for them so they prefill together.
+            deadline = time.monotonic() + self.gather_s
+            while sum(j.n for j in waiting) < self.max_rows:
+                try:
+                    job = self._q.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if job is None:
+                    return False
+                waiting.append(job)
+            return True
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            waiting.append(job)
 
     def _loop(self) -> None:
+        waiting: deque[Job] = deque()
+        live: dict[int, Job] = {}  # id -> job with rows in the decode
+        run: Decode | None = None
+        value = None  # the slot's value the decode runs on
+        admitted = finished = 0
+        stopping = False
         while True:
-            jobs = self._take()
+            idle = run is None or run.active == 0
+            if not stopping:
+                stopping = not self._arrivals(waiting, idle)
+            if idle and not waiting and stopping:
+                break
+            current = self.slot.get()
+            if run is None or (run.active == 0 and current is not value):
+                value = current
+                run = Decode(current[0], self.tok, forward=current[2])
+            # Admit while rows fit (a job alone is admitted whatever its size), on the model in force only.
+            batch: list[Job] = []
+            rows = run.active
+            while waiting and current is value and (run.active == 0 or run.joinable):
+                job = waiting[0]
+                if batch or rows:
+                    if rows + job.n > self.max_rows:
+                        break
+                batch.append(waiting.popleft())
+                rows += job.n
+            if batch:
+                with self._lock:
+                    self._waiting -= sum(job.n for job in batch)
+                if run.active == 0:
+                    self.batches += 1
+                try:
+                    self._admit(run, batch, value[1])
+                except Exception as e:  # a bug or an out-of-memory: those requests fail, the server goes on
+                    self._fail([*live.values(), *batch], e)
+                    live.clear()
+                    run = None
+                    continue
+                for job in batch:
+                    job._finished_before = finished
+                    live[id(job)] = job
+                admitted += len(batch)
+            if run.active == 0:
+                continue
+            try:
+                ended = run.step()
+            except Exception as e:
+                self._fail(list(live.values()), e)
+                live.clear()
+                run = None
+                continue
+            self.steps += 1
+            for job in live.values():
+                job._rows = max(job._rows, run.active + len(ended))
+            done = []
+            for row in ended:
+                job, j = row.tag
+                job.samples[j] = Sample(row.ids, decode(self.tok, row.ids), row.reason, row.prompt_len, row.constrained)
+                job._left -= 1
+                if job._left == 0:
+                    done.append(live.pop(id(job)))
+            if done:
+                finished += len(done)
+                for job in done:
+                    job._shared = admitted - job._finished_before
+                self._commits.put(done)
+        self._commits.put(None)
+
+    def _admit(self, run: Decode, batch: list[Job], adapter: str | None) -> None:
+        prompts, seeds, configs, tags, hooks, prefixes = [], [], [], [], [], []
+        for job in batch:
+            job.samples, job._left, job.adapter = [None] * job.n, job.n, adapter
+            for j in range(job.n):
+                prompts.append(job.prompt)
+                seeds.append((job.config.seed, j))
+                configs.append(job.config)
+                tags.append((job, j))
+                hooks.append(_hook(job, j) if job.on_token is not None else None)
+                prefixes.append(job.prefixes)
+        run.add(prompts, seeds, configs, tags, hooks=hooks, prefixes=prefixes)
+
+    @staticmethod
+    def _fail(jobs: list[Job], e: Exception) -> None:
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(e)
+
+    # -- the commit thread ------------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while True:
+            jobs = self._commits.get()
             if jobs is None:
                 return
-            self._run(jobs)
-
-    def _run(self, jobs: list[Job]) -> None:
-        model, adapter, forward = self.slot.get()
-        done: list[tuple[Job, list[Sample]]] = []
-        groups: dict[tuple, list[Job]] = {}
-        for job in jobs:
-            groups.setdefault(job.key, []).append(job)
-        for group in groups.values():
+            while True:  # everything ended meanwhile goes in the same transaction
+                try:
+                    more = self._commits.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._commits.put(None)
+                    break
+                jobs += more
             try:
-                done += zip(group, self._sample(model, forward, group))
-            except Exception as e:  # a bug or an out-of-memory: those requests fail, the server goes on
-                for job in group:
-                    job.future.set_exception(e)
-        if not done:
+                records = [job.record(job.samples, job.adapter) for job in jobs]
+                for job, rec in zip(jobs, records):  # what it shared its decode with: the record, the tests
+                    rec.request["batch"] = {"requests": job._shared, "rows": job._rows}
+                self.store.add_exchanges(records)
+            except Exception as e:
+                self._fail(jobs, e)
+                continue
+            self.commits += 1
+            self.rows += sum(job.n for job in jobs)
+            for job, rec in zip(jobs, records):
+                job.future.set_result((job.samples, rec))
+
+
+def _hook(job: Job, choice: int) -> Callable[[int], None]:
+    def hook(token: int) -> None:
+        if job.on_token is None:
             return
         try:
-            records = [job.record(samples, adapter) for job, samples in done]
-            for rec in records:  # what shared the batch: for the record, and the tests of independence
-                rec.request["batch"] = {"requests": len(done), "rows": sum(job.n for job, _ in done)}
-            self.store.add_exchanges(records)
-        except Exception as e:
-            for job, _ in done:
-                job.future.set_exception(e)
-            return
-        self.batches += 1
-        self.rows += sum(job.n for job, _ in done)
-        for (job, samples), rec in zip(done, records):
-            job.future.set_result((samples, rec))
+            job.on_token(choice, token)
+        except Exception:  # a streaming consumer's failure never stops the decode (the exchange is still recorded)
+            job.on_token = None
 
-    def _sample(self, model, forward, group: list[Job]) -> list[list[Sample]]:
-        budget = max(job.config.max_new_tokens for job in group)
-        prompts, seeds = [], []
-        for job in group:
-            prompts += [job.prompt] * job.n
-            seeds += [(job.config.seed, j) for j in range(job.n)]
-        cfg = replace(group[0].config, max_new_tokens=budget, seed=0, batch_size=max(len(prompts), 1))
-        out = sample(model, self.tok, prompts, cfg, row_seeds=seeds, forward=forward)
-        result, at = [], 0
-        for job in group:
-            result.append([self._cut(s, job.config.max_new_tokens) for s in out[at : at + job.n]])
-            at += job.n
-        return result
-
-    def _cut(self, s: Sample, budget: int) -> Sample:
-        """A row sampled with a larger budget, cut to its own: exactly what it would have drawn."""
-        if len(s.token_ids) <= budget:
-            return s
-        ids = s.token_ids[:budget]
-        return Sample(ids, decode(self.tok, ids), "length", s.prompt_len)
+    return hook

@@ -16,6 +16,14 @@ rendered from the recorded stream:
 
 An assistant message that matches no recorded sample was written by someone else: it is recorded
 as the client's (`teacher` by default, `--client-assistant AUTHOR` changes it).
+
+`tool_choice` is enforced as vLLM enforces it, by constraining what the model may write: `required`
+makes every choice begin with the tool-call convention's opening up to a function name of `tools`
+and its arguments key (`<tool_call>\n{"name": "NAME", "arguments": `; the model picks the name
+among the tools by its own probabilities), a named function forces that opening with its name
+(`call_prefixes`). The arguments are the model's; a forced call always comes back as a tool call,
+its `arguments` as written when they are not JSON (as OpenAI warns they may not be).
+`StreamedContent` is the content a streamed choice may show while it is being drawn.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any
 from dostream.render import decode
 from dostream.sampling import Sample
 from dostream.stream import Segment
-from dostream.toolcalls import call_parts, parse_calls
+from dostream.toolcalls import CALL_CLOSE, CALL_OPEN, call_parts, format_calls, parse_calls
 
 _VERSION = "dostream-serve-1"  # changes every key if the canonical form ever changes
 _ROLES = {"developer": "system", "function": "tool", "ipython": "tool"}
@@ -126,26 +134,110 @@ class FieldError(ValueError):
         super().__init__(f"{field}: {message}")
 
 
-def reply(sample: Sample, tok, stop: tuple[str, ...], *, tools: bool, call_prefix: str) -> tuple[dict, str]:
+def call_prefixes(tok, tools: list[dict] | None, tool_choice: Any) -> tuple[tuple[int, ...], ...] | None:
+    """The token sequences every choice must begin with under `tool_choice` (None: no constraint):
+    for `required` one per tool, for a named function that function's."""
+    if not tools or tool_choice in ("none", "auto"):
+        return None
+    names = [t["function"]["name"] for t in tools]
+    if isinstance(tool_choice, dict):
+        names = [tool_choice["function"]["name"]]
+    out = []
+    for name in names:
+        text = format_calls([{"name": name, "arguments": {}}])  # the convention's one spelling
+        out.append(tuple(tok(text[: text.rindex("{}")], add_special_tokens=False)["input_ids"]))
+    return tuple(out)
+
+
+_FORCED = re.compile(r'\s*<tool_call>\s*\{"name":\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments":\s*', re.DOTALL)
+
+
+def _forced_call(text: str, call_id: str) -> dict | None:
+    """The call a forced opening began, when `parse_calls` found no whole one: its name, and its
+    arguments as JSON if they parse, else as the model wrote them (up to `</tool_call>`)."""
+    m = _FORCED.match(text)
+    if m is None:
+        return None
+    rest = text[m.end() :]
+    try:
+        args, _ = json.JSONDecoder().raw_decode(rest)
+        arguments = json.dumps(args, ensure_ascii=False)
+    except json.JSONDecodeError:
+        arguments = rest.split(CALL_CLOSE)[0].strip()
+    return {"id": call_id, "type": "function", "function": {"name": json.loads(m.group(1)), "arguments": arguments}}
+
+
+def _visible(sample_text: str, finish: str, tok, sample: Sample, stop: tuple[str, ...]) -> str:
+    """The text less the end-of-turn token it sampled and less a stop string and what followed it."""
+    text = sample_text
+    if finish == "eos" and sample.token_ids:
+        end = decode(tok, sample.token_ids[-1:])
+        if end and text.endswith(end):
+            text = text[: -len(end)]
+    elif finish == "stop":
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+    return text
+
+
+def reply(
+    sample: Sample, tok, stop: tuple[str, ...], *, tools: bool, call_prefix: str, forced: bool = False
+) -> tuple[dict, str]:
     """The OpenAI `message` for a sample and its `finish_reason`.
 
     The content is what the model wrote, less the end-of-turn token it sampled and less a stop
     string and what followed it in its last token (as OpenAI returns it); with tools in force,
-    `<tool_call>` blocks become `tool_calls`. The recorded segment keeps every sampled id."""
-    text = sample.text
-    if sample.finish_reason == "eos" and sample.token_ids:
-        end = decode(tok, sample.token_ids[-1:])
-        if end and text.endswith(end):
-            text = text[: -len(end)]
-    elif sample.finish_reason == "stop":
-        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text = text[:cut]
+    `<tool_call>` blocks become `tool_calls` (`forced`: the sample began with a forced call opening,
+    which comes back as a call whatever followed it). The recorded segment keeps every sampled id."""
+    text = _visible(sample.text, sample.finish_reason, tok, sample, stop)
     calls: list[dict] = []
     if tools:
+        raw = text
         text, calls = parse_calls(text, id_prefix=call_prefix)
+        if forced and not calls:
+            call = _forced_call(raw, f"{call_prefix}0")
+            if call is not None:
+                text, calls = "", [call]
     message: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
     if calls:
         message["tool_calls"] = calls
     finish = "tool_calls" if calls else ("length" if sample.finish_reason == "length" else "stop")
     return message, finish
+
+
+class StreamedContent:
+    """The content of one streamed choice while it is drawn: `push(token)` returns the new text to
+    send, always a prefix of the content `reply` gives at the end (`rest(message)` is what is left).
+
+    Held back until it is settled: text from a stop string, an end-of-turn token or (tools in
+    force) `<tool_call>` on, a tail that could begin one of those, an unfinished UTF-8 character;
+    with tools, leading and trailing whitespace (the final content is stripped)."""
+
+    def __init__(self, tok, stop: tuple[str, ...], eos: set[int], *, tools: bool):
+        self.tok, self.tools = tok, tools
+        self.markers = [*stop, *(decode(tok, [e]) for e in sorted(eos))] + ([CALL_OPEN] if tools else [])
+        self.markers = [m for m in self.markers if m]
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = decode(self.tok, self.ids)
+        cut = min((i for i in (text.find(m) for m in self.markers) if i >= 0), default=len(text))
+        text = text[:cut]
+        for k in range(min(len(text), max(map(len, self.markers), default=1) - 1), 0, -1):
+            if any(m.startswith(text[-k:]) for m in self.markers):  # could become a marker
+                text = text[:-k]
+                break
+        text = text.rstrip("\ufffd")
+        if self.tools:
+            text = text.strip()
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        new, self.sent = text[len(self.sent) :], text
+        return new
+
+    def rest(self, message: dict) -> str:
+        content = message.get("content") or ""
+        return content[len(self.sent) :] if content.startswith(self.sent) else ""

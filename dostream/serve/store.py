@@ -10,6 +10,9 @@
                    message): a later request that starts with those messages continues that choice
     feedback       one per `POST /v1/feedback`: the exchange and choice it speaks of, its author
                    (`verifier`, `oracle`, `user`, ...), its text, an optional reward
+    adapter_updates  one per update of the served adapter (`serve/learn.py`) or rollback: the
+                   candidate, accepted or rejected and why, the gate's results, the exchanges and
+                   feedback it had seen; `current`: the adapter in force after it (same transaction)
     api_keys       one per key made by `dostream serve keys add`: its id, a SHA-256 of the key (the
                    key itself is shown once and never stored), scopes, revocation time
 
@@ -96,6 +99,25 @@ CREATE TABLE IF NOT EXISTS api_keys (
 );
 """
 
+# The learner's table (serve/learn.py), made when a store is opened to write: a store written
+# before it existed still opens read-only (streams export).
+LEARN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapter_updates (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    candidate TEXT,
+    accepted INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    gate TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    exchanges_upto INTEGER NOT NULL,
+    feedback_upto INTEGER NOT NULL,
+    current TEXT,
+    current_version INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
 SCOPES = ("chat", "feedback", "admin")
 
 
@@ -159,7 +181,7 @@ class ServeStore:
         else:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.db = connect(self.path, SCHEMA, check_same_thread=False)
+            self.db = connect(self.path, SCHEMA + LEARN_SCHEMA, check_same_thread=False)
         self.lock = threading.RLock()
 
     @classmethod
@@ -366,6 +388,106 @@ class ServeStore:
                 meta["branch"] = f"{leaf[0]}.{leaf[1]}"
             streams.append(Stream(sid, segments, meta))
         return streams
+
+    # -- adapter updates (serve/learn.py) ---------------------------------------------------
+    def add_adapter_update(
+        self,
+        kind: str,
+        candidate: str | None,
+        accepted: bool,
+        reason: str,
+        gate: dict[str, Any],
+        metrics: dict[str, Any],
+        upto: tuple[int, int],
+        current: tuple[str | None, int] | None = None,
+    ) -> int:
+        """Record an update (`kind` "update") or a rollback ("rollback"); returns its version (its
+        id). The adapter in force after it, `current` = (adapter, version), goes in the same
+        transaction: an accepted update's own candidate unless given, else the one in force before."""
+        with self.lock:
+            version = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM adapter_updates").fetchone()[0]
+            if current is None:
+                current = (candidate, version) if accepted else self.adapter_in_force()
+            transaction(
+                self.db,
+                [
+                    (
+                        "INSERT INTO adapter_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            version,
+                            kind,
+                            candidate,
+                            int(accepted),
+                            reason,
+                            json.dumps(gate, ensure_ascii=False),
+                            json.dumps(metrics, ensure_ascii=False),
+                            upto[0],
+                            upto[1],
+                            current[0],
+                            current[1],
+                            time.time(),
+                        ),
+                    )
+                ],
+            )
+        return version
+
+    def adapter_in_force(self) -> tuple[str | None, int]:
+        """(adapter, version) in force after the last update or rollback; (None, 0) before any."""
+        row = self._one("SELECT current, current_version FROM adapter_updates ORDER BY id DESC LIMIT 1")
+        return (None, 0) if row is None else (row[0], row[1])
+
+    def adapter_updates(self) -> list[dict[str, Any]]:
+        cols = ("id", "kind", "candidate", "accepted", "reason", "gate", "metrics", "exchanges_upto")
+        cols += ("feedback_upto", "current", "current_version", "created")
+        rows = self._all(f"SELECT {', '.join(cols)} FROM adapter_updates ORDER BY id")
+        return [
+            {**dict(zip(cols, r)), "accepted": bool(r[3]), "gate": json.loads(r[5]), "metrics": json.loads(r[6])}
+            for r in rows
+        ]
+
+    def learned_upto(self) -> tuple[int, int]:
+        """(exchange seq, feedback seq) every update so far has seen (-1, -1 before any)."""
+        row = self._one("SELECT MAX(exchanges_upto), MAX(feedback_upto) FROM adapter_updates WHERE kind = 'update'")
+        return (-1 if row[0] is None else row[0], -1 if row[1] is None else row[1])
+
+    def latest_seqs(self) -> tuple[int, int]:
+        """(the newest exchange seq, the newest feedback seq); -1 where there is none."""
+        ex = self._one("SELECT COALESCE(MAX(seq), -1) FROM exchanges")[0]
+        fb = self._one("SELECT COALESCE(MAX(seq), -1) FROM feedback")[0]
+        return ex, fb
+
+    def conversations_since(self, upto: tuple[int, int]) -> tuple[list[str], list[str]]:
+        """(conversations with an exchange or feedback after `upto`, the others), each in order of
+        their first exchange."""
+        rows = self._all(
+            "SELECT conversation FROM exchanges WHERE seq > ? UNION SELECT conversation FROM feedback WHERE seq > ?",
+            upto,
+        )
+        touched = {r[0] for r in rows}
+        every = self.conversations()
+        return [c for c in every if c in touched], [c for c in every if c not in touched]
+
+    def rewarded(self, upto: int, limit: int) -> list[tuple[int, int, float]]:
+        """The newest `limit` (exchange seq, choice, reward) with a positive reward from feedback on
+        exchanges up to `upto`: what the agent already answered well."""
+        rows = self._all(
+            "SELECT exchange, choice, reward FROM feedback WHERE reward > 0 AND exchange <= ? "
+            "GROUP BY exchange, choice ORDER BY exchange DESC LIMIT ?",
+            (upto, limit),
+        )
+        return [(r[0], r[1], r[2]) for r in reversed(rows)]
+
+    def usage_totals(self, after: int) -> tuple[int, int, int, int]:
+        """(exchanges, prompt tokens, completion tokens, the newest seq) of exchanges after seq
+        `after`: what the metrics add up incrementally."""
+        row = self._one(
+            "SELECT COUNT(*), COALESCE(SUM(json_extract(request, '$.usage.prompt_tokens')), 0), "
+            "COALESCE(SUM(json_extract(request, '$.usage.completion_tokens')), 0), COALESCE(MAX(seq), ?) "
+            "FROM exchanges WHERE seq > ?",
+            (after, after),
+        )
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
 
     # -- API keys ---------------------------------------------------------------------------
     def add_key(self, name: str, scopes: tuple[str, ...]) -> tuple[str, str]:

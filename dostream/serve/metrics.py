@@ -1,0 +1,115 @@
+"""`GET /metrics`: the server in Prometheus text format (`prometheus_client`).
+
+    dostream_requests_total{route, status}        HTTP requests answered (counted in this process)
+    dostream_request_latency_seconds{route}       a histogram of their latency (until the response starts)
+    dostream_exchanges_total                      exchanges recorded in the store (all time)
+    dostream_tokens_total{kind=prompt|completion} their tokens, from each exchange's usage
+    dostream_updates_total{result=accepted|rejected}, dostream_rollbacks_total   from the store
+    dostream_adapter_version                      the version in force (0: the adapter served at start)
+    dostream_update_running                       1 while the learner trains or gates a candidate
+
+The store's numbers are read at scrape time (added up incrementally), so they survive restarts;
+each server has its own registry (tests run several in one process).
+
+>>> from prometheus_client.parser import text_string_to_metric_families   # doctest: +SKIP
+>>> [f.name for f in text_string_to_metric_families(httpx.get(URL + "/metrics").text)]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from fastapi import Request  # at module level: FastAPI resolves handler annotations from the module's names
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Latency buckets (s): a CPU server's answers take from milliseconds (errors) to a minute (a full batch).
+BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _StoreCollector:
+    """What the store knows: exchanges and tokens (incrementally), updates, the version in force."""
+
+    def __init__(self, server):
+        self.server = server
+        self._lock = threading.Lock()
+        self._seen, self._exchanges, self._prompt, self._completion = -1, 0, 0, 0
+
+    def collect(self):
+        store = self.server.store
+        with self._lock:
+            n, prompt, completion, last = store.usage_totals(self._seen)
+            self._seen, self._exchanges = last, self._exchanges + n
+            self._prompt, self._completion = self._prompt + prompt, self._completion + completion
+            exchanges, prompt, completion = self._exchanges, self._prompt, self._completion
+        yield CounterMetricFamily("dostream_exchanges", "exchanges recorded in the store", value=exchanges)
+        tokens = CounterMetricFamily("dostream_tokens", "tokens of the recorded exchanges", labels=["kind"])
+        tokens.add_metric(["prompt"], prompt)
+        tokens.add_metric(["completion"], completion)
+        yield tokens
+        rows = store.adapter_updates()
+        updates = CounterMetricFamily("dostream_updates", "adapter updates, by the gate's result", labels=["result"])
+        updates.add_metric(["accepted"], sum(1 for u in rows if u["kind"] == "update" and u["accepted"]))
+        updates.add_metric(["rejected"], sum(1 for u in rows if u["kind"] == "update" and not u["accepted"]))
+        yield updates
+        yield CounterMetricFamily(
+            "dostream_rollbacks", "rollbacks of the adapter", value=sum(1 for u in rows if u["kind"] == "rollback")
+        )
+        yield GaugeMetricFamily(
+            "dostream_adapter_version", "the adapter version in force", value=store.adapter_in_force()[1]
+        )
+        learner = getattr(self.server, "learner", None)
+        running = 1 if learner is not None and learner.running else 0
+        yield GaugeMetricFamily("dostream_update_running", "1 while an update is in progress", value=running)
+
+
+class ServeMetrics:
+    """One server's registry: request counters and latency (observed by the app's middleware) and
+    the store's numbers (read at scrape time)."""
+
+    def __init__(self, server):
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "dostream_requests", "HTTP requests answered", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "dostream_request_latency_seconds", "HTTP request latency", ["route"], buckets=BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.registry.register(_StoreCollector(server))
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def install(app, server) -> None:
+    """The middleware that counts and times every request (by route template, so an unknown path
+    cannot grow the label set), and `GET /metrics` (a key with the `chat` scope: Prometheus sends it
+    with `authorization: {credentials: KEY}` in its scrape config)."""
+    from fastapi.responses import Response
+    from starlette.concurrency import run_in_threadpool
+
+    metrics: ServeMetrics = server.metrics
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - t0)
+
+    @app.get("/metrics")
+    async def scrape(request: Request):
+        server.auth.check(request.headers.get("authorization"), "chat")
+        return Response(await run_in_threadpool(metrics.text), media_type=CONTENT_TYPE)
