@@ -790,3 +790,21 @@ def test_sigkill_at_random_points_loses_nothing_acknowledged(tmp_path, tok):
         before = {e for e in rows if e in acked}
         assert raw.headers["x-conversation-id"] in {s.meta["conversation"] for s in exported}
         assert before
+
+
+def test_dtype_auto_follows_the_measured_bf16_rate(tmp_path, monkeypatch, tok):
+    """`--dtype auto`: bf16 where a bf16 matmul measures faster, fp32 where it is emulated; a
+    forced bf16 on such a CPU warns with the measured rate."""
+    import dostream.train as tr
+
+    monkeypatch.setattr(tr.torch.cuda, "is_available", lambda: False)
+    for rate, want in ((7.0, "bf16"), (0.006, "fp32")):
+        monkeypatch.setattr(tr, "bf16_speedup", lambda device_type, rate=rate: rate)
+        server = Server(ServeConfig(model="tiny", store=str(tmp_path / want), dtype="auto"), env_key=KEY, tok=tok)
+        model = server.slot.get()[0]
+        assert server.dtype == want
+        assert next(model.parameters()).dtype == (torch.bfloat16 if want == "bf16" else torch.float32)
+    with pytest.warns(UserWarning, match="emulated"):
+        Server(ServeConfig(model="tiny", store=str(tmp_path / "forced"), dtype="bf16"), env_key=KEY, tok=tok)
+    with pytest.raises(ValueError, match="--dtype"):
+        ServeConfig(model="tiny", store=str(tmp_path), dtype="fp16")
