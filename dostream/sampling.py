@@ -29,6 +29,18 @@ top 64 tokens, then 1024, and only rows whose nucleus is larger still are sorted
 Randomness is per row: row `i` draws from its own generator seeded by `(seed, i)`, so a row's
 sample depends on its prompt, its index and the seed, not on which prompts share its batch or on
 `batch_size` (up to float rounding, which differs between batch shapes).
+
+A `PrefixCache` (the server keeps one per model in force) holds the keys and values of leading
+token prefixes that prompts share, the chat template's head and default system prompt above all;
+a row that begins with one prefills only the rest (SmolLM2-135M, fp32, one CPU thread, 32 chat
+prompts of ~37 tokens: 77 -> 28 ms of prefill per request, 165 -> 114 ms with 22 new tokens).
+Rounding: the prefix's keys and values come from a one-row prefill of the prefix alone, and the
+rest attends to them laid out as in a prefill of the whole prompt (left padding first, never
+inside a row: `_prefixed_cache`). So prefix reuse changes a row's logits by float rounding of
+the kind its batch mates cause (measured: none, bit for bit the same through `CachedForward` on
+SmolLM2-135M in fp32 and on a tiny test model; ~5e-6 through the model's own forward), and its
+ids only where that rounding decides. Tests hold a row's greedy and seeded ids with the cache
+equal to those without it and to those it draws alone (tiny models, fp32).
 """
 
 from __future__ import annotations
@@ -345,25 +357,42 @@ def _buckets(lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _prefill_parts(model, prompts: list[tuple[int, ...]], pad: int, step: CachedForward | None, buckets: bool = True):
-    """Run the prompts (sorted by length) through the model (or `step`) in buckets of similar
-    length, so padding costs little compute: yields (lo, hi, width, the bucket's own cache, its
-    last-position logits) per bucket of prompts[lo:hi], each left padded to its width."""
+def _prefill_parts(
+    model,
+    prompts: list[tuple[int, ...]],
+    pad: int,
+    step: CachedForward | None,
+    buckets: bool = True,
+    hits: list[_CachedPrefix | None] | None = None,
+):
+    """Run the prompts through the model (or `step`) in buckets of similar length, so padding costs
+    little compute: yields (lo, hi, width, the bucket's own cache, its last-position logits) per
+    bucket of prompts[lo:hi], each left padded to its width.
+
+    `hits[i]`: a cached prefix of prompt i (`PrefixCache.hits`) whose keys and values stand in for
+    its first tokens, so only the rest runs (prompts are then sorted by the length of that rest):
+    the bucket's cache holds them where a prefill of the whole prompts would have put them
+    (`_prefixed_cache`), so every row is laid out as then, left padding first."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     cache_kw = cache_kwarg(model)
-    for lo, hi in _buckets([len(p) for p in prompts]) if buckets else [(0, len(prompts))]:
-        w = max(len(p) for p in prompts[lo:hi])
-        ids = torch.full((hi - lo, w), pad, dtype=torch.long)
-        mask = torch.zeros((hi - lo, w), dtype=torch.long)
-        for r, p in enumerate(prompts[lo:hi]):  # left padding: every row's next token goes in the last column
-            ids[r, w - len(p) :] = torch.tensor(p)
-            mask[r, w - len(p) :] = 1
+    starts = [len(h.ids) if h is not None else 0 for h in hits] if hits else [0] * len(prompts)
+    rest = [len(p) - s for p, s in zip(prompts, starts)]
+    for lo, hi in _buckets(rest) if buckets else [(0, len(prompts))]:
+        width, new = max(len(p) for p in prompts[lo:hi]), max(rest[lo:hi])
+        ids = torch.full((hi - lo, new), pad, dtype=torch.long)
+        mask = torch.zeros((hi - lo, width), dtype=torch.long)
+        for r, (p, s) in enumerate(zip(prompts[lo:hi], starts[lo:hi])):
+            ids[r, new - len(p) + s :] = torch.tensor(p[s:])  # left padding: the next token goes in the last column
+            mask[r, width - len(p) :] = 1
         mask = mask.to(device)
-        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # as transformers' generate
-        part = DynamicCache(config=model.config)
+        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, width - new :]  # as transformers' generate
+        if any(starts[lo:hi]):
+            part = _prefixed_cache(model.config, hits[lo:hi], rest[lo:hi], width, new)
+        else:
+            part = DynamicCache(config=model.config)
         if step is not None:
             logits = step(ids.to(device), position, mask, part)
         else:
@@ -375,12 +404,62 @@ def _prefill_parts(model, prompts: list[tuple[int, ...]], pad: int, step: Cached
                 use_cache=True,
                 **extra,
             ).logits[:, -1]
-        yield lo, hi, w, part, logits
+        yield lo, hi, width, part, logits
 
 
-def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, step: CachedForward | None = None):
-    """Prefill the prompts (sorted by length) in buckets (`_prefill_parts`) and gather their caches,
-    left padded, into one reserved cache of `capacity` columns.
+def _prefixed_cache(model_config, hits: list[_CachedPrefix | None], rest: list[int], width: int, new: int):
+    """A bucket's prefill cache in which row r's cached prefix sits right before its rest[r] new
+    tokens, right aligned in `width` columns: the layout of a prefill of the whole prompts.
+
+    The forward runs `new` columns of new tokens; a row with fewer has padding tokens in the first
+    ones, where its prefix may end: there the layer keeps the prefix's keys and values and drops
+    what the padding tokens computed. So a row's real columns are contiguous, never with padding
+    inside them (padding inside changes how the attention sums round, while leading padding
+    leaves it as it is: the row then samples bit for bit as it does beside other batch mates)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class PrefixedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            key_states = torch.where(real, key_states, self.tail_keys)
+            value_states = torch.where(real, value_states, self.tail_values)
+            return super().update(key_states, value_states)
+
+    first = next(h for h in hits if h is not None)
+    device = first.keys[0].device
+    real = torch.zeros(len(hits), 1, new, 1, dtype=torch.bool, device=device)
+    for r, n in enumerate(rest):
+        real[r, :, new - n :] = True
+    groups: dict[tuple[int, int], tuple[_CachedPrefix, list[int]]] = {}  # (prefix, where it ends) -> rows
+    for r, (h, n) in enumerate(zip(hits, rest)):
+        if h is not None:
+            groups.setdefault((id(h), n), (h, []))[1].append(r)
+    cache = DynamicCache(config=model_config)
+    cache.layers = []
+    for i, (k0, v0) in enumerate(zip(first.keys, first.values)):
+        keys = k0.new_zeros(len(hits), k0.shape[1], width, k0.shape[3])
+        values = v0.new_zeros(len(hits), v0.shape[1], width, v0.shape[3])
+        for (_, n), (h, rows) in groups.items():  # (a prefix several rows share: one copy per layer)
+            keys[rows, :, width - n - len(h.ids) : width - n] = h.keys[i]
+            values[rows, :, width - n - len(h.ids) : width - n] = h.values[i]
+        layer = PrefixedLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys[:, :, : width - new], values[:, :, : width - new]
+        layer.tail_keys, layer.tail_values = keys[:, :, width - new :], values[:, :, width - new :]
+        cache.layers.append(layer)
+    return cache
+
+
+def _prefill(
+    model,
+    prompts: list[tuple[int, ...]],
+    pad: int,
+    capacity: int,
+    step: CachedForward | None = None,
+    hits: list[_CachedPrefix | None] | None = None,
+):
+    """Prefill the prompts (sorted as `_prefill_parts` wants them) in buckets and gather their
+    caches, left padded, into one reserved cache of `capacity` columns.
     Returns (cache, last-position logits, attention mask, whether the cache is the reserved one)."""
     device = next(model.parameters()).device
     width = max(map(len, prompts))
@@ -391,7 +470,7 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, ste
     cache = _reserved_cache(model.config, capacity)
     logits = []
     for lo, hi, w, part, lg in _prefill_parts(
-        model, prompts, pad, step if cache is not None else None, cache is not None
+        model, prompts, pad, step if cache is not None else None, cache is not None, hits if cache is not None else None
     ):
         logits.append(lg)
         if cache is None:
@@ -399,6 +478,108 @@ def _prefill(model, prompts: list[tuple[int, ...]], pad: int, capacity: int, ste
         for layer, done in zip(cache.layers, part.layers):
             layer.load(lo, hi, width - w, done.keys, done.values, len(prompts))
     return cache, torch.cat(logits), mask, True
+
+
+@dataclass(eq=False)
+class _CachedPrefix:
+    """A cached prefix: its token ids and, per layer, its keys and values (1, kv_heads, len, head_dim)."""
+
+    ids: tuple[int, ...]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+class PrefixCache:
+    """Keys and values of leading token prefixes that prompts share (a chat template's head and
+    default system prompt, a tools preamble, an instruction), computed once for one model and reused:
+    a prompt that begins with a cached prefix prefills only the rest (`Decode(prefix_cache=...)`).
+
+    Entries are made from the prompts themselves, never from text: a prompt's longest common prefix
+    with another prompt of the same `Decode.add` or one of the last `history` prompts (one token short
+    of the whole prompt at most: its last position's logits are needed) becomes an entry when it is
+    at least `min_tokens` longer than the entry the prompt already has. A prefix that is a whole
+    earlier prompt is not one: that is a conversation going on, which would prefill the same tokens
+    once either way. Entries are kept exact (keyed by their ids) and least recently used first out,
+    at most `entries` of them and `tokens` tokens in all.
+
+    The cache belongs to the model it was made for: `Decode` refuses another model's (a hot swap
+    through `serve.batcher.ModelSlot` starts a new cache). Models whose cache is not the sampler's
+    reserved one (sliding windows, ...) get no entries.
+
+    >>> run = Decode(model, tok, prefix_cache=PrefixCache(model))   # doctest: +SKIP
+    """
+
+    def __init__(self, model, *, entries: int = 8, tokens: int = 4096, min_tokens: int = 16, history: int = 64):
+        from collections import OrderedDict, deque
+
+        self.model, self.max_entries, self.max_tokens, self.min_tokens = model, entries, tokens, min_tokens
+        self.usable = _reserved_cache(model.config, 1) is not None
+        self._entries: OrderedDict[tuple[int, ...], _CachedPrefix] = OrderedDict()
+        self._history: deque[tuple[int, ...]] = deque(maxlen=history)
+        # Counters (tests, benchmarks): entries made, prompt tokens their rows did not prefill.
+        self.made = self.reused = 0
+
+    def hits(self, prompts: list[tuple[int, ...]], pad: int, step: CachedForward | None) -> list[_CachedPrefix | None]:
+        """For each prompt, its longest cached prefix (shorter than the prompt), after making the
+        entries these prompts call for (each prefilled once, on top of the longest entry it extends)."""
+        if not self.usable:
+            return [None] * len(prompts)
+        for ids in sorted(self._wanted(prompts), key=len):
+            base = self._longest(ids)
+            if len(ids) - (len(base.ids) if base else 0) < self.min_tokens:
+                continue
+            [(_, _, _, part, _)] = _prefill_parts(self.model, [ids], pad, step, hits=[base])
+            self._put(_CachedPrefix(ids, [a.keys for a in part.layers], [a.values for a in part.layers]))
+        self._history.extend(prompts)
+        found = [self._longest(p) for p in prompts]
+        self.reused += sum(len(h.ids) for h in found if h is not None)
+        return found
+
+    def _wanted(self, prompts: list[tuple[int, ...]]) -> set[tuple[int, ...]]:
+        """The prefixes worth an entry: for each prompt its longest common prefix with a prompt
+        seen recently or beside it (found among its neighbours in sorted order)."""
+        seen = set(self._history)
+        known = sorted(seen | set(prompts))
+        at = {p: i for i, p in enumerate(known)}
+        wanted = set()
+        for p in set(prompts):
+            have = self._longest(p, touch=False)
+            best = 0
+            for q in known[max(0, at[p] - 1) : at[p] + 2]:
+                n = min(_common(p, q), len(p) - 1)
+                if (q != p or p in seen) and n != len(q):  # (a prompt sent again: all but its last token)
+                    best = max(best, n)
+            if best >= (len(have.ids) if have else 0) + self.min_tokens and best <= self.max_tokens:
+                wanted.add(p[:best])
+        return wanted
+
+    def _longest(self, ids: tuple[int, ...], touch: bool = True) -> _CachedPrefix | None:
+        """The longest entry that is a prefix of `ids` and shorter (marked recently used)."""
+        best = None
+        for key, entry in self._entries.items():
+            if len(key) < len(ids) and ids[: len(key)] == key and (best is None or len(key) > len(best.ids)):
+                best = entry
+        if best is not None and touch:
+            self._entries.move_to_end(best.ids)
+        return best
+
+    def _put(self, entry: _CachedPrefix) -> None:
+        self._entries[entry.ids] = entry
+        self.made += 1
+        while len(self._entries) > self.max_entries or sum(map(len, self._entries)) > self.max_tokens:
+            self._entries.popitem(last=False)
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """The length of the longest common prefix of a and b (by halving: slices compare in C)."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; no longer than hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @dataclass
@@ -441,11 +622,23 @@ class Decode:
     what they allow). Row r's t-th token uses the t-th uniform of its own generator, whatever shares
     the batch and whenever it joined, so it draws what it would alone, up to float rounding.
     Models whose cache is not the reserved one (sliding windows, ...) decode a batch but take no
-    rows into it once it runs (`joinable`).
+    rows into it once it runs (`joinable`). `prefix_cache`: a `PrefixCache` made for `model`, kept
+    between decodes by a caller whose prompts share leading tokens (the server): joining rows
+    prefill only what follows their longest cached prefix.
     """
 
-    def __init__(self, model, tokenizer, *, forward: CachedForward | None = None, eos: set[int] | None = None):
-        self.model, self.tok, self.forward = model, tokenizer, forward
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        forward: CachedForward | None = None,
+        eos: set[int] | None = None,
+        prefix_cache: PrefixCache | None = None,
+    ):
+        if prefix_cache is not None and prefix_cache.model is not model:
+            raise ValueError("this prefix cache was made for another model: its keys and values are not this model's")
+        self.model, self.tok, self.forward, self.prefix_cache = model, tokenizer, forward, prefix_cache
         self.eos = set(eos) if eos is not None else default_eos(model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self.device = next(model.parameters()).device
@@ -474,7 +667,15 @@ class Decode:
             return
         if self.rows and not self.joinable:
             raise RuntimeError("this model's cache takes no rows into a running decode")
-        unique = sorted({tuple(p) for p in prompts}, key=lambda p: (len(p), p))
+        unique = sorted({tuple(p) for p in prompts})
+        hits = (
+            self.prefix_cache.hits(unique, self.pad, self.forward)
+            if self.prefix_cache is not None
+            else [None] * len(unique)
+        )
+        # Sorted by what is left to prefill (the whole prompt where no prefix is cached).
+        pairs = sorted(zip(unique, hits), key=lambda u: (len(u[0]) - (len(u[1].ids) if u[1] else 0), u[0]))
+        unique, hits = [p for p, _ in pairs], [h for _, h in pairs]
         index = {p: u for u, p in enumerate(unique)}
         inverse = [index[tuple(p)] for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: inverse[i])  # slots in prefill order
@@ -483,7 +684,7 @@ class Decode:
         if self.cache is None:
             room = min(max(c.max_new_tokens for c in configs), _RESERVE_FIRST)
             self.cache, logits, mask, reserved = _prefill(
-                self.model, unique, self.pad, len(unique[-1]) + room, self.forward
+                self.model, unique, self.pad, max(map(len, unique)) + room, self.forward, hits
             )
             self.joinable = reserved
             self.forward = self.forward if reserved else None  # (no reserved cache: layers other than full attention)
@@ -492,7 +693,7 @@ class Decode:
                 mask, logits = mask[inv], logits[inv]
             self.mask, self.logits, self.position = mask, logits, positions
         else:
-            width = len(unique[-1])
+            width = max(map(len, unique))
             more = 0
             for layer in self.cache.layers:
                 more = layer.make_room(len(self.rows) + len(prompts), width)
@@ -502,7 +703,7 @@ class Decode:
             for r, i in enumerate(order):
                 mask[r, mask.shape[1] - len(prompts[i]) :] = 1
             logits = []
-            for lo, hi, _, part, lg in _prefill_parts(self.model, unique, self.pad, self.forward):
+            for lo, hi, _, part, lg in _prefill_parts(self.model, unique, self.pad, self.forward, hits=hits):
                 pick = inv[(inv >= lo) & (inv < hi)] - lo
                 for layer, done in zip(self.cache.layers, part.layers):
                     layer.append(done.keys[pick], done.values[pick])

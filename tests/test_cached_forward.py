@@ -111,6 +111,39 @@ def test_prefill_equals_the_models_forward(models, tok, which):
         torch.testing.assert_close(a.values * real, b.values * real, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("which", ["llama", "lora", "qwen2"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_prefill_on_cached_prefixes_equals_the_whole_prompts(models, tok, which, fast):
+    """Rows prefilled on cached prefixes (of two lengths, one row with none, remainders of several
+    lengths in one bucket: left padding before the prefix and between it and the new tokens) hold
+    the keys, values and logits of a prefill of their whole prompts, in its layout."""
+    from dostream.sampling import PrefixCache
+
+    model = models[which]
+    step = CachedForward.build(model) if fast else None
+    head = tuple(tok("<|im_start|>system\nYou are a careful assistant.<|im_end|>\n<|im_start|>user\n")["input_ids"])
+    tails = [tuple(tok(p)["input_ids"]) for p in PROMPTS]
+    prompts = [head + tails[0], head + tails[1], head + tails[2], head + tails[0][:3] + tails[2][:-4], tails[2]]
+    cache = PrefixCache(model, min_tokens=2)
+    with torch.inference_mode():
+        # Two prompts seen before: head + tails[0][:3] becomes an entry, then the head; the first
+        # prompt is sent again: all but its last token.
+        cache.hits([head + tails[0], head + tails[0][:3] + tails[1]], tok.pad_token_id, step)
+        hits = cache.hits(prompts, tok.pad_token_id, step)
+        assert [len(h.ids) if h else 0 for h in hits] == [len(prompts[0]) - 1, len(head), len(head), len(head) + 3, 0]
+        pairs = sorted(zip(prompts, hits), key=lambda u: (len(u[0]) - (len(u[1].ids) if u[1] else 0), u[0]))
+        prompts, hits = [p for p, _ in pairs], [h for _, h in pairs]
+        width = max(map(len, prompts))
+        ours, got, mask, _ = _prefill(model, prompts, tok.pad_token_id, width + 4, step, hits)
+        theirs, want, _, _ = _prefill(model, prompts, tok.pad_token_id, width + 4, step)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    real = mask.bool()[:, None, :, None]
+    for a, b in zip(ours.layers, theirs.layers):
+        assert torch.isfinite(a.keys).all() and torch.isfinite(a.values).all()
+        torch.testing.assert_close(a.keys * real, b.keys * real, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(a.values * real, b.values * real, atol=2e-5, rtol=1e-4)
+
+
 def test_greedy_sampling_with_and_without_the_step_agree(models, tok):
     # Greedy: a sampled token may flip where rounding moves a CDF boundary past the row's uniform.
     prompts = [tok(p)["input_ids"] for p in PROMPTS]

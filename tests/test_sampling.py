@@ -438,3 +438,69 @@ def test_prefixes_constrain_the_start_and_count_as_constrained(decisive, tok, pr
     with torch.inference_mode():
         logits = decisive(torch.tensor([prompts[0] + a[:-1]])).logits[0, -1]
     assert forced.ids[len(a) - 1] == max((a[-1], b[-1]), key=lambda t: logits[t])
+
+
+# -- prefix caching: prompts that share leading tokens prefill only the rest ------------------------
+@pytest.fixture(scope="module")
+def chats(tok):
+    """Chat prompts as the server renders them: the template's head and default system prompt, then
+    user turns of several lengths (one sent twice, one a conversation going on)."""
+    renderer = Renderer(tok, chat_template=True)
+    turns = ["What is 2+2?", "Hi", "The resistor carries 2 A at 4 ohm, so what is the voltage?", "Name a colour."]
+    prompts = [renderer.prompt_ids(Stream(str(i), [Segment("user", t, role="user")])) for i, t in enumerate(turns)]
+    go_on = Stream("c", [Segment("user", turns[1], role="user"), Segment("teacher", "Hello!", role="assistant")])
+    go_on.segments.append(Segment("user", "And then?", role="user"))
+    return [*prompts, prompts[0], renderer.prompt_ids(go_on)]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("fast", [True, False])
+def test_rows_on_a_cached_prefix_draw_what_they_draw_without_it(decisive, tok, chats, greedy, fast):
+    """The same rows, joining a running decode in the same waves, with a prefix cache and without:
+    the same ids, and those they draw alone (the cache did make entries and rows did reuse them)."""
+    from dostream.cached_forward import CachedForward
+    from dostream.sampling import Decode, PrefixCache
+
+    configs = [
+        SamplingConfig(greedy=greedy, temperature=0.9, max_new_tokens=n, seed=s, dtype="fp32")
+        for n, s in ((6, 1), (12, 2), (4, 3), (9, 4), (7, 5), (5, 6))
+    ]
+    waves = {0: [0, 1], 2: [2, 3], 3: [4, 5]}  # step -> rows joining before it
+    forward = CachedForward.build(decisive) if fast else None
+
+    def run(prefix_cache):
+        decode, got = Decode(decisive, tok, forward=forward, prefix_cache=prefix_cache), {}
+        for step in range(40):
+            for k in waves.get(step, []):
+                decode.add([chats[k]], [(configs[k].seed, k)], [configs[k]], [k])
+            got.update({row.tag: row.ids for row in decode.step()} if decode.active else {})
+        return got
+
+    cache = PrefixCache(decisive, min_tokens=4)
+    with_cache, without = run(cache), run(None)
+    alone = [
+        sample(decisive, tok, [p], c, row_seeds=[(c.seed, k)])[0].token_ids
+        for k, (p, c) in enumerate(zip(chats, configs))
+    ]
+    assert with_cache == without == dict(enumerate(alone))
+    assert cache.made >= 2 and cache.reused >= 4 * 20  # the head for rows 1..5, and row 0 sent again
+
+
+def test_a_prefix_cache_is_one_models_and_keeps_few_exact_entries(decisive, model, tok, chats):
+    from dostream.sampling import Decode, PrefixCache, _common
+
+    cache = PrefixCache(decisive, entries=2, min_tokens=4)
+    with pytest.raises(ValueError, match="another model"):
+        Decode(model, tok, prefix_cache=cache)  # (a hot swap starts a new cache)
+    first, hi, resistor, _, again, going_on = map(tuple, chats)
+    with torch.inference_mode():
+        hits = cache.hits([first, hi], tok.pad_token_id, None)
+        head = hits[0].ids
+        assert hits[1] is hits[0] and len(head) == _common(first, hi) >= 20 and cache.made == 1
+        # a conversation going on: its earlier prompt is no entry, the head serves it
+        assert cache.hits([going_on], tok.pad_token_id, None)[0].ids == head and cache.made == 1
+        # sent again: all but its last token; two entries at most, the least recently used goes
+        assert cache.hits([again], tok.pad_token_id, None)[0].ids == first[:-1]
+        assert cache.hits([resistor, resistor], tok.pad_token_id, None)[0].ids == head  # (seen once: the head)
+        assert cache.hits([resistor], tok.pad_token_id, None)[0].ids == resistor[:-1]
+    assert list(cache._entries) == [head, resistor[:-1]] and cache.made == 3

@@ -298,7 +298,10 @@ class Scripted(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=True, **kwargs):
         kw = {cache_kwarg(self.model): cache if cache is not None else kwargs.get("past_key_values")}
         self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **kw)
-        self.steps = 0 if input_ids.shape[1] > 1 else self.steps + 1
+        # A decode step runs on the sampler's reserved cache; a prefill (a whole prompt, or the rest
+        # after a cached prefix, which may be one token) on another.
+        layers = getattr(next(iter(kw.values())), "layers", None) or [None]
+        self.steps = self.steps + 1 if type(layers[0]).__name__ == "ReservedLayer" else 0
         logits = torch.full((*input_ids.shape, self.config.vocab_size), -1e4)
         logits[..., self.script[min(self.steps, len(self.script) - 1)]] = 0.0
         return SimpleNamespace(logits=logits)

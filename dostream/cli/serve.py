@@ -93,6 +93,12 @@ def cli_main(argv: list[str]) -> int:
     )
     ap.add_argument("--max-batch-rows", type=int, default=64, help="rows (requests x n) sampled together")
     ap.add_argument("--gather-ms", type=float, default=5.0, help="how long an idle batcher waits for batch mates")
+    ap.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        help="prefill every prompt whole (default: the keys and values of leading tokens prompts share are reused)",
+    )
     ap.add_argument("--max-tokens", type=int, default=d.max_tokens, help="the most max_tokens a request may ask for")
     ap.add_argument(
         "--default-max-tokens", type=int, default=d.default_max_tokens, help="max_tokens when a request gives none"
@@ -137,6 +143,7 @@ def cli_main(argv: list[str]) -> int:
             dtype=args.dtype,
             max_batch_rows=args.max_batch_rows,
             gather_ms=args.gather_ms,
+            prefix_cache=args.prefix_cache,
             limits=limits,
             learn=learn if args.learn else None,
         )

@@ -80,6 +80,7 @@ class ServeConfig:
     gather_ms: float = 5.0
     max_queue: int = 4096
     fast_step: bool = True
+    prefix_cache: bool = True  # reuse the keys and values of prompts' shared leading tokens (--no-prefix-cache)
     limits: Limits = field(default_factory=Limits)
     learn: Any = None  # a `serve.learn.LearnConfig`: learn while serving (--learn)
 
@@ -144,6 +145,7 @@ class Server:
             max_rows=cfg.max_batch_rows,
             gather_s=cfg.gather_ms / 1000,
             max_queue=cfg.max_queue,
+            prefix_cache=cfg.prefix_cache,
         )
         self.started = int(time.time())
         self.learner = Learner(self, cfg.learn)  # updates, the gate, hot swap, rollback (serve/learn.py)

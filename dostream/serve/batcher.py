@@ -22,6 +22,13 @@ says: a row's logits differ with the padding and shape of the batch it shares by
 The model in force is read from a `ModelSlot`: a running decode finishes on the model it started
 with; once the slot holds another model (issue 22's hot swap), new rows wait until the running ones
 have ended, and the next decode starts on the new model.
+
+Prefix cache (on unless `prefix_cache=False`, `dostream serve --no-prefix-cache`): the keys and
+values of leading tokens that prompts share (the chat template's head and default system prompt,
+a tools preamble, a prompt sent again) are kept in a `sampling.PrefixCache` and reused, so a
+joining row prefills only the rest. One cache per value of the slot: a swap, even back to an
+earlier model, starts an empty one, so no row ever reads another model's keys and values. It
+changes a row's logits by float rounding only (`sampling.py`).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from dostream.render import decode
-from dostream.sampling import Decode, Sample, SamplingConfig
+from dostream.sampling import Decode, PrefixCache, Sample, SamplingConfig
 from dostream.serve.store import Exchange, ServeStore
 
 
@@ -95,9 +102,12 @@ class Batcher:
         max_rows: int = 64,
         gather_s: float = 0.005,
         max_queue: int = 4096,
+        prefix_cache: bool = True,
     ):
         self.slot, self.tok, self.store = slot, tok, store
         self.max_rows, self.gather_s, self.max_queue = max_rows, gather_s, max_queue
+        self.prefix_cache = prefix_cache
+        self.prefixes: PrefixCache | None = None  # the cache of the model in force (None: off)
         self._q: queue.Queue[Job | None] = queue.Queue()
         self._commits: queue.Queue[list[Job] | None] = queue.Queue()
         self._waiting = 0  # rows queued, not yet decoding
@@ -170,8 +180,10 @@ class Batcher:
                 break
             current = self.slot.get()
             if run is None or (run.active == 0 and current is not value):
+                if current is not value:  # a new model in force: its own prefix cache
+                    self.prefixes = PrefixCache(current[0]) if self.prefix_cache else None
                 value = current
-                run = Decode(current[0], self.tok, forward=current[2])
+                run = Decode(current[0], self.tok, forward=current[2], prefix_cache=self.prefixes)
             # Admit while rows fit (a job alone is admitted whatever its size), on the model in force only.
             batch: list[Job] = []
             rows = run.active
