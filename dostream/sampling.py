@@ -14,7 +14,10 @@ sample into the `agent` segment that `Renderer` emits as those same ids (docs/de
 
 The decode loop is our own, `Decode`: rows join a running decode between steps and leave as they
 end (continuous batching: the server adds the requests that arrived meanwhile; `sample` adds a
-batch and steps it to the end). Prompts are prefilled in buckets of similar length (little
+batch and steps it to the end). A step is one forward, then one token per row: the forward takes
+the running rows' last tokens and the joining rows' prompts together (a join costs no forward of
+its own; a forward's cost on a CPU is mostly reading the weights), and a row that ends leaves
+before any further forward. Prompts are prefilled in buckets of similar length (little
 padding compute), identical prompts once; the rows share one left-padded batch with attention mask
 and position ids, in a transformers `DynamicCache` whose layers write into reserved storage
 instead of concatenating; last-position logits only; an ended row's slot is filled by moving the
@@ -357,17 +360,16 @@ def _buckets(lengths: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _prefill_parts(
+def _prefill_inputs(
     model,
     prompts: list[tuple[int, ...]],
     pad: int,
-    step: CachedForward | None,
     buckets: bool = True,
     hits: list[_CachedPrefix | None] | None = None,
 ):
-    """Run the prompts through the model (or `step`) in buckets of similar length, so padding costs
-    little compute: yields (lo, hi, width, the bucket's own cache, its last-position logits) per
-    bucket of prompts[lo:hi], each left padded to its width.
+    """The prompts in buckets of similar length, so padding costs little compute: yields (lo, hi,
+    width, (ids, position, mask, cache)) per bucket of prompts[lo:hi], each left padded to its
+    width, the last four what `_forward` runs (into the bucket's own, fresh cache).
 
     `hits[i]`: a cached prefix of prompt i (`PrefixCache.hits`) whose keys and values stand in for
     its first tokens, so only the rest runs (prompts are then sorted by the length of that rest):
@@ -376,8 +378,6 @@ def _prefill_parts(
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
-    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    cache_kw = cache_kwarg(model)
     starts = [len(h.ids) if h is not None else 0 for h in hits] if hits else [0] * len(prompts)
     rest = [len(p) - s for p, s in zip(prompts, starts)]
     for lo, hi in _buckets(rest) if buckets else [(0, len(prompts))]:
@@ -393,18 +393,38 @@ def _prefill_parts(
             part = _prefixed_cache(model.config, hits[lo:hi], rest[lo:hi], width, new)
         else:
             part = DynamicCache(config=model.config)
-        if step is not None:
-            logits = step(ids.to(device), position, mask, part)
-        else:
-            logits = model(
-                input_ids=ids.to(device),
-                attention_mask=mask,
-                position_ids=position,
-                **{cache_kw: part},
-                use_cache=True,
-                **extra,
-            ).logits[:, -1]
-        yield lo, hi, width, part, logits
+        yield lo, hi, width, (ids.to(device), position, mask, part)
+
+
+def _forward(model, step: CachedForward | None, parts: list[tuple]) -> list[torch.Tensor]:
+    """Each part's last-position logits: parts are (ids, position, mask, cache), a decode step's or
+    a prefill bucket's. `step` runs them all in one forward (`CachedForward.many`: one product per
+    linear layer for every part's tokens); the model's forward runs them one by one."""
+    if step is not None:
+        return step.many(parts)
+    extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_kw = cache_kwarg(model)
+    return [
+        model(
+            input_ids=ids, attention_mask=mask, position_ids=position, **{cache_kw: cache}, use_cache=True, **extra
+        ).logits[:, -1]
+        for ids, position, mask, cache in parts
+    ]
+
+
+def _prefill_parts(
+    model,
+    prompts: list[tuple[int, ...]],
+    pad: int,
+    step: CachedForward | None,
+    buckets: bool = True,
+    hits: list[_CachedPrefix | None] | None = None,
+):
+    """Run the prompts through the model (or `step`) bucket by bucket (`_prefill_inputs`): yields
+    (lo, hi, width, the bucket's own cache, its last-position logits) per bucket of prompts[lo:hi]."""
+    for lo, hi, width, part in _prefill_inputs(model, prompts, pad, buckets, hits):
+        [logits] = _forward(model, step, [part])
+        yield lo, hi, width, part[3], logits
 
 
 def _prefixed_cache(model_config, hits: list[_CachedPrefix | None], rest: list[int], width: int, new: int):
@@ -643,16 +663,18 @@ class Decode:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos, default=0)
         self.device = next(model.parameters()).device
         self.rows: list[_Row] = []
+        self.joining: list[tuple[_Row, list[int]]] = []  # added, prefilled by the next step
         self.cache = None
         self.joinable = True
         self.mask = self.position = self.logits = None
+        self._tokens: torch.Tensor | None = None  # each row's last token, drawn, not yet forwarded
         self._scratch: torch.Tensor | None = None
 
     @property
     def active(self) -> int:
-        return len(self.rows)
+        """Rows decoding or joining."""
+        return len(self.rows) + len(self.joining)
 
-    @torch.inference_mode()
     def add(
         self,
         prompts: list[list[int]],
@@ -662,11 +684,69 @@ class Decode:
         hooks: list[Callable[[int], None] | None] | None = None,
         prefixes: list[tuple[tuple[int, ...], ...] | None] | None = None,
     ) -> None:
-        """Rows join: their prompts are prefilled (identical prompts once, similar lengths together)."""
-        if not prompts:
-            return
+        """Rows join: the next `step` prefills their prompts (identical prompts once, similar
+        lengths together) in the same forward as the running rows' next tokens."""
         if self.rows and not self.joinable:
             raise RuntimeError("this model's cache takes no rows into a running decode")
+        for i, (p, c) in enumerate(zip(prompts, configs)):
+            draws = (
+                None
+                if c.is_greedy
+                else torch.rand(c.max_new_tokens, generator=_row_generator(*seeds[i]), dtype=torch.float64)
+            )
+            row = _Row(
+                tag=tags[i],
+                config=c,
+                eos=set(c.eos_token_ids) if c.eos_token_ids is not None else self.eos,
+                prompt_len=len(p),
+                uniforms=None if draws is None else draws.tolist(),
+                hook=hooks[i] if hooks else None,
+                prefixes=prefixes[i] if prefixes else None,
+            )
+            self.joining.append((row, list(p)))
+
+    @torch.inference_mode()
+    def step(self) -> list[_Row]:
+        """One forward, then one token for every row: the forward takes the running rows' last
+        tokens and the joining rows' prompts together (`_forward`: with `CachedForward`, one product
+        per linear layer for all of them, so a join costs no forward of its own); rows that end
+        leave at once, before any further forward. Returns the rows that ended (`tag`, `ids`,
+        `reason`, `prompt_len`, `constrained`)."""
+        joining, self.joining = self.joining, []
+        running = None
+        if self.rows:  # their last drawn tokens, into the cache
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+            self.position = self.position + 1
+            running = (self._tokens[:, None], self.position, self.mask, self.cache)
+        if joining:
+            self._join(joining, running)
+        elif running is not None:
+            [self.logits] = _forward(self.model, self.forward, [running])
+        if not self.rows:
+            return []
+        tokens = self._choose()
+        ended, keep = [], []
+        for j, (row, tok) in enumerate(zip(self.rows, tokens.tolist())):
+            row.ids.append(tok)
+            if row.hook is not None:
+                row.hook(tok)
+            row.reason = self._finished(row, tok)
+            if row.reason is None:
+                keep.append(j)
+            else:
+                ended.append(row)
+        if not keep:
+            self.rows, self.cache, self._tokens = [], None, None
+            return ended
+        if len(keep) < len(self.rows):
+            tokens = self._drop(keep, tokens)
+        self._tokens = tokens
+        return ended
+
+    def _join(self, joining: list[tuple[_Row, list[int]]], running: tuple | None) -> None:
+        """Prefill the joining rows (in the forward of the running rows' `running` step, if any);
+        they take the slots after the running rows, right aligned with them."""
+        prompts = [p for _, p in joining]
         unique = sorted({tuple(p) for p in prompts})
         hits = (
             self.prefix_cache.hits(unique, self.pad, self.forward)
@@ -682,7 +762,7 @@ class Decode:
         inv = torch.tensor([inverse[i] for i in order], device=self.device)
         positions = torch.tensor([[len(prompts[i]) - 1] for i in order], device=self.device)
         if self.cache is None:
-            room = min(max(c.max_new_tokens for c in configs), _RESERVE_FIRST)
+            room = min(max(row.config.max_new_tokens for row, _ in joining), _RESERVE_FIRST)
             self.cache, logits, mask, reserved = _prefill(
                 self.model, unique, self.pad, max(map(len, unique)) + room, self.forward, hits
             )
@@ -693,6 +773,8 @@ class Decode:
                 mask, logits = mask[inv], logits[inv]
             self.mask, self.logits, self.position = mask, logits, positions
         else:
+            parts = list(_prefill_inputs(self.model, unique, self.pad, hits=hits))
+            [now, *done] = _forward(self.model, self.forward, [running, *(part for *_, part in parts)])
             width = max(map(len, unique))
             more = 0
             for layer in self.cache.layers:
@@ -702,67 +784,16 @@ class Decode:
             mask = self.mask.new_zeros(len(prompts), self.mask.shape[1])
             for r, i in enumerate(order):
                 mask[r, mask.shape[1] - len(prompts[i]) :] = 1
-            logits = []
-            for lo, hi, _, part, lg in _prefill_parts(self.model, unique, self.pad, self.forward, hits=hits):
+            logits = [now]
+            for (lo, hi, _, (*_, part)), lg in zip(parts, done):
                 pick = inv[(inv >= lo) & (inv < hi)] - lo
-                for layer, done in zip(self.cache.layers, part.layers):
-                    layer.append(done.keys[pick], done.values[pick])
+                for layer, prefilled in zip(self.cache.layers, part.layers):
+                    layer.append(prefilled.keys[pick], prefilled.values[pick])
                 logits.append(lg[pick])
             self.mask = torch.cat([self.mask, mask])
-            self.logits = torch.cat([self.logits, *logits])
+            self.logits = torch.cat(logits)
             self.position = torch.cat([self.position, positions])
-        for i in order:
-            c = configs[i]
-            draws = (
-                None
-                if c.is_greedy
-                else torch.rand(c.max_new_tokens, generator=_row_generator(*seeds[i]), dtype=torch.float64)
-            )
-            self.rows.append(
-                _Row(
-                    tag=tags[i],
-                    config=c,
-                    eos=set(c.eos_token_ids) if c.eos_token_ids is not None else self.eos,
-                    prompt_len=len(prompts[i]),
-                    uniforms=None if draws is None else draws.tolist(),
-                    hook=hooks[i] if hooks else None,
-                    prefixes=prefixes[i] if prefixes else None,
-                )
-            )
-
-    @torch.inference_mode()
-    def step(self) -> list[_Row]:
-        """One token for every row; rows that end leave the batch, the others advance by one
-        forward. Returns the rows that ended (`tag`, `ids`, `reason`, `prompt_len`, `constrained`)."""
-        tokens = self._choose()
-        ended, keep = [], []
-        for j, (row, tok) in enumerate(zip(self.rows, tokens.tolist())):
-            row.ids.append(tok)
-            if row.hook is not None:
-                row.hook(tok)
-            row.reason = self._finished(row, tok)
-            if row.reason is None:
-                keep.append(j)
-            else:
-                ended.append(row)
-        if not keep:
-            self.rows, self.cache = [], None
-            return ended
-        if len(keep) < len(self.rows):
-            tokens = self._drop(keep, tokens)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        self.position = self.position + 1
-        if self.forward is not None:
-            self.logits = self.forward(tokens[:, None], self.position, self.mask, self.cache)
-        else:
-            self.logits = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=self.mask,
-                position_ids=self.position,
-                **{cache_kwarg(self.model): self.cache},
-                use_cache=True,
-            ).logits[:, -1]
-        return ended
+        self.rows += [joining[i][0] for i in order]
 
     def _finished(self, row: _Row, tok: int) -> FinishReason | None:
         if tok in row.eos:
@@ -848,8 +879,8 @@ def _pick(
     decode steps: a fresh batch-by-vocabulary buffer every step is fresh memory pages every step,
     which made this 3x slower inside the decode loop (32 x 49152 on a CPU).
     """
-    if u is None:
-        return logits.argmax(-1)
+    if u is None:  # argmax; max's indices are the same (the first of equal maxima) at 1/3 of argmax's CPU time
+        return logits.max(-1).indices
     probs = scratch[: len(logits)] if scratch is not None else torch.empty(logits.shape, device=logits.device)
     probs.copy_(logits).div_(config.temperature)  # softmax, in place
     probs.sub_(probs.amax(-1, keepdim=True)).exp_()

@@ -181,3 +181,67 @@ def test_other_architectures_get_no_step(tok):
     assert CachedForward.build(windowed) is None
     full = _seeded(lambda: MistralForCausalLM(_config(MistralConfig, tok, sliding_window=None)))
     assert CachedForward.build(full) is not None
+
+
+@pytest.mark.parametrize("which", ["llama", "lora", "qwen2"])
+def test_rows_join_in_the_decode_steps_forward(models, tok, which):
+    """A join is prefilled in the same forward as the running rows' next tokens (`CachedForward.many`),
+    never in a forward of its own, and rows that end come back before any further forward; every
+    row's logits equal those of a decode of it alone, forward by forward."""
+    from dostream.sampling import Decode
+
+    model = models[which]
+    step = CachedForward.build(model)
+    calls = []
+    many = step.many
+    step.many = lambda parts: calls.append(len(parts)) or many(parts)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    cfg = SamplingConfig(greedy=True, max_new_tokens=6, eos_token_ids=())
+    short = SamplingConfig(greedy=True, max_new_tokens=2, eos_token_ids=())
+    with torch.inference_mode():
+        run = Decode(model, tok, forward=step)
+        run.add([prompts[0]], [(0, 0)], [cfg], ["a"])
+        run.step()  # the first prefill: one forward
+        assert calls == [1]
+        run.add([prompts[1], prompts[2]], [(0, 0), (0, 0)], [short, cfg], ["b", "c"])
+        run.step()  # a's next token and b's, c's prompts (two buckets): one forward of three parts
+        assert calls == [1, 3] and run.active == 3
+        ended = run.step()  # b drew its 2nd token and ended: back before a further forward
+        assert [row.tag for row in ended] == ["b"] and calls == [1, 3, 1]
+        done = {}
+        while run.active:
+            done.update({row.tag: row.ids for row in run.step()})
+        assert len(calls) == 7  # one forward per step, the join included
+        for tag, p in (("a", prompts[0]), ("c", prompts[2])):
+            alone = Decode(model, tok, forward=CachedForward.build(model))
+            alone.add([p], [(0, 0)], [cfg], [tag])
+            got = {}
+            while alone.active:
+                got.update({row.tag: row.ids for row in alone.step()})
+            assert got[tag] == done[tag]
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2"])
+def test_bf16_prefill_and_step_close_to_the_models_forward(models, tok, which):
+    """bf16 attends with torch's fused attention on the strided cache: the model's forward up to
+    bf16 rounding, padding rows finite."""
+    import copy
+
+    model = copy.deepcopy(models[which]).to(torch.bfloat16)
+    step = CachedForward.build(model)
+    prompts = sorted((tuple(tok(p)["input_ids"]) for p in PROMPTS), key=len)
+    width = max(map(len, prompts))
+    with torch.inference_mode():
+        ours, got, mask, _ = _prefill(model, prompts, tok.pad_token_id, width + 4, step)
+        theirs, want, _, _ = _prefill(model, prompts, tok.pad_token_id, width + 4)
+        torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=0.05)
+        for layer in ours.layers:
+            assert torch.isfinite(layer.keys).all() and torch.isfinite(layer.values).all()
+        nxt = got.float().argmax(-1)
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
+        position = mask.sum(-1, keepdim=True) - 1
+        a = step(nxt[:, None], position, mask, ours)
+        b = model(
+            input_ids=nxt[:, None], attention_mask=mask, position_ids=position, **{cache_kwarg(model): theirs}
+        ).logits[:, -1]
+    torch.testing.assert_close(a.float(), b.float(), atol=0.1, rtol=0.05)
