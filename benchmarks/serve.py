@@ -89,7 +89,10 @@ async def run_clients(url: str, model: str, clients: int, args) -> dict:
         for r in range(n):
             body = {
                 "model": model,
-                "messages": [{"role": "user", "content": PROMPTS[(c + r * clients) % len(PROMPTS)]}],
+                # Client c's r-th request: each client goes through the prompts in turn (with
+                # `c + r * clients`, a multiple of len(PROMPTS) clients asked one prompt 4 times over,
+                # and the run measured the chain of the longest answer, not the server).
+                "messages": [{"role": "user", "content": PROMPTS[(c + r) % len(PROMPTS)]}],
                 "max_tokens": args.max_tokens,
                 "temperature": 0,
             }
