@@ -105,14 +105,14 @@ PRESETS: dict[str, DualLoraConfig] = {
         probe_tasks=2,
         progress=False,
     ),
-    # The embedded SmolLM2-135M, every learner, 3 seeds, sized from timing runs to about 25
+    # The embedded SmolLM2-135M, every learner, 3 seeds, sized from timing runs to about 27
     # minutes on 2 quiet CPU cores (README, "Dual LoRA"): support-framed only (where the README's
     # interventional loop learned to act on what the services said; `--envs support
     # support-framed` adds the other and doubles the time), 16 calls x 4 samples, 3 updates, a
-    # small gate and held-out set. The world half's NLL steps are most of the time (a first
-    # version with 16 held-out calls, a 6-call gate, replay 0.5 and 12 probe calls took 35
-    # minutes). lr 1e-3 (not tuned): 3 updates of 3 steps at the agent's 2e-4 would move an
-    # adapter too little to show anything.
+    # small gate and held-out set. The NLL and policy steps are most of the time: a first version
+    # (16 held-out calls, a 6-call gate, replay 0.5, 2 policy passes, 12 probe calls) took 35
+    # minutes, a second (12 / 4 / 0.25 / 2 / 8) 31 minutes quiet. lr 1e-3 (not tuned): 3 updates of
+    # 3 steps at the agent's 2e-4 would move an adapter too little to show anything.
     "quick": DualLoraConfig(
         envs=["support-framed"],
         episodes=64,
@@ -125,12 +125,12 @@ PRESETS: dict[str, DualLoraConfig] = {
         lora_r=32,
         lora_alpha=64,
         dual_rank=64,
-        policy_iterations=2,
+        policy_iterations=1,
         gate_control=4,
         gate_learned=2,
         eval_every=16,
         eval_n=12,
-        probe_tasks=8,
+        probe_tasks=6,
     ),
 }
 
