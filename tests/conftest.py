@@ -45,3 +45,32 @@ def run_cli(*args, input=None, check=True, timeout=300):
     if check and proc.returncode != 0:
         raise AssertionError(f"dostream {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
     return proc
+
+
+def small_config(cls, tok, **extra):
+    """A 2-layer config of class `cls` (Llama, Qwen2, Mistral, ...) with SmolLM2's vocabulary,
+    untied and with larger weights than the project's tiny model: greedy outputs vary and argmax
+    margins are wide, so parity checks are not vacuous."""
+    return cls(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **extra,
+    )
+
+
+def seeded(build):
+    """`build()` under torch seed 0, in eval mode, the global random state left as it was."""
+    import torch
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return build().eval()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import seeded, small_config
 
 from dostream.cached_forward import CachedForward
 from dostream.sampling import SamplingConfig, _prefill, cache_kwarg, sample
@@ -9,42 +10,19 @@ from dostream.sampling import SamplingConfig, _prefill, cache_kwarg, sample
 PROMPTS = ["Question:\nWhat is 2+2?\n\nProposed solution:\n", "Hi", "The resistor carries 2 A at 4 ohm, so"]
 
 
-def _config(cls, tok, **extra):
-    return cls(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **extra,
-    )
-
-
-def _seeded(build):
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return build().eval()
-
-
 @pytest.fixture(scope="module")
 def models(tok):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    llama = _seeded(lambda: LlamaForCausalLM(_config(LlamaConfig, tok)))
-    lora = _seeded(
+    llama = seeded(lambda: LlamaForCausalLM(small_config(LlamaConfig, tok)))
+    lora = seeded(
         lambda: get_peft_model(
-            LlamaForCausalLM(_config(LlamaConfig, tok)),
+            LlamaForCausalLM(small_config(LlamaConfig, tok)),
             LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
         )
     )  # random B: not the identity
-    qwen2 = _seeded(lambda: Qwen2ForCausalLM(_config(Qwen2Config, tok)))  # biased q, k, v projections
+    qwen2 = seeded(lambda: Qwen2ForCausalLM(small_config(Qwen2Config, tok)))  # biased q, k, v projections
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(1)
         for layer in qwen2.model.layers:  # transformers initialises biases to zero: make them count
@@ -160,9 +138,9 @@ def test_layers_the_fast_path_does_not_know_are_called_as_they_are(tok):
 
     from dostream.cached_forward import _linear
 
-    dora = _seeded(
+    dora = seeded(
         lambda: get_peft_model(
-            LlamaForCausalLM(_config(LlamaConfig, tok)), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+            LlamaForCausalLM(small_config(LlamaConfig, tok)), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
         )
     )
     q = dora.get_base_model().model.layers[0].self_attn.q_proj
@@ -177,9 +155,9 @@ def test_layers_the_fast_path_does_not_know_are_called_as_they_are(tok):
 def test_other_architectures_get_no_step(tok):
     from transformers import MistralConfig, MistralForCausalLM
 
-    windowed = _seeded(lambda: MistralForCausalLM(_config(MistralConfig, tok, sliding_window=6)))
+    windowed = seeded(lambda: MistralForCausalLM(small_config(MistralConfig, tok, sliding_window=6)))
     assert CachedForward.build(windowed) is None
-    full = _seeded(lambda: MistralForCausalLM(_config(MistralConfig, tok, sliding_window=None)))
+    full = seeded(lambda: MistralForCausalLM(small_config(MistralConfig, tok, sliding_window=None)))
     assert CachedForward.build(full) is not None
 
 

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import seeded, small_config
 
 from dostream import sampling
 from dostream.models import tiny_model
@@ -31,22 +32,7 @@ def decisive(tok):
     model repeats one token under greedy decoding), so parity checks are not vacuous."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
+    return seeded(lambda: LlamaForCausalLM(small_config(LlamaConfig, tok)))
 
 
 @pytest.fixture(scope="module")
@@ -81,23 +67,7 @@ def sliding(tok):
     """A model whose cache layers are sliding windows (Mistral): the sampler's stock-cache path."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=6,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return MistralForCausalLM(config).eval()
+    return seeded(lambda: MistralForCausalLM(small_config(MistralConfig, tok, sliding_window=6)))
 
 
 @pytest.mark.parametrize("which", ["decisive", "sliding"])
