@@ -32,7 +32,7 @@ PRESET_HELP = {
     "20 min on 2 CPU cores; paper: the paper's sizes",
     "delusion": "smoke (tiny model, CI), quick (smollm2 LoRA, ~20 min on 2 cores), paper (the notebook's settings: "
     "smollm2 fully fine-tuned, 480 dialogues x 4 epochs at batch 1; ~1.5-2 h per seed on 2 cores)",
-    "dual-lora": "smoke (tiny model, CI), quick (smollm2, every learner, support-framed, 3 seeds: 35-45 min on 2 cores)",
+    "dual-lora": "smoke (tiny model, CI), quick (smollm2, every learner, support-framed, 3 seeds: ~25 min on 2 cores)",
 }
 DEFAULT_OUT = {
     "stem": "runs/stem-PRESET-TOOLS",

@@ -105,7 +105,7 @@ PRESETS: dict[str, DualLoraConfig] = {
         probe_tasks=2,
         progress=False,
     ),
-    # The embedded SmolLM2-135M, every learner, 3 seeds, sized from timing runs to about 27
+    # The embedded SmolLM2-135M, every learner, 3 seeds, sized from timing runs to 25
     # minutes on 2 quiet CPU cores (README, "Dual LoRA"): support-framed only (where the README's
     # interventional loop learned to act on what the services said; `--envs support
     # support-framed` adds the other and doubles the time), 16 calls x 4 samples, 3 updates, a
