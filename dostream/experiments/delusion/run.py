@@ -143,7 +143,7 @@ PRESETS: dict[str, DelusionConfig] = {
     # ("auto": bf16 autocast where a bf16 matmul measures faster); a full fine-tuning step here was
     # not slower with it (1.55 vs 1.99 s wall, 1.38 vs 1.41 s CPU, one core); weights and AdamW
     # state stay fp32. A full checkpoint (~2 GB) takes ~6 s: every 250 steps (~5 min of training).
-    # One seed is 2 x 2,316 steps of ~1-1.4 s on this 2-core CPU, ~1.5-2 h (docs/delusion.md);
+    # One seed is 2 x 2,316 steps of ~0.85-1.1 s on this 2-core CPU: 70.7 min measured alone (docs/delusion.md);
     # `--seeds 2`, `--seeds 3` in later sittings add seeds to the same run directory.
     "paper": DelusionConfig(
         seeds=1,
