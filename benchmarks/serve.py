@@ -1,7 +1,7 @@
 """`dostream serve` beside `transformers serve`: requests/s and p50/p99 latency at 1, 8 and 32 clients.
 
     python benchmarks/serve.py [--model smollm2] [--clients 1,8,32] [--per-client 4] [--max-tokens 32]
-                               [--dtype fp32|bf16] [--json OUT]
+                               [--dtype fp32|bf16] [--omp default|passive|spin-10k|one-thread] [--json OUT]
 
 Each server runs as its own process on 127.0.0.1, serving the same local model (the embedded
 SmolLM2-135M-Instruct, from dostream's cache: `transformers serve` gets a directory holding its
@@ -13,8 +13,9 @@ one burst; a request's latency runs from sending it to the last byte of its resp
 running after `--cap-s` is cut there (its throughput is then of the requests that finished). Rows:
 dostream serve (continuous batching, every exchange committed to its store before the response),
 `transformers serve` (one generation per request) and `transformers serve --continuous-batching`
-(paged attention), each with `OMP_NUM_THREADS` as given. A server that cannot run here is reported
-with the reason instead of numbers.
+(paged attention), each with `OMP_NUM_THREADS` as given and the same OpenMP wait setting (`--omp`,
+benchmarks/omp_wait.py's: the server's own HTTP threads and the clients share the cores with its
+OpenMP threads). A server that cannot run here is reported with the reason instead of numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
+from omp_wait import CONTROLLED, SETTINGS
 
 KEY = "sk-bench"
 PROMPTS = [
@@ -221,10 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="both servers' dtype")
     ap.add_argument("--servers", default="dostream,transformers,transformers-cb")
+    ap.add_argument(
+        "--omp",
+        default=None,
+        choices=tuple(SETTINGS),
+        help="both servers' OpenMP wait setting (benchmarks/omp_wait.py); default: the environment as it is",
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))}
+    env = dict(os.environ)
+    if args.omp is not None:
+        env = {k: v for k, v in env.items() if k not in CONTROLLED} | SETTINGS[args.omp]
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     results: dict[str, list[dict] | str] = {}
     path = None
     for name in args.servers.split(","):
