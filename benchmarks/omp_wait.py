@@ -18,7 +18,8 @@ embedded SmolLM2-135M-Instruct:
   of two calls; tokens/s;
 each alone ("quiet") and while another process keeps one core busy ("contended": a pure-Python
 loop, as a test runner or a tokenizer would). The settings:
-* default: nothing set (what PyTorch does unless told);
+* default: nothing set (what PyTorch does unless told; the `dostream` command then sets its own
+  default, spin-10k, so for `dostream serve` in benchmarks/serve.py "default" is spin-10k);
 * passive: `OMP_WAIT_POLICY=PASSIVE`;
 * spin-10k: `GOMP_SPINCOUNT=10000` (spin briefly, then sleep);
 * one-thread: `OMP_NUM_THREADS=1`.
@@ -35,6 +36,8 @@ import sys
 import time
 from pathlib import Path
 
+from dostream.cli.main import OPENMP_VARIABLES
+
 HERE = Path(__file__).resolve().parent
 SETTINGS = {
     "default": {},
@@ -42,7 +45,6 @@ SETTINGS = {
     "spin-10k": {"GOMP_SPINCOUNT": "10000"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
 }
-CONTROLLED = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
 BUSY = "while True:\n    pass\n"
 
 
@@ -72,7 +74,7 @@ def worker(workload: str, steps: int) -> dict:
 
 
 def measure(workload: str, setting: str, contended: bool, steps: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in CONTROLLED}
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES}
     env.update(SETTINGS[setting])
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if contended else None
     try:

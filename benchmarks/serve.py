@@ -34,7 +34,9 @@ import time
 from pathlib import Path
 
 import httpx
-from omp_wait import CONTROLLED, SETTINGS
+from omp_wait import SETTINGS
+
+from dostream.cli.main import OPENMP_VARIABLES
 
 KEY = "sk-bench"
 PROMPTS = [
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args.clients = [int(c) for c in args.clients.split(",")]
     env = dict(os.environ)
     if args.omp is not None:
-        env = {k: v for k, v in env.items() if k not in CONTROLLED} | SETTINGS[args.omp]
+        env = {k: v for k, v in env.items() if k not in OPENMP_VARIABLES} | SETTINGS[args.omp]
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     results: dict[str, list[dict] | str] = {}
     path = None

@@ -48,6 +48,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# PyTorch's CPU build runs its parallel regions on GNU OpenMP threads that spin ~300,000 iterations
+# between regions before they sleep: alone on the machine that saves a wake-up per region, beside
+# any other busy process it holds a core the other needs, and training ran 3-4x slower. Measured
+# quiet and contended (benchmarks/omp_wait.py, docs/reference.md "A shared CPU and OpenMP"), a short
+# spin keeps the quiet speed and most of the contended one, so the command sets it, before any
+# subcommand loads torch, unless the user set any of these variables (theirs is kept as it is).
+OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
+OPENMP_DEFAULT = {"GOMP_SPINCOUNT": "10000"}
+
+
+def openmp_defaults(environ: dict[str, str]) -> dict[str, str]:
+    """The OpenMP settings `main` adds to `environ`: `OPENMP_DEFAULT`, or nothing when the user set
+    any of `OPENMP_VARIABLES`."""
+    return {} if any(k in environ for k in OPENMP_VARIABLES) else dict(OPENMP_DEFAULT)
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: dostream COMMAND [ARGS...]", "", "commands:"]
@@ -58,6 +74,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "torch" not in sys.modules:  # the OpenMP runtime reads its environment when torch loads it
+        os.environ.update(openmp_defaults(dict(os.environ)))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
