@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, small_config
 
 from dostream.render import Renderer
 from dostream.sampling import SamplingConfig, cache_kwarg, sample
@@ -63,22 +63,11 @@ def client(url: str, key: str = KEY) -> openai.OpenAI:
 
 
 def decisive_model(tok, seed: int = 0):
-    """Untied, larger weights: peaked distributions, so float rounding cannot flip a seeded draw."""
+    """conftest's small untied model with larger weights still (std 0.5): peaked distributions, so
+    float rounding cannot flip a seeded draw."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        max_position_embeddings=2048,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    config = small_config(LlamaConfig, tok, max_position_embeddings=2048)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).eval()
