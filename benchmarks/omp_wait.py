@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from dostream.cli.main import OPENMP_VARIABLES
+from dostream.cli.main import OPENMP_WAIT_VARIABLES
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {
@@ -45,6 +45,8 @@ SETTINGS = {
     "spin-10k": {"GOMP_SPINCOUNT": "10000"},
     "one-thread": {"OMP_NUM_THREADS": "1"},
 }
+# What a setting controls: how the threads wait, and how many there are.
+OPENMP_VARIABLES = (*OPENMP_WAIT_VARIABLES, "OMP_NUM_THREADS")
 BUSY = "while True:\n    pass\n"
 
 

@@ -34,9 +34,7 @@ import time
 from pathlib import Path
 
 import httpx
-from omp_wait import SETTINGS
-
-from dostream.cli.main import OPENMP_VARIABLES
+from omp_wait import OPENMP_VARIABLES, SETTINGS
 
 KEY = "sk-bench"
 PROMPTS = [

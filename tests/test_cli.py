@@ -59,7 +59,12 @@ def test_render_reads_stdin_and_role_map():
 
 @pytest.mark.parametrize(
     "given, spincount",
-    [({}, "10000"), ({"GOMP_SPINCOUNT": "300000"}, "300000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "None")],
+    [
+        ({}, "10000"),
+        ({"OMP_NUM_THREADS": "2"}, "10000"),
+        ({"GOMP_SPINCOUNT": "300000"}, "300000"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "None"),
+    ],
 )
 def test_the_command_sets_a_short_openmp_spin_unless_the_user_chose(given, spincount):
     """Before torch loads (so its OpenMP runtime reads it), and never over the user's own setting."""
@@ -67,13 +72,13 @@ def test_the_command_sets_a_short_openmp_spin_unless_the_user_chose(given, spinc
     import subprocess
     import sys
 
-    from dostream.cli.main import OPENMP_VARIABLES
+    from dostream.cli.main import OPENMP_WAIT_VARIABLES
 
     code = (
         "import os, sys; from dostream.cli.main import main; print('torch' in sys.modules); "
         "main(['--version']); print(os.environ.get('GOMP_SPINCOUNT'))"
     )
-    env = {k: v for k, v in os.environ.items() if k not in OPENMP_VARIABLES} | given
+    env = {k: v for k, v in os.environ.items() if k not in (*OPENMP_WAIT_VARIABLES, "OMP_NUM_THREADS")} | given
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     torch_loaded, _version, seen = out.stdout.split()
     assert (torch_loaded, seen) == ("False", spincount)

@@ -50,18 +50,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # PyTorch's CPU build runs its parallel regions on GNU OpenMP threads that spin ~300,000 iterations
 # between regions before they sleep: alone on the machine that saves a wake-up per region, beside
-# any other busy process it holds a core the other needs, and training ran 3-4x slower. Measured
-# quiet and contended (benchmarks/omp_wait.py, docs/reference.md "A shared CPU and OpenMP"), a short
-# spin keeps the quiet speed and most of the contended one, so the command sets it, before any
-# subcommand loads torch, unless the user set any of these variables (theirs is kept as it is).
-OPENMP_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "KMP_BLOCKTIME")
+# any other busy process it holds a core the other needs (training and sampling ran 8-11x slower
+# beside one busy process). Measured quiet and contended (benchmarks/omp_wait.py, docs/reference.md
+# "A shared CPU and OpenMP"), a short spin keeps the quiet speed and 3.4-4.2x of the contended one,
+# so the command sets it before any subcommand loads torch, unless the user chose how OpenMP's
+# threads wait (theirs stands; a thread count alone is not a choice of waiting).
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 OPENMP_DEFAULT = {"GOMP_SPINCOUNT": "10000"}
 
 
 def openmp_defaults(environ: dict[str, str]) -> dict[str, str]:
     """The OpenMP settings `main` adds to `environ`: `OPENMP_DEFAULT`, or nothing when the user set
-    any of `OPENMP_VARIABLES`."""
-    return {} if any(k in environ for k in OPENMP_VARIABLES) else dict(OPENMP_DEFAULT)
+    any of `OPENMP_WAIT_VARIABLES`."""
+    return {} if any(k in environ for k in OPENMP_WAIT_VARIABLES) else dict(OPENMP_DEFAULT)
 
 
 def _usage() -> str:
