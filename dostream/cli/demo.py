@@ -20,8 +20,8 @@ from dostream.config import add_dataclass_args, atomic_write_text, from_args
 from dostream.experiments.demo import ARMS, PROBE_ASK, DemoConfig, dialogues, run_demo
 
 NEXT = """Next:
-  dostream reproduce delusion --preset quick    # this effect over seeds, with held-out facts (~20 min)
-  dostream reproduce stem --preset quick        # the seed paper's seven-method STEM comparison (~35 min)
+  dostream reproduce delusion --preset quick                         # this effect over seeds, with held-out facts (~20 min)
+  dostream reproduce stem --preset quick --tools calculator          # the seed paper's STEM comparison (~17 min)
   dostream import LOGS.jsonl --assistant other --out streams.jsonl   # your own logs as streams
   dostream serve --model smollm2 --store runs/serve                  # be the agent's endpoint"""
 
