@@ -29,7 +29,7 @@ EXPERIMENTS = {
 }
 PRESET_HELP = {
     "stem": "smoke: every method for a few steps on a tiny model (CI); quick: SmolLM2-135M in about "
-    "17 min per seed on 2 CPU cores; paper: the paper's sizes (~51 min per seed on 2 cores)",
+    "17 min per seed on 2 CPU cores; paper: the paper's sizes (~50-60 min per seed on 2 cores)",
     "delusion": "smoke (tiny model, CI), quick (smollm2 LoRA, ~20 min on 2 cores), paper (the notebook's settings: "
     "smollm2 fully fine-tuned, 480 dialogues x 4 epochs at batch 1; ~70 min per seed on 2 cores)",
     "dual-lora": "smoke (tiny model, CI), quick (smollm2, every learner, support-framed, 3 seeds: ~25 min on 2 cores)",

@@ -121,7 +121,7 @@ PRESETS: dict[str, StemPreset] = {
     # The paper's sizes (docs/reference.md §2) with quick's lr 1e-3 / batch 4: at the paper's
     # 2e-4 / 8 SFT-1 scored 5/100 on the embedded model and the stream sampled 32 wrong of 32 turns,
     # every arm at the floor. GRPO updates once per group, as the paper's (26 non-flat updates).
-    # Measured: 50.7 min for one seed with the calculator, alone on 2 cores (GRPO 818 s of it).
+    # Measured: 50.7 and 60.5 min for seeds 0 and 1 with the calculator, alone on 2 cores (GRPO ~830 s).
     "paper": StemPreset(lr=1e-3, batch_size=4),
 }
 
