@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from collections.abc import Mapping
 
 from dostream.cli._common import CliError
 
@@ -59,7 +60,7 @@ OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 OPENMP_DEFAULT = {"GOMP_SPINCOUNT": "10000"}
 
 
-def openmp_defaults(environ: dict[str, str]) -> dict[str, str]:
+def openmp_defaults(environ: Mapping[str, str]) -> dict[str, str]:
     """The OpenMP settings `main` adds to `environ`: `OPENMP_DEFAULT`, or nothing when the user set
     any of `OPENMP_WAIT_VARIABLES`."""
     return {} if any(k in environ for k in OPENMP_WAIT_VARIABLES) else dict(OPENMP_DEFAULT)
@@ -76,7 +77,7 @@ def _usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "torch" not in sys.modules:  # the OpenMP runtime reads its environment when torch loads it
-        os.environ.update(openmp_defaults(dict(os.environ)))
+        os.environ.update(openmp_defaults(os.environ))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
