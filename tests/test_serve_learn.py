@@ -273,6 +273,14 @@ def test_metrics_parse_with_the_prometheus_parser(learning):
     assert samples[("dostream_updates_total", (("result", "accepted"),))] == 1
     assert samples[("dostream_adapter_version", ())] == learning.store.adapter_in_force()[1]
     assert ("dostream_requests_total", (("route", "unmatched"), ("status", "404"))) not in samples
+    # The sampling thread: every step timed, the rows each carried, the prefills; idle now.
+    batcher = learning.server.batcher
+    steps = samples[("dostream_decode_step_seconds_count", ())]
+    assert families["dostream_decode_step_seconds"].type == "histogram" and steps == batcher.steps >= 1
+    assert 0 < samples[("dostream_decode_step_seconds_sum", ())] == pytest.approx(batcher.step_seconds)
+    assert samples[("dostream_decode_rows_total", ())] == batcher.step_rows >= steps  # a step carries a row or more
+    assert 1 <= samples[("dostream_decode_join_steps_total", ())] == batcher.join_steps <= steps
+    assert samples[("dostream_rows_running", ())] == samples[("dostream_rows_waiting", ())] == 0
     httpx.get(url + "/v1/no/such/route", headers=AUTH)
     again = httpx.get(url + "/metrics", headers=AUTH).text
     assert 'route="unmatched",status="404"' in again and "/v1/no/such/route" not in again

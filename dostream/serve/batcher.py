@@ -114,9 +114,14 @@ class Batcher:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="dostream-batcher", daemon=True)
         self._committer = threading.Thread(target=self._commit_loop, name="dostream-commit", daemon=True)
-        # Counters, for tests and the benchmark's notes: decodes started from empty, decode steps,
-        # store transactions, rows sampled.
+        # Counters (tests, `GET /metrics`): decodes started from empty, decode steps, store
+        # transactions, rows sampled; steps that prefilled joining rows, the rows each step carried
+        # (summed: / steps = the mean batch) and its seconds (summed).
         self.batches = self.steps = self.commits = self.rows = 0
+        self.join_steps = self.step_rows = 0
+        self.step_seconds = 0.0
+        self.running = 0  # rows in the decode now
+        self.on_step: Callable[[float], None] | None = None  # called with each step's seconds
 
     def start(self) -> None:
         self._thread.start()
@@ -127,6 +132,11 @@ class Batcher:
         self._q.put(None)
         self._thread.join(timeout=60)
         self._committer.join(timeout=60)
+
+    @property
+    def waiting(self) -> int:
+        """Rows queued, not yet decoding."""
+        return self._waiting
 
     def submit(self, job: Job) -> Future:
         with self._lock:
@@ -204,7 +214,7 @@ class Batcher:
                 except Exception as e:  # a bug or an out-of-memory: those requests fail, the server goes on
                     self._fail([*live.values(), *batch], e)
                     live.clear()
-                    run = None
+                    run, self.running = None, 0
                     continue
                 for job in batch:
                     job._finished_before = finished
@@ -212,14 +222,22 @@ class Batcher:
                 admitted += len(batch)
             if run.active == 0:
                 continue
+            carried, joins, t0 = run.active, bool(run.joining), time.perf_counter()
             try:
                 ended = run.step()
             except Exception as e:
                 self._fail(list(live.values()), e)
                 live.clear()
-                run = None
+                run, self.running = None, 0
                 continue
+            seconds = time.perf_counter() - t0
             self.steps += 1
+            self.join_steps += joins
+            self.step_rows += carried
+            self.step_seconds += seconds
+            self.running = run.active
+            if self.on_step is not None:
+                self.on_step(seconds)
             for job in live.values():
                 job._rows = max(job._rows, run.active + len(ended))
             done = []

@@ -7,6 +7,12 @@
     dostream_updates_total{result=accepted|rejected}, dostream_rollbacks_total   from the store
     dostream_adapter_version                      the version in force (0: the adapter served at start)
     dostream_update_running                       1 while the learner trains or gates a candidate
+    dostream_decode_step_seconds                  a histogram of decode steps (one forward for every
+                                                  running row, joining prompts prefilled in it): its
+                                                  _count is the steps, its _sum their seconds
+    dostream_decode_join_steps_total              steps that prefilled joining rows
+    dostream_decode_rows_total                    rows the steps carried, summed (/ steps: the mean batch)
+    dostream_rows_running, dostream_rows_waiting  rows decoding now; rows queued for the next step
 
 The store's numbers are read at scrape time (added up incrementally), so they survive restarts;
 each server has its own registry (tests run several in one process).
@@ -27,6 +33,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Latency buckets (s): a CPU server's answers take from milliseconds (errors) to a minute (a full batch).
 BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# Decode step buckets (s): a few ms (a GPU, a tiny model) to seconds (a large batch's prefill on a CPU).
+STEP_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
 class _StoreCollector:
@@ -65,6 +73,22 @@ class _StoreCollector:
         yield GaugeMetricFamily("dostream_update_running", "1 while an update is in progress", value=running)
 
 
+class _BatcherCollector:
+    """The sampling thread's counters, read at scrape time (this process's, since it started)."""
+
+    def __init__(self, batcher):
+        self.batcher = batcher
+
+    def collect(self):
+        b = self.batcher
+        yield CounterMetricFamily(
+            "dostream_decode_join_steps", "decode steps that prefilled joining rows", value=b.join_steps
+        )
+        yield CounterMetricFamily("dostream_decode_rows", "rows the decode steps carried, summed", value=b.step_rows)
+        yield GaugeMetricFamily("dostream_rows_running", "rows decoding now", value=b.running)
+        yield GaugeMetricFamily("dostream_rows_waiting", "rows queued for the next decode step", value=b.waiting)
+
+
 class ServeMetrics:
     """One server's registry: request counters and latency (observed by the app's middleware) and
     the store's numbers (read at scrape time)."""
@@ -78,7 +102,13 @@ class ServeMetrics:
             "dostream_request_latency_seconds", "HTTP request latency", ["route"], buckets=BUCKETS,
             registry=self.registry,
         )  # fmt: skip
+        self.step = Histogram(
+            "dostream_decode_step_seconds", "seconds of one decode step", buckets=STEP_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        server.batcher.on_step = self.step.observe
         self.registry.register(_StoreCollector(server))
+        self.registry.register(_BatcherCollector(server.batcher))
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
