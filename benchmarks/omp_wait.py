@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from dostream.cli.main import OPENMP_WAIT_VARIABLES
+from dostream.openmp import OPENMP_WAIT_VARIABLES
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = {

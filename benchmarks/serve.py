@@ -78,9 +78,26 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def run_clients(url: str, model: str, clients: int, args) -> dict:
+def decode_counters(url: str) -> dict[str, float]:
+    """dostream's sampling thread, from its `GET /metrics`: decode steps, their seconds, the rows
+    they carried, the steps that prefilled joining prompts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    names = {
+        "steps": "dostream_decode_step_seconds_count",
+        "seconds": "dostream_decode_step_seconds_sum",
+        "rows": "dostream_decode_rows_total",
+        "joins": "dostream_decode_join_steps_total",
+    }
+    return {k: samples[v] for k, v in names.items()}
+
+
+async def run_clients(url: str, model: str, clients: int, args, steps: bool = False) -> dict:
     """`clients` clients send `args.per_client` requests each, back to back; a row still running
-    after `args.cap_s` is cut there (its pending requests cancelled)."""
+    after `args.cap_s` is cut there (its pending requests cancelled). `steps`: also dostream's decode
+    steps over the row (`decode_counters`)."""
     latencies: list[float] = []
     tokens = 0
     errors: list[str] = []
@@ -112,14 +129,27 @@ async def run_clients(url: str, model: str, clients: int, args) -> dict:
         await client(0, http, 1)  # warm-up (one request), not counted
         latencies.clear()
         tokens = 0
+        before = await asyncio.to_thread(decode_counters, url) if steps else None
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(client(c, http, args.per_client)) for c in range(clients)]
         done, pending = await asyncio.wait(tasks, timeout=args.cap_s)
         for t in pending:
             t.cancel()
         wall = time.perf_counter() - t0
+        after = await asyncio.to_thread(decode_counters, url) if steps else None
     lat = sorted(latencies)
+    decode = None
+    if steps:
+        n = after["steps"] - before["steps"]
+        decode = {
+            "steps": int(n),
+            "busy_s": after["seconds"] - before["seconds"],  # of the wall: the rest, the sampling thread waited
+            "mean_step_ms": 1e3 * (after["seconds"] - before["seconds"]) / max(1, n),
+            "mean_rows": (after["rows"] - before["rows"]) / max(1, n),
+            "join_steps": int(after["joins"] - before["joins"]),
+        }
     return {
+        "decode": decode,
         "clients": clients,
         "requests": len(lat),
         "asked": total,
@@ -135,10 +165,10 @@ async def run_clients(url: str, model: str, clients: int, args) -> dict:
     }
 
 
-def rows(url: str, model: str, args, name: str) -> list[dict]:
+def rows(url: str, model: str, args, name: str, steps: bool = False) -> list[dict]:
     out = []
     for c in args.clients:
-        r = asyncio.run(run_clients(url, model, c, args))
+        r = asyncio.run(run_clients(url, model, c, args, steps))
         print(f"{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
         out.append(r)
     return out
@@ -168,7 +198,7 @@ def bench_dostream(args, env) -> list[dict]:
         proc = subprocess.Popen(cmd, env={**env, "DOSTREAM_API_KEY": KEY}, stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 300, log)
-        return rows(f"http://127.0.0.1:{port}", args.model, args, "dostream serve")
+        return rows(f"http://127.0.0.1:{port}", args.model, args, "dostream serve", steps=True)
     finally:
         stop(proc)
         shutil.rmtree(store, ignore_errors=True)
@@ -210,6 +240,22 @@ def table(results: dict[str, list[dict] | str]) -> str:
             lines.append(
                 f"| {name} | {r['clients']} | {r['requests']}{err} | {r['req_per_s']:.2f} | "
                 f"{r['tokens_per_s']:.1f} | {r['tokens_per_request']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
+            )
+    for name, rows in results.items():  # dostream's own account of its rows: its decode steps
+        if isinstance(rows, str) or not any(r.get("decode") for r in rows):
+            continue
+        lines += [
+            "",
+            f"{name}, its decode steps over each row (from its `GET /metrics`):",
+            "",
+            "| clients | steps | of which prefilled joining prompts | mean rows a step | mean step (ms) | busy (s of the wall) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            d = r["decode"]
+            lines.append(
+                f"| {r['clients']} | {d['steps']} | {d['join_steps']} | {d['mean_rows']:.1f} | "
+                f"{d['mean_step_ms']:.1f} | {d['busy_s']:.1f} of {r['wall_s']:.1f} |"
             )
     return "\n".join(lines)
 

@@ -72,7 +72,7 @@ def test_the_command_sets_a_short_openmp_spin_unless_the_user_chose(given, spinc
     import subprocess
     import sys
 
-    from dostream.cli.main import OPENMP_WAIT_VARIABLES
+    from dostream.openmp import OPENMP_WAIT_VARIABLES
 
     code = (
         "import os, sys; from dostream.cli.main import main; print('torch' in sys.modules); "

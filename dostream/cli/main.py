@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Mapping
 
 from dostream.cli._common import CliError
+from dostream.openmp import openmp_defaults
 
 # name -> (module, one-line help). Each module defines `cli_main(argv: list[str]) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -49,23 +49,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# PyTorch's CPU build runs its parallel regions on GNU OpenMP threads that spin ~300,000 iterations
-# between regions before they sleep: alone on the machine that saves a wake-up per region, beside
-# any other busy process it holds a core the other needs (training and sampling ran 8-11x slower
-# beside one busy process). Measured quiet and contended (benchmarks/omp_wait.py, docs/reference.md
-# "A shared CPU and OpenMP"), a short spin keeps the quiet speed and 3.4-4.2x of the contended one,
-# so the command sets it before any subcommand loads torch, unless the user chose how OpenMP's
-# threads wait (theirs stands; a thread count alone is not a choice of waiting).
-OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-OPENMP_DEFAULT = {"GOMP_SPINCOUNT": "10000"}
-
-
-def openmp_defaults(environ: Mapping[str, str]) -> dict[str, str]:
-    """The OpenMP settings `main` adds to `environ`: `OPENMP_DEFAULT`, or nothing when the user set
-    any of `OPENMP_WAIT_VARIABLES`."""
-    return {} if any(k in environ for k in OPENMP_WAIT_VARIABLES) else dict(OPENMP_DEFAULT)
-
-
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: dostream COMMAND [ARGS...]", "", "commands:"]
@@ -76,7 +59,7 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "torch" not in sys.modules:  # the OpenMP runtime reads its environment when torch loads it
+    if "torch" not in sys.modules:  # OpenMP reads its environment when torch loads it (dostream/openmp.py)
         os.environ.update(openmp_defaults(os.environ))
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

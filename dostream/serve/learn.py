@@ -43,6 +43,7 @@ from typing import Any
 from fastapi import Request  # at module level: FastAPI resolves handler annotations from the module's names
 
 from dostream.config import SupervisedBlock, like, opt
+from dostream.openmp import release_pool
 from dostream.render import Renderer, encode_rows
 from dostream.stream import Segment, Stream, view_authors
 
@@ -302,6 +303,7 @@ class Learner:
             except Exception as e:  # an update that fails is logged; serving goes on
                 result = {"status": "error", "error": f"{type(e).__name__}: {e}"}
                 self.log(f"dostream serve: update failed: {result['error']}")
+            release_pool()  # its OpenMP workers idle until the next update: not beside the sampling thread's
             for w in waiters:
                 w.set_result(result)
         for w in self._waiters:
