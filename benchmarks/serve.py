@@ -1,7 +1,8 @@
 """`dostream serve` beside `transformers serve`: requests/s and p50/p99 latency at 1, 8 and 32 clients.
 
     python benchmarks/serve.py [--model smollm2] [--clients 1,8,32] [--per-client 4] [--max-tokens 32]
-                               [--dtype fp32|bf16] [--omp default|passive|spin-10k|one-thread] [--json OUT]
+                               [--dtype fp32|bf16] [--omp default|passive|spin-10k|one-thread]
+                               [--repeat 1] [--json OUT]
 
 Each server runs as its own process on 127.0.0.1, serving the same local model (the embedded
 SmolLM2-135M-Instruct, from dostream's cache: `transformers serve` gets a directory holding its
@@ -166,11 +167,14 @@ async def run_clients(url: str, model: str, clients: int, args, steps: bool = Fa
 
 
 def rows(url: str, model: str, args, name: str, steps: bool = False) -> list[dict]:
+    """Each number of clients `args.repeat` times over, on the same server (each row after its own
+    warm-up request)."""
     out = []
     for c in args.clients:
-        r = asyncio.run(run_clients(url, model, c, args, steps))
-        print(f"{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
-        out.append(r)
+        for i in range(args.repeat):
+            r = {**asyncio.run(run_clients(url, model, c, args, steps)), "repeat": i}
+            print(f"{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+            out.append(r)
     return out
 
 
@@ -224,6 +228,32 @@ def bench_transformers(args, env, path: Path, continuous: bool) -> list[dict]:
         stop(proc)
 
 
+def repeats(results: dict[str, list[dict] | str]) -> list[str]:
+    """With rows repeated: each server's mean req/s and t 95% interval per number of clients, and
+    dostream's ratio to each other server (of the means; in brackets the ratio of the interval ends
+    that is least and most favourable to dostream)."""
+    from dostream.stats import mean_ci
+
+    done = {name: rows for name, rows in results.items() if not isinstance(rows, str)}
+    runs = {(name, r["clients"]): [] for name, rows in done.items() for r in rows}
+    for name, rows in done.items():
+        for r in rows:
+            runs[(name, r["clients"])].append(r["req_per_s"])
+    if all(len(v) < 2 for v in runs.values()):
+        return []
+    ours = "dostream serve"
+    lines = ["", "Repeated rows: req/s, mean [t 95% interval] over the runs", ""]
+    lines += ["| server | clients | runs | req/s | dostream serve's ratio to it |", "|---|---|---|---|---|"]
+    for (name, clients), values in runs.items():
+        m, lo, hi = mean_ci(values)
+        ratio = ""
+        if name != ours and (ours, clients) in runs:
+            om, olo, ohi = mean_ci(runs[(ours, clients)])
+            ratio = f"{om / m:.2f}x [{olo / hi:.2f}, {ohi / lo:.2f}]" if lo > 0 else f"{om / m:.2f}x"
+        lines.append(f"| {name} | {clients} | {len(values)} | {m:.2f} [{lo:.2f}, {hi:.2f}] | {ratio} |")
+    return lines
+
+
 def table(results: dict[str, list[dict] | str]) -> str:
     lines = [
         "| server | clients | requests | req/s | tokens/s | tokens/request | p50 latency (s) | p99 latency (s) |",
@@ -241,6 +271,7 @@ def table(results: dict[str, list[dict] | str]) -> str:
                 f"| {name} | {r['clients']} | {r['requests']}{err} | {r['req_per_s']:.2f} | "
                 f"{r['tokens_per_s']:.1f} | {r['tokens_per_request']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
             )
+    lines += repeats(results)
     for name, rows in results.items():  # dostream's own account of its rows: its decode steps
         if isinstance(rows, str) or not any(r.get("decode") for r in rows):
             continue
@@ -267,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--per-client", type=int, default=4, help="requests each client sends, back to back")
     ap.add_argument("--cap-s", type=float, default=180, help="a row still running after this is cut there")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1, help="runs of each number of clients (means and intervals)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="both servers' dtype")
     ap.add_argument("--servers", default="dostream,transformers,transformers-cb")
     ap.add_argument(

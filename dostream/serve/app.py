@@ -32,6 +32,7 @@ from typing import Any
 
 from fastapi import Request  # at module level: FastAPI resolves handler annotations from the module's names
 
+from dostream.openmp import release_pool
 from dostream.render import Renderer, RenderError
 from dostream.sampling import SamplingConfig, agent_segment, default_eos
 from dostream.serve.auth import Auth
@@ -150,6 +151,10 @@ class Server:
         self.started = int(time.time())
         self.learner = Learner(self, cfg.learn)  # updates, the gate, hot swap, rollback (serve/learn.py)
         self.metrics = ServeMetrics(self)
+        # This thread loaded the model; the batcher's sampling thread decodes. This thread's OpenMP
+        # workers freed, the sampling thread's do not run oversubscribed (a decode step 40 -> 24 ms
+        # at 1 row: dostream/openmp.py, benchmarks/omp_pools.py).
+        release_pool()
 
     # -- a chat request → a job -------------------------------------------------------------
     def prepare(self, req: ChatRequest, conversation: str | None, key: str) -> Prepared:

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from dostream.openmp import release_pool
 from dostream.render import decode
 from dostream.sampling import Decode, PrefixCache, Sample, SamplingConfig
 from dostream.serve.store import Exchange, ServeStore
@@ -125,10 +124,6 @@ class Batcher:
         self.on_step: Callable[[float], None] | None = None  # called with each step's seconds
 
     def start(self) -> None:
-        # The calling thread loaded the model; the sampling thread decodes. Its OpenMP pool freed,
-        # the loader's workers no longer make the sampling thread's look oversubscribed (a decode
-        # step 40 -> 24 ms, 1 row: dostream/openmp.py).
-        release_pool()
         self._thread.start()
         self._committer.start()
 
