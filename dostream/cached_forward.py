@@ -106,9 +106,8 @@ def _attention_bias(mask: torch.Tensor, new: int, dtype: torch.dtype = torch.flo
     elif bool(seen.all()):
         return None
     if dtype != torch.float32:
-        return torch.zeros(seen.shape, dtype=dtype, device=mask.device).masked_fill_(~seen, torch.finfo(dtype).min)[
-            :, None
-        ]
+        bias = torch.zeros(seen.shape, dtype=dtype, device=mask.device)
+        return bias.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
     bias = torch.zeros(seen.shape, dtype=torch.float32, device=mask.device)
     return bias.masked_fill_(~seen, torch.finfo(torch.float32).min)[:, None, None]
 

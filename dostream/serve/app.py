@@ -152,7 +152,7 @@ class Server:
         self.learner = Learner(self, cfg.learn)  # updates, the gate, hot swap, rollback (serve/learn.py)
         self.metrics = ServeMetrics(self)
         # This thread loaded the model; the batcher's sampling thread decodes. This thread's OpenMP
-        # workers freed, the sampling thread's do not run oversubscribed (a decode step 40 -> 24 ms
+        # workers freed, the sampling thread's do not run oversubscribed (a decode step 43 -> 28 ms
         # at 1 row: dostream/openmp.py, benchmarks/omp_pools.py).
         release_pool()
 
