@@ -32,7 +32,9 @@ import json, statistics, sys, threading, time, torch
 from dostream.cached_forward import CachedForward
 from dostream.models import load_model, load_tokenizer
 from dostream.openmp import release_pool
+from dostream.render import Renderer
 from dostream.sampling import Decode, SamplingConfig
+from dostream.stream import Segment, Stream
 
 case, rows, steps, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 tok = load_tokenizer("smollm2")
@@ -40,11 +42,8 @@ model = load_model("smollm2", dtype=torch.bfloat16 if dtype == "bf16" else torch
 with torch.inference_mode():
     forward = CachedForward.build(model)
 questions = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea."]
-prompts = [
-    tok.apply_chat_template([{"role": "user", "content": questions[i % 3]}], add_generation_prompt=True, tokenize=True)
-    for i in range(rows)
-]
-prompts = [p["input_ids"] if hasattr(p, "keys") else p for p in prompts]
+renderer = Renderer(tok, chat_template=True)  # as dostream serve renders a chat request
+prompts = [renderer.prompt_ids(Stream(str(i), [Segment("user", questions[i % 3], role="user")])) for i in range(rows)]
 config = SamplingConfig(max_new_tokens=steps + 2, temperature=0.0)
 out = {}
 

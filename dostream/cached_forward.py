@@ -91,7 +91,7 @@ class CachedForward:
         return list(self.lm_head(inner.norm(torch.cat(last))).split([b for b, _ in shapes]))
 
 
-def _attention_bias(mask: torch.Tensor, new: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+def _attention_bias(mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive mask for T new tokens over L positions: left padding and, within the new tokens, the
     future are out. None when nothing is (one token, no padding). fp32: (B, 1, 1, T, L), as the
     fp32 products of `_Layer._attend` take it; another dtype: (B, 1, T, L) in that dtype, as torch's

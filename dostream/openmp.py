@@ -25,7 +25,6 @@ loader's pool was freed (32 rows: 48, 66, 46 ms). `release_pool` frees the calli
 from __future__ import annotations
 
 import ctypes
-import functools
 from collections.abc import Mapping
 
 OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -38,10 +37,14 @@ def openmp_defaults(environ: Mapping[str, str]) -> dict[str, str]:
     return {} if any(k in environ for k in OPENMP_WAIT_VARIABLES) else dict(OPENMP_DEFAULT)
 
 
-@functools.cache
+_RUNTIME: list[ctypes.CDLL] = []  # once found (not before torch loads it: then looked for again)
+
+
 def _gnu_openmp() -> ctypes.CDLL | None:
-    """The GNU OpenMP runtime this process has loaded (torch's own copy), or None: not loaded, not
-    GNU's (Intel's, LLVM's), or not Linux."""
+    """The GNU OpenMP runtime this process has loaded (torch's own copy), or None: not loaded yet,
+    not GNU's (Intel's, LLVM's), or not Linux."""
+    if _RUNTIME:
+        return _RUNTIME[0]
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
@@ -51,6 +54,7 @@ def _gnu_openmp() -> ctypes.CDLL | None:
         try:
             lib = ctypes.CDLL(path)  # the library already loaded: the same instance, not a second one
             lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            _RUNTIME.append(lib)
             return lib
         except (OSError, AttributeError):  # an older runtime without OpenMP 5's pause
             continue
