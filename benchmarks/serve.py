@@ -37,6 +37,8 @@ from pathlib import Path
 import httpx
 from omp_wait import OPENMP_VARIABLES, SETTINGS
 
+from dostream.config import environment
+
 KEY = "sk-bench"
 PROMPTS = [
     "What is the capital of France?",
@@ -331,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     if path is not None and path.name.startswith("dostream-bench-model-"):
         shutil.rmtree(path, ignore_errors=True)  # only symlinks to the cache
     print(table(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    machine = environment()
+    print(f"\n{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['versions'].get('torch')}")
+    if args.json:  # the servers' rows, and where they ran
+        record = {"environment": machine, "settings": vars(args), **results}
+        Path(args.json).write_text(json.dumps(record, indent=2))
     return 0
 
 

@@ -240,6 +240,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 # -- run directories ---------------------------------------------------------------------------
 
 
+# The CPU features that decide a run's speed here: vector width, and whether bf16 is native.
+CPU_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's model name and which of `CPU_FEATURES` it has, e.g. "AMD EPYC (avx2, fma)": timings
+    from CPUs of different features do not compare (bf16 is emulated without avx512_bf16 or AMX)."""
+    try:
+        info = Path(cpuinfo).read_text(errors="replace").splitlines()
+    except OSError:  # not Linux
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in info if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return f"{name} ({', '.join(f for f in CPU_FEATURES if f in flags) or 'none of ' + '/'.join(CPU_FEATURES)})"
+
+
 def environment() -> dict[str, Any]:
     """Library versions, machine and git commit: what a run directory records beside its config."""
     import importlib.metadata as md
@@ -267,6 +285,7 @@ def environment() -> dict[str, Any]:
         "versions": versions,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
+        "cpu": cpu(),
         "cpu_count": os.cpu_count(),
         "git_commit": commit,
         "argv": sys.argv,

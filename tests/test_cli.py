@@ -232,6 +232,21 @@ def test_run_dir_guard(tmp_path):
     assert check_run_dir(tmp_path, smoke, experiment="delusion")
 
 
+def test_run_records_name_the_cpu_and_its_features(tmp_path):
+    """Timings from CPUs of different features do not compare (bf16 is emulated without AMX or
+    avx512_bf16), so every run record and benchmark names the CPU and which features it has."""
+    from dostream.config import cpu, environment
+
+    info = tmp_path / "cpuinfo"
+    core = "processor\t: {}\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse avx2 fma avx512f amx_bf16 amx_tile\n\n"
+    info.write_text(core.format(0) + core.format(1))
+    assert cpu(info) == "Test CPU 9000 (avx2, fma, avx512f, amx_bf16)"
+    info.write_text("processor\t: 0\nmodel name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    assert cpu(info) == "Old CPU (none of avx2/fma/avx512f/avx512_bf16/amx_bf16)"
+    assert cpu(tmp_path / "missing")  # not Linux: what platform says, never an error
+    assert environment()["cpu"] == cpu()
+
+
 def test_report_refuses_a_run_without_a_report(tmp_path):
     from dataclasses import dataclass
 
