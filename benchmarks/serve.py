@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -32,6 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -40,6 +43,12 @@ from omp_wait import OPENMP_VARIABLES, SETTINGS
 from dostream.config import environment
 
 KEY = "sk-bench"
+START = time.perf_counter()
+LABELS = {
+    "dostream": "dostream serve",
+    "transformers": "transformers serve",
+    "transformers-cb": "transformers serve --continuous-batching",
+}
 PROMPTS = [
     "What is the capital of France?",
     "Give me one tip for writing clear code.",
@@ -168,33 +177,47 @@ async def run_clients(url: str, model: str, clients: int, args, steps: bool = Fa
     }
 
 
-def rows(url: str, model: str, args, name: str, steps: bool = False) -> list[dict]:
-    """Each number of clients `args.repeat` times over, on the same server (each row after its own
-    warm-up request)."""
-    out = []
-    for c in args.clients:
-        for i in range(args.repeat):
-            r = {**asyncio.run(run_clients(url, model, c, args, steps)), "repeat": i}
-            print(f"{name}: {json.dumps(r)}", file=sys.stderr, flush=True)
-            out.append(r)
-    return out
+@dataclass
+class Server:
+    """A server up on 127.0.0.1: its row label, base URL, the model name it answers to, and whether
+    it is dostream's (`steps`: its decode steps are read from its `GET /metrics`)."""
+
+    name: str
+    url: str
+    model: str
+    steps: bool = False
+
+    def row(self, clients: int, args, repeat: int) -> dict:
+        """One run of `clients` clients, with its round (`repeat`) and when it started (seconds since
+        the benchmark did)."""
+        started = time.perf_counter() - START
+        r = {**asyncio.run(run_clients(self.url, self.model, clients, args, self.steps)), "repeat": repeat}
+        r["started_s"] = started
+        print(f"{self.name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        return r
 
 
 def model_dir(name: str) -> Path:
-    """A directory `transformers serve` can load offline: the cached weights and the tokenizer."""
-    from dostream.models import _smollm2_tokenizer_dir, resolve
+    """A directory `transformers serve` can load offline, holding `name`'s weights and tokenizer:
+    the embedded model's cached files linked in, `tiny`'s written out (tests), any other name as it
+    is (a local directory)."""
+    from dostream.models import _smollm2_tokenizer_dir, load_model, load_tokenizer, resolve
 
-    if name != "smollm2":
+    if name != "smollm2" and name.split(":")[0] != "tiny":
         return Path(resolve(name)[0])
-    weights = Path(resolve(name)[0])
     out = Path(tempfile.mkdtemp(prefix="dostream-bench-model-"))
-    for src in (weights, _smollm2_tokenizer_dir()):
-        for f in src.iterdir():
-            (out / f.name).symlink_to(f)
+    if name == "smollm2":
+        for src in (Path(resolve(name)[0]), _smollm2_tokenizer_dir()):
+            for f in src.iterdir():
+                (out / f.name).symlink_to(f)
+    else:
+        load_model(name).save_pretrained(out)
+        load_tokenizer(name).save_pretrained(out)
     return out
 
 
-def bench_dostream(args, env) -> list[dict]:
+@contextlib.contextmanager
+def dostream_server(args, env) -> Iterator[Server]:
     store = tempfile.mkdtemp(prefix="dostream-bench-store-")
     port = free_port()
     log = Path(store) / "server.log"
@@ -204,13 +227,14 @@ def bench_dostream(args, env) -> list[dict]:
         proc = subprocess.Popen(cmd, env={**env, "DOSTREAM_API_KEY": KEY}, stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 300, log)
-        return rows(f"http://127.0.0.1:{port}", args.model, args, "dostream serve", steps=True)
+        yield Server("dostream serve", f"http://127.0.0.1:{port}", args.model, steps=True)
     finally:
         stop(proc)
         shutil.rmtree(store, ignore_errors=True)
 
 
-def bench_transformers(args, env, path: Path, continuous: bool) -> list[dict]:
+@contextlib.contextmanager
+def transformers_server(args, env, path: Path, continuous: bool) -> Iterator[Server]:
     exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if exe is None:
         raise RuntimeError("the `transformers` command is not installed")
@@ -225,15 +249,18 @@ def bench_transformers(args, env, path: Path, continuous: bool) -> list[dict]:
         proc = subprocess.Popen(cmd, env=offline, stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/health", 300, log)
-        return rows(f"http://127.0.0.1:{port}", str(path), args, "transformers serve" + (" cb" if continuous else ""))
+        name = "transformers serve" + (" --continuous-batching" if continuous else "")
+        yield Server(name, f"http://127.0.0.1:{port}", str(path))
     finally:
         stop(proc)
 
 
-def repeats(results: dict[str, list[dict] | str]) -> list[str]:
+def repeats(results: dict[str, list[dict] | str], paired: bool = False) -> list[str]:
     """With rows repeated: each server's mean req/s and t 95% interval per number of clients, and
     dostream's ratio to each other server (of the means; in brackets the ratio of the interval ends
-    that is least and most favourable to dostream)."""
+    that is least and most favourable to dostream). `paired` (the servers took turns, run by run):
+    also the mean and t interval of the ratios of runs of the same round, which the machine's
+    drifting speed moves far less."""
     from dostream.stats import mean_ci
 
     done = {name: rows for name, rows in results.items() if not isinstance(rows, str)}
@@ -245,18 +272,28 @@ def repeats(results: dict[str, list[dict] | str]) -> list[str]:
         return []
     ours = "dostream serve"
     lines = ["", "Repeated rows: req/s, mean [t 95% interval] over the runs", ""]
-    lines += ["| server | clients | runs | req/s | dostream serve's ratio to it |", "|---|---|---|---|---|"]
+    header = "| server | clients | runs | req/s | dostream serve's ratio to it |" + (
+        " paired ratio |" if paired else ""
+    )
+    lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for (name, clients), values in runs.items():
         m, lo, hi = mean_ci(values)
-        ratio = ""
+        ratio = paired_ratio = ""
         if name != ours and (ours, clients) in runs:
             om, olo, ohi = mean_ci(runs[(ours, clients)])
             ratio = f"{om / m:.2f}x [{olo / hi:.2f}, {ohi / lo:.2f}]" if lo > 0 else f"{om / m:.2f}x"
-        lines.append(f"| {name} | {clients} | {len(values)} | {m:.2f} [{lo:.2f}, {hi:.2f}] | {ratio} |")
+            if paired:  # rows of one round have the same "repeat"
+                theirs = {r["repeat"]: r["req_per_s"] for r in done[name] if r["clients"] == clients}
+                pairs = [r["req_per_s"] / theirs[r["repeat"]] for r in done[ours] if r["clients"] == clients]
+                pm, plo, phi = mean_ci(pairs)
+                paired_ratio = f" {pm:.2f}x [{plo:.2f}, {phi:.2f}] |"
+        elif paired:
+            paired_ratio = " |"
+        lines.append(f"| {name} | {clients} | {len(values)} | {m:.2f} [{lo:.2f}, {hi:.2f}] | {ratio} |{paired_ratio}")
     return lines
 
 
-def table(results: dict[str, list[dict] | str]) -> str:
+def table(results: dict[str, list[dict] | str], paired: bool = False) -> str:
     lines = [
         "| server | clients | requests | req/s | tokens/s | tokens/request | p50 latency (s) | p99 latency (s) |",
         "|---|---|---|---|---|---|---|---|",
@@ -273,7 +310,7 @@ def table(results: dict[str, list[dict] | str]) -> str:
                 f"| {name} | {r['clients']} | {r['requests']}{err} | {r['req_per_s']:.2f} | "
                 f"{r['tokens_per_s']:.1f} | {r['tokens_per_request']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
             )
-    lines += repeats(results)
+    lines += repeats(results, paired)
     for name, rows in results.items():  # dostream's own account of its rows: its decode steps
         if isinstance(rows, str) or not any(r.get("decode") for r in rows):
             continue
@@ -309,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=tuple(SETTINGS),
         help="both servers' OpenMP wait setting (benchmarks/omp_wait.py); default: the environment as it is",
     )
+    ap.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run the servers side by side, taking turns run by run (with --repeat: paired ratios, "
+        "robust to the machine's speed drifting)",
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -318,21 +361,47 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     results: dict[str, list[dict] | str] = {}
     path = None
-    for name in args.servers.split(","):
-        t = time.perf_counter()
-        try:
-            if name == "dostream":
-                results["dostream serve"] = bench_dostream(args, env)
-            else:
-                path = path or model_dir(args.model)
-                label = "transformers serve" + (" --continuous-batching" if name == "transformers-cb" else "")
-                results[label] = bench_transformers(args, env, path, continuous=name == "transformers-cb")
-        except Exception as e:  # a server that cannot run here: say why, go on with the others
-            results[name] = f"could not run: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
-        print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
-    if path is not None and path.name.startswith("dostream-bench-model-"):
-        shutil.rmtree(path, ignore_errors=True)  # only symlinks to the cache
-    print(table(results))
+
+    def start(name: str, stack: contextlib.ExitStack) -> Server:
+        nonlocal path
+        if name == "dostream":
+            return stack.enter_context(dostream_server(args, env))
+        path = path or model_dir(args.model)
+        return stack.enter_context(transformers_server(args, env, path, continuous=name == "transformers-cb"))
+
+    def could_not(name: str, e: Exception) -> None:  # a server that cannot run here: say why, go on
+        results[LABELS.get(name, name)] = f"could not run: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+
+    try:
+        if args.interleave:  # every server up at once; each round runs them in turn, in alternating order
+            with contextlib.ExitStack() as stack:
+                up = []
+                for name in args.servers.split(","):
+                    try:
+                        up.append(start(name, stack))
+                        results[up[-1].name] = []
+                    except Exception as e:
+                        could_not(name, e)
+                for c in args.clients:
+                    for i in range(args.repeat):
+                        for server in up if i % 2 == 0 else up[::-1]:
+                            results[server.name].append(server.row(c, args, i))
+        else:  # one server at a time
+            for name in args.servers.split(","):
+                t = time.perf_counter()
+                try:
+                    with contextlib.ExitStack() as stack:
+                        server = start(name, stack)
+                        results[server.name] = [
+                            server.row(c, args, i) for c in args.clients for i in range(args.repeat)
+                        ]
+                except Exception as e:
+                    could_not(name, e)
+                print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    finally:
+        if path is not None and path.name.startswith("dostream-bench-model-"):
+            shutil.rmtree(path, ignore_errors=True)  # links to the cache, or a tiny model
+    print(table(results, paired=args.interleave))
     machine = environment()
     print(f"\n{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['versions'].get('torch')}")
     if args.json:  # the servers' rows, and where they ran
