@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [--model smollm2] [--clients 1,8,32] [--per-client 4] [--max-tokens 32]
                                [--dtype fp32|bf16] [--omp default|passive|spin-10k|one-thread]
-                               [--repeat 1] [--json OUT]
+                               [--repeat 1] [--interleave] [--json OUT]
 
 Each server runs as its own process on 127.0.0.1, serving the same local model (the embedded
 SmolLM2-135M-Instruct, from dostream's cache: `transformers serve` gets a directory holding its
@@ -17,6 +17,12 @@ dostream serve (continuous batching, every exchange committed to its store befor
 (paged attention), each with `OMP_NUM_THREADS` as given and the same OpenMP wait setting (`--omp`,
 benchmarks/omp_wait.py's: the server's own HTTP threads and the clients share the cores with its
 OpenMP threads). A server that cannot run here is reported with the reason instead of numbers.
+
+By default the servers run one after the other. The speed of a shared machine drifts by 10% and
+more within minutes, so `--interleave` starts them all at once (an idle server uses no CPU) and
+runs them in turn, round by round, the order alternating; with `--repeat` the table then also gives
+the paired ratio: the mean and t interval of each round's dostream/other ratio. `--json` records
+every run (its round, when it started), the settings and the machine (`config.environment`).
 """
 
 from __future__ import annotations
@@ -369,8 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         path = path or model_dir(args.model)
         return stack.enter_context(transformers_server(args, env, path, continuous=name == "transformers-cb"))
 
-    def could_not(name: str, e: Exception) -> None:  # a server that cannot run here: say why, go on
-        results[LABELS.get(name, name)] = f"could not run: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+    def could_not(name: str, e: Exception, when: str = "") -> None:  # a server that cannot run here: say why
+        why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
+        results[LABELS.get(name, name)] = f"could not run{when}: {type(e).__name__}: {why}"
 
     try:
         if args.interleave:  # every server up at once; each round runs them in turn, in alternating order
@@ -384,8 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                         could_not(name, e)
                 for c in args.clients:
                     for i in range(args.repeat):
-                        for server in up if i % 2 == 0 else up[::-1]:
-                            results[server.name].append(server.row(c, args, i))
+                        for server in list(up) if i % 2 == 0 else up[::-1]:
+                            try:
+                                results[server.name].append(server.row(c, args, i))
+                            except Exception as e:  # it failed mid-way: the others go on
+                                done = len(results[server.name])
+                                could_not(server.name, e, f" (after {done} runs)")
+                                up.remove(server)
         else:  # one server at a time
             for name in args.servers.split(","):
                 t = time.perf_counter()
