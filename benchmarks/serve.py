@@ -19,7 +19,7 @@ benchmarks/omp_wait.py's: the server's own HTTP threads and the clients share th
 OpenMP threads). A server that cannot run here is reported with the reason instead of numbers.
 
 By default the servers run one after the other. The speed of a shared machine drifts by 10% and
-more within minutes, so `--interleave` starts them all at once (an idle server uses no CPU) and
+more within minutes, so `--interleave` starts them all side by side (an idle server uses no CPU) and
 runs them in turn, round by round, the order alternating; with `--repeat` the table then also gives
 the paired ratio: the mean and t interval of each round's dostream/other ratio. `--json` records
 every run (its round, when it started), the settings and the machine (`config.environment`).
@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,11 +382,16 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.interleave:  # every server up at once; each round runs them in turn, in alternating order
-            with contextlib.ExitStack() as stack:
+            names = args.servers.split(",")
+            if any(name != "dostream" for name in names):  # once, before the servers start side by side
+                with contextlib.suppress(Exception):  # else each such server's start says why
+                    path = model_dir(args.model)
+            with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(names)) as pool:
+                starting = [(name, pool.submit(start, name, stack)) for name in names]
                 up = []
-                for name in args.servers.split(","):
+                for name, future in starting:
                     try:
-                        up.append(start(name, stack))
+                        up.append(future.result())
                         results[up[-1].name] = []
                     except Exception as e:
                         could_not(name, e)
