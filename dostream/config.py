@@ -22,19 +22,20 @@ resolved config, and `check_run_dir` refuses to continue it with another config.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
+
+# Atomic writes live in `files.py`; imported here for the many modules that write run records.
+from dostream.files import atomic_open, atomic_write_text  # noqa: F401
 
 
 def opt(default: Any, help: str, **kw) -> Any:
@@ -200,41 +201,6 @@ def set_argv(cls: type, items: Iterable[str]) -> list[str]:
         else:
             argv.append(f"{flag}={value}")
     return argv
-
-
-# -- files -------------------------------------------------------------------------------------
-
-
-# The process's umask, read once at import (reading it means setting it, which is not thread-safe).
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike) -> Iterator[TextIO]:
-    """Open `path` for writing (text, UTF-8) so that readers see the old content or the new, never
-    half of it: the writes go to a temp file beside it, which replaces `path` (fsynced, renamed)
-    when the block ends, and is removed if the block raises."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600; a written result gets the mode a plain open() would give it.
-        os.chmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never half of it."""
-    with atomic_open(path) as f:
-        f.write(text)
 
 
 # -- run directories ---------------------------------------------------------------------------

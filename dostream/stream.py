@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dostream.config import atomic_open
+from dostream.files import atomic_open
 
 AUTHORS: tuple[str, ...] = (
     "agent",

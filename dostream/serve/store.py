@@ -1,6 +1,6 @@
 """The served agent's memory: an append-only SQLite store (WAL) of every exchange, its feedback, and the API keys.
 
-`DIR/serve.sqlite`, opened the way the continual agent's store is (`agent.store.connect`):
+`DIR/serve.sqlite`, opened the way every dostream store is (`sqlite.connect`):
 
     exchanges      one per answered request, in commit order (`seq` 0, 1, 2, ...): its conversation,
                    the exchange (and choice) whose sample it continues, the world's segments that are
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dostream.agent.store import StoreError, connect, open_read_only, transaction
+from dostream.sqlite import StoreError, connect, open_read_only, transaction
 from dostream.stream import Segment, Stream, stored_segments
 
 FILENAME = "serve.sqlite"
