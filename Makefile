@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv, then run the main job on the embedded SmolLM2-135M-Instruct
 #   make test   set up .venv, then run the test suite
+# The rest: make lint (ruff), make docs (the mkdocs site, --strict), make test-slow (real-model checks).
 # TORCH=... picks another torch (e.g. TORCH=torch for your own CUDA build); a torch already in
 # the venv is kept.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dostream-setup
 
-.PHONY: setup test lint demo clean-venv
+.PHONY: setup test test-slow lint docs demo clean-venv
 
 setup: $(STAMP)
 
@@ -24,10 +25,21 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest
 
+# The real-model checks the default suite leaves out (pytest's `slow` marker).
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
+
 # ruff (lint + format check; config in ruff.toml). `$(BIN)/ruff format .` applies the format.
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The documentation site (mkdocs.yml, docs/): installs the docs extra, then builds with --strict
+# (a page missing from the nav, a broken link or anchor fails) to a temp dir, so nothing is written here.
+docs: setup
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	d="$$(mktemp -d)" && NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir "$$d"; \
+	  status=$$?; rm -rf "$$d"; exit $$status
 
 # The main job, end to end on the embedded SmolLM2-135M-Instruct (about 2 minutes on 2 CPU cores):
 # what each view supervises in a stream where the agent answers wrongly and the user corrects it,
