@@ -5,7 +5,8 @@ import torch
 from conftest import seeded, small_config
 
 from dostream.cached_forward import CachedForward
-from dostream.sampling import SamplingConfig, _prefill, cache_kwarg, sample
+from dostream.sampling import SamplingConfig, cache_kwarg, sample
+from dostream.sampling.prefill import _prefill
 
 PROMPTS = ["Question:\nWhat is 2+2?\n\nProposed solution:\n", "Hi", "The resistor carries 2 A at 4 ohm, so"]
 

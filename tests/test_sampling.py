@@ -15,7 +15,8 @@ from conftest import seeded, small_config
 from dostream import sampling
 from dostream.models import tiny_model
 from dostream.render import Renderer
-from dostream.sampling import SamplingConfig, _pick, agent_segment, decode, generate_for_streams, sample
+from dostream.sampling import SamplingConfig, agent_segment, decode, generate_for_streams, sample
+from dostream.sampling.pick import _pick
 from dostream.stream import Segment, Stream
 
 PROMPTS = ["Question:\nWhat is 2+2?\n\nProposed solution:\n", "Hi", "The resistor carries 2 A at 4 ohm, so the voltage"]
@@ -73,7 +74,7 @@ def sliding(tok):
 @pytest.mark.parametrize("which", ["decisive", "sliding"])
 def test_greedy_equals_generate_with_left_padding(which, request, tok, monkeypatch):
     model = request.getfixturevalue(which)
-    monkeypatch.setattr(sampling, "_RESERVE_FIRST", 3)  # the reserved KV cache must grow, twice
+    monkeypatch.setattr(sampling.decoding, "_RESERVE_FIRST", 3)  # the reserved KV cache must grow, twice
     enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     ours = sample(
         model, tok, [tok(p)["input_ids"] for p in PROMPTS], SamplingConfig(greedy=True, max_new_tokens=20, dtype="fp32")
@@ -347,7 +348,7 @@ def test_rows_joining_a_running_decode_draw_what_they_draw_alone(decisive, tok, 
     from dostream.cached_forward import CachedForward
     from dostream.sampling import Decode
 
-    monkeypatch.setattr(sampling, "_RESERVE_FIRST", 2)  # the cache must also grow while rows join
+    monkeypatch.setattr(sampling.decoding, "_RESERVE_FIRST", 2)  # the cache must also grow while rows join
     configs = [
         SamplingConfig(greedy=greedy, temperature=0.8, max_new_tokens=n, seed=s, dtype="fp32")
         for n, s in ((5, 1), (24, 2), (3, 3), (9, 4), (7, 5))
@@ -457,7 +458,8 @@ def test_rows_on_a_cached_prefix_draw_what_they_draw_without_it(decisive, tok, c
 
 
 def test_a_prefix_cache_is_one_models_and_keeps_few_exact_entries(decisive, model, tok, chats):
-    from dostream.sampling import Decode, PrefixCache, _common
+    from dostream.sampling import Decode, PrefixCache
+    from dostream.sampling.prefix import _common
 
     cache = PrefixCache(decisive, entries=2, min_tokens=4)
     with pytest.raises(ValueError, match="another model"):
