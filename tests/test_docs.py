@@ -1,5 +1,6 @@
-"""The design document stays true to the code: the table of named views, the layout, the CLI, and
-citations that resolve inside the repository. No model is loaded."""
+"""The documents stay true to the code: the table of named views, the layout, the CLI, citations
+and links that resolve inside the repository, and a site whose nav holds every page. No model is
+loaded, and mkdocs is not needed (`make docs` runs its strict build)."""
 
 import re
 from pathlib import Path
@@ -13,6 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DESIGN = ROOT / "docs" / "design.md"
 REFERENCE = ROOT / "docs" / "reference.md"
 README = ROOT / "README.md"
+STREAMS = ROOT / "docs" / "streams.md"
+MKDOCS = ROOT / "mkdocs.yml"
+PAGES = sorted((ROOT / "docs").rglob("*.md"))
 
 
 def view_table(path: Path) -> dict[str, set[str]]:
@@ -35,7 +39,7 @@ def view_table(path: Path) -> dict[str, set[str]]:
     return table
 
 
-@pytest.mark.parametrize("path", [DESIGN, README], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [DESIGN, STREAMS], ids=lambda p: p.name)
 def test_view_table_matches_stream_views(path):
     table = view_table(path)
     missing = sorted(set(VIEWS) - set(table))
@@ -117,9 +121,29 @@ def test_reference_citations_resolve():
     assert not bad, f"citations of docs/reference.md sections that do not exist: {bad}"
 
 
-@pytest.mark.parametrize("path", [README, DESIGN, REFERENCE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [README, *PAGES], ids=lambda p: str(p.relative_to(ROOT)))
 def test_relative_links_exist(path):
     text = path.read_text(encoding="utf-8")
     links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
     broken = [t for t in links if "://" not in t and not (path.parent / t).exists()]
     assert not broken, f"{path.relative_to(ROOT)}: links to missing files: {broken}"
+    if path.parent != ROOT:  # a site page: mkdocs resolves links to files under docs/ only
+        outside = [t for t in links if "://" not in t and ROOT / "docs" not in (path.parent / t).resolve().parents]
+        assert not outside, f"{path.relative_to(ROOT)}: links out of docs/ (write the path as code): {outside}"
+
+
+def test_site_nav_holds_every_page():
+    nav = set(re.findall(r":\s*\"?([\w./-]+\.md)\"?\s*$", MKDOCS.read_text(encoding="utf-8"), re.M))
+    pages = {str(p.relative_to(ROOT / "docs")) for p in PAGES}
+    assert not pages - nav, f"mkdocs.yml: pages in docs/ missing from the nav: {sorted(pages - nav)}"
+    assert not nav - pages, f"mkdocs.yml: nav entries with no page in docs/: {sorted(nav - pages)}"
+
+
+def test_readme_is_a_front_door():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move detail to a page under docs/"
+    blocks = re.findall(r"```(?:bash|console)?\n(.*?)```", "\n".join(lines), re.S)
+    used = {m for block in blocks for m in re.findall(r"^(?:\$ )?dostream ([a-z]+)", block, re.M)}
+    unknown = sorted(used - set(COMMANDS))
+    assert not unknown, f"README.md runs dostream subcommands that do not exist: {unknown}"
+    assert {"import", "train", "serve", "streams"} <= used, "README.md: the tour import -> train -> serve -> learn"
