@@ -20,7 +20,7 @@ from dostream.agent import learners as L
 from dostream.agent.loop import Agent, AgentConfig, run
 from dostream.agent.store import Store
 from dostream.envs import support
-from dostream.methods import grpo
+from dostream.learning import policy_gradient as pg
 from dostream.stream import Segment, Stream
 
 TINY = {**TINY_AGENT, "temperature": 1.0, "lora_r": 4, "lora_alpha": 8, "dual_rank": 8}
@@ -54,7 +54,7 @@ def rigged():
 
 def test_overlong_penalty_is_dapo_s_soft_punishment():
     # max 24, buffer 8: free up to 16 tokens, then linear to -1 at 24, -1 beyond; buffer 0: off
-    assert [grpo.overlong_penalty(n, 24, 8) for n in (1, 16, 17, 20, 23, 24, 30)] == [
+    assert [pg.overlong_penalty(n, 24, 8) for n in (1, 16, 17, 20, 23, 24, 30)] == [
         0.0,
         0.0,
         -1 / 8,
@@ -63,7 +63,7 @@ def test_overlong_penalty_is_dapo_s_soft_punishment():
         -1.0,
         -1.0,
     ]
-    assert grpo.overlong_penalty(30, 24, 0) == 0.0
+    assert pg.overlong_penalty(30, 24, 0) == 0.0
 
 
 def _stream(n_tokens: int, reward: float, group: int = 0) -> Stream:
@@ -84,7 +84,7 @@ def test_make_rollouts_shapes_the_advantage_but_filters_on_outcomes(tok):
     renderer = Renderer(tok, add_eos=False)
     # lengths 5, 5, 22, 5 with max 24 and buffer 6: the 22-token turn loses (24-6-22)/6 = 2/3
     group = [_stream(5, 1.0), _stream(5, 0.0), _stream(22, 0.0), _stream(5, 0.0)]
-    rs = grpo.make_rollouts(group, [1.0, 0.0, 0.0, 0.0], renderer, 7, max_len=24, buffer=6)
+    rs = pg.make_rollouts(group, [1.0, 0.0, 0.0, 0.0], renderer, 7, max_len=24, buffer=6)
     shaped = [1.0, 0.0, -2 / 3, 0.0]
     mean = sum(shaped) / 4
     var = sum((x - mean) ** 2 for x in shaped) / 4
@@ -92,29 +92,29 @@ def test_make_rollouts_shapes_the_advantage_but_filters_on_outcomes(tok):
     assert [r.reward for r in rs] == [1.0, 0.0, 0.0, 0.0] and {r.group for r in rs} == {7}
     assert [sum(r.action) for r in rs] == [5, 5, 22, 5]  # the agent's tokens, nothing else
     # All failed, but at different lengths: shaped rewards differ, the outcomes do not; dropped.
-    flat = grpo.make_rollouts(group[1:] + [_stream(5, 0.0)], [0.0] * 4, renderer, 8, max_len=24, buffer=6)
+    flat = pg.make_rollouts(group[1:] + [_stream(5, 0.0)], [0.0] * 4, renderer, 8, max_len=24, buffer=6)
     assert len({r.advantage for r in flat}) > 1
-    kept, dropped = grpo.dynamic_sampling_filter([rs, flat, grpo.make_rollouts(group, [1.0] * 4, renderer, 9)])
+    kept, dropped = pg.dynamic_sampling_filter([rs, flat, pg.make_rollouts(group, [1.0] * 4, renderer, 9)])
     assert dropped == 2 and [g[0].group for g in kept] == [7]
 
 
 def test_clip_higher_bounds_by_hand():
     """ε_low 0.2, ε_high 0.28, token-level mean over 4 tokens. A > 0: ρ 1.29 is clipped (1.28,
     no gradient), 1.27 is not; A < 0: ρ 0.79 is clipped (0.8, no gradient), 0.81 is not."""
-    cfg = grpo.GRPOConfig(dapo=True, epsilon=0.2, epsilon_high=0.28, beta=0.0)
+    cfg = pg.GRPOConfig(dapo=True, epsilon=0.2, epsilon_high=0.28, beta=0.0)
     ratio = torch.tensor([1.29, 1.27, 0.79, 0.81])
     old = torch.log(torch.tensor([0.1, 0.1, 0.1, 0.1]))
     logp = (old + torch.log(ratio)).requires_grad_()
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
-    loss, stats = grpo.policy_loss(logp, old, old, adv, [2, 2], cfg, norm=4.0)
+    loss, stats = pg.policy_loss(logp, old, old, adv, [2, 2], cfg, norm=4.0)
     assert float(loss.detach()) == pytest.approx((-1.28 - 1.27 + 0.8 + 0.81) / 4, abs=1e-6)
     loss.backward()
     # d(-ρA)/dlogp = -ρA / norm where unclipped, 0 where clipped
     assert logp.grad.tolist() == pytest.approx([0.0, -1.27 / 4, 0.0, 0.81 / 4], abs=1e-6)
     assert stats["clip_frac"] == 0.5
     # plain GRPO's symmetric range clips 1.27 as well (at 1.2)
-    g = grpo.GRPOConfig(dapo=False, epsilon=0.2, beta=0.0)
-    loss, _ = grpo.policy_loss(logp.detach(), old, old, adv, [2, 2], g, norm=2.0)
+    g = pg.GRPOConfig(dapo=False, epsilon=0.2, beta=0.0)
+    loss, _ = pg.policy_loss(logp.detach(), old, old, adv, [2, 2], g, norm=2.0)
     assert float(loss) == pytest.approx(((-1.2 - 1.2) / 2 + (0.8 + 0.81) / 2) / 2, abs=1e-6)
 
 
@@ -124,15 +124,15 @@ def test_token_level_normalisation_by_hand():
     into micro-batches with the step's token count as the norm, the parts add up to the same."""
     logp = torch.log(torch.tensor([0.5, 0.4, 0.3, 0.2]))
     adv = torch.tensor([-1.0, 1.0, 1.0, 1.0])
-    dapo = grpo.GRPOConfig(dapo=True, beta=0.0)
-    whole, _ = grpo.policy_loss(logp, logp, logp, adv, [1, 3], dapo, norm=4.0)
+    dapo = pg.GRPOConfig(dapo=True, beta=0.0)
+    whole, _ = pg.policy_loss(logp, logp, logp, adv, [1, 3], dapo, norm=4.0)
     assert float(whole) == pytest.approx(-0.5)
     parts = (
-        grpo.policy_loss(logp[:1], logp[:1], logp[:1], adv[:1], [1], dapo, norm=4.0)[0]
-        + grpo.policy_loss(logp[1:], logp[1:], logp[1:], adv[1:], [3], dapo, norm=4.0)[0]
+        pg.policy_loss(logp[:1], logp[:1], logp[:1], adv[:1], [1], dapo, norm=4.0)[0]
+        + pg.policy_loss(logp[1:], logp[1:], logp[1:], adv[1:], [3], dapo, norm=4.0)[0]
     )
     assert float(parts) == pytest.approx(-0.5)
-    grpo_loss, _ = grpo.policy_loss(logp, logp, logp, adv, [1, 3], grpo.GRPOConfig(beta=0.0), norm=2.0)
+    grpo_loss, _ = pg.policy_loss(logp, logp, logp, adv, [1, 3], pg.GRPOConfig(beta=0.0), norm=2.0)
     assert float(grpo_loss) == pytest.approx(0.0, abs=1e-7)
 
 
@@ -173,7 +173,7 @@ def _rollouts(tok):
 
     renderer = Renderer(tok, add_eos=False)
     group = [_stream(3, 1.0), _stream(4, 0.0), _stream(5, 0.0), _stream(2, 1.0)]
-    return grpo.make_rollouts(group, [s.meta["reward"] for s in group], renderer, 0)
+    return pg.make_rollouts(group, [s.meta["reward"] for s in group], renderer, 0)
 
 
 def _rows(tok):

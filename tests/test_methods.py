@@ -8,6 +8,7 @@ import torch
 
 from dostream.envs.base import Episode
 from dostream.envs.stem import generate
+from dostream.learning import policy_gradient as pg
 from dostream.methods import grpo, rest, stream_agents
 from dostream.methods.attempts import make_env
 from dostream.methods.oracle_sft import oracle_rows
@@ -35,7 +36,7 @@ def episode(tok, problem, text, id="t"):
 
 def test_group_advantages_are_eq10():
     r = [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    a = grpo.group_advantages(r)
+    a = pg.group_advantages(r)
     mean = sum(r) / 8
     var = sum((x - mean) ** 2 for x in r) / 8  # population variance, eps inside the root
     assert a == pytest.approx([(x - mean) / math.sqrt(var + 1e-6) for x in r])
@@ -45,15 +46,14 @@ def test_group_advantages_are_eq10():
 
 @pytest.mark.parametrize("value", [0.0, 1.0])
 def test_flat_group_has_zero_advantage(value):
-    assert grpo.group_advantages([value] * 8) == [0.0] * 8
-    assert grpo.is_flat([value] * 8)
-    assert not grpo.is_flat([value] * 7 + [1 - value])
+    assert pg.group_advantages([value] * 8) == [0.0] * 8
+    assert pg.is_flat([value] * 8)
+    assert not pg.is_flat([value] * 7 + [1 - value])
 
 
 def _rollouts(rewards, group):
     return [
-        grpo.Rollout([1, 2, 3], [False, True, True], a, r, group)
-        for r, a in zip(rewards, grpo.group_advantages(rewards))
+        pg.Rollout([1, 2, 3], [False, True, True], a, r, group) for r, a in zip(rewards, pg.group_advantages(rewards))
     ]
 
 
@@ -64,7 +64,7 @@ def test_dapo_dynamic_sampling_drops_flat_groups():
         _rollouts([0, 0, 0, 0], 2),
         _rollouts([1, 0, 1, 1], 3),
     ]
-    kept, dropped = grpo.dynamic_sampling_filter(groups)
+    kept, dropped = pg.dynamic_sampling_filter(groups)
     assert dropped == 2
     assert [g[0].group for g in kept] == [1, 3]
 
@@ -75,34 +75,34 @@ def test_policy_loss_on_policy_is_minus_mean_advantage():
     logp = torch.log(torch.tensor([0.5, 0.25, 0.5, 0.1, 0.2]))
     adv = torch.tensor([1.0, 1.0, -2.0, -2.0, -2.0])
     lengths = [2, 3]
-    cfg = grpo.GRPOConfig()
-    loss, stats = grpo.policy_loss(logp, logp, logp, adv, lengths, cfg, norm=2.0)
+    cfg = pg.GRPOConfig()
+    loss, stats = pg.policy_loss(logp, logp, logp, adv, lengths, cfg, norm=2.0)
     assert float(loss) == pytest.approx(-(1.0 + -2.0) / 2)
     assert stats["kl"] == pytest.approx(0.0) and stats["clip_frac"] == 0.0
-    dapo = grpo.GRPOConfig(dapo=True)
-    loss, _ = grpo.policy_loss(logp, logp, logp, adv, lengths, dapo, norm=5.0)
+    dapo = pg.GRPOConfig(dapo=True)
+    loss, _ = pg.policy_loss(logp, logp, logp, adv, lengths, dapo, norm=5.0)
     assert float(loss) == pytest.approx(-(2 * 1.0 + 3 * -2.0) / 5)
 
 
 def test_policy_loss_clips_and_penalises_kl():
     """A token whose ratio is past 1+ε with A > 0 gets no gradient (clipped); the k3 KL term is
     non-negative and pulls logp toward the reference."""
-    cfg = grpo.GRPOConfig(beta=0.0)
+    cfg = pg.GRPOConfig(beta=0.0)
     old = torch.log(torch.tensor([0.2, 0.2]))
     logp = torch.log(torch.tensor([0.3, 0.21])).requires_grad_()  # ratios 1.5 (clipped) and 1.05
-    loss, stats = grpo.policy_loss(logp, old, old, torch.tensor([1.0, 1.0]), [2], cfg, norm=1.0)
+    loss, stats = pg.policy_loss(logp, old, old, torch.tensor([1.0, 1.0]), [2], cfg, norm=1.0)
     loss.backward()
     assert logp.grad[0] == 0.0 and logp.grad[1] < 0
     assert stats["clip_frac"] == 0.5
     # clip-higher: with DAPO's ε_high = 0.28 the 1.05 and even a 1.25 ratio are not clipped
     logp2 = torch.log(torch.tensor([0.25, 0.21])).requires_grad_()
-    grpo.policy_loss(logp2, old, old, torch.tensor([1.0, 1.0]), [2], grpo.GRPOConfig(dapo=True, beta=0.0), 2.0)[
+    pg.policy_loss(logp2, old, old, torch.tensor([1.0, 1.0]), [2], pg.GRPOConfig(dapo=True, beta=0.0), 2.0)[
         0
     ].backward()
     assert (logp2.grad < 0).all()
-    kl_cfg = grpo.GRPOConfig(beta=1.0)
+    kl_cfg = pg.GRPOConfig(beta=1.0)
     x = torch.tensor([-1.0], requires_grad=True)
-    loss, stats = grpo.policy_loss(x, x.detach(), torch.tensor([-2.0]), torch.tensor([0.0]), [1], kl_cfg, 1.0)
+    loss, stats = pg.policy_loss(x, x.detach(), torch.tensor([-2.0]), torch.tensor([0.0]), [1], kl_cfg, 1.0)
     assert stats["kl"] > 0
     loss.backward()
     assert x.grad[0] > 0  # descending the loss lowers logp toward the reference's -2
@@ -117,28 +117,28 @@ def test_grpo_update_moves_only_the_adapter_and_zero_signal_moves_nothing(tok):
     action = [i >= 8 for i in range(len(ids))]
 
     def batch(advs):
-        return [grpo.Rollout(ids, action, a, 0.0, 0) for a in advs]
+        return [pg.Rollout(ids, action, a, 0.0, 0) for a in advs]
 
     trainable = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     frozen = {k: p.detach().clone() for k, p in model.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    cfg = grpo.GRPOConfig(beta=0.0, iterations=1, micro_batch=2)
+    cfg = pg.GRPOConfig(beta=0.0, iterations=1, micro_batch=2)
     rs = batch([0.0, 0.0])
-    grpo.reference_logps(model, rs, tok.pad_token_id, 2, bf16=False)
-    grpo.policy_update(model, opt, [p for p in model.parameters() if p.requires_grad], rs, tok.pad_token_id, cfg, False)
+    pg.reference_logps(model, rs, tok.pad_token_id, 2, bf16=False)
+    pg.policy_update(model, opt, [p for p in model.parameters() if p.requires_grad], rs, tok.pad_token_id, cfg, False)
     for k, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, trainable[k]), f"{k} moved without any signal"
     rs = batch([1.5, -0.5, -0.5, -0.5])
-    grpo.reference_logps(model, rs, tok.pad_token_id, 3, bf16=False)
+    pg.reference_logps(model, rs, tok.pad_token_id, 3, bf16=False)
     assert all(torch.allclose(r.old_logp, r.ref_logp) for r in rs)  # a fresh adapter starts at SFT-1
-    stats = grpo.policy_update(
+    stats = pg.policy_update(
         model,
         opt,
         [p for p in model.parameters() if p.requires_grad],
         rs,
         tok.pad_token_id,
-        grpo.GRPOConfig(iterations=2, micro_batch=3),
+        pg.GRPOConfig(iterations=2, micro_batch=3),
         False,
     )
     assert math.isfinite(stats["train/loss"])
@@ -150,10 +150,10 @@ def test_token_logprobs_match_a_full_forward(tok):
     from dostream.models import load_model
 
     model = load_model("tiny")
-    r = grpo.Rollout(tok("a b c d e", add_special_tokens=False)["input_ids"], [False, False, True, True, True], 0, 0, 0)
-    b = grpo._batch([r], tok.pad_token_id)
+    r = pg.Rollout(tok("a b c d e", add_special_tokens=False)["input_ids"], [False, False, True, True, True], 0, 0, 0)
+    b = pg._batch([r], tok.pad_token_id)
     with torch.no_grad():
-        got = grpo._action_logprobs(model, b)
+        got = pg._action_logprobs(model, b)
         full = torch.log_softmax(model(input_ids=b["input_ids"]).logits.float(), -1)[0]
     want = torch.stack([full[t - 1, r.input_ids[t]] for t in (2, 3, 4)])
     assert torch.allclose(got, want, atol=1e-5)
@@ -188,11 +188,11 @@ def test_grpo_computes_where_the_device_policy_says(monkeypatch, tok, problems, 
         seen.append((on_device, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)))
         return real(model, input_ids, attention_mask, score)
 
-    real = grpo.logprobs_at
+    real = pg.logprobs_at
     monkeypatch.setattr(grpo, "device_policy", device_policy)
     monkeypatch.setattr(torch.nn.Module, "to", to)
-    monkeypatch.setattr(grpo, "logprobs_at", logprobs_at)
-    cfg = grpo.GRPOConfig(groups=2, k=2, max_new_tokens=4, bf16="off", progress=False)
+    monkeypatch.setattr(pg, "logprobs_at", logprobs_at)
+    cfg = pg.GRPOConfig(groups=2, k=2, max_new_tokens=4, bf16="off", progress=False)
     model, info = grpo.train_grpo(problems[:2], tok, cfg, tmp_path / "sft1", tmp_path / "grpo")
     assert asked == ["off"] and moved  # the policy decides, not cfg.bf16 alone
     assert info["groups"] == 2 and len(seen) >= 4  # the sampling policy and the reference, per group

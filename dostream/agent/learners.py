@@ -346,7 +346,7 @@ def episode_groups(new: list[Stream], k: int) -> list[list[Stream]]:
 
 def policy_config(cfg, turn_budget: int, after: int):
     """The agent's DAPO as `methods/grpo.py`'s config: clip-higher, token-level loss, overlong shaping."""
-    from dostream.methods.grpo import GRPOConfig
+    from dostream.learning.policy_gradient import GRPOConfig
 
     return GRPOConfig(
         k=cfg.group_size,
@@ -368,7 +368,7 @@ def policy_config(cfg, turn_budget: int, after: int):
 
 def policy_phase(model, rollouts, gcfg, names: list[str], pad: int) -> dict[str, Any]:
     """DAPO steps that move only the adapters `names` (their own AdamW, nothing else trainable)."""
-    from dostream.methods.grpo import policy_update, reference_logps
+    from dostream.learning.policy_gradient import policy_update, reference_logps
     from dostream.train import device_policy
 
     policy = device_policy("auto")  # train()'s device and precision
@@ -392,7 +392,7 @@ def world_phase(model, rows, tcfg, names: list[str], out: Path, pad: int, extra:
 def learn_reward(cfg, tok, after, new, replayed, current, out, turn_budget) -> Outcome:
     import shutil
 
-    from dostream.methods.grpo import dynamic_sampling_filter, make_rollouts
+    from dostream.learning.policy_gradient import dynamic_sampling_filter, make_rollouts
     from dostream.render import Renderer, encode_rows
     from dostream.stream import view_authors
 
