@@ -13,4 +13,7 @@ turns the verifier's information into training signal:
 `attempts.py` holds what the methods share about acting in the STEM environment (the env with or
 without the calculator tool, solution streams, accuracy by skill); the acting itself is the one loop
 in `dostream/envs/rollout.py` (batched, exact token ids), which the agent uses too.
+`common.py` holds the one training call of the methods that add a fresh adapter on SFT-1
+(ReST, oracle-SFT, the stream's arms); the policy-gradient core of GRPO/DAPO is the library's
+`dostream/learning/policy_gradient.py`.
 """

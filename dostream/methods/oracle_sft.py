@@ -11,15 +11,14 @@ but with the wrong first attempt and the verdict dropped from the context.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from dostream.envs.stem import Problem
 from dostream.methods.attempts import solution_stream
-from dostream.models import load_model
+from dostream.methods.common import train_on_sft1
 from dostream.render import Renderer, RenderStats, encode_rows
 from dostream.stream import Stream
-from dostream.train import TrainConfig, TrainResult, train
+from dostream.train import TrainConfig, TrainResult
 
 VIEW = "stem-oracle"  # the correction only; the question and headers are context (stream.VIEWS)
 
@@ -52,13 +51,7 @@ def train_oracle_sft(
 ) -> tuple[TrainResult, RenderStats]:
     """A fresh LoRA adapter on the merged SFT-1 model, trained on the correction rows."""
     rows, stats = oracle_rows(turns, problems, tok, tools, cfg.max_length)
-    result = train(
-        rows,
-        replace(cfg, view=VIEW, merge=False),
-        out,
-        model=load_model(str(sft1_dir)),
-        pad_id=tok.pad_token_id,
-        resume=resume,
-        extra_record={"method": "oracle_sft", "tools": tools},
+    result = train_on_sft1(
+        rows, cfg, VIEW, sft1_dir, out, tok, resume=resume, extra_record={"method": "oracle_sft", "tools": tools}
     )
     return result, stats

@@ -16,17 +16,17 @@ In the paper: 400 samples in 50 groups of 8 -> 30 kept + 200 replay = 230 rows.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from dostream.config import opt
 from dostream.envs.stem import Problem
 from dostream.methods.attempts import attempt, solution_stream, until_verdict
-from dostream.models import load_model
+from dostream.methods.common import train_on_sft1
 from dostream.render import Renderer, RenderStats, encode_rows
 from dostream.sampling import SamplingConfig
 from dostream.stream import Stream
-from dostream.train import TrainConfig, TrainResult, train
+from dostream.train import TrainConfig, TrainResult
 
 VIEW = "stem-rest"  # the selected samples and the replay rows' solutions (stream.VIEWS)
 
@@ -122,13 +122,7 @@ def train_rest(
 ) -> tuple[TrainResult, RenderStats]:
     """A fresh LoRA adapter on the merged SFT-1 model, trained on the selected samples + replay."""
     rows, stats = rest_rows(selected, replay, tok, tools, cfg.max_length)
-    result = train(
-        rows,
-        replace(cfg, view=VIEW, merge=False),
-        out,
-        model=load_model(str(sft1_dir)),
-        pad_id=tok.pad_token_id,
-        resume=resume,
-        extra_record={"method": "rest", "tools": tools},
+    result = train_on_sft1(
+        rows, cfg, VIEW, sft1_dir, out, tok, resume=resume, extra_record={"method": "rest", "tools": tools}
     )
     return result, stats

@@ -30,11 +30,11 @@ from pathlib import Path
 from dostream.config import opt
 from dostream.envs.stem import Problem
 from dostream.methods.attempts import attempt
-from dostream.models import load_model
+from dostream.methods.common import train_on_sft1
 from dostream.render import Renderer, RenderStats, encode_rows
 from dostream.sampling import SamplingConfig
 from dostream.stream import Stream
-from dostream.train import TrainConfig, TrainResult, train
+from dostream.train import TrainConfig, TrainResult
 
 # The two arms and their views (stream.VIEWS): question, headers and verdict are masked in both.
 ARMS: dict[str, str] = {"observational": "stem-observational", "interventional": "stem-oracle"}
@@ -114,13 +114,7 @@ def train_arm(
 ) -> tuple[TrainResult, RenderStats]:
     """A fresh LoRA adapter on the merged SFT-1 model, trained on the stream under `arm`'s labels."""
     rows, stats = arm_rows(turns, tok, arm, cfg.max_length)
-    result = train(
-        rows,
-        replace(cfg, view=ARMS[arm], merge=False),
-        out,
-        model=load_model(str(sft1_dir)),
-        pad_id=tok.pad_token_id,
-        resume=resume,
-        extra_record={"method": f"stream_{arm}"},
+    result = train_on_sft1(
+        rows, cfg, ARMS[arm], sft1_dir, out, tok, resume=resume, extra_record={"method": f"stream_{arm}"}
     )
     return result, stats
