@@ -14,7 +14,9 @@ What makes it exact:
 What makes it resumable: checkpoints hold the trainable weights, optimizer, scheduler, every RNG
 state and the step; the batch plan is a pure function of (seed, epoch), so a run killed at any
 point and restarted with `resume=True` ends with the same weights as an uninterrupted run.
-Checkpoints are written to a temp directory and renamed into place, then `latest` is replaced.
+Checkpoints are written to a temp directory and renamed into place, then `latest` is replaced
+(`checkpoints.py`). Rows become micro-batches in `batches.py`; the device and precision are
+`device.py`'s policy.
 
 Scale-out is Hugging Face Accelerate's: `accelerate launch -m dostream.cli train ...` runs the
 same loop under DDP/FSDP/DeepSpeed; each process takes its share of every step's micro-batches.
@@ -23,25 +25,22 @@ same loop under DDP/FSDP/DeepSpeed; each process takes its share of every step's
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dostream.batches import collate, rows_fingerprint, split_tokens, supervised_count
+from dostream.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from dostream.config import (
     RunDirError,
     SupervisedBlock,
@@ -51,6 +50,15 @@ from dostream.config import (
     opt,
     write_run_record,
 )
+from dostream.device import (  # noqa: F401 (BF16_EMULATED, bf16_*, DevicePolicy: imported from here too)
+    BF16_EMULATED,
+    DevicePolicy,
+    autocast,
+    bf16_faster,
+    bf16_speedup,
+    device_policy,
+)
+from dostream.files import replace_dir as _replace_dir
 from dostream.render import IGNORE, TRUNCATION_SIDES
 from dostream.scoring import logits_at
 
@@ -100,67 +108,6 @@ class TrainConfig(SupervisedBlock):
 
 # What a resumed run may change: how it saves and shows itself, nothing that changes its weights.
 RESUME_MAY_CHANGE = ("progress", "save_every", "keep_checkpoints", "merge")
-
-
-@functools.cache
-def bf16_speedup(device_type: str) -> float:
-    """How much faster a bf16 matmul runs than an fp32 one here (measured once per process, about
-    0.1 s on a CPU): CUDA gives inf where the GPU supports bf16, else 0. CPUs differ: with AMX (or
-    on some AMD EPYC) ~2.3x; an Intel Xeon with AVX512-BF16 but no AMX measured 0.5-0.8x; a CPU
-    with only AVX2 emulates bf16 at ~1 GFLOP/s against ~178 in fp32 (~0.006x)."""
-    if device_type == "cuda":
-        return math.inf if torch.cuda.is_bf16_supported() else 0.0
-    if device_type != "cpu":
-        return 0.0
-
-    def rate(dtype: torch.dtype) -> float:
-        a = torch.randn(512, 512, dtype=dtype)
-        a @ a
-        t = time.perf_counter()
-        for _ in range(8):
-            a @ a
-        return 8 / (time.perf_counter() - t)
-
-    fp32 = rate(torch.float32)
-    return rate(torch.bfloat16) / fp32
-
-
-def bf16_faster(device_type: str) -> bool:
-    """Should `bf16="auto"` autocast to bf16 here? When a bf16 matmul measures at least 1.2x
-    faster than fp32 (`bf16_speedup`); autocast would only slow training down below that."""
-    return bf16_speedup(device_type) >= 1.2
-
-
-# Below this, bf16 is emulated: forcing it warns, and the benchmarks skip it (and say so).
-BF16_EMULATED = 0.25
-
-
-@dataclass(frozen=True)
-class DevicePolicy:
-    """Where a run computes and in what precision: the one policy of `train()` and GRPO."""
-
-    device: torch.device  # a GPU when there is one, else the CPU
-    bf16: bool  # autocast forwards to bf16
-
-
-def device_policy(bf16: str = "auto") -> DevicePolicy:
-    """The run's device (CUDA when available, else the CPU) and its precision: `bf16` "on", "off",
-    or "auto" (on where `bf16_faster` says so), applied per forward by `autocast`."""
-    if bf16 not in ("auto", "on", "off"):
-        raise ValueError(f"bf16 must be auto, on or off, not {bf16!r}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if bf16 == "on" and device.type == "cpu" and bf16_speedup("cpu") < BF16_EMULATED:
-        warnings.warn(
-            f"bf16 forced on a CPU where a bf16 matmul runs at {bf16_speedup('cpu'):.3f}x fp32 (emulated): "
-            "expect a run many times slower than in fp32 (--bf16 auto picks fp32 here)",
-            stacklevel=2,
-        )
-    return DevicePolicy(device, bf16 == "on" or (bf16 == "auto" and bf16_faster(device.type)))
-
-
-def autocast(device: torch.device | str, bf16: bool):
-    """A forward's precision on `device`: bf16 autocast when `bf16`, else float32 (a no-op)."""
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
 
 # -- the model ------------------------------------------------------------------------------
@@ -213,7 +160,7 @@ class SupervisedNLL(nn.Module):
         return nll, supervised[:, 1:].sum()
 
 
-# -- batches --------------------------------------------------------------------------------
+# -- steps ----------------------------------------------------------------------------------
 
 
 def plan_steps(lengths: list[int], cfg: TrainConfig, epoch: int, world: int = 1) -> list[list[list[int]]]:
@@ -235,57 +182,6 @@ def plan_steps(lengths: list[int], cfg: TrainConfig, epoch: int, world: int = 1)
         rng.shuffle(micro)
     per_step = cfg.grad_accum * world
     return [micro[k : k + per_step] for k in range(0, len(micro), per_step)]
-
-
-def rows_fingerprint(rows: list[dict]) -> str:
-    """SHA-256 of the rows' ids and labels: what a resumed run must be continued on."""
-    h = hashlib.sha256()
-    for r in rows:
-        h.update(json.dumps([r["input_ids"], r["labels"]]).encode())
-    return h.hexdigest()
-
-
-def collate(rows: list[dict], idx: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a micro-batch; padding is masked in attention and labels."""
-    width = max(len(rows[i]["input_ids"]) for i in idx)
-    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(idx), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(idx), width), dtype=torch.long)
-    for b, i in enumerate(idx):
-        n = len(rows[i]["input_ids"])
-        ids[b, :n] = torch.tensor(rows[i]["input_ids"])
-        labels[b, :n] = torch.tensor(rows[i]["labels"])
-        mask[b, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def supervised_count(rows: list[dict], idx: list[int]) -> int:
-    # Position 0 has nothing before it; the loss shifts labels by one.
-    return sum(sum(label != IGNORE for label in rows[i]["labels"][1:]) for i in idx)
-
-
-def split_tokens(rows: list[dict], idx: list[int], budget: int) -> list[list[int]]:
-    """Cut a micro-batch (in its order) into pieces whose padded size, rows x longest row, stays
-    within `budget` tokens (a piece holds at least one row). `budget` 0: one piece.
-
-    On a CPU a forward/backward over a few thousand tokens runs slower per token than over one
-    thousand (the activations leave the caches): measured 56-98 vs 104-123 tokens/s on one core
-    for SmolLM2-135M with LoRA, 16 rows of ~300 tokens whole vs in pieces of 2-4 rows.
-
-    >>> split_tokens([{"input_ids": [0] * n} for n in (5, 4, 4, 2)], [0, 1, 2, 3], budget=10)
-    [[0, 1], [2, 3]]
-    """
-    if budget <= 0:
-        return [idx]
-    pieces: list[list[int]] = []
-    for i in idx:
-        piece = pieces[-1] if pieces else None
-        n = len(rows[i]["input_ids"])
-        if piece is not None and (len(piece) + 1) * max(n, *(len(rows[j]["input_ids"]) for j in piece)) <= budget:
-            piece.append(i)
-        else:
-            pieces.append([i])
-    return pieces
 
 
 def accumulate_step(
@@ -322,77 +218,6 @@ def accumulate_step(
         nll_total += weight * nll.item()
         n_tokens += int(weight) * int(batch["attention_mask"].sum())
     return nll_total, n_tokens
-
-
-# -- checkpoints ----------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: p.detach().cpu().clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict, keep: int) -> None:
-    from safetensors.torch import save_file
-
-    ckdir = out / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
-    final = ckdir / f"step-{step:07d}"
-
-    def write(tmp: Path) -> None:
-        tmp.mkdir()
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-            tmp / "state.pt",
-        )
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
-        model.save_pretrained(tmp / "adapter")  # the PEFT adapter (or full model) for users
-
-    _replace_dir(final, write)
-    atomic_write_text(ckdir / "latest", final.name)
-    older = sorted(p for p in ckdir.glob("step-*") if p.name != final.name)
-    for old in older[: max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(out: str | os.PathLike) -> Path | None:
-    pointer = Path(out) / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.exists() else None
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    from safetensors.torch import load_file
-
-    weights = load_file(path / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in weights.items():
-            params[k].copy_(v)
-    state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
 
 
 # -- the loop -------------------------------------------------------------------------------
@@ -509,7 +334,7 @@ def train(
     step = 0
     ck = ck if resume else None
     if ck is not None:
-        step = _load_checkpoint(ck, acc.unwrap_model(loss_module).model, optimizer, scheduler)["step"]
+        step = load_checkpoint(ck, acc.unwrap_model(loss_module).model, optimizer, scheduler)["step"]
         acc.print(f"dostream train: resumed from {ck} (step {step}/{total})")
     metrics_path = out / "metrics.jsonl"
     history = _read_metrics(metrics_path, upto=step)
@@ -562,7 +387,7 @@ def train(
             if step >= total:
                 done = True
             if acc.is_main_process and (done or (cfg.save_every and step % cfg.save_every == 0)):
-                _save_checkpoint(
+                save_checkpoint(
                     out,
                     step,
                     acc.unwrap_model(loss_module).model,
@@ -601,17 +426,3 @@ def merged_copy(model: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(model).merge_and_unload()
-
-
-def _replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
-    """`write(tmp)` builds a directory under a temp name beside `target`, which is then renamed into
-    place (an old `target` moved aside first, removed after): a killed write never leaves a
-    half-written checkpoint or adapter behind. (The same rule for a file: `config.atomic_open`.)"""
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = target.with_name(f".old-{target.name}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -787,7 +787,7 @@ def test_sigkill_at_random_points_loses_nothing_acknowledged(tmp_path, tok):
 def test_dtype_auto_follows_the_measured_bf16_rate(tmp_path, monkeypatch, tok):
     """`--dtype auto`: bf16 where a bf16 matmul measures faster, fp32 where it is emulated; a
     forced bf16 on such a CPU warns with the measured rate."""
-    import dostream.train as tr
+    import dostream.device as tr
 
     monkeypatch.setattr(tr.torch.cuda, "is_available", lambda: False)
     for rate, want in ((7.0, "bf16"), (0.006, "fp32")):

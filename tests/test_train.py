@@ -280,7 +280,7 @@ def test_a_run_directory_is_continued_only_on_its_own_rows_and_precision(tmp_pat
 def test_forcing_bf16_where_it_is_emulated_warns_and_benchmarks_skip_it(monkeypatch, capsys):
     import sys
 
-    import dostream.train as tr
+    import dostream.device as tr
 
     monkeypatch.setattr(tr, "bf16_speedup", lambda device_type: 0.006)  # an AVX2-only CPU
     monkeypatch.setattr(tr.torch.cuda, "is_available", lambda: False)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from dostream.config import LoraBlock, like, opt
+from dostream.device import autocast
 from dostream.render import Renderer
 from dostream.scoring import logprobs_at
 from dostream.stream import Stream
-from dostream.train import autocast
 
 
 @dataclass
