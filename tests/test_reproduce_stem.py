@@ -158,7 +158,7 @@ def _value(ids, correct):
 def test_protocols_by_hand():
     """Five items; every stage's answers chosen so that each rule gives a different vector."""
     from dostream.config import RunDirError
-    from dostream.experiments.stem.report import protocol_answers
+    from dostream.experiments.stem.results import protocol_answers
 
     q = [f"q{i}" for i in range(5)]
     st = {
