@@ -40,7 +40,8 @@ from dostream.files import atomic_open, atomic_write_text  # noqa: F401
 
 def opt(default: Any, help: str, **kw) -> Any:
     """A dataclass field with its one-line help. `choices=`, and bounds `min=` / `max=` (inclusive)
-    and `gt=` (exclusive), are checked on the command line (naming the flag) and by `check_config`."""
+    and `gt=` (exclusive), are checked on the command line (naming the flag) and by `check_config`
+    (naming the field), which a config may call from its `__post_init__`."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
     return dataclasses.field(default=default, metadata={"help": help, **kw})
@@ -156,9 +157,20 @@ def _bounded(kind: type, meta: Any):
 
 
 def check_config(config: Any) -> None:
-    """Raise ValueError naming the first field of `config` out of its bounds (see `opt`)."""
+    """Raise ValueError naming the first field of `config` out of its bounds or choices (see `opt`).
+
+    >>> @dataclass
+    ... class C:
+    ...     top_p: float = opt(1.0, "nucleus mass", gt=0, max=1)
+    >>> check_config(C(top_p=0))
+    Traceback (most recent call last):
+    ValueError: top_p: must be > 0, got 0
+    """
     for f in dataclasses.fields(config):
-        why = _out_of_bounds(getattr(config, f.name), f.metadata) if _BOUNDS & f.metadata.keys() else None
+        value, meta = getattr(config, f.name), f.metadata
+        why = _out_of_bounds(value, meta) if _BOUNDS & meta.keys() else None
+        if why is None and meta.get("choices") is not None and value not in meta["choices"]:
+            why = f"must be one of {', '.join(map(str, meta['choices']))}, got {value!r}"
         if why:
             raise ValueError(f"{f.name}: {why}")
 

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from dostream.config import opt
+from dostream.config import check_config, opt
 from dostream.stream import Segment
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -19,16 +19,18 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class SamplingConfig:
     """How to sample. `SamplingConfig(greedy=True)` is deterministic argmax decoding (evaluation)."""
 
-    temperature: float = opt(1.0, "softmax temperature; 0 means greedy")
-    top_p: float = opt(1.0, "nucleus sampling: draw from the most likely tokens that together hold this mass")
-    max_new_tokens: int = opt(256, "new tokens per row, the EOS token included")
+    temperature: float = opt(1.0, "softmax temperature; 0 means greedy", min=0)
+    top_p: float = opt(
+        1.0, "nucleus sampling: draw from the most likely tokens that together hold this mass", gt=0, max=1
+    )
+    max_new_tokens: int = opt(256, "new tokens per row, the EOS token included", min=1)
     stop: tuple[str, ...] = opt((), "stop strings: a row ends after the token that completes one (kept whole)")
     seed: int = opt(
         0, "random seed: row i draws from a generator seeded by (seed, i); same seed and config, same samples"
     )
     greedy: bool = opt(False, "argmax decoding (temperature, top-p and seed are ignored)")
     # Rows are sorted by length first; 64 beat 32 by ~15% on 2 CPU cores.
-    batch_size: int = opt(64, "rows decoded together")
+    batch_size: int = opt(64, "rows decoded together", min=1)
     dtype: str = opt(
         "auto",
         "dtype to sample in: auto (the model's own; bf16 on a CUDA GPU), or a cast copy in fp32, bf16 or fp16",
@@ -47,20 +49,9 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        for ok, what in [
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (all(self.stop), "stop strings must be non-empty"),
-            (
-                self.dtype == "auto" or self.dtype in _DTYPES,
-                f"dtype must be auto or one of {list(_DTYPES)}, got {self.dtype!r}",
-            ),
-            (self.backend in ("auto", "torch", "vllm"), f"backend must be auto, torch or vllm, got {self.backend!r}"),
-        ]:
-            if not ok:
-                raise ValueError(what)
+        check_config(self)  # the bounds and choices of the fields above, naming the field
+        if not all(self.stop):
+            raise ValueError(f"stop: stop strings must be non-empty, got {self.stop!r}")
 
     @property
     def is_greedy(self) -> bool:
