@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from dostream.errors import FieldError
 from dostream.files import atomic_open
 
 AUTHORS: tuple[str, ...] = (
@@ -149,24 +150,24 @@ class Stream:
         return d
 
 
-class StreamError(ValueError):
-    """Bad stream input. The message names the file, the line and the field."""
+class StreamError(FieldError):
+    """Bad stream input: the `errors.FieldError` located in a file (`path`, `line`). The message
+    names the file, the line and the field."""
 
     def __init__(self, message: str, *, path: str = "<input>", line: int | None = None, field: str | None = None):
-        self.path, self.line, self.field, self.reason = path, line, field, message
-        where = path if line is None else f"{path}:{line}"
-        super().__init__(f"{where}: {'field ' + repr(field) + ': ' if field else ''}{message}")
+        self.path, self.line = path, line
+        super().__init__(field, message, where=path if line is None else f"{path}:{line}")
 
 
 def _expect(obj: dict, key: str, types: type | tuple[type, ...], where: str, *, required: bool = True):
     if key not in obj:
         if required:
-            raise _FieldError(f"{where}{key}", "missing field")
+            raise FieldError(f"{where}{key}", "missing field")
         return None
     value = obj[key]
     if not isinstance(value, types) or isinstance(value, bool) and bool not in _as_tuple(types):
         names = "/".join(t.__name__ for t in _as_tuple(types))
-        raise _FieldError(f"{where}{key}", f"expected {names}, got {type(value).__name__}")
+        raise FieldError(f"{where}{key}", f"expected {names}, got {type(value).__name__}")
     return value
 
 
@@ -174,28 +175,23 @@ def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
     return t if isinstance(t, tuple) else (t,)
 
 
-class _FieldError(Exception):
-    def __init__(self, field: str, message: str):
-        self.field, self.message = field, message
-
-
 def _segment_from_json(obj: Any, where: str, *, text_key: str, author: str | None = None) -> Segment:
     if not isinstance(obj, dict):
-        raise _FieldError(where.rstrip("."), f"expected an object, got {type(obj).__name__}")
+        raise FieldError(where.rstrip("."), f"expected an object, got {type(obj).__name__}")
     if author is None:
         author = _expect(obj, "author", str, where)
     if author not in AUTHORS:
-        raise _FieldError(f"{where}author", f"unknown author {author!r} (expected one of {', '.join(AUTHORS)})")
+        raise FieldError(f"{where}author", f"unknown author {author!r} (expected one of {', '.join(AUTHORS)})")
     text = _text(_expect(obj, text_key, str, where), f"{where}{text_key}")
     token_ids = _expect(obj, "token_ids", list, where, required=False)
     if token_ids is not None:
         if author != "agent":
-            raise _FieldError(
+            raise FieldError(
                 f"{where}token_ids", f"token_ids on a {author!r} segment: only agent segments carry sampled ids"
             )
         for i, t in enumerate(token_ids):
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < MAX_TOKEN_ID:
-                raise _FieldError(
+                raise FieldError(
                     f"{where}token_ids[{i}]", f"expected a non-negative integer below {MAX_TOKEN_ID}, got {t!r}"
                 )
     role = _expect(obj, "role", str, where, required=False)
@@ -206,35 +202,35 @@ def _segment_from_json(obj: Any, where: str, *, text_key: str, author: str | Non
 def stream_from_json(obj: Any, role_map: dict[str, str] | None = None) -> Stream:
     """Build a `Stream` from one decoded JSON line (segments or chat form).
 
-    Raises `_FieldError` (converted to `StreamError` with file and line by the readers).
+    Raises `errors.FieldError` (converted to `StreamError` with file and line by the readers).
     """
     if not isinstance(obj, dict):
         hint = f" ({IMPORT_HINT.format(what='a JSON array')})" if isinstance(obj, list) else ""
-        raise _FieldError("<line>", f"expected a JSON object, got {type(obj).__name__}{hint}")
+        raise FieldError("<line>", f"expected a JSON object, got {type(obj).__name__}{hint}")
     if "segments" not in obj and "messages" not in obj:
         other = next((k for k in _OTHER_FORMATS if k in obj), None)
         if other is not None:
-            raise _FieldError("segments", f"missing field: {IMPORT_HINT.format(what=_OTHER_FORMATS[other])}")
+            raise FieldError("segments", f"missing field: {IMPORT_HINT.format(what=_OTHER_FORMATS[other])}")
     if "id" not in obj:
-        raise _FieldError("id", "missing field (dostream import gives every stream a stable id)")
+        raise FieldError("id", "missing field (dostream import gives every stream a stable id)")
     sid = _expect(obj, "id", (str, int), "")
     if isinstance(sid, str):
         _text(sid, "id")
     meta = _expect(obj, "meta", dict, "", required=False) or {}
     if "segments" in obj and "messages" in obj:
-        raise _FieldError("segments", "a stream has either 'segments' or 'messages', not both")
+        raise FieldError("segments", "a stream has either 'segments' or 'messages', not both")
     if "messages" in obj:
         role_map = DEFAULT_ROLE_MAP if role_map is None else role_map
         segments = []
         for i, m in enumerate(_expect(obj, "messages", list, "")):
             where = f"messages[{i}]."
             if not isinstance(m, dict):
-                raise _FieldError(f"messages[{i}]", f"expected an object, got {type(m).__name__}")
+                raise FieldError(f"messages[{i}]", f"expected an object, got {type(m).__name__}")
             role = _expect(m, "role", str, where)
             author = _expect(m, "author", str, where, required=False)
             if author is None:
                 if role not in role_map:
-                    raise _FieldError(
+                    raise FieldError(
                         f"{where}role", f"role {role!r} has no author in the role map and the message has no 'author'"
                     )
                 author = role_map[role]
@@ -247,7 +243,7 @@ def stream_from_json(obj: Any, role_map: dict[str, str] | None = None) -> Stream
             for i, s in enumerate(_expect(obj, "segments", list, ""))
         ]
     if not segments:
-        raise _FieldError("segments" if "segments" in obj else "messages", "a stream needs at least one segment")
+        raise FieldError("segments" if "segments" in obj else "messages", "a stream needs at least one segment")
     return Stream(id=str(sid), segments=segments, meta=meta)
 
 
@@ -262,7 +258,7 @@ def stored_segments(raw: str, where: str) -> list[Segment]:
 
     def parse(obj: Any) -> list[Segment]:
         if not isinstance(obj, list):
-            raise _FieldError("<row>", f"expected a JSON array of segments, got {type(obj).__name__}")
+            raise FieldError("<row>", f"expected a JSON array of segments, got {type(obj).__name__}")
         return [_segment_from_json(s, f"[{i}].", text_key="text") for i, s in enumerate(obj)]
 
     return _stored(raw, where, parse)
@@ -275,8 +271,8 @@ def _stored(raw: Any, where: str, parse: Callable[[Any], Any]) -> Any:
         raise StreamError(f"stored row is not valid JSON ({getattr(e, 'msg', e)})", path=where) from None
     try:
         return parse(obj)
-    except _FieldError as e:
-        raise StreamError(e.message, path=where, field=e.field) from None
+    except FieldError as e:
+        raise StreamError(e.reason, path=where, field=e.field) from None
 
 
 # What a line that is not a stream looks like, for the error that says what to do instead.
@@ -316,7 +312,7 @@ def _text(value: str, field: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise _FieldError(field, f"not valid Unicode text (a lone surrogate {value[e.start]!r} at {e.start})") from None
+        raise FieldError(field, f"not valid Unicode text (a lone surrogate {value[e.start]!r} at {e.start})") from None
     return value
 
 
@@ -368,8 +364,8 @@ def read_streams(
                 first = False
                 try:
                     stream = stream_from_json(obj, role_map)
-                except _FieldError as e:
-                    raise StreamError(e.message, path=name, line=lineno, field=e.field) from None
+                except FieldError as e:
+                    raise StreamError(e.reason, path=name, line=lineno, field=e.field) from None
                 stream.source = f"{name}:{lineno}"
             except StreamError as err:
                 first = False

@@ -91,7 +91,7 @@ def skipped_summary(errors: list, kept: int) -> str:
     """`--skip-invalid`'s closing line: how many lines were skipped, by reason (`StreamError`s)."""
     from collections import Counter
 
-    reasons = Counter(f"field {e.field!r}: {e.reason}" if e.field else e.reason for e in errors)
+    reasons = Counter(e.what for e in errors)
     top = "; ".join(f"{n} × {r}" for r, n in reasons.most_common(5)) + ("; ..." if len(reasons) > 5 else "")
     return f"skipped {len(errors)} invalid line(s), kept {kept} ({top})"
 

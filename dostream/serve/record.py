@@ -126,7 +126,7 @@ def new_segments(messages: list[dict], offset: int, tools: list[dict] | None, au
         raise FieldError(where, e.reason) from None
 
 
-class FieldError(ValueError):
+class FieldError(__import__("dostream.errors", fromlist=["FieldError"]).FieldError):  # the one field error (errors.py)
     """A request field that cannot be recorded: `field` names it as the client wrote it."""
 
     def __init__(self, field: str, message: str):
