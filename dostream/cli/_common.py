@@ -65,26 +65,28 @@ def add_stream_input_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_role_map(spec: str | None) -> dict[str, str]:
-    """`--role-map 'assistant=teacher,...'` merged over `stream.DEFAULT_ROLE_MAP`. A mistake names
-    the flag, not the data file; renaming roles (`gpt=assistant`) is `dostream import`'s."""
+def stream_role_map(spec: str | None) -> dict[str, str]:
+    """`--role-map` for a stream file in chat form, parsed by `importers.parse_role_map` (the one
+    grammar) and merged over `stream.DEFAULT_ROLE_MAP`. Here every target is an author: renaming a
+    role (`gpt=assistant`) is `dostream import`'s. A mistake names the flag, not the data file.
+
+    >>> stream_role_map("assistant=teacher")["assistant"]
+    'teacher'
+    """
+    from dostream.importers import parse_role_map
     from dostream.stream import AUTHORS, DEFAULT_ROLE_MAP
 
-    role_map = dict(DEFAULT_ROLE_MAP)
-    for item in filter(None, (spec or "").split(",")):
-        role, sep, author = item.partition("=")
-        if not sep:
-            raise CliError(f"--role-map: expected ROLE=AUTHOR, got {item!r}")
-        if author.strip() not in AUTHORS:
-            rename = (
-                " (renaming a role is for dostream import --role-map)" if author.strip() in DEFAULT_ROLE_MAP else ""
-            )
+    try:
+        given = parse_role_map(spec)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    for role, target in given.items():
+        if target not in AUTHORS:
             raise CliError(
-                f"--role-map: {item.strip()!r}: {author.strip()!r} is not an author "
-                f"(one of {', '.join(AUTHORS)}){rename}"
+                f"--role-map: '{role}={target}': {target!r} is not an author (one of {', '.join(AUTHORS)}) "
+                "(renaming a role is for dostream import --role-map)"
             )
-        role_map[role.strip()] = author.strip()
-    return role_map
+    return {**DEFAULT_ROLE_MAP, **given}
 
 
 def skipped_summary(errors: list, kept: int) -> str:

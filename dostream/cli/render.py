@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dostream.cli._common import (
     CliError,
     add_stream_input_args,
-    parse_role_map,
     skipped_summary,
+    stream_role_map,
     user_errors,
     views_epilog,
 )
@@ -55,7 +55,7 @@ def iter_rendered(args: argparse.Namespace, tokenizer, stats: RenderStats) -> It
     renderer = Renderer(tokenizer, chat_template=args.chat_template)
     errors: list[StreamError] = []
     streams = read_streams(
-        args.file, skip_invalid=args.skip_invalid, role_map=parse_role_map(args.role_map), errors=errors
+        args.file, skip_invalid=args.skip_invalid, role_map=stream_role_map(args.role_map), errors=errors
     )
 
     def dropped(sid: str) -> None:

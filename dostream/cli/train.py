@@ -15,8 +15,8 @@ from dataclasses import asdict
 from dostream.cli._common import (
     CliError,
     add_stream_input_args,
-    parse_role_map,
     skipped_summary,
+    stream_role_map,
     user_errors,
     views_epilog,
 )
@@ -49,7 +49,7 @@ def cli_main(argv: list[str]) -> int:
         view_authors(cfg.view)
         tok = load_tokenizer(cfg.model)
         streams = read_streams(
-            args.streams, skip_invalid=args.skip_invalid, role_map=parse_role_map(args.role_map), errors=errors
+            args.streams, skip_invalid=args.skip_invalid, role_map=stream_role_map(args.role_map), errors=errors
         )
         rows, stats = encode_rows(
             streams,
@@ -69,6 +69,11 @@ def cli_main(argv: list[str]) -> int:
         file=sys.stderr,
     )
     print_report("train", stats, cfg.view)
+    if not stats.rows:  # train() would refuse too, without the file's name
+        raise CliError(
+            f"no training rows in {args.streams}: every stream was empty or had no supervised token under "
+            f"view {cfg.view!r} ({stats.streams} stream(s) read, {stats.dropped_no_supervised} with no supervised token)"
+        )
     with user_errors():
         result = train(
             rows,
