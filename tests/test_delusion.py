@@ -10,16 +10,8 @@ import torch
 from conftest import run_cli
 
 from dostream.envs.tutor.env import FACTS, Fact, answer_stream
-from dostream.experiments.delusion.run import (
-    ARMS,
-    PRESETS,
-    _split,
-    check_same_order,
-    delta_pairs,
-    mean_logprobs,
-    resolve_preset,
-    summarise,
-)
+from dostream.experiments.delusion.probes import _split, delta_pairs, mean_logprobs, summarise
+from dostream.experiments.delusion.run import ARMS, PRESETS, check_same_order, resolve_preset
 from dostream.stream import VIEWS
 
 

@@ -69,7 +69,7 @@ def dialogues(cfg: DemoConfig):
 
 def probe(model, tok, facts: list[Fact], cfg: DemoConfig) -> dict[str, Any]:
     """Δ and the greedy answer for every fact, asked with the held-out phrasing."""
-    from dostream.experiments.delusion.run import _split, mean_logprobs
+    from dostream.experiments.delusion.probes import _split, mean_logprobs
     from dostream.render import Renderer
     from dostream.sampling import SamplingConfig, sample
 
