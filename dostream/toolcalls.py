@@ -1,4 +1,4 @@
-"""Tool calls as text: the one convention dostream writes, renders and parses.
+"""Tool calls and reasoning as text: the one convention dostream writes, renders and parses.
 
 A tool call is an action of the assistant turn that makes it, so its tokens carry that turn's
 author (an `agent` call is masked under `interventional`, a `teacher` call is supervised) and a
@@ -178,6 +178,53 @@ def tools_preamble(tools: list[dict]) -> str:
     return _PREAMBLE_HEAD + lines + _PREAMBLE_TAIL
 
 
+# Reasoning ("thinking") is kept as a segment of its own before the turn's text and calls
+# (`meta.reasoning: true`, the turn's role and author). Its text is this default form, Qwen3's /
+# DeepSeek-R1's: `<think>\n{reasoning}\n</think>\n\n`. A chat template that writes reasoning itself
+# (`template_reasoning_markers`) has its own markers put around it instead when rendering.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+REASONING_OPEN, REASONING_CLOSE = THINK_OPEN + "\n", "\n" + THINK_CLOSE + "\n\n"
+
+
+def format_reasoning(reasoning: str) -> str:
+    """A turn's reasoning in the default text form (surrounding newlines of the body dropped, as
+    Qwen3's template drops them).
+
+    >>> format_reasoning("\\n2 + 2 is 4.\\n")
+    '<think>\\n2 + 2 is 4.\\n</think>\\n\\n'
+    """
+    return REASONING_OPEN + reasoning.strip("\n") + REASONING_CLOSE
+
+
+def reasoning_body(text: str) -> str | None:
+    """The reasoning inside a text in the default form (`format_reasoning`), else None."""
+    if (
+        text.startswith(REASONING_OPEN)
+        and text.endswith(REASONING_CLOSE)
+        and len(text) >= len(REASONING_OPEN + REASONING_CLOSE)
+    ):
+        return text[len(REASONING_OPEN) : len(text) - len(REASONING_CLOSE)]
+    return None
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """A leading `<think>...</think>` block of a turn's text → (its reasoning, the rest), else
+    (None, text). Only a block that opens the text (after whitespace) counts: a `<think>` later in
+    the text is the turn's text. The reasoning loses its surrounding newlines and the rest its
+    leading whitespace, so `format_reasoning(r) + rest` is the usual spelling of the turn.
+
+    >>> split_reasoning("<think>\\nSmall numbers.\\n</think>\\n\\n4")
+    ('Small numbers.', '4')
+    """
+    head = text.lstrip()
+    if not head.startswith(THINK_OPEN):
+        return None, text
+    end = head.find(THINK_CLOSE)
+    if end < 0:
+        return None, text
+    return head[len(THINK_OPEN) : end].strip("\n"), head[end + len(THINK_CLOSE) :].lstrip()
+
+
 _PROBE_FN, _PROBE_TOOL = "dostream_probe_call", "dostream_probe_tool"
 _SUPPORT_CACHE: dict[str, bool] = {}
 
@@ -207,3 +254,38 @@ def template_supports_tools(tokenizer) -> bool:
             out = ""
         _SUPPORT_CACHE[template] = isinstance(out, str) and _PROBE_FN in out and _PROBE_TOOL in out
     return _SUPPORT_CACHE[template]
+
+
+_MARKERS_CACHE: dict[str, tuple[str, str] | None] = {}
+_PROBE_R, _PROBE_C = "\u2063DOSTREAM_REASONING\u2063", "\u2063DOSTREAM_CONTENT\u2063"
+
+
+def template_reasoning_markers(tokenizer) -> tuple[str, str] | None:
+    """The text a chat template writes before and after an assistant turn's reasoning, or None
+    when it writes none (SmolLM2's): then the default form (`format_reasoning`) is used.
+
+    Renders a probe conversation whose last assistant turn carries `reasoning_content` (also as
+    `reasoning` and `thinking`, the other names templates read), and reads what surrounds it:
+    before it, what the template adds to the turn without reasoning; after it, up to the turn's
+    content (Qwen3's template gives `("<think>\\n", "\\n</think>\\n\\n")`). Cached per template."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template or not isinstance(template, str):
+        return None
+    if template not in _MARKERS_CACHE:
+        user = {"role": "user", "content": "probe"}
+        plain = {"role": "assistant", "content": _PROBE_C}
+        thinking = {**plain, "reasoning_content": _PROBE_R, "reasoning": _PROBE_R, "thinking": _PROBE_R}
+        markers = None
+        try:
+            with_r = tokenizer.apply_chat_template([user, thinking], tokenize=False)
+            without = tokenizer.apply_chat_template([user, plain], tokenize=False)
+        except Exception:  # a template that fails on the probe writes no reasoning we can use
+            with_r = without = ""
+        r, c = with_r.find(_PROBE_R), with_r.find(_PROBE_C)
+        if 0 <= r < c and with_r.count(_PROBE_R) == 1:
+            p = 0
+            while p < min(r, len(without)) and with_r[p] == without[p]:
+                p += 1
+            markers = (with_r[p:r], with_r[r + len(_PROBE_R) : c])
+        _MARKERS_CACHE[template] = markers
+    return _MARKERS_CACHE[template]

@@ -19,7 +19,7 @@ from dostream.importers import (
     parse_role_map,
 )
 from dostream.render import Renderer
-from dostream.stream import StreamError
+from dostream.stream import Stream, StreamError
 
 FIX = ROOT / "tests/fixtures/import"
 
@@ -71,20 +71,24 @@ def test_openai_content_parts_weight_zero_and_reasoning():
         ("context", "system"),  # developer → system
         ("user", "user"),
         ("context", "assistant"),  # weight 0: kept in the context, never supervised
-        ("teacher", "assistant"),
+        ("teacher", "assistant"),  # the reasoning part, first
+        ("teacher", "assistant"),  # the text part
         ("teacher", "assistant"),  # the tool_call part
         ("tool", "tool"),
+        ("teacher", "assistant"),  # reasoning_content
         ("teacher", "assistant"),
     ]
     assert s.segments[1].text == "Convert 3 miles to km.\nRound to one decimal."
-    assert s.segments[3].text.startswith("<think>\n1 mile") and s.segments[3].text.endswith("Converting.")
-    assert s.segments[4].text.startswith("\n<tool_call>\n")  # after the turn's text
-    assert json.loads(s.segments[4].meta["tool_calls"][0]["function"]["arguments"]) == {
+    assert s.segments[3].text == "<think>\n1 mile is 1.609 km, so use the converter.\n</think>\n\n"
+    assert s.segments[3].meta == {"reasoning": True, "new_message": True}  # after the weight-0 assistant message
+    assert s.segments[4].text == "Converting." and s.segments[4].meta == {}
+    assert s.segments[5].text.startswith("\n<tool_call>\n")  # after the turn's text
+    assert json.loads(s.segments[5].meta["tool_calls"][0]["function"]["arguments"]) == {
         "value": 3,
         "from": "mi",
         "to": "km",
     }
-    assert s.segments[6].text == "<think>\n4.828 rounds to 4.8.\n</think>\n\n3 miles is 4.8 km."
+    assert [g.text for g in s.segments[7:]] == ["<think>\n4.828 rounds to 4.8.\n</think>\n\n", "3 miles is 4.8 km."]
 
 
 def test_openai_legacy_function_call():
@@ -371,7 +375,7 @@ def test_imported_fixtures_keep_the_render_invariants(tok, hermes):
 
     files = sorted(str(p) for p in FIX.iterdir() if p.suffix in (".json", ".jsonl"))
     streams = list(import_streams(files, assistant="other"))
-    assert len(streams) == 17
+    assert len(streams) == 23
     for renderer in (Renderer(tok), Renderer(tok, chat_template=True), Renderer(hermes, chat_template=True)):
         for s in streams:
             r = renderer.render(s)
@@ -380,3 +384,203 @@ def test_imported_fixtures_keep_the_render_invariants(tok, hermes):
             for g in r.segments:
                 owner.update({c: g["author"] for c in range(g["start"], g["end"])})
             assert all({owner.get(c) for c in range(*o)} == {a} for a, o in zip(r.authors, r.offsets) if o)
+
+
+# -- reasoning and typed parts (#32) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def think(tok):
+    """The smollm2 tokenizer with a chat template that writes reasoning in markers of its own."""
+    t = copy.deepcopy(tok)
+    t.chat_template = (FIX / "think_template.jinja").read_text()
+    return t
+
+
+@pytest.fixture(scope="module")
+def qwen3_style(tok):
+    """The smollm2 tokenizer with a template that, as Qwen3's, keeps reasoning only after the last user turn."""
+    t = copy.deepcopy(tok)
+    t.chat_template = (FIX / "qwen3_style_template.jinja").read_text()
+    return t
+
+
+def turns(stream):
+    """(author, 'reasoning' | 'calls' | 'text', body) of each assistant-role segment."""
+    from dostream.toolcalls import reasoning_body
+
+    out = []
+    for g in stream.segments:
+        if g.role != "assistant":
+            continue
+        if g.meta.get("reasoning"):
+            out.append((g.author, "reasoning", reasoning_body(g.text)))
+        elif g.meta.get("tool_calls"):
+            out.append((g.author, "calls", [c["function"]["name"] for c in g.meta["tool_calls"]]))
+        else:
+            out.append((g.author, "text", g.text))
+    return out
+
+
+def test_reasoning_and_typed_parts_of_every_shape_are_segments_of_the_turn():
+    s = load("reasoning.jsonl", assistant="other")
+    # LLaMA-Factory's typed parts: `value` strings, the call a JSON string, tools at the row level
+    assert turns(s["lf-string-value"]) == [
+        ("teacher", "reasoning", "The user asks for two facts about one film. The movie tool has both."),
+        ("teacher", "calls", ["get_movie_details"]),
+        ("teacher", "reasoning", "Year 2010, director Christopher Nolan."),
+        ("teacher", "text", "Inception came out in 2010; Christopher Nolan directed it."),
+    ]
+    lf = s["lf-string-value"]
+    assert lf.segments[0].text == "You answer questions about films."  # a text part's `value`
+    assert lf.segments[1].meta["tools"][0]["function"]["name"] == "get_movie_details"
+    assert (
+        lf.segments[3].text
+        == "<think>\nThe user asks for two facts about one film. The movie tool has both.\n</think>\n\n"
+    )
+    assert lf.segments[4].text.startswith("<tool_call>\n")  # no blank line added after reasoning
+    assert lf.segments[4].meta["tool_calls"][0]["function"]["arguments"] == '{"title": "Inception"}'
+    assert lf.segments[5].text == '{"year": 2010, "director": "Christopher Nolan"}'
+    # `value` as objects (a list of two calls), a `thinking` part
+    assert turns(s["lf-object-value"]) == [
+        ("teacher", "reasoning", "Two tools: the conversion and the date of the rates."),
+        ("teacher", "text", "Let me check both."),
+        ("teacher", "calls", ["convert_currency", "get_rate_date"]),
+        ("teacher", "text", "50 EUR is 54.10 USD at the rates of 2 May 2024."),
+    ]
+    # `reasoning_content` beside tool_calls and beside content
+    assert [t[:2] for t in turns(s["reasoning-content"])] == [
+        ("teacher", "reasoning"),
+        ("teacher", "calls"),
+        ("teacher", "reasoning"),
+        ("teacher", "text"),
+    ]
+    # a leading <think> block of the text (OpenAI, ShareGPT, Alpaca); a <think> elsewhere is text
+    assert turns(s["inline-think"]) == [
+        ("teacher", "reasoning", "91 = 7 × 13."),
+        ("teacher", "text", "No: 91 = 7 × 13."),
+        ("teacher", "text", "The tag <think> marks reasoning; this reply has none."),
+    ]
+    assert turns(s["sharegpt-think"])[0] == ("teacher", "reasoning", "21, 22, 24 and 25 are composite; 23 is prime.")
+    assert turns(s["alpaca-think"]) == [
+        ("teacher", "reasoning", "An irregular plural."),
+        ("teacher", "text", "Mice."),
+    ]
+    # the author follows --assistant: the reasoning is the agent's when the model wrote the turn
+    agent = load("reasoning.jsonl", assistant="self")
+    assert {a for sid in agent for a, _, _ in turns(agent[sid])} == {"agent"}
+
+
+@pytest.mark.parametrize("template", ["plain", "smollm2", "think", "hermes"])
+@pytest.mark.parametrize("assistant", ["other", "self"])
+def test_every_call_and_reasoning_span_survives_import_render_export(tok, think, hermes, template, assistant, tmp_path):
+    """Done-when (#32): import → stream file → render → training rows keeps every reasoning span and
+    every call, token for token, with the turn's author (supervised for teacher, masked for agent)."""
+    from dostream.render import encode_rows
+    from dostream.stream import read_streams, write_streams
+    from dostream.toolcalls import reasoning_body
+
+    t = {"plain": tok, "smollm2": tok, "think": think, "hermes": hermes}[template]
+    renderer = Renderer(t, chat_template=template != "plain")
+    author = {"other": "teacher", "self": "agent"}[assistant]
+    streams = list(import_streams([str(FIX / "reasoning.jsonl")], assistant=assistant))
+    write_streams(tmp_path / "s.jsonl", streams)
+    back = list(read_streams(tmp_path / "s.jsonl"))
+    assert [s.to_json() for s in back] == [s.to_json() for s in streams]  # meta.reasoning kept
+    rows, _ = encode_rows(back, renderer, "interventional")
+    assert len(rows) == len(back)
+    n_reasoning = n_calls = 0
+    for s, row in zip(back, rows):
+        r = renderer.render(s)
+        assert row["input_ids"] == r.input_ids and row["labels"] == r.labels("interventional")
+        for g in s.segments:
+            if g.meta.get("reasoning"):
+                body = reasoning_body(g.text)
+                shown = g.text if template != "think" else f"<reasoning>{body}</reasoning>\n"
+                n_reasoning += 1
+            elif g.meta.get("tool_calls"):
+                names = [c["function"]["name"] for c in g.meta["tool_calls"]]
+                if template == "hermes":  # the template writes the calls: each name in its own syntax
+                    for name in names:
+                        at = r.text.index(f'{{"name": "{name}", "arguments"')
+                        k = next(i for i, o in enumerate(r.offsets) if o and o[0] <= at < o[1])
+                        assert r.authors[k] == author
+                    n_calls += len(names)
+                    continue
+                shown, n_calls = g.text, n_calls + len(names)
+            else:
+                continue
+            ids = t(shown, add_special_tokens=False)["input_ids"]
+            at = next(k for k in range(len(r.input_ids)) if r.input_ids[k : k + len(ids)] == ids)
+            span = range(at, at + len(ids))
+            assert r.text[r.offsets[at][0] : r.offsets[at + len(ids) - 1][1]] == shown
+            assert {r.authors[k] for k in span} == {author}
+            labels = [row["labels"][k] for k in span]
+            assert labels == (ids if author == "teacher" else [-100] * len(ids))
+    assert n_reasoning == 8 and n_calls == 4
+
+
+def test_template_reasoning_markers_and_a_template_that_drops_reasoning(tok, think, qwen3_style):
+    from dostream.render import RenderError
+    from dostream.toolcalls import template_reasoning_markers
+
+    assert template_reasoning_markers(tok) is None  # SmolLM2: the default form applies
+    assert template_reasoning_markers(think) == ("<reasoning>", "</reasoning>\n")
+    assert template_reasoning_markers(qwen3_style) == ("<think>\n", "\n</think>\n\n")
+    s = load("reasoning.jsonl")
+    msgs = [
+        {"role": "user", "content": "Is 91 prime?"},
+        {"role": "assistant", "reasoning_content": "91 = 7 × 13.", "content": "No: 91 = 7 × 13."},
+    ]
+    r = Renderer(qwen3_style, chat_template=True).render(Stream("q", s["inline-think"].segments[:3]))
+    assert r.text == qwen3_style.apply_chat_template(msgs, tokenize=False)  # the template's own rendering
+    with pytest.raises(RenderError, match="drops the reasoning of earlier turns"):
+        Renderer(qwen3_style, chat_template=True).render(s["inline-think"])  # reasoning before a user turn
+
+
+def test_a_sampled_turn_keeps_its_ids_whatever_it_holds(tok):
+    from dostream.render import decode
+
+    ids = tok("<think>\nsmall\n</think>\n\n4<|im_end|>", add_special_tokens=False)["input_ids"]
+    msgs = [
+        {"role": "user", "content": "2 + 2?"},
+        {"role": "assistant", "content": decode(tok, ids), "token_ids": ids},
+    ]
+    segs = messages_to_segments(msgs, assistant="self")
+    assert [(g.author, g.token_ids, g.meta) for g in segs[1:]] == [("agent", ids, {})]
+
+
+def test_unparseable_tool_call_values_name_the_field_and_are_skipped_by_reason(tmp_path):
+    def row(i, value):
+        return {
+            "id": f"r{i}",
+            "messages": [
+                {"role": "system", "content": [{"type": "text", "value": "Use tools."}]},
+                {"role": "user", "content": [{"type": "text", "value": "Details of Inception?"}]},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "reasoning", "value": "Call it."}, {"type": "tool_call", "value": value}],
+                },
+            ],
+        }
+
+    cases = [
+        ('{"name": "get_movie_details", "arguments": {"title": ', "a tool call that is not valid JSON"),
+        ('{"arguments": {"title": "Inception"}}', "a tool call needs a function name"),
+        ({"arguments": {}}, "a tool call needs a function name"),
+        ("[]", "a tool call part with no call"),
+    ]
+    for i, (value, reason) in enumerate(cases):
+        one = tmp_path / f"one{i}.jsonl"
+        one.write_text(json.dumps(row(i, value)) + "\n")
+        with pytest.raises(StreamError) as err:
+            list(import_streams([str(one)], assistant="other"))
+        assert (err.value.line, err.value.field) == (1, "messages[2].content[1].value")
+        assert str(err.value).startswith(f"{one}:1: field 'messages[2].content[1].value': {reason}")
+    path = tmp_path / "mixed.jsonl"
+    good = row(9, json.dumps({"name": "get_movie_details", "arguments": {"title": "Inception"}}))
+    path.write_text("".join(json.dumps(row(i, v)) + "\n" for i, (v, _) in enumerate(cases)) + json.dumps(good) + "\n")
+    report = ImportReport()
+    kept = list(import_streams([str(path)], assistant="other", skip_invalid=True, report=report))
+    assert [s.id for s in kept] == ["r9"] and sum(report.skipped.values()) == 4 and report.tool_calls == 1
+    assert report.skipped["messages[2].content[1].value: a tool call needs a function name"] == 2

@@ -43,10 +43,10 @@ def test_import_every_format(tmp_path):
     files = sorted(p for p in FIX.iterdir() if p.suffix in (".json", ".jsonl"))
     proc = run_cli("import", *files, "--out", out, "--assistant", "other")
     streams = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(streams) == 17 and len({s["id"] for s in streams}) == 17
+    assert len(streams) == 23 and len({s["id"] for s in streams}) == 23
     summary = proc.stderr.strip()
-    assert summary.startswith("dostream import: read 17 record(s) from 7 file(s)") and f"wrote {out}" in summary
-    assert "7 tool call(s)" in summary and "teacher" in summary
+    assert summary.startswith("dostream import: read 23 record(s) from 8 file(s)") and f"wrote {out}" in summary
+    assert "11 tool call(s)" in summary and "teacher" in summary
 
 
 def test_provenance_is_asked_for_in_two_sentences(tmp_path):
@@ -177,3 +177,30 @@ def test_truncation_keeps_the_system_prompt_and_tool_list(tmp_path, cli):
         )[0]
     )
     assert "# Tools" not in left["text"]
+
+
+def test_import_then_render_keeps_reasoning_with_its_author(tmp_path, cli):
+    """#32 through the commands: the reasoning of LLaMA-Factory typed parts, `reasoning_content` and
+    inline <think> blocks is rendered in the turn, its tokens the turn's author."""
+    out = tmp_path / "r.jsonl"
+    run_cli("import", FIX / "reasoning.jsonl", "--out", out, "--assistant", "other")
+    streams = [json.loads(line) for line in out.read_text().splitlines()]
+    spans = [g["text"] for s in streams for g in s["segments"] if g.get("meta", {}).get("reasoning")]
+    assert len(spans) == 8 and all(t.startswith("<think>\n") and t.endswith("\n</think>\n\n") for t in spans)
+    records = [json.loads(line) for line in cli("render", out, "--chat-template").stdout.splitlines()]
+    for s, r in zip(streams, records):
+        for g in s["segments"]:
+            if g.get("meta", {}).get("reasoning"):
+                at = r["text"].index(g["text"])
+                toks = [k for k, o in enumerate(r["offsets"]) if o and at <= o[0] < at + len(g["text"])]
+                assert {r["authors"][k] for k in toks} == {"teacher"}
+                assert all(r["labels"][k] == r["input_ids"][k] for k in toks)
+
+
+def test_train_with_no_trainable_row_names_the_file(tmp_path):
+    src = tmp_path / "context_only.jsonl"
+    src.write_text(json.dumps({"id": "a", "segments": [{"author": "context", "text": "Only a given prompt."}]}) + "\n")
+    line = fails("train", src, "--model", "tiny", "--out", tmp_path / "run")
+    assert line.startswith(f"dostream train: no training rows in {src}: ")
+    assert "no supervised token under view 'interventional'" in line
+    assert not (tmp_path / "run").exists()

@@ -263,3 +263,40 @@ def test_truncation_by_turns_keeps_the_head(tok, data, max_length, chat):
             assert r.text[slice(*r.offsets[i])] == full.text[slice(*full.offsets[k])]
     for view in VIEWS:
         assert all(lab in (IGNORE, t) for lab, t in zip(r.labels(view), r.input_ids))
+
+
+@given(data=st.data(), template=st.sampled_from(["smollm2", "think"]))
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_reasoning_segments_keep_the_invariants(tok, data, template):
+    """Invariants 1-3 with reasoning segments (`meta.reasoning`, importers' default form) among
+    random ones, rendered plain, with SmolLM2's template (the default form) and with one that writes
+    reasoning in its own markers: each reasoning body is rendered once, its characters its author's."""
+    import copy
+
+    from conftest import ROOT
+
+    from dostream.toolcalls import format_reasoning
+
+    t = tok
+    if template == "think":
+        t = copy.deepcopy(tok)
+        t.chat_template = (ROOT / "tests/fixtures/import/think_template.jinja").read_text()
+    stream = data.draw(streams(tok))
+    bodies = []
+    for at in sorted(data.draw(st.sets(st.integers(0, len(stream.segments)), min_size=1, max_size=2)), reverse=True):
+        author = data.draw(st.sampled_from(["agent", "teacher", "oracle"]))
+        body = data.draw(text_st.filter(lambda x: x.strip("\n") == x))
+        bodies.append((author, body))
+        seg = Segment(author, format_reasoning(body), role="assistant", meta={"reasoning": True})
+        stream.segments.insert(at, seg)
+    for chat in (False, True):
+        r = Renderer(t, chat_template=chat).render(stream)
+        check_common(r, t)
+        for g in r.segments:
+            for o, a in zip(r.offsets, r.authors):
+                if o and g["start"] <= o[0] < g["end"]:
+                    assert a == g["author"]
+        rendered = [(g["author"], r.text[g["start"] : g["end"]]) for g in r.segments]
+        for author, body in bodies:
+            shown = f"<reasoning>{body}</reasoning>\n" if chat and template == "think" else format_reasoning(body)
+            assert (author, shown) in rendered

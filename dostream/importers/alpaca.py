@@ -2,12 +2,13 @@
 
 An optional `system` is the system prompt and an optional `history` (a list of
 `[instruction, output]` pairs, as LLaMA-Factory writes it) comes before the row's own turn. The
-instruction and its input are joined by a blank line.
+instruction and its input are joined by a blank line. An output that opens with a `<think>...</think>`
+block has it as its reasoning segment (`base.add_assistant_text`).
 """
 
 from __future__ import annotations
 
-from dostream.importers.base import Builder, Provenance, RecordError, message_author
+from dostream.importers.base import Builder, Provenance, RecordError, add_assistant_text, message_author
 from dostream.stream import Segment
 
 
@@ -33,11 +34,11 @@ def to_segments(record: dict, prov: Provenance) -> tuple[list[Segment], int]:
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
             raise RecordError(f"history[{i}]", "expected an [instruction, output] pair of strings")
         b.add("user", "user", pair[0])
-        b.add(author, "assistant", pair[1])
+        add_assistant_text(b, author, pair[1])
     instruction, extra = _text(record, "instruction"), _text(record, "input", required=False)
     b.add("user", "user", instruction + ("\n\n" + extra if extra else ""))
     output = _text(record, "output")
     if not output:
         raise RecordError("output", "an assistant turn with neither content nor a tool call")
-    b.add(author, "assistant", output)
+    add_assistant_text(b, author, output)
     return b.finish(), 0

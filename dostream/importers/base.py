@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dostream.stream import AUTHORS, Segment
-from dostream.toolcalls import format_calls, normalize_call, normalize_tool, tools_preamble
+from dostream.toolcalls import (
+    format_calls,
+    format_reasoning,
+    normalize_call,
+    normalize_tool,
+    split_reasoning,
+    tools_preamble,
+)
 
 # Chat roles a segment is rendered in, and the names logs use for them.
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "tool")
@@ -159,8 +166,11 @@ def _as_text(value: Any, where: str) -> str:
 def parse_content(content: Any, where: str, *, tool: bool = False) -> Parts:
     """A message's `content`: a string, null, or a list of typed parts (`text`, `reasoning` /
     `thinking`, `tool_call` / `tool_use` / `function_call`, `tool_result`; plain strings count as
-    text). Text parts are joined with newlines. A tool's content may also be any JSON value (kept as
-    its JSON text). Parts dostream cannot hold as text (images, audio) are an error."""
+    text). A part's body is under `text` (or `value`, LLaMA-Factory's spelling; `thinking`,
+    `reasoning` or `summary` for reasoning); a call is `name` + `arguments`/`input`, a `function`
+    object, or a `value` holding the call object or its JSON text (`_value_calls`). Text parts are
+    joined with newlines. A tool's content may also be any JSON value (kept as its JSON text). Parts
+    dostream cannot hold as text (images, audio) are an error."""
     parts = Parts()
     if content is None:
         return parts
@@ -181,12 +191,15 @@ def parse_content(content: Any, where: str, *, tool: bool = False) -> Parts:
             continue
         if not isinstance(part, dict):
             raise RecordError(w, f"expected a string or an object, got {type(part).__name__}")
-        kind = part.get("type", "text" if "text" in part else None)
+        kind = part.get("type", "text" if "text" in part or "value" in part else None)
         if kind in _TEXT_PARTS:
-            parts.text.append(_as_text(part.get("text"), f"{w}.text"))
+            key = "text" if "text" in part else "value"
+            parts.text.append(_as_text(part.get(key), f"{w}.{key}"))
         elif kind in _REASONING_PARTS:
-            body = part.get("text", part.get("thinking", part.get("reasoning", part.get("summary"))))
-            parts.reasoning.append(_as_text(body, f"{w}.text"))
+            key = next((k for k in ("text", "value", "thinking", "reasoning", "summary") if k in part), "text")
+            parts.reasoning.append(_as_text(part.get(key), f"{w}.{key}"))
+        elif kind in _CALL_PARTS and "value" in part:
+            parts.calls += _value_calls(part["value"], f"{w}.value", len(parts.calls))
         elif kind in _CALL_PARTS:
             call = {
                 "id": part.get("id") or part.get("call_id"),
@@ -199,7 +212,7 @@ def parse_content(content: Any, where: str, *, tool: bool = False) -> Parts:
             cid = part.get("tool_use_id", part.get("call_id", part.get("tool_call_id")))
             if isinstance(cid, str):
                 meta["tool_call_id"] = cid
-            body = part.get("content", part.get("output", part.get("text")))
+            body = part.get("content", part.get("output", part.get("text", part.get("value"))))
             parts.results.append(
                 (_as_text(body, f"{w}.content") if not isinstance(body, dict) else json.dumps(body), meta)
             )
@@ -210,6 +223,23 @@ def parse_content(content: Any, where: str, *, tool: bool = False) -> Parts:
                 "text, reasoning, tool calls and tool results)",
             )
     return parts
+
+
+def _value_calls(value: Any, where: str, index: int) -> list[dict]:
+    """A typed part's `value` as calls: a call object, a list of them, or the JSON text of either
+    (`{"type": "tool_call", "value": "{\\"name\\": ..., \\"arguments\\": {...}}"}`, as
+    LLaMA-Factory writes it). Not JSON, no call or a call without a name: `RecordError` at `where`."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise RecordError(where, f"a tool call that is not valid JSON ({e.msg})") from None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise RecordError(where, "a tool call part with no call")
+    return [
+        checked_call(c, f"{where}[{k}]" if isinstance(value, list) else where, index + k) for k, c in enumerate(items)
+    ]
 
 
 def checked_call(call: Any, where: str, index: int) -> dict:
@@ -272,12 +302,26 @@ class Builder:
         self._new = False
         self.segments.append(Segment(author, text, token_ids=token_ids, role=role, meta=meta))
 
+    def add_reasoning(self, author: str, reasoning: str, meta: dict | None = None) -> None:
+        """A turn's reasoning: a segment of its own before the turn's text and calls, in the turn's
+        role and author, `meta.reasoning: true`, its text `toolcalls.format_reasoning`."""
+        self.add(author, "assistant", format_reasoning(reasoning), meta={**(meta or {}), "reasoning": True})
+
     def add_calls(self, author: str, calls: list[dict]) -> None:
         if not calls:
             return
         prev = self.segments[-1] if self.segments else None
-        # a newline between a turn's text and its first call (what Hermes templates write)
-        lead = "\n" if not self._new and prev is not None and prev.role == "assistant" and prev.text else ""
+        # a newline between a turn's text and its first call (what Hermes templates write); none
+        # after reasoning alone, which ends with its blank line (what Qwen3's template writes)
+        lead = (
+            "\n"
+            if not self._new
+            and prev is not None
+            and prev.role == "assistant"
+            and prev.text
+            and not prev.meta.get("reasoning")
+            else ""
+        )
         self.add(author, "assistant", lead + format_calls(calls), meta={"tool_calls": calls})
         self.n_calls += len(calls)
 
@@ -294,10 +338,16 @@ class Builder:
         return segments
 
 
-def assistant_text(parts: Parts) -> str:
-    """An assistant turn's text: its reasoning in `<think>` tags (the convention of reasoning
-    models' templates), then its text."""
-    text = "\n".join(parts.text)
-    if parts.reasoning:
-        return "<think>\n" + "\n".join(parts.reasoning) + "\n</think>\n\n" + text
-    return text
+def add_assistant_text(b: Builder, author: str, text: str, reasoning: list[str] | None = None, meta=None) -> None:
+    """An assistant turn's reasoning and text, as segments: `reasoning` (reasoning parts,
+    `reasoning_content`) if any, else a leading `<think>...</think>` block of the text
+    (`toolcalls.split_reasoning`; only one that opens the text), becomes a reasoning segment
+    (`Builder.add_reasoning`) before the text's. `meta` goes on the text's segment."""
+    if reasoning:
+        body: str | None = "\n".join(reasoning)
+    else:
+        body, text = split_reasoning(text)
+    if body is not None:
+        b.add_reasoning(author, body)
+    if text:
+        b.add(author, "assistant", text, meta=meta or None)

@@ -4,8 +4,12 @@
 OpenAI-shaped messages, used by `dostream import` and by the OpenAI-compatible server:
 
 * roles `system`/`developer` (→ system), `user`, `assistant`, `tool`/`function`/`ipython` (→ tool);
-* `content` a string, null, or a list of parts (text, reasoning, tool calls, tool results);
-  `reasoning_content` / `reasoning` on an assistant message is its reasoning (`<think>` tags);
+* `content` a string, null, or a list of parts (text, reasoning, tool calls, tool results; a
+  part's body under `text` or `value`, a call's `value` its object or JSON text);
+* an assistant turn's reasoning (`reasoning_content` / `reasoning` on the message, reasoning
+  parts, else a leading `<think>...</think>` block of its text) is a segment of its own before
+  its text and calls (`meta.reasoning: true`, the turn's author); a message with sampled
+  `token_ids` stays one segment, its ids exact;
 * assistant `tool_calls` (name + JSON arguments) and the legacy `function_call`: one call segment
   in the text form of `toolcalls.py`, author the turn's; a call is never dropped, and an assistant
   turn with neither content nor a call is an error;
@@ -24,7 +28,7 @@ from dostream.importers.base import (
     Builder,
     Provenance,
     RecordError,
-    assistant_text,
+    add_assistant_text,
     checked_call,
     checked_tools,
     message_author,
@@ -77,8 +81,11 @@ def add_message(
     content = m.get(content_key)
     parts = parse_content(content, f"{w}.{content_key}", tool=role == "tool")
     if role == "assistant":
-        reasoning = m.get("reasoning_content", m.get("reasoning"))
-        if isinstance(reasoning, str) and reasoning:
+        key = "reasoning_content" if m.get("reasoning_content") is not None else "reasoning"
+        reasoning = m.get(key)
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise RecordError(f"{w}.{key}", f"expected a string, got {type(reasoning).__name__}")
+        if reasoning:
             parts.reasoning.insert(0, reasoning)
         calls = list(parts.calls)
         raw_calls = m.get("tool_calls")
@@ -88,7 +95,7 @@ def add_message(
             calls += [checked_call(c, f"{w}.tool_calls[{k}]", len(calls) + k) for k, c in enumerate(raw_calls)]
         if m.get("function_call") is not None:
             calls.append(checked_call(m["function_call"], f"{w}.function_call", len(calls)))
-        text = assistant_text(parts)
+        text = "\n".join(parts.text)
         token_ids = m.get("token_ids")
         if token_ids is not None:
             # Sampled ids are exact text: the calls are already in it, as the model wrote them.
@@ -100,10 +107,9 @@ def add_message(
                 meta["tool_calls"] = calls
             _add(b, author, role, content, meta, token_ids, f"{w}.token_ids")
             return
-        if not text and not calls:
+        if not text and not calls and not parts.reasoning:
             raise RecordError(f"{w}.{content_key}", "an assistant turn with neither content nor a tool call")
-        if text:
-            _add(b, author, role, text, meta, None, w)
+        add_assistant_text(b, author, text, parts.reasoning, meta)
         b.add_calls(author, calls)
         return
     if parts.calls:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dostream.importers.base import Builder, Provenance, RecordError, checked_tools, message_author
+from dostream.importers.base import Builder, Provenance, RecordError, add_assistant_text, checked_tools, message_author
 from dostream.importers.openai import add_messages
 from dostream.stream import Segment
 
@@ -29,7 +29,7 @@ def to_segments(record: dict, prov: Provenance, tools: Any) -> tuple[list[Segmen
     elif isinstance(completion, str):
         if not completion:
             raise RecordError("completion", "an assistant turn with neither content nor a tool call")
-        b.add(message_author(record, "assistant", "assistant", prov, "completion"), "assistant", completion)
+        add_assistant_text(b, message_author(record, "assistant", "assistant", prov, "completion"), completion)
     else:
         raise RecordError("completion", "expected a string or a list of messages")
     return b.finish(), b.n_calls

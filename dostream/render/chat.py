@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from dostream.render.pieces import _messages, _Piece, _tool_meta
+from dostream.render.reasoning import in_template_markers, is_reasoning
 from dostream.render.rendered import RenderError
 from dostream.render.tools import tool_chat_pieces, writes_tools
 from dostream.stream import Stream
@@ -15,7 +16,21 @@ def chat_pieces(renderer, stream: Stream, add_generation_prompt: bool) -> list[_
     """The pieces of a stream rendered with `renderer`'s chat template (the tool path where the
     stream has tool calls or a tool list and the template writes them): message contents are
     located by sentinels, and the template text between them is `context` (before the first
-    message), the end-of-turn marker (the turn's author) or `protocol`."""
+    message), the end-of-turn marker (the turn's author) or `protocol`. Reasoning segments are
+    written in the template's own markers (`reasoning.py`)."""
+    stream = in_template_markers(renderer, stream)
+    try:
+        return _chat_pieces(renderer, stream, add_generation_prompt)
+    except RenderError as e:
+        if "rewrites message content" in str(e) and any(is_reasoning(s) for s in stream.segments):
+            raise RenderError(
+                f"{e} (a template that keeps only the reasoning of the turns after the last user message, "
+                "as Qwen3's does, drops the reasoning of earlier turns)"
+            ) from None
+        raise
+
+
+def _chat_pieces(renderer, stream: Stream, add_generation_prompt: bool) -> list[_Piece]:
     messages = _messages(stream)
     if any(_tool_meta(s) for s in stream.segments) and writes_tools(renderer):
         return tool_chat_pieces(renderer, stream, messages, add_generation_prompt)
