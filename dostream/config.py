@@ -81,7 +81,8 @@ class SupervisedBlock(LoraBlock):
 
     epochs: int = opt(1, "passes over the training rows", min=1)
     batch_size: int = opt(8, "rows per optimizer step (per micro-batch, with gradient accumulation)", min=1)
-    max_length: int = opt(1024, "truncate training rows to this many tokens", min=2)
+    # Also `render.RenderBlock`'s (there None by default: no truncation).
+    max_length: int = opt(1024, "truncate each rendered stream (a training row) to this many tokens", min=2)
 
 
 def block_values(config: Any, block: type) -> dict[str, Any]:
@@ -133,6 +134,8 @@ _BOUNDS = {"min", "max", "gt"}
 
 def _out_of_bounds(value: Any, meta: Any) -> str | None:
     """Why `value` breaks the field's bounds (`min`, `max`, `gt` in its metadata), or None."""
+    if value is None:  # an optional field left unset (`max_length=None`: no truncation)
+        return None
     if "min" in meta and value < meta["min"]:
         return f"must be >= {meta['min']}, got {value}"
     if "gt" in meta and value <= meta["gt"]:

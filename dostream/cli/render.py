@@ -20,29 +20,16 @@ from dostream.cli._common import (
     user_errors,
     views_epilog,
 )
-from dostream.render import TRUNCATION_SIDES, Rendered, Renderer, RenderStats, render_rows
-from dostream.stream import VIEWS, StreamError, read_streams, view_authors
+from dostream.config import add_dataclass_args
+from dostream.render import RenderBlock, Rendered, Renderer, RenderStats, render_rows
+from dostream.stream import StreamError, read_streams, view_authors
 
 
 def add_render_args(p: argparse.ArgumentParser) -> None:
-    """Options shared by `render` and `show`."""
+    """Options shared by `render`, `show` and `export`: the file, the tokenizer, `RenderBlock`'s and how to read the file."""
     p.add_argument("file", help="stream file (JSONL, segments or chat form); - for stdin")
     p.add_argument("--tokenizer", default="smollm2", help="tokenizer NAME: smollm2 (default), an HF id or a local path")
-    p.add_argument(
-        "--view",
-        default="interventional",
-        help=f"a view name ({', '.join(VIEWS)}; default interventional) or a comma-separated author set",
-    )
-    p.add_argument("--max-length", type=int, default=None, help="truncate each stream to this many tokens")
-    p.add_argument(
-        "--truncation-side",
-        choices=TRUNCATION_SIDES,
-        default="auto",
-        help="turns keeps the head context (system prompt, tool list) and drops the oldest turns after it; "
-        "left keeps the most recent tokens; right the first ones; auto (default): turns where a stream "
-        "has a head context, else left",
-    )
-    p.add_argument("--chat-template", action="store_true", help="render with the tokenizer's chat template")
+    add_dataclass_args(p, RenderBlock)
     add_stream_input_args(p)
 
 

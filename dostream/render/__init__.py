@@ -22,7 +22,8 @@ the view; -100 elsewhere. Position 0 is never supervised (nothing precedes it to
 
 The package in data-flow order: `pieces.py` (a stream cut into authored pieces), `chat.py` and
 `tools.py` (the chat-template paths), `renderer.py` (`Renderer`: pieces into token ids),
-`rendered.py` (`Rendered`: labels, truncation), `rows.py` (`render_rows`, `encode_rows`),
+`rendered.py` (`Rendered`: labels, truncation), `rows.py` (`render_rows`, `encode_rows`, and
+`RenderBlock`, their options),
 `stats.py` (`RenderStats`).
 """
 
@@ -31,13 +32,14 @@ from __future__ import annotations
 from dostream.render.pieces import AUTHOR_ROLES
 from dostream.render.rendered import IGNORE, TRUNCATION_SIDES, Rendered, RenderError
 from dostream.render.renderer import Renderer, decode
-from dostream.render.rows import encode_rows, render_rows
+from dostream.render.rows import RenderBlock, encode_rows, render_rows
 from dostream.render.stats import RenderStats
 
 __all__ = [
     "AUTHOR_ROLES",
     "IGNORE",
     "TRUNCATION_SIDES",
+    "RenderBlock",
     "RenderError",
     "RenderStats",
     "Rendered",

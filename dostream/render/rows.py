@@ -4,12 +4,32 @@ with nothing supervised; knows nothing of chat templates."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from dostream.render.rendered import IGNORE, Rendered
+from dostream.config import SupervisedBlock, like, opt
+from dostream.render.rendered import IGNORE, TRUNCATION_SIDES, Rendered
 from dostream.render.renderer import Renderer
 from dostream.render.stats import RenderStats
-from dostream.stream import Stream, view_authors
+from dostream.stream import VIEWS, Stream, view_authors
+
+
+@dataclass
+class RenderBlock:
+    """Rendering
+
+    How streams become rows: the options `dostream render`, `show` and `export` take, and
+    `TrainConfig`'s (`config.like`), declared once."""
+
+    view: str = opt("interventional", f"loss view: a view name ({', '.join(VIEWS)}) or a comma-separated author set")
+    max_length: int | None = like(SupervisedBlock, "max_length", None)
+    truncation_side: str = opt(
+        "auto",
+        "turns keeps the head context (system prompt, tool list) and drops the oldest turns after it; left "
+        "keeps the most recent tokens, right the first ones; auto: turns where there is a head, else left",
+        choices=TRUNCATION_SIDES,
+    )
+    chat_template: bool = opt(False, "render streams with the tokenizer's chat template instead of plain text")
 
 
 def _is_chat_log(stream: Stream) -> bool:
