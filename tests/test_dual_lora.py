@@ -6,10 +6,10 @@ import json
 import pytest
 from conftest import run_cli
 
-from dostream.agent.learners import LEARNERS
 from dostream.config import RunDirError
 from dostream.experiments.dual_lora.report import episodes_to
 from dostream.experiments.dual_lora.run import PRESETS, agent_config, resolve_preset, run
+from dostream.learning.config import LEARNERS
 
 
 def test_episodes_to_threshold_is_the_first_evaluation_that_reaches_it():

@@ -1,4 +1,4 @@
-"""The continual agent's learners (dostream/agent/learners.py): DAPO's parts against hand-computed
+"""The continual agent's learners (dostream/learning/learners.py): DAPO's parts against hand-computed
 values, the dual adapter's gradient isolation (bit for bit, both directions), the saved dual
 adapter under PEFT alone, a smoke run of every learner, and --resume after SIGKILL mid-update."""
 
@@ -16,11 +16,12 @@ import pytest
 import torch
 from conftest import TINY_AGENT, run_cli
 
-from dostream.agent import learners as L
 from dostream.agent.loop import Agent, AgentConfig, run
 from dostream.agent.store import Store
 from dostream.envs import support
+from dostream.learning import learners as L
 from dostream.learning import policy_gradient as pg
+from dostream.learning.config import LEARNERS, REWARD_LEARNERS
 from dostream.stream import Segment, Stream
 
 TINY = {**TINY_AGENT, "temperature": 1.0, "lora_r": 4, "lora_alpha": 8, "dual_rank": 8}
@@ -256,7 +257,7 @@ def test_the_saved_dual_adapter_under_peft_alone_gives_the_loop_s_logits(tok, tm
 # -- the loop, every learner ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("learner", L.LEARNERS)
+@pytest.mark.parametrize("learner", LEARNERS)
 def test_smoke_every_learner(learner, tmp_path, rigged):
     out = tmp_path / learner
     summary = run(_cfg(learner, episodes=24), out)
@@ -279,7 +280,7 @@ def test_smoke_every_learner(learner, tmp_path, rigged):
     assert [u["after_episodes"] for u in ups] == [8, 16]
     for u in ups:
         m = u["metrics"]
-        if learner in L.REWARD_LEARNERS:
+        if learner in REWARD_LEARNERS:
             assert m["groups"] == 2 and m["groups_informative"] + m["groups_all_success"] + m["groups_all_fail"] == 2
             if m["groups_informative"]:
                 assert math.isfinite(m["policy/loss"]) and m["policy/attempts"] == 4 * m["groups_informative"]
@@ -287,9 +288,9 @@ def test_smoke_every_learner(learner, tmp_path, rigged):
             assert u["candidate"].endswith("/adapter") and (out / u["candidate"]).is_dir()
         if learner in ("dual", "dual-shared"):
             assert math.isfinite(m["world/loss"]) and m["world/steps"] >= 1
-    assert any(u["metrics"].get("groups_informative") for u in ups) or learner not in L.REWARD_LEARNERS
+    assert any(u["metrics"].get("groups_informative") for u in ups) or learner not in REWARD_LEARNERS
     assert not list(out.glob("adapters/*/**/checkpoints")), "recorded updates keep no checkpoints"
-    if learner in L.REWARD_LEARNERS and store.current_adapter():
+    if learner in REWARD_LEARNERS and store.current_adapter():
         r = json.loads((out / store.current_adapter() / "adapter_config.json").read_text())["r"]
         assert r == (4 if learner == "dapo" else 8)
 

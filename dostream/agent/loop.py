@@ -6,7 +6,7 @@ One loop over an environment's seeded episode sequence:
    agent turn keeps its exact sampled token ids); the episodes go into the store in one
    transaction. With `group_size` K > 1 each item of the sequence is played K times in a row
    (a group: what the reward learners compare), the same for every learner of a run;
-2. learn: the learner (`agent/learners.py`) trains a candidate from the new episodes (plus a
+2. learn: the learner (`learning/learners.py`, through the one learning cycle `learning/cycle.py`) trains a candidate from the new episodes (plus a
    replay sample of older ones for the NLL losses): `interventional` (the world's tokens
    supervised, the agent's masked), `observational` (the agent's too), `dapo` (reward only),
    `dual` (DAPO and the world NLL, each on its own half of one adapter) or `dual-shared`; a fresh
@@ -29,26 +29,26 @@ removed (only an update killed before its record needs them).
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dostream.agent.learners import (
+from dostream.agent.store import Store
+from dostream.config import check_run_dir, opt, write_run_record
+from dostream.envs.registry import ENVS, env_spec
+from dostream.files import atomic_write_text
+from dostream.learning.config import (
     DEFAULT_GROUP,
     DEFAULT_LEARNERS,
-    LEARNER_HELP,
     LEARNERS,
     REWARD_LEARNERS,
+    UpdateConfig,
     check_learner,
     group_size_for,
-    learn,
 )
-from dostream.agent.store import Store
-from dostream.config import SupervisedBlock, atomic_write_text, check_run_dir, like, opt, write_run_record
-from dostream.envs.registry import ENVS, env_spec
+from dostream.learning.cycle import Batch, Lineage, replay_sample, update_once
 from dostream.sampling import SamplingConfig
 
 # What a stored run may change on --resume: how far it goes and how visibly.
@@ -56,10 +56,9 @@ MAY_CHANGE = ("episodes", "progress")
 
 
 @dataclass
-class AgentConfig(SupervisedBlock):
-    """One loop of the agent. The LoRA/optimiser/batch fields of every update (lr, constant with a
-    fresh AdamW per update; lora_r, lora_alpha, epochs, batch_size, max_length) are the shared
-    `config.SupervisedBlock`."""
+class AgentConfig(UpdateConfig):
+    """One loop of the agent. What an update learns and how it is gated (learner, LoRA and
+    optimiser, replay, gate tolerance, DAPO) is the shared `learning.config.UpdateConfig`."""
 
     env: str = opt(
         "support",
@@ -68,11 +67,6 @@ class AgentConfig(SupervisedBlock):
         choices=ENVS,
     )
     model: str = opt("smollm2", "model NAME: smollm2 (embedded), tiny, a local dir or an HF id")
-    learner: str = opt(
-        "interventional",
-        "what updates learn: " + "; ".join(f"{k} ({v})" for k, v in LEARNER_HELP.items()),
-        choices=LEARNERS,
-    )
     episodes: int = opt(192, "episodes to act in total")
     update_every: int = opt(16, "episodes between updates (also the acting batch)")
     group_size: int = opt(
@@ -81,14 +75,7 @@ class AgentConfig(SupervisedBlock):
         f"learner of the run learns from reward ({', '.join(REWARD_LEARNERS)}), else 1",
         min=0,
     )
-    replay: float = opt(
-        1.0, "older episodes replayed per new episode in an NLL update (drawn uniformly from the store)"
-    )
-    epochs: int = like(SupervisedBlock, "epochs", 2)
-    max_length: int = like(SupervisedBlock, "max_length", 512)
     gate_control: int = opt(16, "held-out control items the gate asks (0 with gate_learned 0: no gate)")
-    gate_learned: int = opt(8, "items the agent already solved that the gate asks again")
-    gate_tolerance: float = opt(0.1, "reject a candidate whose control success is this much below the adapter in force")
     eval_every: int = opt(48, "evaluate on the held-out split every N episodes (and at the start and the end)")
     eval_n: int = opt(48, "held-out items per evaluation")
     temperature: float = opt(
@@ -96,18 +83,6 @@ class AgentConfig(SupervisedBlock):
     )
     max_new_tokens: int = opt(0, "tokens per agent turn (0: the environment's default)")
     sample_batch: int = opt(32, "rows decoded together")
-    dual_rank: int = opt(
-        64,
-        "rank R of the dual learners' adapter: ranks 1..R/2 the policy, R/2+1..R the world model (scale lora_alpha/lora_r)",
-        min=2,
-    )
-    policy_iterations: int = opt(4, "DAPO: optimisation passes over an update's groups (μ)", min=1)
-    clip_low: float = opt(0.2, "DAPO: ε_low, the ratio is clipped below at 1 - ε_low", gt=0.0, max=1.0)
-    clip_high: float = opt(0.28, "DAPO: ε_high (clip-higher), the ratio is clipped above at 1 + ε_high", gt=0.0)
-    kl_beta: float = opt(0.0, "DAPO: weight of a k3 KL penalty to the base model (DAPO drops it: 0)", min=0.0)
-    overlong_buffer: int = opt(
-        6, "DAPO: soft overlong punishment, a turn within this many tokens of its budget loses up to 1 (0: off)", min=0
-    )
     seed: int = opt(0, "seed of the episode sequence, the world's rules, the samples and the updates")
     progress: bool = opt(True, "show a live progress line")
 
@@ -141,6 +116,7 @@ class Agent:
         check_run_dir(self.out, cfg, experiment="agent-arm", resume=resume, may_change=MAY_CHANGE)
         write_run_record(self.out, cfg, experiment="agent-arm")
         self.store = Store(self.out / "store.sqlite")
+        self.lineage = Lineage(self.out, self.store.versions)
         self.spec = env_spec(cfg.env, cfg.seed)
         self.tok = tok if tok is not None else load_tokenizer(cfg.model)  # several loops may share one
         # Episode seq plays item seq // K; the first items of a split do not depend on how many are drawn.
@@ -160,9 +136,6 @@ class Agent:
         self.base_memo = base_memo
 
     # -- models ---------------------------------------------------------------------------
-    def _path(self, rel: str | None) -> Path | None:
-        return None if rel is None else self.out / rel
-
     def model_for(self, adapter: str | None):
         """The base model with `adapter` merged in (sampling runs faster without the LoRA split)."""
         if adapter in self._acting:
@@ -170,7 +143,7 @@ class Agent:
             return self._acting[adapter]
         from dostream.models import load_model
 
-        model = load_model(self.cfg.model, adapter=self._path(adapter), merge=True)
+        model = load_model(self.cfg.model, adapter=self.lineage.path_of(adapter), merge=True)
         self._acting[adapter] = model
         while len(self._acting) > 2:
             self._acting.pop(next(iter(self._acting)))
@@ -228,40 +201,30 @@ class Agent:
         recent = list(dict.fromkeys(reversed(solved)))[: self.cfg.gate_learned]  # each item once
         return [self.items[i] for i in reversed(recent)]
 
+    # -- the learning cycle's source (learning/cycle.py) ----------------------------------
+    fresh = False  # an update killed mid-way continues its directory: the redo ends with the same weights
+
+    @property
+    def turn_budget(self) -> int:
+        return self.sampling.max_new_tokens
+
+    def checks(self, seen: dict[str, int]) -> tuple[list, list[str], int]:
+        """The control items, then the items the agent already solved before the update."""
+        learned = self.learned_items(seen["episodes"])
+        ids = [f"control-{i}" for i in range(len(self.control))] + [f"learned-{i}" for i in range(len(learned))]
+        return self.control + learned, ids, len(self.control)
+
+    def ask(self, adapter: str | None, items: list) -> list[bool]:
+        return self.successes(adapter, items, "control")
+
     def update(self, after: int, previous: int) -> None:
         """The learner trains a candidate on episodes [previous, after) (plus replay); gate; record."""
-        import shutil
-
         cfg = self.cfg
         new = self.store.episodes(previous, after)
-        old = self.store.episodes(0, previous)
-        rng = random.Random(f"replay:{cfg.seed}:{after}")
-        replayed = rng.sample(old, min(len(old), round(cfg.replay * len(new))))
-        current = self.store.current_adapter()
-        cand = f"adapters/update-{after:06d}"
-        outcome = learn(
-            cfg, self.tok, after, new, replayed, self._path(current), self.out / cand, self.sampling.max_new_tokens
-        )
-        metrics = outcome.metrics
-        if outcome.adapter is None:
-            self.store.add_update(after, cand, False, outcome.reason, metrics)
-            return
-        adapter = f"{cand}/adapter"
-        accepted, reason = True, "no gate"
-        control = self.control + self.learned_items(after)
-        if control:
-            before = self.successes(current, control, "control")
-            after_ok = self.successes(adapter, control, "control")
-            b, a = sum(before) / len(control), sum(after_ok) / len(control)
-            metrics.update({"gate/before": b, "gate/after": a, "gate/n": len(control)})
-            accepted = a >= b - cfg.gate_tolerance
-            reason = f"control success {a:.2f} vs {b:.2f} in force (tolerance {cfg.gate_tolerance})" + (
-                "" if accepted else ": regression, previous adapter restored"
-            )
-        self.store.add_update(after, adapter, accepted, reason, metrics)
-        for done in (self.out / cand).glob("**/checkpoints"):  # recorded: no redo will need them
-            shutil.rmtree(done, ignore_errors=True)
-        self.log(f"[update] after {after} episodes: {'accepted' if accepted else 'REJECTED'}: {reason}")
+        replayed = replay_sample(self.store.episodes(0, previous), len(new), cfg.replay, f"replay:{cfg.seed}:{after}")
+        batch = Batch(after, {"episodes": after}, new, replayed, cfg.group_size)
+        outcome = update_once(cfg, cfg.model, self.tok, self, batch, self.lineage)
+        self.log(f"[update] after {after} episodes: {'accepted' if outcome.accepted else 'REJECTED'}: {outcome.reason}")
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

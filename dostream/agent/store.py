@@ -4,11 +4,12 @@ Three tables, rows only ever inserted:
 
     episodes  one per acted episode, in order (`seq` 0, 1, 2, ...): the stream as JSON, exact agent
               token ids included, the reward, the success flag and the adapter that acted
-    updates   one per attempted update: the episodes it had seen, the candidate adapter's path,
-              accepted or rejected and why, the gate's scores; the adapter in force after it
+    versions  one per attempted update (`learning/versions.py`, the table every learner shares): the
+              episodes it had seen, the candidate adapter's path, accepted or rejected and why,
+              the gate's answers; the adapter in force after it
     evals     one per evaluation: split, episodes seen so far, successes out of n
 
-The adapter in force is the `current` column of the last `updates` row, written in the same
+The adapter in force is the `current` column of the last `versions` row, written in the same
 transaction as that update's record: a kill between the adapter file landing on disk and the
 record leaves the previous adapter in force and the update to be redone. `seq` is the primary key
 and a batch of episodes goes in as one transaction, so a resumed run can neither lose nor repeat
@@ -28,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from dostream.learning.versions import VERSIONS_SCHEMA, Versions
 from dostream.sqlite import connect, open_read_only, transaction
 from dostream.stream import Segment, Stream, stored_stream  # noqa: F401  (Segment: the doctest)
 
@@ -39,16 +41,6 @@ CREATE TABLE IF NOT EXISTS episodes (
     reward REAL NOT NULL,
     success INTEGER NOT NULL,
     adapter TEXT,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS updates (
-    id INTEGER PRIMARY KEY,
-    after_episodes INTEGER NOT NULL UNIQUE,
-    candidate TEXT NOT NULL,
-    accepted INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    current TEXT,
-    metrics TEXT NOT NULL,
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS evals (
@@ -69,7 +61,8 @@ class Store:
 
     def __init__(self, path: str | Path, *, read_only: bool = False):
         self.path = str(path)
-        self.db = open_read_only(self.path, SCHEMA) if read_only else connect(self.path, SCHEMA)
+        self.db = open_read_only(self.path, SCHEMA) if read_only else connect(self.path, SCHEMA + VERSIONS_SCHEMA)
+        self.versions = Versions(self.db, legacy=("updates", _legacy_updates))
 
     def close(self) -> None:
         self.db.close()
@@ -118,35 +111,33 @@ class Store:
             (s, bool(ok), a) for s, ok, a in self.db.execute("SELECT seq, success, adapter FROM episodes ORDER BY seq")
         ]
 
-    # -- updates ----------------------------------------------------------------------------
+    # -- updates (the versions table) -------------------------------------------------------
     def add_update(
-        self, after_episodes: int, candidate: str, accepted: bool, reason: str, metrics: dict[str, Any]
+        self,
+        after_episodes: int,
+        candidate: str | None,
+        accepted: bool,
+        reason: str,
+        metrics: dict[str, Any],
+        gate: dict[str, Any] | None = None,
     ) -> None:
-        """Record an update; if accepted, `candidate` becomes the adapter in force (same transaction)."""
-        current = candidate if accepted else self.current_adapter()
-        self._tx(
-            [
-                (
-                    "INSERT INTO updates (after_episodes, candidate, accepted, reason, current, metrics, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (after_episodes, candidate, int(accepted), reason, current, json.dumps(metrics), time.time()),
-                )
-            ]
-        )
+        """Record an update; if accepted, `candidate` becomes the adapter in force (same transaction).
+        One update per boundary: a second at `after_episodes` raises `sqlite3.IntegrityError`."""
+        self.versions.add("update", candidate, accepted, reason, gate or {}, metrics, {"episodes": after_episodes})
 
     def current_adapter(self) -> str | None:
-        row = self.db.execute("SELECT current FROM updates ORDER BY id DESC LIMIT 1").fetchone()
-        return row[0] if row else None
+        return self.versions.in_force()[0]
 
     def updates(self) -> list[dict[str, Any]]:
-        cols = ("after_episodes", "candidate", "accepted", "reason", "current", "metrics")
-        rows = self.db.execute(f"SELECT {', '.join(cols)} FROM updates ORDER BY id").fetchall()
-        return [{**dict(zip(cols, r)), "accepted": bool(r[2]), "metrics": json.loads(r[5])} for r in rows]
+        keep = ("candidate", "accepted", "reason", "current", "metrics", "gate")
+        return [
+            {"after_episodes": v["seen"]["episodes"], **{k: v[k] for k in keep}}
+            for v in self.versions.rows()
+            if v["kind"] == "update"
+        ]
 
     def has_update(self, after_episodes: int) -> bool:
-        return (
-            self.db.execute("SELECT 1 FROM updates WHERE after_episodes = ?", (after_episodes,)).fetchone() is not None
-        )
+        return self.versions.has_seen("episodes", after_episodes)
 
     # -- evaluations ------------------------------------------------------------------------
     def add_eval(self, split: str, after_episodes: int, successes: int, n: int, adapter: str | None) -> None:
@@ -171,3 +162,16 @@ class Store:
         cols = ("split", "after_episodes", "successes", "n", "adapter")
         sql = f"SELECT {', '.join(cols)} FROM evals" + (" WHERE split = ?" if split else "") + " ORDER BY id"
         return [dict(zip(cols, r)) for r in self.db.execute(sql, (split,) if split else ())]
+
+
+def _legacy_updates(db) -> list[tuple]:
+    """The `updates` table of stores written before `versions`, as versions rows."""
+    rows = db.execute(
+        "SELECT id, after_episodes, candidate, accepted, reason, current, metrics, created FROM updates ORDER BY id"
+    ).fetchall()
+    out, in_force = [], 0
+    for rid, after, candidate, accepted, reason, current, metrics, created in rows:
+        in_force = rid if accepted else in_force
+        seen = json.dumps({"episodes": after})
+        out.append((rid, "update", candidate, accepted, reason, "{}", metrics, seen, current, in_force, created))
+    return out

@@ -10,7 +10,7 @@ interventional learner, the observational learner and no learning (`--learners` 
 `--learner` says the same, `--views` is its old, deprecated name). Each lives in `OUT/<learner>/`
 (config, `store.sqlite`, adapters); `OUT/report.md`, `OUT/results.json` and `OUT/success.png`
 compare them. Learners: interventional, observational, none, dapo, dual, dual-shared
-(`dostream/agent/learners.py`).
+(`dostream/learning/learners.py`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from dostream.agent.learners import DEFAULT_LEARNERS, LEARNER_HELP, LEARNERS
 from dostream.agent.loop import AgentConfig, run_learners
 from dostream.cli._common import CliError, user_errors
 from dostream.config import add_dataclass_args, from_args
 from dostream.envs.registry import ENVS
+from dostream.learning.config import DEFAULT_LEARNERS, LEARNER_HELP, LEARNERS
 
 
 def _parser() -> argparse.ArgumentParser:

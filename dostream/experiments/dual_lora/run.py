@@ -1,7 +1,7 @@
 """The dual-LoRA experiment: does a world-model half that learns from what the services say beat
 reward-only RL on the support calls? (docs/reference.md §3)
 
-Every learner of `agent/learners.py` (none, interventional, observational, dapo, dual,
+Every learner of `learning/learners.py` (none, interventional, observational, dapo, dual,
 dual-shared) acts on the same seeded sequence of support calls, each call played K times in a row,
 with the same number of calls in all, for each environment (`support`: the refusal in the
 service's words; `support-framed`: in the words the agent's own turn begins with) and each seed
@@ -29,10 +29,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from dostream.agent.learners import LEARNERS
 from dostream.agent.loop import AgentConfig, run_learners
 from dostream.config import SupervisedBlock, check_run_dir, like, opt, write_run_record
 from dostream.experiments.stages import Stages
+from dostream.learning.config import LEARNERS
 
 EXPERIMENT = "dual-lora"
 ENVS = ("support", "support-framed")
