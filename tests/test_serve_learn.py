@@ -219,13 +219,13 @@ def test_an_update_swaps_in_under_16_concurrent_clients_without_a_failed_request
     listing = httpx.get(url + "/v1/adapters", headers=AUTH).json()
     assert listing["current"] == {"version": 1, "adapter": adapter}
     assert [v["version"] for v in listing["data"]] == [0, 1] and listing["data"][1]["accepted"]
-    [row] = learning.store.adapter_updates()
+    [row] = learning.store.versions.rows()
     assert row["current"] == adapter and row["metrics"]["conversations/new"] >= 6
 
 
 def test_rollback_restores_a_previous_version(learning, tok):
     url = learning.url
-    assert learning.store.adapter_in_force()[1] == 1, "runs after the swap test"
+    assert learning.store.versions.in_force()[1] == 1, "runs after the swap test"
     probe = "Tell me about the weather"
     r = httpx.post(url + "/v1/adapters/rollback", json={}, headers=AUTH)
     assert r.status_code == 200 and r.json()["current"] == {"version": 0, "adapter": None}, r.text
@@ -247,7 +247,7 @@ def test_rollback_restores_a_previous_version(learning, tok):
     assert learning.server.slot.get()[1] == adapter
     listing = httpx.get(url + "/v1/adapters", headers=AUTH).json()
     assert listing["current"]["version"] == 1 and len(listing["rollbacks"]) == 2
-    assert learning.store.adapter_in_force() == (adapter, 1)
+    assert learning.store.versions.in_force() == (adapter, 1)
 
 
 def test_metrics_parse_with_the_prometheus_parser(learning):
@@ -271,7 +271,7 @@ def test_metrics_parse_with_the_prometheus_parser(learning):
     ).fetchone()[0]
     assert samples[("dostream_tokens_total", (("kind", "completion"),))] == completion
     assert samples[("dostream_updates_total", (("result", "accepted"),))] == 1
-    assert samples[("dostream_adapter_version", ())] == learning.store.adapter_in_force()[1]
+    assert samples[("dostream_adapter_version", ())] == learning.store.versions.in_force()[1]
     assert ("dostream_requests_total", (("route", "unmatched"), ("status", "404"))) not in samples
     # The sampling thread: every step timed, the rows each carried, the prefills; idle now.
     batcher = learning.server.batcher
@@ -304,7 +304,7 @@ def test_the_gate_rejects_a_forced_regression_and_keeps_the_adapter_in_force(tok
         result = _learn(url)
         assert result["status"] == "rejected" and "regression" in result["reason"], result
         assert result["gate"]["before"] == 1.0 and result["gate"]["after"] < 1.0
-        assert server.slot.get()[0] is model and server.store.adapter_in_force() == (None, 0)
+        assert server.slot.get()[0] is model and server.store.versions.in_force() == (None, 0)
         assert [c["id"] for c in result["gate"]["checks"]] == [f"control-{i}" for i in range(1, 5)]
         assert _learn(url)["status"] == "nothing to learn"  # a rejected update's conversations were seen
         listing = httpx.get(url + "/v1/adapters", headers=AUTH).json()
@@ -391,7 +391,7 @@ def test_sigkill_during_an_update_then_restart_serves_the_last_accepted_adapter(
             proc.kill()
     db = sqlite3.connect(store / "serve.sqlite")
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    rows = db.execute("SELECT id, accepted, current, current_version FROM adapter_updates ORDER BY id").fetchall()
+    rows = db.execute("SELECT id, accepted, current, current_version FROM versions ORDER BY id").fetchall()
     db.close()
     assert [r[0] for r in rows] == list(range(1, interrupted["version"]))  # the killed update left no row
     in_force = (rows[-1][2], rows[-1][3])

@@ -65,58 +65,29 @@ def _keys(argv: list[str]) -> int:
 def cli_main(argv: list[str]) -> int:
     if argv[:1] == ["keys"]:
         return _keys(argv[1:])
-    from dostream.serve.protocol import Limits
+    from dostream.config import add_dataclass_args, from_args
+    from dostream.serve.config import Limits, ServeConfig
+    from dostream.serve.learn import LearnConfig, read_control
 
-    d = Limits()
     ap = argparse.ArgumentParser(
         prog="dostream serve",
         description=__doc__.split("\n\n")[0],
-        epilog="`dostream serve keys --help`: manage API keys. Docs: README.md, 'Serving'.",
+        epilog="`dostream serve keys --help`: manage API keys. Docs: docs/serving.md.",
     )
-    ap.add_argument(
-        "--model", default="smollm2", help="model NAME (smollm2, tiny, a directory, a hub id); the API's model id"
-    )
-    ap.add_argument("--adapter", default=None, help="a LoRA adapter directory to serve (merged in)")
-    ap.add_argument("--store", required=True, help="directory of the store (DIR/serve.sqlite)")
-    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    ap.add_argument("--port", type=int, default=8000)
-    ap.add_argument(
-        "--client-assistant",
-        default="teacher",
-        help="author of a client's assistant message that matches no recorded sample (default teacher)",
-    )
-    ap.add_argument(
-        "--dtype",
-        default="fp32",
-        choices=("fp32", "bf16", "auto"),
-        help="dtype to load and sample in; auto: bf16 where a bf16 matmul measures faster here, else fp32",
-    )
-    ap.add_argument("--max-batch-rows", type=int, default=64, help="rows (requests x n) sampled together")
-    ap.add_argument("--gather-ms", type=float, default=5.0, help="how long an idle batcher waits for batch mates")
-    ap.add_argument(
-        "--no-prefix-cache",
-        dest="prefix_cache",
-        action="store_false",
-        help="prefill every prompt whole (default: the keys and values of leading tokens prompts share are reused)",
-    )
-    ap.add_argument("--max-tokens", type=int, default=d.max_tokens, help="the most max_tokens a request may ask for")
-    ap.add_argument(
-        "--default-max-tokens", type=int, default=d.default_max_tokens, help="max_tokens when a request gives none"
-    )
-    ap.add_argument("--max-n", type=int, default=d.max_n, help="the most choices (n) a request may ask for")
-    ap.add_argument("--max-body", type=int, default=d.max_body, help="request body limit in bytes (413 above)")
+    # Every flag is a field of ServeConfig, Limits or LearnConfig (`config.opt`): one declaration.
+    add_dataclass_args(ap, ServeConfig, skip=("limits", "learn"))
+    add_dataclass_args(ap.add_argument_group("limits of a request"), Limits, skip=("max_stop",))
     ap.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-    from dostream.config import add_dataclass_args, from_args
-    from dostream.serve.learn import LearnConfig, read_control
-
     ap.add_argument(
         "--learn",
         action="store_true",
-        help="learn while serving: updates, a gate, hot swap (README, 'Learning while serving')",
+        help="learn while serving: updates, a gate, hot swap (docs/serving.md, 'Learning while serving')",
     )
     add_dataclass_args(ap.add_argument_group("learning while serving (with --learn)"), LearnConfig)
     args = ap.parse_args(argv)
-    from dostream.serve.app import ServeConfig, serve
+    if args.store is None:
+        ap.error("the following arguments are required: --store")
+    from dostream.serve.app import serve
 
     with user_errors():
         learn = from_args(LearnConfig, args)
@@ -127,25 +98,8 @@ def cli_main(argv: list[str]) -> int:
             read_control(learn.control)  # a bad control set is refused before the model loads
 
     with user_errors():
-        limits = Limits(
-            max_body=args.max_body,
-            max_tokens=args.max_tokens,
-            default_max_tokens=min(args.default_max_tokens, args.max_tokens),
-            max_n=args.max_n,
-        )
-        cfg = ServeConfig(
-            model=args.model,
-            adapter=args.adapter,
-            store=args.store,
-            host=args.host,
-            port=args.port,
-            client_assistant=args.client_assistant,
-            dtype=args.dtype,
-            max_batch_rows=args.max_batch_rows,
-            gather_ms=args.gather_ms,
-            prefix_cache=args.prefix_cache,
-            limits=limits,
-            learn=learn if args.learn else None,
-        )
+        limits = from_args(Limits, args)
+        limits.default_max_tokens = min(limits.default_max_tokens, limits.max_tokens)
+        cfg = from_args(ServeConfig, args, limits=limits, learn=learn if args.learn else None)
         serve(cfg, env_key=os.environ.get("DOSTREAM_API_KEY") or None, log_level=args.log_level)
     return 0

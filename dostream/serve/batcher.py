@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dostream.render import decode
 from dostream.sampling import Decode, PrefixCache, Sample, SamplingConfig
@@ -65,6 +66,10 @@ class ModelSlot:
             self._value = (model, adapter, forward)
 
 
+class Recordable(Protocol):
+    def exchange(self, samples: list[Sample], adapter: str | None) -> Exchange: ...
+
+
 @dataclass
 class Job:
     """One request to sample: `n` choices of `prompt` under `config` (its `seed` is the request's)."""
@@ -72,8 +77,8 @@ class Job:
     prompt: list[int]
     n: int
     config: SamplingConfig
-    # Builds the exchange to record from the samples and the adapter that drew them.
-    record: Callable[[list[Sample], str | None], Exchange]
+    # What to record: a `serve.exchange.Pending`, whose `exchange(samples, adapter)` is the record.
+    pending: Recordable
     future: Future = field(default_factory=Future)  # -> (samples, exchange) once committed
     # Called from the sampling thread with (choice, token id) as each token is drawn (streaming).
     on_token: Callable[[int, int], None] | None = None
@@ -289,7 +294,7 @@ class Batcher:
                     break
                 jobs += more
             try:
-                records = [job.record(job.samples, job.adapter) for job in jobs]
+                records = [job.pending.exchange(job.samples, job.adapter) for job in jobs]
                 for job, rec in zip(jobs, records):  # what it shared its decode with: the record, the tests
                     rec.request["batch"] = {"requests": job._shared, "rows": job._rows}
                 self.store.add_exchanges(records)

@@ -1,24 +1,24 @@
-"""The served agent learns while it serves: updates from its own conversations, a gate, hot swap, rollback.
+"""The served agent learns while it serves: the server's source for the one learning cycle, its thread, rollback.
 
 `dostream serve --learn` runs a `Learner` beside the batcher, on its own thread with its own torch
-thread budget (`--learn-threads`; OpenMP's thread count is per thread, so serving keeps its own):
+thread budget (`--learn-threads`; OpenMP's thread count is per thread, so serving keeps its own).
+Each update is one turn of `learning.cycle.update_once`, the same function the continual agent
+runs; what is the server's own is the source:
 
 1. trigger: every `--update-every-tokens` supervised tokens (under the learner's view) in the
    conversations that are new since the last update, or `POST /v1/learn` (admin scope);
-2. learn: the continual agent's own learner (`agent.learners.learn`: interventional, observational,
-   dapo, dual, dual-shared) trains a candidate on the new conversations plus replayed older ones
-   (`--replay` per new one), continuing the adapter in force. The learners render plain; a served
-   conversation is rendered with the chat template, so each is handed over as `as_plain(stream)`,
-   whose plain rendering is its chat rendering (the ids the server conditioned on). The reward
-   learners (dapo, dual) learn from groups: a request with n >= 2 choices, each given a reward;
-3. gate: the candidate and the adapter in force answer the control set (`--control FILE`, see
-   `read_control`) and the latest conversations the agent already answered well (a positive reward
-   in feedback: the check is that the reply's first line comes back), greedily. A candidate whose
-   success is more than `--gate-tolerance` below the adapter in force is rejected, its reason
-   recorded; an accepted one is recorded as the adapter in force in the same transaction as its
-   update (`ServeStore.add_adapter_update`) and then swapped in through `ModelSlot`: the batcher
-   reads the slot once per batch, so requests in flight finish on the old model and new ones get
-   the new one, and no request fails because of a swap.
+2. batch: the new conversations plus replayed older ones (`--replay` per new one). The learners
+   render plain; a served conversation is rendered with the chat template, so each is handed over
+   as `as_plain(stream)`, whose plain rendering is its chat rendering (the ids the server
+   conditioned on). The reward learners (dapo, dual) learn from groups: a request with n >= 2
+   choices, each given a reward;
+3. checks: the control set (`--control FILE`, `serve/checks.py`) and the latest conversations the
+   agent already answered well (a positive reward in feedback: the check is that the reply's first
+   line comes back), asked greedily of the candidate and the adapter in force (`learning.gate`);
+4. swap: an accepted candidate is recorded as the adapter in force in the same transaction as its
+   update (`learning.versions`) and then swapped in through `ModelSlot`: the batcher reads the slot
+   once per batch, so requests in flight finish on the old model and new ones get the new one, and
+   no request fails because of a swap.
 
 Adapters live in `STORE/adapters/update-NNNNNN/` (the update's training run; `adapter/`, a PEFT
 adapter). A kill at any point: the restarted server serves the adapter the store says is in force;
@@ -30,39 +30,32 @@ with); `GET /v1/adapters` lists the versions with their gate results and which i
 
 from __future__ import annotations
 
-import json
-import random
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import Request  # at module level: FastAPI resolves handler annotations from the module's names
-
-from dostream.config import SupervisedBlock, like, opt
+from dostream.config import opt
+from dostream.learning.config import REWARD_LEARNERS, UPDATE_LEARNERS, UpdateConfig, learner_help
+from dostream.learning.cycle import ADAPTERS, Batch, Lineage, replay_sample, update_once
 from dostream.openmp import release_pool
 from dostream.render import Renderer, encode_rows
+from dostream.serve.checks import Check, read_control
 from dostream.stream import Segment, Stream, view_authors
 
-SERVE_LEARNERS = ("interventional", "observational", "dapo", "dual", "dual-shared")
 POLL_S = 0.5  # how often the learner looks for new conversations
-ADAPTERS = "adapters"
 
 
 @dataclass
-class LearnConfig(SupervisedBlock):
-    """What `dostream serve --learn` learns, when, and the gate (the LoRA/optimiser/batch fields
-    of every update are the shared `config.SupervisedBlock`)."""
+class LearnConfig(UpdateConfig):
+    """What `dostream serve --learn` learns, when, and the gate (what an update learns and how it
+    is gated is the shared `learning.config.UpdateConfig`, DAPO's knobs included)."""
 
-    learner: str = opt(
-        "interventional",
-        "what an update learns (agent/learners.py): interventional (the world's tokens), observational "
-        "(every token but the context), dapo (reward of n-choice requests), dual, dual-shared",
-        choices=SERVE_LEARNERS,
-    )
+    learner: str = opt("interventional", learner_help(UPDATE_LEARNERS), choices=UPDATE_LEARNERS)
     update_every_tokens: int = opt(
         2048, "update after this many new supervised tokens (under the learner's view) in new conversations", min=1
     )
@@ -73,90 +66,6 @@ class LearnConfig(SupervisedBlock):
     )
     gate_learned: int = opt(8, "conversations the agent already answered well (reward > 0) the gate asks again", min=0)
     gate_max_tokens: int = opt(32, "tokens per gate answer (a control line's max_tokens overrides it)", min=1)
-    replay: float = opt(1.0, "older conversations replayed per new one in an update", min=0.0)
-    epochs: int = like(SupervisedBlock, "epochs", 2)
-    max_length: int = like(SupervisedBlock, "max_length", 512)
-    seed: int = opt(0, "seed of the replay draws and the updates")
-
-
-# -- the control set ---------------------------------------------------------------------------
-
-
-@dataclass
-class Check:
-    """One gate question: a conversation so far and what a passing reply contains (every string of
-    `expect`) and does not (any of `forbid`), ignoring case."""
-
-    id: str
-    segments: list[Segment]
-    expect: tuple[str, ...] = ()
-    forbid: tuple[str, ...] = ()
-    max_tokens: int = 0  # 0: the gate's default
-    source: str = ""
-
-    def passes(self, text: str) -> bool:
-        low = text.lower()
-        return all(e.lower() in low for e in self.expect) and not any(f.lower() in low for f in self.forbid)
-
-
-def _strings(obj: dict, key: str, where: str) -> tuple[str, ...]:
-    value = obj.get(key, [])
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list):
-        raise ValueError(f"{where}: field '{key}': expected a list of strings")
-    for i, v in enumerate(value):
-        if not isinstance(v, str) or not v:
-            raise ValueError(f"{where}: field '{key}[{i}]': expected a non-empty string")
-    return tuple(value)
-
-
-def read_control(path: str | Path) -> list[Check]:
-    """The control set: JSON Lines, one conversation per line,
-    `{"id"?, "messages": [OpenAI chat messages], "tools"?, "expect": [str, ...], "forbid"?: [str,
-    ...], "max_tokens"?: int}`, at least one string in `expect` or `forbid`. The messages become
-    segments as a request's do (`serve.record.new_segments`); the gate samples the next assistant
-    turn. A bad line is an error naming the file, the line and the field."""
-    from dostream.serve.record import FieldError, new_segments
-
-    checks: list[Check] = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"--control: cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ValueError(f"{where}: expected a JSON object")
-        unknown = sorted(set(obj) - {"id", "messages", "tools", "expect", "forbid", "max_tokens"})
-        if unknown:
-            raise ValueError(f"{where}: field '{unknown[0]}': unknown field")
-        messages, tools = obj.get("messages"), obj.get("tools")
-        if not isinstance(messages, list) or not messages:
-            raise ValueError(f"{where}: field 'messages': expected a non-empty list of chat messages")
-        if tools is not None and not isinstance(tools, list):
-            raise ValueError(f"{where}: field 'tools': expected a list")
-        try:
-            segments = new_segments(messages, 0, tools, "teacher")
-        except FieldError as e:
-            raise ValueError(f"{where}: field '{e.field}': {e.reason}") from None
-        expect, forbid = _strings(obj, "expect", where), _strings(obj, "forbid", where)
-        if not expect and not forbid:
-            raise ValueError(f"{where}: field 'expect': a check needs a string in expect or forbid")
-        max_tokens = obj.get("max_tokens", 0)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ValueError(f"{where}: field 'max_tokens': expected a positive integer")
-        cid = obj.get("id", f"control-{n}")
-        checks.append(Check(str(cid), segments, expect, forbid, max_tokens, where))
-    if not checks:
-        raise ValueError(f"--control: {path} holds no conversation")
-    return checks
 
 
 # -- served conversations as the learners' streams --------------------------------------------
@@ -203,14 +112,31 @@ def reward_groups(streams: list[Stream]) -> tuple[list[Stream], list[Stream], in
 
 
 class Learner:
-    """The adapter versions of one server: updates (with `cfg`, on a thread), the gate, the swap,
-    rollback, the listing. Without `cfg` (a server not started with --learn) it only lists and rolls back."""
+    """The adapter versions of one server: updates (with `cfg`, on a thread), the gate's checks,
+    the swap, rollback, the listing. Without `cfg` (a server not started with --learn) it only
+    lists and rolls back.
 
-    def __init__(self, server, cfg: LearnConfig | None):
-        self.server, self.cfg = server, cfg
-        self.store = server.store
-        self.dir = Path(server.cfg.store) / ADAPTERS
-        self.renderer = Renderer(server.tok, chat_template=True)
+    It is given only what it uses: the store (conversations, rewards) and its lineage (versions,
+    adapter directories), the tokenizer, the slot it swaps, and `load(path)`, which loads the base
+    model with an adapter merged in the precision the server resolved."""
+
+    fresh = True  # a leftover directory of an update is a failed attempt on other data: discarded
+
+    def __init__(
+        self,
+        cfg: LearnConfig | None,
+        *,
+        model: str,
+        store: Any,
+        lineage: Lineage,
+        tok: Any,
+        slot: Any,
+        load: Callable[[Path | None], Any],
+        fast_step: bool = True,
+    ):
+        self.cfg, self.model_name, self.store, self.lineage = cfg, model, store, lineage
+        self.tok, self.slot, self.load, self.fast_step = tok, slot, load, fast_step
+        self.renderer = Renderer(tok, chat_template=True)
         self.control = read_control(cfg.control) if cfg is not None and cfg.control else []
         for c in self.control:  # every control prompt renders (the gate would fail later otherwise)
             try:
@@ -229,41 +155,39 @@ class Learner:
         if cfg is not None:
             self._discard_unrecorded()
 
-    # -- paths and models -------------------------------------------------------------------
-    def path_of(self, adapter: str | None) -> Path | None:
-        """A recorded adapter's directory (store-relative); None: the adapter the server started with."""
-        if adapter is None:
-            return None if self.server.cfg.adapter is None else Path(self.server.cfg.adapter)
-        return Path(self.server.cfg.store) / adapter
+    @property
+    def versions(self):
+        return self.lineage.versions
 
+    @property
+    def turn_budget(self) -> int:
+        return self.cfg.gate_max_tokens
+
+    # -- models -----------------------------------------------------------------------------
     def _discard_unrecorded(self) -> None:
         """An update killed before its record: its directory goes (the update is redone)."""
-        recorded = {Path(u["candidate"]).parts[1] for u in self.store.adapter_updates() if u["candidate"]}
-        for d in sorted(self.dir.glob("update-*")) if self.dir.exists() else []:
+        recorded = {Path(u["candidate"]).parts[1] for u in self.versions.rows() if u["candidate"]}
+        folder = self.lineage.root / ADAPTERS
+        for d in sorted(folder.glob("update-*")) if folder.exists() else []:
             if d.name not in recorded:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _model(self, adapter: str | None):
-        """The base model with `adapter` merged, in the server's dtype (cached: in force + candidate)."""
+        """The base model with `adapter` merged, in the server's precision (cached: in force + candidate)."""
         if adapter not in self._models:
-            import torch
-
-            from dostream.models import load_model
-
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[self.server.cfg.dtype]
-            path = self.path_of(adapter)
-            self._models[adapter] = load_model(self.server.cfg.model, dtype=dtype, adapter=path, merge=path is not None)
+            self._models[adapter] = self.load(self.lineage.path_of(adapter))
         return self._models[adapter]
 
-    def _swap(self, adapter: str | None, model) -> None:
+    def _swap(self, adapter: str | None) -> None:
         import torch
 
         from dostream.cached_forward import CachedForward
 
+        model = self._model(adapter)
         with torch.inference_mode():
-            forward = CachedForward.build(model) if self.server.cfg.fast_step else None
-        name = adapter if adapter is not None else self.server.cfg.adapter
-        self.server.slot.swap(model, None if name is None else str(name), forward=forward)
+            forward = CachedForward.build(model) if self.fast_step else None
+        name = adapter if adapter is not None else self.lineage.start
+        self.slot.swap(model, None if name is None else str(name), forward=forward)
         self._models = {adapter: model}
 
     # -- the thread -------------------------------------------------------------------------
@@ -309,9 +233,13 @@ class Learner:
         for w in self._waiters:
             w.set_result({"status": "stopped"})
 
+    def learned_upto(self) -> tuple[int, int]:
+        """(exchange seq, feedback seq) every update so far has seen (-1, -1 before any)."""
+        return self.versions.seen_max("exchanges"), self.versions.seen_max("feedback")
+
     def step(self, force: bool = False) -> dict[str, Any] | None:
         """One look: update if forced or enough is new; returns the update's record, or why not."""
-        upto = self.store.learned_upto()
+        upto = self.learned_upto()
         latest = self.store.latest_seqs()
         if latest[0] <= upto[0] and latest[1] <= upto[1]:
             return {"status": "nothing to learn", "detail": "no conversation is new since the last update"}
@@ -325,141 +253,91 @@ class Learner:
                 return None
         return self.update(upto, latest)
 
-    # -- data -------------------------------------------------------------------------------
+    # -- the source: data -------------------------------------------------------------------
     def streams(self, conversations: list[str]) -> list[Stream]:
         return [as_plain(s, self.renderer) for c in conversations for s in self.store.conversation_streams(c)]
 
     def supervised_tokens(self, streams: list[Stream]) -> int:
         view = "interventional" if self.cfg.learner not in ("observational",) else "observational"
-        _, stats = encode_rows(streams, Renderer(self.server.tok), view_authors(view), max_length=self.cfg.max_length)
+        _, stats = encode_rows(streams, Renderer(self.tok), view_authors(view), max_length=self.cfg.max_length)
         return stats.supervised_tokens
 
-    def agent_config(self, group_size: int):
-        from dostream.agent.loop import AgentConfig
-        from dostream.config import block_values
-
-        return AgentConfig(
-            model=self.server.cfg.model,
-            learner=self.cfg.learner,
-            group_size=max(1, group_size),
-            seed=self.cfg.seed,
-            progress=False,
-            **block_values(self.cfg, SupervisedBlock),
-        )
-
-    # -- an update --------------------------------------------------------------------------
-    def update(self, upto: tuple[int, int], latest: tuple[int, int]) -> dict[str, Any]:
-        from dostream.agent.learners import REWARD_LEARNERS, learn
-
+    def batch(self, upto: tuple[int, int], latest: tuple[int, int]) -> Batch:
+        """The conversations new since `upto` (up to `latest`), and replayed older ones."""
         cfg = self.cfg
-        t0 = time.time()
-        current = self.store.adapter_in_force()
-        number = max([0, *(u["id"] for u in self.store.adapter_updates())]) + 1
-        out = self.dir / f"update-{number:06d}"
-        shutil.rmtree(out, ignore_errors=True)  # a leftover of a killed attempt
+        number = self.versions.next_version()
         new_ids, old_ids = self.store.conversations_since(upto)
-        rng = random.Random(f"serve-replay:{cfg.seed}:{number}")
         new = self.streams(new_ids)
-        replayed = self.streams(rng.sample(old_ids, min(len(old_ids), round(cfg.replay * len(new_ids)))))
+        replayed = self.streams(replay_sample(old_ids, len(new_ids), cfg.replay, f"serve-replay:{cfg.seed}:{number}"))
         k = 1
         if cfg.learner in REWARD_LEARNERS:
             new, rest, k = reward_groups(new)
             replayed = rest + replayed  # NLL rows only: not in a reward group
-        self.running = {"version": number, "started": t0, "new": len(new_ids)}
-        metrics: dict[str, Any] = {"conversations/new": len(new_ids), "conversations/replayed": len(replayed)}
-        try:
-            outcome = learn(
-                self.agent_config(k), self.server.tok, number, new, replayed, self.path_of(current[0]), out,
-                cfg.gate_max_tokens,
-            )  # fmt: skip
-            metrics.update(outcome.metrics)
-            gate: dict[str, Any] = {}
-            if outcome.adapter is None:
-                accepted, reason, candidate = False, f"nothing learned: {outcome.reason}", None
-            else:
-                candidate = str(Path(ADAPTERS) / out.name / "adapter")
-                accepted, reason, gate = self.gate(current[0], candidate, latest[0])
-            metrics["time/started"], metrics["time/finished"] = t0, time.time()
-            with self._lock:
-                if self.store.adapter_in_force() != current:
-                    accepted, reason = False, "the adapter in force changed during the update (a rollback)"
-                version = self.store.add_adapter_update("update", candidate, accepted, reason, gate, metrics, latest)
-                if accepted:
-                    self._swap(candidate, self._model(candidate))
-        finally:
-            self.running = None
-        for done in out.glob("**/checkpoints"):  # recorded: no redo will need them
-            shutil.rmtree(done, ignore_errors=True)
-        self._counted = None
-        self.log(
-            f"dostream serve: update {version} {'accepted' if accepted else 'REJECTED'}: {reason} "
-            f"({len(new_ids)} new conversations, {time.time() - t0:.1f} s)"
-        )
-        return {"status": "accepted" if accepted else "rejected", **self.version(version)}
+        metrics = {"conversations/new": len(new_ids), "conversations/replayed": len(replayed)}
+        return Batch(number, {"exchanges": latest[0], "feedback": latest[1]}, new, replayed, k, metrics)
 
-    # -- the gate ---------------------------------------------------------------------------
-    def checks(self, upto: int) -> list[Check]:
+    # -- the source: the gate's checks ------------------------------------------------------
+    def checks(self, seen: dict[str, int]) -> tuple[list[Check], list[str], int]:
         """The control set, then the newest conversations the agent answered well (reward > 0):
         their check is that the rewarded reply's first line comes back."""
         learned = []
-        for seq, choice, _ in self.store.rewarded(upto, self.cfg.gate_learned):
+        for seq, choice, _ in self.store.rewarded(seen["exchanges"], self.cfg.gate_learned):
             path = self.store.path_segments(seq, choice)
             text = path[-1].text
-            for special in self.server.tok.all_special_tokens:  # the sampled end of turn
+            for special in self.tok.all_special_tokens:  # the sampled end of turn
                 text = text.replace(special, "\n")
             line = text.strip().split("\n")[0].strip()
             if line:
                 learned.append(Check(f"learned-{seq}.{choice}", path[:-1], (line,), source=f"exchange {seq}"))
-        return self.control + learned
+        checks = self.control + learned
+        return checks, [c.id for c in checks], len(self.control)
 
-    def answers(self, adapter: str | None, checks: list[Check]) -> list[bool]:
+    def ask(self, adapter: str | None, checks: list[Check]) -> list[bool]:
         from dostream.render import decode
         from dostream.sampling import SamplingConfig, sample
 
         budgets = [c.max_tokens or self.cfg.gate_max_tokens for c in checks]
         prompts = [self.renderer.prompt_ids(Stream(c.id, c.segments)) for c in checks]
         cfg = SamplingConfig(greedy=True, max_new_tokens=max(budgets), batch_size=max(1, len(prompts)))
-        out = sample(self._model(adapter), self.server.tok, prompts, cfg)
+        out = sample(self._model(adapter), self.tok, prompts, cfg)
         # a greedy row's first M tokens do not depend on the call's budget: cut each to its own
-        texts = [decode(self.server.tok, s.token_ids[:b]) for s, b in zip(out, budgets)]
+        texts = [decode(self.tok, s.token_ids[:b]) for s, b in zip(out, budgets)]
         return [c.passes(t) for c, t in zip(checks, texts)]
 
-    def gate(self, current: str | None, candidate: str, upto: int) -> tuple[bool, str, dict[str, Any]]:
-        checks = self.checks(upto)
-        if not checks:
-            return True, "no gate (no control set, nothing answered well yet)", {}
-        before, after = self.answers(current, checks), self.answers(candidate, checks)
-        b, a = sum(before) / len(checks), sum(after) / len(checks)
-        tol = self.cfg.gate_tolerance
-        accepted = a >= b - tol
-        reason = f"gate success {a:.2f} vs {b:.2f} in force (n={len(checks)}, tolerance {tol})" + (
-            "" if accepted else ": regression, the adapter in force stays"
+    # -- an update --------------------------------------------------------------------------
+    def update(self, upto: tuple[int, int], latest: tuple[int, int]) -> dict[str, Any]:
+        t0 = time.time()
+        batch = self.batch(upto, latest)
+        self.running = {"version": batch.step, "started": t0, "new": batch.metrics["conversations/new"]}
+        try:
+            done = update_once(
+                self.cfg, self.model_name, self.tok, self, batch, self.lineage, lock=self._lock, swap=self._swap
+            )
+        finally:
+            self.running = None
+        self._counted = None
+        self.log(
+            f"dostream serve: update {done.version} {'accepted' if done.accepted else 'REJECTED'}: {done.reason} "
+            f"({batch.metrics['conversations/new']} new conversations, {time.time() - t0:.1f} s)"
         )
-        gate = {
-            "n": len(checks),
-            "control": len(self.control),
-            "before": b,
-            "after": a,
-            "tolerance": tol,
-            "checks": [{"id": c.id, "before": x, "after": y} for c, x, y in zip(checks, before, after)],
-        }
-        return accepted, reason, gate
+        return {"status": "accepted" if done.accepted else "rejected", **self.version(done.version)}
 
     # -- listing and rollback ---------------------------------------------------------------
     def version(self, version: int) -> dict[str, Any]:
-        row = next(u for u in self.store.adapter_updates() if u["id"] == version)
+        row = next(u for u in self.versions.rows() if u["id"] == version)
         return _public(row)
 
     def listing(self) -> dict[str, Any]:
-        rows = self.store.adapter_updates()
-        adapter, version = self.store.adapter_in_force()
-        start = {"version": 0, "kind": "start", "adapter": self.server.cfg.adapter, "accepted": True}
+        rows = self.versions.rows()
+        adapter, version = self.versions.in_force()
+        start = None if self.lineage.start is None else str(self.lineage.start)
         return {
             "object": "list",
-            "current": {"version": version, "adapter": adapter if version else self.server.cfg.adapter},
+            "current": {"version": version, "adapter": adapter if version else start},
             "learning": self.cfg is not None,
             "running": dict(self.running) if self.running else None,
-            "data": [start] + [_public(u) for u in rows if u["kind"] == "update"],
+            "data": [{"version": 0, "kind": "start", "adapter": start, "accepted": True}]
+            + [_public(u) for u in rows if u["kind"] == "update"],
             "rollbacks": [_public(u) for u in rows if u["kind"] == "rollback"],
         }
 
@@ -467,8 +345,8 @@ class Learner:
         """Put accepted `version` back in force (None: the newest accepted one older than the one
         in force; 0: the adapter the server started with). Raises LookupError / ValueError."""
         with self._lock:
-            rows = self.store.adapter_updates()
-            _, now = self.store.adapter_in_force()
+            rows = self.versions.rows()
+            _, now = self.versions.in_force()
             accepted = {0: None, **{u["id"]: u["candidate"] for u in rows if u["kind"] == "update" and u["accepted"]}}
             if version is None:
                 older = [v for v in accepted if v < now]
@@ -480,12 +358,12 @@ class Learner:
             if version == now:
                 raise ValueError(f"version: {version} is already in force")
             adapter = accepted[version]
-            model = self._model(adapter)
+            self._model(adapter)
             reason = f"rollback from version {now} to {version}"
-            rid = self.store.add_adapter_update(
-                "rollback", None, True, reason, {}, {}, self.store.learned_upto(), current=(adapter, version)
-            )
-            self._swap(adapter, model)
+            upto = self.learned_upto()
+            seen = {"exchanges": upto[0], "feedback": upto[1]}
+            rid = self.versions.add("rollback", None, True, reason, {}, {}, seen, current=(adapter, version))
+            self._swap(adapter)
         self.log(f"dostream serve: {reason}")
         return {"object": "rollback", "id": rid, "current": {"version": version, "adapter": adapter}, "from": now}
 
@@ -495,67 +373,10 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     return {"version": row["id"], **{k: row[k] for k in keep}, "adapter_in_force_after": row["current_version"]}
 
 
-def adapter_in_force(store, start: str | None) -> tuple[str | None, str | None]:
-    """(the directory to load, the name exchanges record) of the adapter the store says is in
-    force; before any update or rollback, the adapter the server was started with (`start`)."""
-    adapter, _ = store.adapter_in_force()
+def serving_adapter(lineage: Lineage) -> tuple[Path | None, str | None]:
+    """(the directory to load, the name exchanges record) of the adapter the versions say is in
+    force; before any update or rollback, the adapter the server was started with."""
+    adapter, _ = lineage.versions.in_force()
     if adapter is None:
-        return start, None if start is None else str(start)
-    return str(Path(store.path).parent / adapter), adapter
-
-
-# -- HTTP --------------------------------------------------------------------------------------
-
-
-def install(app, server) -> None:
-    """`POST /v1/learn`, `GET /v1/adapters`, `POST /v1/adapters/rollback` on the server's app."""
-    import asyncio
-
-    from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
-
-    from dostream.serve.protocol import ApiError, bad, parse_json
-
-    learner: Learner = server.learner
-
-    async def body(request: Request) -> dict:
-        raw = await request.body()
-        if len(raw) > server.cfg.limits.max_body:
-            raise ApiError(413, "body: larger than this server's limit", param="body", code="request_too_large")
-        obj = parse_json(raw) if raw.strip() else {}
-        if not isinstance(obj, dict):
-            raise bad("body", "expected a JSON object")
-        return obj
-
-    @app.post("/v1/learn")
-    async def learn_now(request: Request):
-        server.auth.check(request.headers.get("authorization"), "admin")
-        obj = await body(request)
-        wait = obj.get("wait", False)
-        if not isinstance(wait, bool):
-            raise bad("wait", "expected true or false")
-        if learner.cfg is None:
-            raise ApiError(409, "this server does not learn: start it with --learn", code="not_learning")
-        future = learner.trigger()
-        if not wait:
-            return JSONResponse({"object": "learn", "status": "queued"}, status_code=202)
-        return {"object": "learn", **await asyncio.wrap_future(future)}
-
-    @app.get("/v1/adapters")
-    async def adapters(request: Request):
-        server.auth.check(request.headers.get("authorization"), "chat")
-        return await run_in_threadpool(learner.listing)
-
-    @app.post("/v1/adapters/rollback")
-    async def rollback(request: Request):
-        server.auth.check(request.headers.get("authorization"), "admin")
-        obj = await body(request)
-        version = obj.get("version")
-        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-            raise bad("version", "expected an integer")
-        try:
-            return await run_in_threadpool(learner.rollback, version)
-        except LookupError as e:
-            raise ApiError(404, str(e).strip("'\""), param="version") from None
-        except ValueError as e:
-            raise ApiError(409, str(e), param="version") from None
+        return lineage.start, None if lineage.start is None else str(lineage.start)
+    return lineage.root / adapter, adapter

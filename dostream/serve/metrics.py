@@ -24,9 +24,7 @@ each server has its own registry (tests run several in one process).
 from __future__ import annotations
 
 import threading
-import time
 
-from fastapi import Request  # at module level: FastAPI resolves handler annotations from the module's names
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -40,13 +38,13 @@ STEP_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0
 class _StoreCollector:
     """What the store knows: exchanges and tokens (incrementally), updates, the version in force."""
 
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, store, learner):
+        self.store, self.learner = store, learner
         self._lock = threading.Lock()
         self._seen, self._exchanges, self._prompt, self._completion = -1, 0, 0, 0
 
     def collect(self):
-        store = self.server.store
+        store = self.store
         with self._lock:
             n, prompt, completion, last = store.usage_totals(self._seen)
             self._seen, self._exchanges = last, self._exchanges + n
@@ -57,7 +55,7 @@ class _StoreCollector:
         tokens.add_metric(["prompt"], prompt)
         tokens.add_metric(["completion"], completion)
         yield tokens
-        rows = store.adapter_updates()
+        rows = store.versions.rows()
         updates = CounterMetricFamily("dostream_updates", "adapter updates, by the gate's result", labels=["result"])
         updates.add_metric(["accepted"], sum(1 for u in rows if u["kind"] == "update" and u["accepted"]))
         updates.add_metric(["rejected"], sum(1 for u in rows if u["kind"] == "update" and not u["accepted"]))
@@ -66,10 +64,9 @@ class _StoreCollector:
             "dostream_rollbacks", "rollbacks of the adapter", value=sum(1 for u in rows if u["kind"] == "rollback")
         )
         yield GaugeMetricFamily(
-            "dostream_adapter_version", "the adapter version in force", value=store.adapter_in_force()[1]
+            "dostream_adapter_version", "the adapter version in force", value=store.versions.in_force()[1]
         )
-        learner = getattr(self.server, "learner", None)
-        running = 1 if learner is not None and learner.running else 0
+        running = 1 if self.learner is not None and self.learner.running else 0
         yield GaugeMetricFamily("dostream_update_running", "1 while an update is in progress", value=running)
 
 
@@ -93,7 +90,7 @@ class ServeMetrics:
     """One server's registry: request counters and latency (observed by the app's middleware) and
     the store's numbers (read at scrape time)."""
 
-    def __init__(self, server):
+    def __init__(self, store, batcher, learner=None):
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "dostream_requests", "HTTP requests answered", ["route", "status"], registry=self.registry
@@ -106,9 +103,9 @@ class ServeMetrics:
             "dostream_decode_step_seconds", "seconds of one decode step", buckets=STEP_BUCKETS,
             registry=self.registry,
         )  # fmt: skip
-        server.batcher.on_step = self.step.observe
-        self.registry.register(_StoreCollector(server))
-        self.registry.register(_BatcherCollector(server.batcher))
+        batcher.on_step = self.step.observe
+        self.registry.register(_StoreCollector(store, learner))
+        self.registry.register(_BatcherCollector(batcher))
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -116,30 +113,3 @@ class ServeMetrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def install(app, server) -> None:
-    """The middleware that counts and times every request (by route template, so an unknown path
-    cannot grow the label set), and `GET /metrics` (a key with the `chat` scope: Prometheus sends it
-    with `authorization: {credentials: KEY}` in its scrape config)."""
-    from fastapi.responses import Response
-    from starlette.concurrency import run_in_threadpool
-
-    metrics: ServeMetrics = server.metrics
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - t0)
-
-    @app.get("/metrics")
-    async def scrape(request: Request):
-        server.auth.check(request.headers.get("authorization"), "chat")
-        return Response(await run_in_threadpool(metrics.text), media_type=CONTENT_TYPE)

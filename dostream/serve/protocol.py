@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dostream.serve.config import Limits  # noqa: F401  (imported from here too)
 from dostream.stream import AUTHORS
 
 
@@ -37,15 +38,6 @@ class ApiError(Exception):
 def bad(param: str, message: str) -> ApiError:
     """400 naming the field: the message starts with it, and `param` holds it."""
     return ApiError(400, f"{param}: {message}", param=param)
-
-
-@dataclass
-class Limits:
-    max_body: int = 1 << 20  # bytes
-    max_tokens: int = 1024  # the most `max_tokens` a request may ask for
-    default_max_tokens: int = 256
-    max_n: int = 8
-    max_stop: int = 4  # OpenAI's limit
 
 
 @dataclass

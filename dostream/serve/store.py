@@ -10,9 +10,10 @@
                    message): a later request that starts with those messages continues that choice
     feedback       one per `POST /v1/feedback`: the exchange and choice it speaks of, its author
                    (`verifier`, `oracle`, `user`, ...), its text, an optional reward
-    adapter_updates  one per update of the served adapter (`serve/learn.py`) or rollback: the
+    versions       one per update of the served adapter (`serve/learn.py`) or rollback: the
                    candidate, accepted or rejected and why, the gate's results, the exchanges and
-                   feedback it had seen; `current`: the adapter in force after it (same transaction)
+                   feedback it had seen; `current`: the adapter in force after it (same transaction);
+                   the table every learner shares (`learning/versions.py`)
     api_keys       one per key made by `dostream serve keys add`: its id, a SHA-256 of the key (the
                    key itself is shown once and never stored), scopes, revocation time
 
@@ -46,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dostream.learning.versions import VERSIONS_SCHEMA, Versions
 from dostream.sqlite import StoreError, connect, open_read_only, transaction
 from dostream.stream import Segment, Stream, stored_segments
 
@@ -96,25 +98,6 @@ CREATE TABLE IF NOT EXISTS api_keys (
     scopes TEXT NOT NULL,
     created REAL NOT NULL,
     revoked REAL
-);
-"""
-
-# The learner's table (serve/learn.py), made when a store is opened to write: a store written
-# before it existed still opens read-only (streams export).
-LEARN_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapter_updates (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    candidate TEXT,
-    accepted INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    gate TEXT NOT NULL,
-    metrics TEXT NOT NULL,
-    exchanges_upto INTEGER NOT NULL,
-    feedback_upto INTEGER NOT NULL,
-    current TEXT,
-    current_version INTEGER NOT NULL,
-    created REAL NOT NULL
 );
 """
 
@@ -181,8 +164,10 @@ class ServeStore:
         else:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.db = connect(self.path, SCHEMA + LEARN_SCHEMA, check_same_thread=False)
+            self.db = connect(self.path, SCHEMA + VERSIONS_SCHEMA, check_same_thread=False)
         self.lock = threading.RLock()
+        # The adapter versions (`learning/versions.py`, the table every learner shares).
+        self.versions = Versions(self.db, self.lock, legacy=("adapter_updates", _legacy_adapter_updates))
 
     @classmethod
     def open_dir(cls, directory: str | Path, *, read_only: bool = False) -> ServeStore:
@@ -389,68 +374,6 @@ class ServeStore:
             streams.append(Stream(sid, segments, meta))
         return streams
 
-    # -- adapter updates (serve/learn.py) ---------------------------------------------------
-    def add_adapter_update(
-        self,
-        kind: str,
-        candidate: str | None,
-        accepted: bool,
-        reason: str,
-        gate: dict[str, Any],
-        metrics: dict[str, Any],
-        upto: tuple[int, int],
-        current: tuple[str | None, int] | None = None,
-    ) -> int:
-        """Record an update (`kind` "update") or a rollback ("rollback"); returns its version (its
-        id). The adapter in force after it, `current` = (adapter, version), goes in the same
-        transaction: an accepted update's own candidate unless given, else the one in force before."""
-        with self.lock:
-            version = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM adapter_updates").fetchone()[0]
-            if current is None:
-                current = (candidate, version) if accepted else self.adapter_in_force()
-            transaction(
-                self.db,
-                [
-                    (
-                        "INSERT INTO adapter_updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            version,
-                            kind,
-                            candidate,
-                            int(accepted),
-                            reason,
-                            json.dumps(gate, ensure_ascii=False),
-                            json.dumps(metrics, ensure_ascii=False),
-                            upto[0],
-                            upto[1],
-                            current[0],
-                            current[1],
-                            time.time(),
-                        ),
-                    )
-                ],
-            )
-        return version
-
-    def adapter_in_force(self) -> tuple[str | None, int]:
-        """(adapter, version) in force after the last update or rollback; (None, 0) before any."""
-        row = self._one("SELECT current, current_version FROM adapter_updates ORDER BY id DESC LIMIT 1")
-        return (None, 0) if row is None else (row[0], row[1])
-
-    def adapter_updates(self) -> list[dict[str, Any]]:
-        cols = ("id", "kind", "candidate", "accepted", "reason", "gate", "metrics", "exchanges_upto")
-        cols += ("feedback_upto", "current", "current_version", "created")
-        rows = self._all(f"SELECT {', '.join(cols)} FROM adapter_updates ORDER BY id")
-        return [
-            {**dict(zip(cols, r)), "accepted": bool(r[3]), "gate": json.loads(r[5]), "metrics": json.loads(r[6])}
-            for r in rows
-        ]
-
-    def learned_upto(self) -> tuple[int, int]:
-        """(exchange seq, feedback seq) every update so far has seen (-1, -1 before any)."""
-        row = self._one("SELECT MAX(exchanges_upto), MAX(feedback_upto) FROM adapter_updates WHERE kind = 'update'")
-        return (-1 if row[0] is None else row[0], -1 if row[1] is None else row[1])
-
     def latest_seqs(self) -> tuple[int, int]:
         """(the newest exchange seq, the newest feedback seq); -1 where there is none."""
         ex = self._one("SELECT COALESCE(MAX(seq), -1) FROM exchanges")[0]
@@ -529,3 +452,12 @@ class ServeStore:
 
     def n_live_keys(self) -> int:
         return self._one("SELECT COUNT(*) FROM api_keys WHERE revoked IS NULL")[0]
+
+
+def _legacy_adapter_updates(db) -> list[tuple]:
+    """The `adapter_updates` table of stores written before `versions`, as versions rows."""
+    rows = db.execute(
+        "SELECT id, kind, candidate, accepted, reason, gate, metrics, exchanges_upto, feedback_upto, current, "
+        "current_version, created FROM adapter_updates ORDER BY id"
+    ).fetchall()
+    return [(*r[:7], json.dumps({"exchanges": r[7], "feedback": r[8]}, sort_keys=True), *r[9:]) for r in rows]

@@ -1,0 +1,70 @@
+"""The server-sent events of a streamed chat completion. Knows no model and no store.
+
+A streaming request (`stream: true`) gets its events as the tokens are drawn: a role chunk per
+choice, then content deltas (`record.StreamedContent`: text that is settled, never a stop string,
+an end-of-turn token or a tool call's text), and once the exchange is committed, the rest of each
+choice's content, its tool calls, its finish reason, a usage chunk and `[DONE]`. What a client may
+rely on: a chunk with a `finish_reason` (and `[DONE]`) is sent only after the exchange is
+committed, so it is recorded exactly as streamed; content chunks alone are what the model was
+drawing, and a stream cut before the finish reason (a dropped connection, a killed server) may or
+may not have been recorded. A failure after the stream began is an `error` event, without `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from dostream.serve.protocol import ApiError
+from dostream.serve.record import StreamedContent
+
+FINGERPRINT = "dostream-serve"
+
+
+async def chat_events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, live: list[StreamedContent]):
+    """The OpenAI chunk stream of a completion as it is drawn: a role chunk per choice, content
+    deltas as tokens arrive; once the exchange is committed (`done`), per choice the rest of its
+    content, its tool calls and its finish reason; a usage chunk; `[DONE]`."""
+
+    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+        body = {
+            **head,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def delta(item: tuple[int, int]) -> str | None:
+        choice, token = item
+        text = live[choice].push(token)
+        return chunk(choice, {"content": text}) if text else None
+
+    for c in range(len(live)):
+        yield chunk(c, {"role": "assistant", "content": ""})
+    while not done.done():
+        get = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({get, done}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            break
+        if (out := delta(get.result())) is not None:
+            yield out
+    while not tokens.empty():  # drawn before the commit, queued behind it
+        if (out := delta(tokens.get_nowait())) is not None:
+            yield out
+    try:
+        _, exchange = done.result()
+    except Exception as e:  # the request failed after the stream began: an error event, no [DONE]
+        body = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body()
+        yield f"data: {json.dumps(body)}\n\n"
+        return
+    for c in exchange.request["choices"]:
+        message, index = c["message"], c["index"]
+        if rest := live[index].rest(message):
+            yield chunk(index, {"content": rest})
+        for k, call in enumerate(message.get("tool_calls") or []):
+            yield chunk(index, {"tool_calls": [{"index": k, **call}]})
+        yield chunk(index, {}, c["finish_reason"])
+    last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": exchange.request["usage"]}
+    yield f"data: {json.dumps(last)}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,183 @@
+"""A chat request → what the batcher samples and what the store records. Knows no HTTP and no threads.
+
+`prepare` finds which recorded sample the request continues (hash chain of canonical messages),
+turns the client's new messages into segments, renders the prompt from the recorded stream
+(`Renderer(tok, chat_template=True).prompt_ids(stream)`, so the ids the model conditions on are the
+ids a training run renders) and returns a `Pending` exchange: a plain object that holds everything
+the record needs. The batcher's commit thread calls `Pending.exchange(samples, adapter)` and stores
+the result in one transaction with its batch mates.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dostream.render import Renderer, RenderError
+from dostream.sampling import Sample, SamplingConfig, agent_segment
+from dostream.serve.protocol import ChatRequest, bad
+from dostream.serve.record import (
+    FieldError,
+    call_prefixes,
+    canonical,
+    continuation_key,
+    lookup_keys,
+    new_segments,
+    prefix_states,
+    reply,
+)
+from dostream.serve.store import Exchange, ServeStore
+from dostream.stream import Segment, Stream
+
+
+@dataclass
+class Pending:
+    """One prepared request: its prompt and sampling settings, and what recording it needs."""
+
+    id: str
+    conversation: str
+    created: int
+    prompt: list[int]
+    n: int
+    config: SamplingConfig
+    settings: dict[str, Any]  # the request's settings, recorded with the exchange
+    new: list[Segment]  # the world's segments new in the request
+    parent: tuple[int, int] | None  # (exchange seq, choice) it continues
+    states: list  # the messages' hash chain (continuation keys)
+    tools: bool  # tools in force: tool-call blocks are not content
+    prefixes: tuple[tuple[int, ...], ...] | None  # a forced tool call's opening ids (`tool_choice`)
+    stop: tuple[str, ...]
+    key: str  # the API key's id
+    tok: Any
+
+    def exchange(self, samples: list[Sample], adapter: str | None) -> Exchange:
+        """The exchange to record: each choice's reply (content, tool calls, finish reason) and its
+        `agent` segment with the exact sampled ids, and the continuation key of each choice."""
+        choices, keys, segments = [], [], []
+        for c, s in enumerate(samples):
+            message, finish = reply(
+                s,
+                self.tok,
+                self.stop,
+                tools=self.tools,
+                call_prefix=f"call_{self.id[9:17]}{c}_",
+                forced=self.prefixes is not None,
+            )
+            choices.append({"index": c, "message": message, "finish_reason": finish})
+            keys.append(continuation_key(self.states, message))
+            meta: dict[str, Any] = {"finish_reason": s.finish_reason}
+            if s.constrained:  # provenance: these leading ids were drawn under tool_choice's constraint
+                meta["constrained"] = s.constrained
+            if "tool_calls" in message:
+                meta["tool_calls"] = message["tool_calls"]
+            segments.append(agent_segment(s, role="assistant", meta=meta))
+        usage = {"prompt_tokens": len(self.prompt), "completion_tokens": sum(len(s.token_ids) for s in samples)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return Exchange(
+            id=self.id,
+            conversation=self.conversation,
+            parent=None if self.parent is None else self.parent[0],
+            parent_choice=None if self.parent is None else self.parent[1],
+            segments=self.new,
+            samples=segments,
+            request={**self.settings, "choices": choices, "usage": usage},
+            adapter=adapter,
+            api_key=self.key,
+            continuations=keys,
+        )
+
+
+class Preparer:
+    """Requests → `Pending` exchanges, against one store, tokenizer and model context."""
+
+    def __init__(self, store: ServeStore, tok: Any, context: int, *, client_assistant: str, fast_step: bool):
+        self.store, self.tok, self.context = store, tok, context
+        self.client_assistant, self.fast_step = client_assistant, fast_step
+        self.renderer = Renderer(tok, chat_template=True)
+        self._special = [t for t in tok.all_special_tokens if t]
+
+    def __call__(self, req: ChatRequest, conversation: str | None, key: str) -> Pending:
+        tools = req.tools_in_force
+        self._no_special_tokens(req)
+        states = prefix_states(tools, req.messages)
+        match = self.store.find_continuation(lookup_keys(req.messages, states), conversation)
+        try:
+            if match is not None:
+                at, seq, choice, found = match
+                path = self.store.path_segments(seq, choice)
+                new = new_segments(req.messages[at + 1 :], at + 1, None, self.client_assistant)
+                parent: tuple[int, int] | None = (seq, choice)
+                conversation = conversation or found
+            else:
+                path, parent = [], None
+                new = new_segments(req.messages, 0, tools, self.client_assistant)
+                conversation = conversation or "conv-" + secrets.token_hex(8)
+        except FieldError as e:
+            raise bad(e.field, e.reason) from None
+        try:
+            prompt = self.renderer.prompt_ids(Stream(conversation, path + new))
+        except RenderError as e:
+            raise bad("messages", str(e)) from None
+        if len(prompt) + req.max_tokens > self.context:
+            raise bad(
+                "max_tokens",
+                f"the conversation is {len(prompt)} tokens; with max_tokens {req.max_tokens} it exceeds "
+                f"the model's context of {self.context}",
+            )
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        config = SamplingConfig(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            max_new_tokens=req.max_tokens,
+            stop=req.stop,
+            seed=seed,
+            greedy=req.temperature == 0,
+            fast_step=self.fast_step,
+        )
+        settings = {
+            "model": req.model,
+            "n": req.n,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "max_tokens": req.max_tokens,
+            "stop": list(req.stop),
+            "seed": seed,
+            "tool_choice": req.tool_choice,
+            "stream": req.stream,
+            "user": req.user,
+            "metadata": req.metadata,
+        }
+        return Pending(
+            id="chatcmpl-" + secrets.token_hex(12),
+            conversation=conversation,
+            created=int(time.time()),
+            prompt=prompt,
+            n=req.n,
+            config=config,
+            settings=settings,
+            new=new,
+            parent=parent,
+            states=states,
+            tools=tools is not None,
+            prefixes=call_prefixes(self.tok, tools, req.tool_choice),
+            stop=req.stop,
+            key=key,
+            tok=self.tok,
+        )
+
+    def _no_special_tokens(self, req: ChatRequest) -> None:
+        """A template's special tokens in a client's text would be read as the template's own
+        markers (a user forging the end of its turn): refused, naming the message."""
+        for i, m in enumerate(req.messages):
+            text = canonical(m)
+            hit = next((t for t in self._special if t in text), None)
+            if hit is not None:
+                raise bad(f"messages[{i}].content", f"contains the tokenizer's special token {hit!r}")
+        if req.tools:
+            text = json.dumps(req.tools, ensure_ascii=False)
+            hit = next((t for t in self._special if t in text), None)
+            if hit is not None:
+                raise bad("tools", f"contains the tokenizer's special token {hit!r}")

@@ -1,0 +1,251 @@
+"""Every endpoint of `dostream serve`, in one router. Each route fetches the server's parts from the app's state.
+
+    GET  /health                 liveness (no key needed)
+    GET  /v1/models[/{id}]       the served model (its id is the --model NAME)
+    POST /v1/chat/completions    OpenAI chat completions: tools, n, seed, stop, stream, usage
+    POST /v1/feedback            the world's word on a completion or a conversation, with its author
+    POST /v1/learn               ask for an update now (admin; `--learn`)
+    GET  /v1/adapters            the adapter versions, their gate results, the one in force
+    POST /v1/adapters/rollback   put an earlier accepted version back in force (admin)
+    GET  /metrics                Prometheus text format (`serve/metrics.py`)
+
+A request goes: key check → body read under the size limit (`body_of`, the one body check) →
+field checks (400 naming the field) → `serve.exchange.Preparer` (which recorded sample it
+continues, its new segments, the prompt) → the batcher (sampled with its batch mates, recorded in
+one transaction) → the response, only once its exchange is committed. A streaming request gets
+its server-sent events as tokens are drawn (`serve/events.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Request  # at module level: FastAPI resolves handler annotations from here
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from dostream.serve.batcher import Job, Overloaded
+from dostream.serve.events import FINGERPRINT, chat_events
+from dostream.serve.metrics import CONTENT_TYPE
+from dostream.serve.protocol import ApiError, bad, conversation_id, parse_chat, parse_json
+from dostream.serve.record import StreamedContent
+
+router = APIRouter()
+
+
+def server_of(request: Request):
+    return request.app.state.server
+
+
+async def body_of(request: Request, *, empty_ok: bool = False) -> Any:
+    """The request's JSON body, read under the server's size limit (413 above it, before reading
+    more than the limit); `empty_ok`: an empty body is `{}`."""
+    limit = server_of(request).cfg.limits.max_body
+    declared = request.headers.get("content-length")
+    too_big = ApiError(
+        413, f"body: larger than this server's limit of {limit} bytes", param="body", code="request_too_large"
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if empty_ok and not raw.strip():
+        return {}
+    return parse_json(raw)
+
+
+def key_for(request: Request, scope: str) -> str:
+    return server_of(request).auth.check(request.headers.get("authorization"), scope)
+
+
+def _object(body: Any) -> dict:
+    if not isinstance(body, dict):
+        raise bad("body", "expected a JSON object")
+    return body
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def _model_card(server) -> dict[str, Any]:
+    return {"id": server.cfg.model, "object": "model", "created": server.started, "owned_by": "dostream"}
+
+
+def _no_model(model: str) -> ApiError:
+    return ApiError(404, f"The model '{model}' does not exist", param="model", code="model_not_found")
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    key_for(request, "chat")
+    return {"object": "list", "data": [_model_card(server_of(request))]}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, request: Request):
+    key_for(request, "chat")
+    server = server_of(request)
+    if model != server.cfg.model:
+        raise _no_model(model)
+    return _model_card(server)
+
+
+# -- chat and feedback ---------------------------------------------------------------------------
+
+
+@router.post("/v1/chat/completions")
+async def chat(request: Request):
+    server = server_of(request)
+    key = key_for(request, "chat")
+    req = parse_chat(await body_of(request), server.cfg.limits)
+    if req.model != server.cfg.model:
+        raise _no_model(req.model)
+    conv = conversation_id(request.headers.get("x-conversation-id"), req)
+    pending = await run_in_threadpool(server.prepare, req, conv, key)
+    job = Job(pending.prompt, pending.n, pending.config, pending, prefixes=pending.prefixes)
+    tokens: asyncio.Queue = asyncio.Queue()
+    if req.stream:
+        loop = asyncio.get_running_loop()
+        job.on_token = lambda choice, token: loop.call_soon_threadsafe(tokens.put_nowait, (choice, token))
+    try:
+        future = server.batcher.submit(job)
+    except Overloaded as e:
+        raise ApiError(503, f"server overloaded: {e}; retry later", type="server_error") from None
+    headers = {"X-Conversation-Id": pending.conversation}
+    head = {"id": pending.id, "created": pending.created, "model": server.cfg.model, "system_fingerprint": FINGERPRINT}
+    if req.stream:
+        live = [StreamedContent(server.tok, req.stop, server.eos, tools=pending.tools) for _ in range(req.n)]
+        events = chat_events(head, asyncio.wrap_future(future), tokens, live)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    _, exchange = await asyncio.wrap_future(future)
+    body = {
+        **head,
+        "object": "chat.completion",
+        "choices": [{**c, "logprobs": None} for c in exchange.request["choices"]],
+        "usage": exchange.request["usage"],
+    }
+    return JSONResponse(body, headers=headers)
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request):
+    key = key_for(request, "feedback")
+    body = await body_of(request)
+    return await run_in_threadpool(server_of(request).feedback, body, key)
+
+
+# -- learning: updates, versions, rollback -------------------------------------------------------
+
+
+@router.post("/v1/learn")
+async def learn_now(request: Request):
+    key_for(request, "admin")
+    obj = _object(await body_of(request, empty_ok=True))
+    wait = obj.get("wait", False)
+    if not isinstance(wait, bool):
+        raise bad("wait", "expected true or false")
+    learner = server_of(request).learner
+    if learner.cfg is None:
+        raise ApiError(409, "this server does not learn: start it with --learn", code="not_learning")
+    future = learner.trigger()
+    if not wait:
+        return JSONResponse({"object": "learn", "status": "queued"}, status_code=202)
+    return {"object": "learn", **await asyncio.wrap_future(future)}
+
+
+@router.get("/v1/adapters")
+async def adapters(request: Request):
+    key_for(request, "chat")
+    return await run_in_threadpool(server_of(request).learner.listing)
+
+
+@router.post("/v1/adapters/rollback")
+async def rollback(request: Request):
+    key_for(request, "admin")
+    obj = _object(await body_of(request, empty_ok=True))
+    version = obj.get("version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+        raise bad("version", "expected an integer")
+    try:
+        return await run_in_threadpool(server_of(request).learner.rollback, version)
+    except LookupError as e:
+        raise ApiError(404, str(e).strip("'\""), param="version") from None
+    except ValueError as e:
+        raise ApiError(409, str(e), param="version") from None
+
+
+# -- metrics -------------------------------------------------------------------------------------
+
+
+@router.get("/metrics")
+async def scrape(request: Request):
+    """A key with the `chat` scope (Prometheus sends it with `authorization: {credentials: KEY}`)."""
+    key_for(request, "chat")
+    return Response(await run_in_threadpool(server_of(request).metrics.text), media_type=CONTENT_TYPE)
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+
+def build_app(server):
+    """The ASGI app over `server` (a `serve.server.Server`): lifespan, OpenAI-shaped errors, the
+    metrics middleware, and the router."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        server.learner.start()
+        try:
+            yield
+        finally:
+            server.learner.stop()
+            server.batcher.stop()
+
+    app = FastAPI(title="dostream serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        body = ApiError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).body()
+        return JSONResponse(body, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request, e: Exception):
+        body = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        """Counts and times every request by route template (an unknown path cannot grow the labels)."""
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            server.metrics.observe(getattr(route, "path", "unmatched"), status, time.perf_counter() - t0)
+
+    app.include_router(router)
+    return app
