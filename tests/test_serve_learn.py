@@ -415,6 +415,43 @@ def test_sigkill_during_an_update_then_restart_serves_the_last_accepted_adapter(
         assert _listing(url)["current"]["version"] == interrupted["version"]
 
 
+def test_serve_dtype_auto_learns_through_an_accepted_update_and_serves_what_is_in_force(tmp_path):
+    """`dostream serve --dtype auto --learn` (the learner once mapped the flag as typed and raised
+    KeyError 'auto'): an accepted update, then the adapter the versions say is in force is the
+    one the next exchange was drawn with."""
+    store, port = tmp_path / "store", _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "DOSTREAM_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", "tiny", "--store", str(store), "--dtype", "auto"]
+    cmd += ["--learn", "--update-every-tokens", str(1 << 30), "--lora-r", "4", "--lora-alpha", "8", "--epochs", "1"]
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"], env=env)
+    try:
+        _wait(lambda: proc.poll() is not None or _up(url))
+        assert proc.poll() is None, "the server exited"
+        _teach(url, 3)
+        result = _learn(url)
+        assert result["status"] == "accepted" and result["version"] == 1, result
+        listing = _listing(url)
+        assert listing["current"] == {"version": 1, "adapter": result["candidate"]}
+        res = _chat(url, "which adapter answers?")
+        db = sqlite3.connect(store / "serve.sqlite")
+        [served] = db.execute("SELECT adapter FROM exchanges WHERE id = ?", (res.id,)).fetchone()
+        [in_force] = db.execute("SELECT current FROM versions ORDER BY id DESC LIMIT 1").fetchone()
+        db.close()
+        assert served == in_force == result["candidate"]
+        assert (store / result["candidate"] / "adapter_config.json").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 # -- the demonstration, as a smoke test ------------------------------------------------------------
 def test_the_serve_learn_demonstration_runs_on_the_tiny_model(tmp_path):
     """`benchmarks/serve_learn.py`: both servers answer the same calls; the learning one updates."""
