@@ -835,3 +835,33 @@ def test_the_serve_benchmark_interleaves_servers_and_pairs_their_runs(tmp_path):
     ]
     assert record["settings"]["interleave"] is True and record["environment"]["cpu"]
     assert "| dostream serve's ratio to it | paired ratio |" in proc.stdout
+
+
+# -- reasoning -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tools", [False, True])
+def test_a_thinking_models_reasoning_comes_back_as_reasoning_content_streamed_or_not(tok, tools):
+    """A sample that opens with `<think>...</think>`: `reply` returns the block as
+    `reasoning_content` and the rest as content; the streamed deltas add up to the same, cut at
+    every length (a cut inside the block is all reasoning); a client that sends the message back
+    with or without its reasoning continues the same sample (the canonical form ignores it)."""
+    from dostream.sampling import Sample
+    from dostream.serve.record import StreamedContent, canonical, reply
+
+    ids = tok("<think>\nSmall numbers: 2 and 2.\n</think>\n\nThe answer is 4.", add_special_tokens=False)["input_ids"]
+    ids += [tok.eos_token_id]
+    for cut in range(1, len(ids) + 1):
+        part = ids[:cut]
+        finish = "eos" if cut == len(ids) else "length"
+        sample = Sample(part, tok.decode(part, skip_special_tokens=False), finish, 0)
+        message, _ = reply(sample, tok, (), tools=tools, call_prefix="call_x")
+        live = StreamedContent(tok, (), {tok.eos_token_id}, tools=tools)
+        got = {"content": "", "reasoning_content": ""}
+        for t in part:
+            for k, v in live.push(t).items():
+                got[k] += v
+        for k, v in live.rest(message).items():
+            got[k] += v
+        assert got == {"content": message["content"] or "", "reasoning_content": message.get("reasoning_content", "")}
+    assert message["reasoning_content"] == "Small numbers: 2 and 2." and message["content"] == "The answer is 4."
+    without = {k: v for k, v in message.items() if k != "reasoning_content"}
+    assert canonical(message) == canonical(without)

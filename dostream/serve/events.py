@@ -2,7 +2,7 @@
 
 A streaming request (`stream: true`) gets its events as the tokens are drawn: a role chunk per
 choice, then content deltas (`record.StreamedContent`: text that is settled, never a stop string,
-an end-of-turn token or a tool call's text), and once the exchange is committed, the rest of each
+an end-of-turn token or a tool call's text; a thinking model's reasoning as `reasoning_content`), and once the exchange is committed, the rest of each
 choice's content, its tool calls, its finish reason, a usage chunk and `[DONE]`. What a client may
 rely on: a chunk with a `finish_reason` (and `[DONE]`) is sent only after the exchange is
 committed, so it is recorded exactly as streamed; content chunks alone are what the model was
@@ -36,8 +36,8 @@ async def chat_events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, l
 
     def delta(item: tuple[int, int]) -> str | None:
         choice, token = item
-        text = live[choice].push(token)
-        return chunk(choice, {"content": text}) if text else None
+        new = live[choice].push(token)
+        return chunk(choice, new) if new else None
 
     for c in range(len(live)):
         yield chunk(c, {"role": "assistant", "content": ""})
@@ -61,7 +61,7 @@ async def chat_events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, l
     for c in exchange.request["choices"]:
         message, index = c["message"], c["index"]
         if rest := live[index].rest(message):
-            yield chunk(index, {"content": rest})
+            yield chunk(index, rest)
         for k, call in enumerate(message.get("tool_calls") or []):
             yield chunk(index, {"tool_calls": [{"index": k, **call}]})
         yield chunk(index, {}, c["finish_reason"])

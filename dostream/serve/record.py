@@ -36,7 +36,16 @@ from typing import Any
 from dostream.render import decode
 from dostream.sampling import Sample
 from dostream.stream import Segment
-from dostream.toolcalls import CALL_CLOSE, CALL_OPEN, call_parts, format_calls, parse_calls
+from dostream.toolcalls import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    THINK_CLOSE,
+    THINK_OPEN,
+    call_parts,
+    format_calls,
+    parse_calls,
+    split_reasoning,
+)
 
 _VERSION = "dostream-serve-1"  # changes every key if the canonical form ever changes
 _ROLES = {"developer": "system", "function": "tool", "ipython": "tool"}
@@ -189,8 +198,13 @@ def reply(
     The content is what the model wrote, less the end-of-turn token it sampled and less a stop
     string and what followed it in its last token (as OpenAI returns it); with tools in force,
     `<tool_call>` blocks become `tool_calls` (`forced`: the sample began with a forced call opening,
-    which comes back as a call whatever followed it). The recorded segment keeps every sampled id."""
+    which comes back as a call whatever followed it). A thinking model's leading `<think>...</think>`
+    block comes back as `reasoning_content` (as OpenAI-compatible servers for DeepSeek/Qwen-style
+    models return it), the rest as the content. The recorded segment keeps every sampled id."""
     text = _visible(sample.text, sample.finish_reason, tok, sample, stop)
+    reasoning, text = split_reasoning(text)
+    if reasoning is None and text.lstrip().startswith(THINK_OPEN):  # cut while thinking: all reasoning
+        reasoning, text = text.lstrip()[len(THINK_OPEN) :].strip("\n"), ""
     calls: list[dict] = []
     if tools:
         raw = text
@@ -200,6 +214,8 @@ def reply(
             if call is not None:
                 text, calls = "", [call]
     message: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
     finish = "tool_calls" if calls else ("length" if sample.finish_reason == "length" else "stop")
@@ -207,12 +223,15 @@ def reply(
 
 
 class StreamedContent:
-    """The content of one streamed choice while it is drawn: `push(token)` returns the new text to
-    send, always a prefix of the content `reply` gives at the end (`rest(message)` is what is left).
+    """One streamed choice while it is drawn: `push(token)` returns the delta to send
+    (`{"content": ...}` and/or `{"reasoning_content": ...}`), always a prefix of what `reply` gives
+    at the end (`rest(message)` is the delta that is left).
 
     Held back until it is settled: text from a stop string, an end-of-turn token or (tools in
     force) `<tool_call>` on, a tail that could begin one of those, an unfinished UTF-8 character;
-    with tools, leading and trailing whitespace (the final content is stripped)."""
+    with tools, leading and trailing whitespace (the final content is stripped). A leading
+    `<think>` block streams as `reasoning_content` (its tail that could begin `</think>` held
+    back); the content starts after it closes."""
 
     def __init__(self, tok, stop: tuple[str, ...], eos: set[int], *, tools: bool):
         self.tok, self.tools = tok, tools
@@ -220,24 +239,50 @@ class StreamedContent:
         self.markers = [m for m in self.markers if m]
         self.ids: list[int] = []
         self.sent = ""
+        self.sent_reasoning = ""
 
-    def push(self, token: int) -> str:
+    def push(self, token: int) -> dict[str, str]:
         self.ids.append(token)
-        text = decode(self.tok, self.ids)
-        cut = min((i for i in (text.find(m) for m in self.markers) if i >= 0), default=len(text))
-        text = text[:cut]
-        for k in range(min(len(text), max(map(len, self.markers), default=1) - 1), 0, -1):
-            if any(m.startswith(text[-k:]) for m in self.markers):  # could become a marker
-                text = text[:-k]
-                break
-        text = text.rstrip("\ufffd")
+        text = self._settled(decode(self.tok, self.ids), self.markers)
+        head = text.lstrip()
+        delta: dict[str, str] = {}
+        if head.startswith(THINK_OPEN) or (head and THINK_OPEN.startswith(head)):
+            if THINK_CLOSE not in head:  # still thinking: stream the reasoning, hold the content
+                body = self._settled(head[len(THINK_OPEN) :], [THINK_CLOSE]).lstrip("\n").rstrip("\n")
+                if new := self._new(body, "sent_reasoning"):
+                    delta["reasoning_content"] = new
+                return delta
+            reasoning, text = split_reasoning(text)
+            if new := self._new(reasoning or "", "sent_reasoning"):
+                delta["reasoning_content"] = new
         if self.tools:
             text = text.strip()
-        if len(text) <= len(self.sent) or not text.startswith(self.sent):
-            return ""
-        new, self.sent = text[len(self.sent) :], text
-        return new
+        if new := self._new(text, "sent"):
+            delta["content"] = new
+        return delta
 
-    def rest(self, message: dict) -> str:
-        content = message.get("content") or ""
-        return content[len(self.sent) :] if content.startswith(self.sent) else ""
+    @staticmethod
+    def _settled(text: str, markers: list[str]) -> str:
+        """`text` cut at the first marker, less a tail that could begin one, less an unfinished character."""
+        cut = min((i for i in (text.find(m) for m in markers) if i >= 0), default=len(text))
+        text = text[:cut]
+        for k in range(min(len(text), max(map(len, markers), default=1) - 1), 0, -1):
+            if any(m.startswith(text[-k:]) for m in markers):  # could become a marker
+                text = text[:-k]
+                break
+        return text.rstrip("\ufffd")
+
+    def _new(self, text: str, attr: str) -> str:
+        sent = getattr(self, attr)
+        if len(text) <= len(sent) or not text.startswith(sent):
+            return ""
+        setattr(self, attr, text)
+        return text[len(sent) :]
+
+    def rest(self, message: dict) -> dict[str, str]:
+        delta = {}
+        for key, sent in (("reasoning_content", self.sent_reasoning), ("content", self.sent)):
+            full = message.get(key) or ""
+            if full.startswith(sent) and full[len(sent) :]:
+                delta[key] = full[len(sent) :]
+        return delta
