@@ -143,7 +143,7 @@ class Agent:
             return self._acting[adapter]
         from dostream.models import load_model
 
-        model = load_model(self.cfg.model, adapter=self.lineage.path_of(adapter), merge=True)
+        model = load_model(self.cfg.model, adapter=None if adapter is None else self.out / adapter, merge=True)
         self._acting[adapter] = model
         while len(self._acting) > 2:
             self._acting.pop(next(iter(self._acting)))
