@@ -227,6 +227,7 @@ def _agent_cmd(out, *extra):
     ]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_sigkill_mid_update_loses_and_repeats_no_episode(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_agent_cmd(tmp_path / "a"), check=True, capture_output=True, env=env, timeout=300)
@@ -253,6 +254,7 @@ def test_sigkill_mid_update_loses_and_repeats_no_episode(tmp_path):
     assert [s.to_json() for s in a.episodes()] == [s.to_json() for s in b.episodes()]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_cli_runs_three_loops_writes_a_report_and_exports_streams(tmp_path):
     out = tmp_path / "cmp"
     run_cli(

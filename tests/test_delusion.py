@@ -214,6 +214,7 @@ def test_full_finetune_smoke(tmp_path, tok):
     assert not (tmp_path / "other" / "train").exists()
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_smoke_preset_end_to_end_and_resume(tmp_path):
     out = tmp_path / "run"
     cmd = ["reproduce", "delusion", "--preset", "smoke", "--out", out]

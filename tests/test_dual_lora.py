@@ -26,6 +26,7 @@ def test_the_loops_get_the_experiment_s_settings():
     assert PRESETS["quick"].learners == list(LEARNERS)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_smoke_preset_runs_every_learner_and_reports(tmp_path, capsys):
     out = tmp_path / "dl"
     run_cli("reproduce", "dual-lora", "--preset", "smoke", "--out", out)

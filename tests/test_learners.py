@@ -295,6 +295,7 @@ def test_smoke_every_learner(learner, tmp_path, rigged):
         assert r == (4 if learner == "dapo" else 8)
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_run_learners_share_one_sequence_and_the_report_names_them(tmp_path, rigged):
     from dostream.agent.loop import run_learners
     from dostream.agent.report import write_report

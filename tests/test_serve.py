@@ -802,6 +802,7 @@ def test_dtype_auto_follows_the_measured_bf16_rate(tmp_path, monkeypatch, tok):
         ServeConfig(model="tiny", store=str(tmp_path), dtype="fp16")
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_the_serve_benchmark_interleaves_servers_and_pairs_their_runs(tmp_path):
     """`benchmarks/serve.py --interleave` on the tiny model: both servers (dostream's and `transformers
     serve`; its `--continuous-batching` takes the same path, 18 s slower to warm up) up at once, taking
