@@ -21,7 +21,7 @@ import time
 
 import torch
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from dostream.device import torch_dtype
 
 
 def runnable_dtypes(dtypes) -> tuple[str, ...]:
@@ -71,8 +71,14 @@ def _time_ours(model, tok, prompts, new_tokens) -> tuple[float, int]:
     from dostream.sampling import SamplingConfig, sample
 
     ids = [tok(p)["input_ids"] for p in prompts]
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}[next(model.parameters()).dtype]  # as given
     cfg = SamplingConfig(
-        temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, eos_token_ids=(), batch_size=len(prompts), dtype="auto"
+        temperature=0.8,
+        top_p=0.95,
+        max_new_tokens=new_tokens,
+        eos_token_ids=(),
+        batch_size=len(prompts),
+        precision=precision,
     )
     t = time.perf_counter()
     out = sample(model, tok, ids, cfg)
@@ -130,7 +136,8 @@ def bench_sampling(
         "floor_tokens_per_s": {},
     }
     for name in dtypes:
-        m = model if next(model.parameters()).dtype == _DTYPES[name] else copy.deepcopy(model).to(_DTYPES[name])
+        dtype = torch_dtype(name)
+        m = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
         m.eval()
         _time_ours(m, tokenizer, prompts, 2)  # warm up both (allocator, kernels)
         _time_generate(m, tokenizer, prompts, 2)
@@ -140,7 +147,7 @@ def bench_sampling(
             gen.append(_time_generate(m, tokenizer, prompts, new_tokens))
         best_ours = max(n / s for s, n in ours)
         best_gen = max(n / s for s, n in gen)
-        gflops = matmul_gflops(_DTYPES[name])
+        gflops = matmul_gflops(dtype)
         result["matmul_gflops"][name] = gflops
         result["floor_tokens_per_s"][name] = gflops * 1e9 / (2 * n_params)
         result["by_dtype"][name] = {

@@ -78,7 +78,7 @@ def bench_dostream(rows, *, batch_size: int, steps: int, bf16: bool, micro_batch
         lora_r=16,
         lora_alpha=32,
         lora_dropout=0.0,
-        bf16="on" if bf16 else "off",
+        precision="bf16" if bf16 else "fp32",
         save_every=0,
         progress=False,
         micro_batch_tokens=micro_batch_tokens,

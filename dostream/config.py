@@ -29,6 +29,7 @@ import platform
 import subprocess
 import sys
 import typing
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +92,48 @@ def block_values(config: Any, block: type) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(block)}
 
 
+# -- renamed fields ----------------------------------------------------------------------------
+
+# A field's old name -> its new name and how the old values read (empty: as they are). For a config
+# that has the new field and not the old one, the old name keeps working, deprecated: as a keyword
+# and a read-only attribute (`keeps_old_names`), as a flag (`--bf16 on`), in `--set`, and in a run
+# record written before the rename (`check_run_dir` reads it under the new name).
+RENAMED_FIELDS: dict[str, tuple[str, dict[str, str]]] = {
+    "bf16": ("precision", {"on": "bf16", "off": "fp32", "auto": "auto"}),  # the training configs' autocast switch
+    "dtype": ("precision", {}),  # SamplingConfig's
+}
+
+
+def renamed_fields(cls: type) -> dict[str, tuple[str, dict[str, str]]]:
+    """The entries of `RENAMED_FIELDS` that apply to the dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {old: (new, v) for old, (new, v) in RENAMED_FIELDS.items() if new in names and old not in names}
+
+
+def keeps_old_names(cls: type) -> type:
+    """Class decorator (over `@dataclass`): `cls(old=value)` keeps working for its renamed fields
+    (`RENAMED_FIELDS`), with a DeprecationWarning, and `config.old` reads the new field in the old
+    spelling: `TrainConfig(bf16="on").precision == "bf16"`, `.bf16 == "on"`."""
+    renames, init = renamed_fields(cls), cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        for old in renames.keys() & kwargs.keys():
+            new, values = renames[old]
+            if new in kwargs:
+                raise TypeError(f"{cls.__name__}: {old}= is the old name of {new}=; pass only {new}=")
+            value = kwargs.pop(old)
+            kwargs[new] = values.get(value, value) if isinstance(value, str) else value
+            warnings.warn(f"{cls.__name__}({old}=) is deprecated: use {new}={kwargs[new]!r}", DeprecationWarning, 2)
+        init(self, *args, **kwargs)
+
+    __init__.__doc__, __init__.__wrapped__ = init.__doc__, init  # inspect.signature shows the fields
+    cls.__init__ = __init__
+    for old, (new, values) in renames.items():
+        back = {v: k for k, v in values.items()}
+        setattr(cls, old, property(lambda self, new=new, back=back: back.get(getattr(self, new), getattr(self, new))))
+    return cls
+
+
 # -- dataclass -> command line -----------------------------------------------------------------
 
 
@@ -127,6 +170,16 @@ def add_dataclass_args(
         choices = f.metadata.get("choices")
         kind = _bounded(kind, f.metadata) if _BOUNDS & f.metadata.keys() else kind
         target.add_argument(flag, type=kind, default=default, choices=choices, help=f"{help_} (default: {default})")
+    for old, (new, values) in renamed_fields(cls).items():
+        if new not in skip:  # the old flag, kept working and kept out of --help
+            choices = dict.fromkeys(values or cls.__dataclass_fields__[new].metadata.get("choices") or ())
+            parser.add_argument(
+                "--" + old.replace("_", "-"),
+                dest=new,
+                type=_old_flag(old, new, values, tuple(choices)),
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
 
 
 _BOUNDS = {"min", "max", "gt"}
@@ -156,6 +209,22 @@ def _bounded(kind: type, meta: Any):
         return value
 
     convert.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return convert
+
+
+def _old_flag(old: str, new: str, values: dict[str, str], choices: tuple[str, ...]):
+    """The argparse `type` of a renamed field's old flag: its value in the new spelling, and a note
+    on stderr that the flag is deprecated."""
+
+    def convert(text: str) -> str:
+        if choices and text not in choices:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+        value = values.get(text, text)
+        flag = "--" + new.replace("_", "-")
+        print(f"dostream: --{old.replace('_', '-')} is deprecated: use {flag} {value}", file=sys.stderr)
+        return value
+
+    convert.__name__ = new
     return convert
 
 
@@ -200,10 +269,13 @@ def set_argv(cls: type, items: Iterable[str]) -> list[str]:
     """
     fields = [f.name for f in dataclasses.fields(cls)]
     hints = typing.get_type_hints(cls)
+    renames = renamed_fields(cls)
     argv: list[str] = []
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().replace("-", "_")
+        if key in renames:  # an old name: `bf16=on` is `precision=bf16`
+            key, value = renames[key][0], renames[key][1].get(value.strip(), value)
         if not sep or key not in fields:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
         flag = "--" + key.replace("_", "-")
@@ -309,7 +381,11 @@ def check_run_dir(
     stored = record.get("experiment")  # records written before every run named its experiment lack it
     if stored is not None and stored != experiment:
         raise RunDirError(f"{out} holds a {stored!r} run, not a {experiment!r} one; choose another --out")
-    old = record.get("config") or {}
+    old = dict(record.get("config") or {})
+    for name, (renamed, values) in renamed_fields(type(config)).items():  # a record from before a rename
+        if name in old and renamed not in old:
+            value = old.pop(name)
+            old[renamed] = values.get(value, value) if isinstance(value, str) else value
     new = json.loads(json.dumps(dataclasses.asdict(config), default=str))  # as `write_run_record` stores it
     missing = "(none)"
     diff = [k for k in {**old, **new} if k not in may_change and old.get(k, missing) != new.get(k, missing)]

@@ -47,11 +47,14 @@ from dostream.config import (
     atomic_write_text,
     check_config,
     check_run_dir,
+    keeps_old_names,
+    like,
     opt,
     write_run_record,
 )
 from dostream.device import (  # noqa: F401 (BF16_EMULATED, bf16_*, DevicePolicy: imported from here too)
     BF16_EMULATED,
+    PRECISIONS,
     DevicePolicy,
     autocast,
     bf16_faster,
@@ -59,24 +62,21 @@ from dostream.device import (  # noqa: F401 (BF16_EMULATED, bf16_*, DevicePolicy
     device_policy,
 )
 from dostream.files import replace_dir as _replace_dir
-from dostream.render import IGNORE, TRUNCATION_SIDES
+from dostream.render import IGNORE, RenderBlock
 from dostream.scoring import logits_at
 
 
+@keeps_old_names  # `bf16=` / `--bf16 on|off|auto`: the old spelling of `precision`
 @dataclass
 class TrainConfig(SupervisedBlock):
     """One run of `train()`. The LoRA/optimiser/batch fields (lr, lora_r, lora_alpha, epochs,
-    batch_size, max_length) are the shared `config.SupervisedBlock`."""
+    batch_size, max_length) are the shared `config.SupervisedBlock`; view, chat_template and
+    truncation_side are `render.RenderBlock`'s."""
 
     model: str = opt("smollm2", "model NAME: smollm2 (embedded default), tiny, a .gguf path, a local dir or an HF id")
-    view: str = opt("interventional", "loss view: interventional, observational, or a comma-separated author set")
-    chat_template: bool = opt(False, "render streams with the tokenizer's chat template instead of plain text")
-    truncation_side: str = opt(
-        "auto",
-        "turns keeps the head context (system prompt, tool list) and drops the oldest turns after it; left "
-        "keeps the most recent tokens, right the first ones; auto: turns where there is a head, else left",
-        choices=TRUNCATION_SIDES,
-    )
+    view: str = like(RenderBlock, "view", "interventional")
+    chat_template: bool = like(RenderBlock, "chat_template", False)
+    truncation_side: str = like(RenderBlock, "truncation_side", "auto")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)", min=0)
     micro_batch_tokens: int = opt(
         -1,
@@ -93,10 +93,10 @@ class TrainConfig(SupervisedBlock):
     lora_dropout: float = opt(0.0, "dropout on the LoRA input", min=0.0, max=0.99)
     target_modules: str = opt("all-linear", "LoRA target modules: all-linear or a comma-separated list of names")
     full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter")
-    bf16: str = opt(
+    precision: str = opt(
         "auto",
-        "bf16 autocast: auto (on where bf16 measures faster than fp32 here), on, off",
-        choices=("auto", "on", "off"),
+        "autocast precision: fp32, bf16, or auto (bf16 where a bf16 matmul measures faster than fp32 here)",
+        choices=PRECISIONS,
     )
     group_by_length: bool = opt(True, "batch rows of similar length together to waste little on padding")
     seed: int = opt(0, "seed for initialisation, batch order and dropout")
@@ -279,14 +279,14 @@ def train(
             f"{out} holds a run trained on other rows (the streams or their rendering changed); "
             "continuing it would mix the two: choose another --out"
         )
-    policy = device_policy(cfg.bf16)
+    policy = device_policy(cfg.precision)
     cuda, use_bf16 = policy.device.type == "cuda", policy.bf16
     # Precision is ours to switch per call (autocast below); Accelerate's process-wide
     # mixed_precision setting cannot change within a process, and the methods chain several runs.
     acc = Accelerator(cpu=not cuda)
     if continued is not None and "bf16" in continued:
         use_bf16 = bool(continued["bf16"])  # a resumed run keeps the precision it was decided with
-    elif acc.num_processes > 1:  # `bf16="auto"` measures per process: all follow the first one
+    elif acc.num_processes > 1:  # `precision="auto"` measures per process: all follow the first one
         from accelerate.utils import broadcast_object_list
 
         use_bf16 = bool(broadcast_object_list([use_bf16])[0])

@@ -25,7 +25,7 @@ if __name__ == "__main__":
         grad_accum=accum,
         epochs=1,
         lr=1e-2,
-        bf16="off",
+        precision="fp32",
         progress=False,
         save_every=1000,
         group_by_length=False,

@@ -58,7 +58,7 @@ def test_trl_sft_trainer_one_step_matches_dostream_train(tok, streams, tmp_path)
     trl_loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
 
     rows = [{"id": r["id"], "input_ids": r["input_ids"], "labels": r["labels"]} for r in data]
-    cfg = TrainConfig(model="tiny:2", max_steps=1, batch_size=len(rows), lr=1e-3, bf16="off", progress=False)
+    cfg = TrainConfig(model="tiny:2", max_steps=1, batch_size=len(rows), lr=1e-3, precision="fp32", progress=False)
     ours = train(rows, cfg, tmp_path / "dostream").metrics[0]["train/loss"]
     assert 5 < ours < 20 and trl_loss == pytest.approx(ours, rel=1e-4, abs=1e-4)
 

@@ -77,7 +77,10 @@ def test_greedy_equals_generate_with_left_padding(which, request, tok, monkeypat
     monkeypatch.setattr(sampling.decoding, "_RESERVE_FIRST", 3)  # the reserved KV cache must grow, twice
     enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     ours = sample(
-        model, tok, [tok(p)["input_ids"] for p in PROMPTS], SamplingConfig(greedy=True, max_new_tokens=20, dtype="fp32")
+        model,
+        tok,
+        [tok(p)["input_ids"] for p in PROMPTS],
+        SamplingConfig(greedy=True, max_new_tokens=20, precision="fp32"),
     )
     with torch.inference_mode():
         ref = model.generate(**enc, do_sample=False, max_new_tokens=20, pad_token_id=tok.pad_token_id)
@@ -235,7 +238,7 @@ def test_peft_adapter_bf16_copy_and_modes_restored(tok, prompts):
     assert sample(peft_model, tok, prompts, cfg) == want  # a fresh LoRA is the identity; dropout is off
     assert peft_model.training and all(m.training for m in peft_model.modules())
     weight = next(base.parameters())
-    low = sample(base, tok, prompts, SamplingConfig(greedy=True, max_new_tokens=8, dtype="bf16"))
+    low = sample(base, tok, prompts, SamplingConfig(greedy=True, max_new_tokens=8, precision="bf16"))
     assert weight.dtype == torch.float32 and all(len(s.token_ids) == 8 for s in low)
 
 
@@ -302,7 +305,7 @@ def test_cli_options_are_sampling_config_fields():
     # Every field but the ids (no command-line form) is an option; the defaults are today's.
     assert {f.name for f in dataclasses.fields(SamplingConfig)} - set(vars(args)) == {"eos_token_ids"}
     assert (args.temperature, args.top_p, args.max_new_tokens, args.seed, args.batch_size) == (1.0, 1.0, 64, 0, 64)
-    assert (args.greedy, args.dtype, args.backend, args.stop, args.n) == (False, "auto", "auto", [], 1)
+    assert (args.greedy, args.precision, args.backend, args.stop, args.n) == (False, "auto", "auto", [], 1)
     args = build_parser().parse_args(["--greedy", "--stop", "a", "--stop", "b", "--max-new-tokens", "3"])
     assert (args.greedy, args.stop, args.max_new_tokens) == (True, ["a", "b"], 3)
 
@@ -350,7 +353,7 @@ def test_rows_joining_a_running_decode_draw_what_they_draw_alone(decisive, tok, 
 
     monkeypatch.setattr(sampling.decoding, "_RESERVE_FIRST", 2)  # the cache must also grow while rows join
     configs = [
-        SamplingConfig(greedy=greedy, temperature=0.8, max_new_tokens=n, seed=s, dtype="fp32")
+        SamplingConfig(greedy=greedy, temperature=0.8, max_new_tokens=n, seed=s, precision="fp32")
         for n, s in ((5, 1), (24, 2), (3, 3), (9, 4), (7, 5))
     ]
     rows = [(prompts[1], 0), (prompts[0], 1), (prompts[2], 2), (prompts[2] + prompts[0], 3), (prompts[1], 4)]
@@ -433,7 +436,7 @@ def test_rows_on_a_cached_prefix_draw_what_they_draw_without_it(decisive, tok, c
     from dostream.sampling import Decode, PrefixCache
 
     configs = [
-        SamplingConfig(greedy=greedy, temperature=0.9, max_new_tokens=n, seed=s, dtype="fp32")
+        SamplingConfig(greedy=greedy, temperature=0.9, max_new_tokens=n, seed=s, precision="fp32")
         for n, s in ((6, 1), (12, 2), (4, 3), (9, 4), (7, 5), (5, 6))
     ]
     waves = {0: [0, 1], 2: [2, 3], 3: [4, 5]}  # step -> rows joining before it
@@ -476,3 +479,19 @@ def test_a_prefix_cache_is_one_models_and_keeps_few_exact_entries(decisive, mode
         assert cache.hits([resistor, resistor], tok.pad_token_id, None)[0].ids == head  # (seen once: the head)
         assert cache.hits([resistor], tok.pad_token_id, None)[0].ids == resistor[:-1]
     assert list(cache._entries) == [head, resistor[:-1]] and cache.made == 3
+
+
+def test_auto_precision_resolves_fp32_weights_and_keeps_reduced_ones(model, monkeypatch):
+    """`precision="auto"`: fp32 weights as `device.resolve_precision` says (fp32 where bf16 is
+    emulated, a bf16 copy where it is fast); weights already in bf16 (a server's --dtype) stay."""
+    import copy
+
+    import dostream.device as dev
+    from dostream.sampling.generate import _in_precision
+
+    monkeypatch.setattr(dev, "bf16_speedup", lambda device_type: 0.006)
+    assert _in_precision(model, "auto") is model
+    monkeypatch.setattr(dev, "bf16_speedup", lambda device_type: 7.0)
+    assert next(_in_precision(model, "auto").parameters()).dtype == torch.bfloat16
+    low = copy.deepcopy(model).to(torch.bfloat16)
+    assert _in_precision(low, "auto") is low and next(model.parameters()).dtype == torch.float32

@@ -18,7 +18,7 @@ from dostream.render import IGNORE, Renderer, encode_rows
 from dostream.stream import read_streams
 from dostream.train import SupervisedNLL, TrainConfig, accumulate_step, collate, prepare_model, train
 
-QUIET = dict(progress=False, bf16="off")
+QUIET = dict(progress=False, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -208,8 +208,8 @@ def _train_cmd(out, *extra):
         "--lora-dropout",
         "0.1",
         "--no-progress",
-        "--bf16",
-        "off",
+        "--precision",
+        "fp32",
         *extra,
     ]
 
@@ -244,13 +244,12 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 def test_precision_switches_between_runs_in_one_process(rows, tmp_path):
     """Methods chain several trainings in one process; each picks its own precision."""
     losses = {}
-    for bf16 in ("on", "off"):
-        result = train(
-            rows[:4], TrainConfig(model="tiny:7", max_steps=1, batch_size=4, bf16=bf16, progress=False), tmp_path / bf16
-        )
-        losses[bf16] = result.metrics[0]["train/loss"]
-        assert json.loads((tmp_path / bf16 / "config.json").read_text())["bf16"] is (bf16 == "on")
-    assert losses["on"] == pytest.approx(losses["off"], rel=1e-2) and losses["on"] != losses["off"]
+    for precision in ("bf16", "fp32"):
+        cfg = TrainConfig(model="tiny:7", max_steps=1, batch_size=4, precision=precision, progress=False)
+        result = train(rows[:4], cfg, tmp_path / precision)
+        losses[precision] = result.metrics[0]["train/loss"]
+        assert json.loads((tmp_path / precision / "config.json").read_text())["bf16"] is (precision == "bf16")
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=1e-2) and losses["bf16"] != losses["fp32"]
 
 
 def test_a_run_directory_is_continued_only_on_its_own_rows_and_precision(tmp_path):
@@ -261,7 +260,7 @@ def test_a_run_directory_is_continued_only_on_its_own_rows_and_precision(tmp_pat
     from dostream.config import RunDirError
 
     rows = [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, 4]}] * 4
-    cfg = TrainConfig(model="tiny", batch_size=2, max_steps=1, progress=False, bf16="off")
+    cfg = TrainConfig(model="tiny", batch_size=2, max_steps=1, progress=False, precision="fp32")
     train(rows, cfg, tmp_path / "run")
     other = [{"input_ids": [5, 6, 7, 8], "labels": [-100, 6, 7, 8]}] * 4
     with pytest.raises(RunDirError, match="trained on other rows"):
@@ -294,3 +293,45 @@ def test_forcing_bf16_where_it_is_emulated_warns_and_benchmarks_skip_it(monkeypa
         sys.path.pop(0)
     assert runnable_dtypes(("fp32", "bf16")) == ("fp32",)
     assert "skipping bf16" in capsys.readouterr().err
+
+
+def test_one_precision_vocabulary_and_its_old_spellings(tmp_path, monkeypatch, capsys):
+    """`precision` (auto, fp32, bf16) is resolved in one place (`device.resolve_precision`);
+    `bf16=on|off|auto` / `--bf16` and `dtype=` / `--dtype` keep working, deprecated; a run directory
+    written before the rename, with the default settings, is continued."""
+    import argparse
+    import dataclasses
+
+    import dostream.device as dev
+    from dostream.config import RunDirError, add_dataclass_args, check_run_dir, set_argv
+    from dostream.sampling import SamplingConfig
+
+    for rate, auto in ((7.0, "bf16"), (0.006, "fp32")):  # a CPU with fast bf16, an AVX2-only one
+        monkeypatch.setattr(dev, "bf16_speedup", lambda device_type, rate=rate: rate)
+        assert dev.resolve_precision("auto", "cpu") == auto
+    assert dev.resolve_precision("fp32", "cuda") == "fp32" and dev.torch_dtype("bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="resolve it first"):
+        dev.torch_dtype("auto")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        dev.resolve_precision("on", "cpu")
+
+    with pytest.warns(DeprecationWarning, match="use precision='bf16'"):
+        cfg = TrainConfig(model="tiny", bf16="on")
+    assert cfg.precision == "bf16" and cfg.bf16 == "on"
+    with pytest.warns(DeprecationWarning):
+        assert SamplingConfig(dtype="fp16").precision == "fp16"
+    with pytest.raises(TypeError, match="pass only precision="):
+        TrainConfig(bf16="on", precision="fp32")
+    p = argparse.ArgumentParser()
+    add_dataclass_args(p, TrainConfig)
+    assert "--bf16" not in p.format_help() and p.parse_args([]).precision == "auto"
+    assert p.parse_args(["--bf16", "off"]).precision == "fp32"
+    assert "--bf16 is deprecated: use --precision fp32" in capsys.readouterr().err
+    assert p.parse_args(set_argv(TrainConfig, ["bf16=on"])).precision == "bf16"
+
+    old = dataclasses.asdict(TrainConfig(model="tiny"))
+    old["bf16"] = {"auto": "auto", "bf16": "on", "fp32": "off"}[old.pop("precision")]
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "train", "config": old}))
+    assert check_run_dir(tmp_path, TrainConfig(model="tiny"), experiment="train")
+    with pytest.raises(RunDirError, match="precision: 'auto' -> 'fp32'"):
+        check_run_dir(tmp_path, TrainConfig(model="tiny", precision="fp32"), experiment="train")

@@ -6,15 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
-from dostream.config import check_config, opt
+from dostream.config import check_config, keeps_old_names, opt
+from dostream.device import SAMPLING_PRECISIONS
 from dostream.stream import Segment
 
 FinishReason = Literal["eos", "stop", "length"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@keeps_old_names  # `dtype=` / `--dtype`: the old name of `precision`
 @dataclass
 class SamplingConfig:
     """How to sample. `SamplingConfig(greedy=True)` is deterministic argmax decoding (evaluation)."""
@@ -31,10 +30,12 @@ class SamplingConfig:
     greedy: bool = opt(False, "argmax decoding (temperature, top-p and seed are ignored)")
     # Rows are sorted by length first; 64 beat 32 by ~15% on 2 CPU cores.
     batch_size: int = opt(64, "rows decoded together", min=1)
-    dtype: str = opt(
+    precision: str = opt(
         "auto",
-        "dtype to sample in: auto (the model's own; bf16 on a CUDA GPU), or a cast copy in fp32, bf16 or fp16",
-        choices=("auto", *_DTYPES),
+        "precision to sample in: fp32, bf16 or fp16 (a cast copy where the model's weights differ), or auto: "
+        "fp32 weights in bf16 where a bf16 matmul measures faster here (device.resolve_precision), "
+        "bf16/fp16 weights as they are",
+        choices=SAMPLING_PRECISIONS,
     )
     # None: the tokenizer's EOS ids and the generation config's; (): none.
     eos_token_ids: tuple[int, ...] | None = opt(None, "token ids that end a row")

@@ -8,8 +8,9 @@ import copy
 import torch
 
 from dostream.cached_forward import CachedForward
+from dostream.device import resolve_precision, torch_dtype
 from dostream.render import decode
-from dostream.sampling.config import _DTYPES, Sample, SamplingConfig, default_eos
+from dostream.sampling.config import Sample, SamplingConfig, default_eos
 from dostream.sampling.decoding import Decode
 from dostream.sampling.vllm_backend import _sample_vllm, _use_vllm
 from dostream.stream import Stream
@@ -56,7 +57,7 @@ def sample(
     if _use_vllm(model, config):
         return _sample_vllm(model, tokenizer, prompts, config, seeds)
     eos = set(config.eos_token_ids) if config.eos_token_ids is not None else default_eos(model, tokenizer)
-    run = _in_dtype(model, config.dtype)
+    run = _in_precision(model, config.precision)
     # Similar lengths share a batch (little padding); identical prompts end up adjacent.
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
     out: list[Sample | None] = [None] * len(prompts)
@@ -83,17 +84,20 @@ def sample(
     return out  # type: ignore[return-value]
 
 
-def _in_dtype(model, dtype: str):
-    """The model to sample with: itself, or a cast copy (the caller's weights are never touched)."""
-    have = next(model.parameters()).dtype
-    if dtype == "auto":
-        # On CPU, auto keeps the model's dtype, the policy being trained. bf16 pays only where the
-        # CPU has fast bf16 matmuls: sampling measured 0.8x fp32 here (Intel, AVX512-BF16, no AMX;
-        # matmul 0.5x), while the AMD EPYC of docs/reference.md §4 has 2.3x bf16 matmuls: pass dtype="bf16" there.
-        on_cuda = next(model.parameters()).is_cuda
-        want = torch.bfloat16 if on_cuda and have == torch.float32 and torch.cuda.is_bf16_supported() else have
-    else:
-        want = _DTYPES[dtype]
+def _in_precision(model, precision: str):
+    """The model to sample with: itself, or a cast copy (the caller's weights are never touched).
+
+    `auto` is `device.resolve_precision`'s for fp32 weights (bf16 where a bf16 matmul measures
+    faster on the model's device: a CUDA GPU with bf16, a CPU with fast bf16; on an AVX2-only CPU,
+    fp32), and weights already in bf16 or fp16 stay as they are: whoever loaded them so (the
+    server's --dtype) decided, and a copy per call would undo it. Sampling measured 0.8x fp32 on an
+    Intel CPU with AVX512-BF16 but no AMX (matmul 0.5x: auto stays fp32 there), while the AMD EPYC
+    of docs/reference.md §4 has 2.3x bf16 matmuls."""
+    weight = next(model.parameters())
+    have = weight.dtype
+    if precision == "auto" and have != torch.float32:
+        return model
+    want = torch_dtype(resolve_precision(precision, weight.device.type))
     if want == have:
         return model
     with torch.no_grad():

@@ -6,6 +6,7 @@ import copy
 
 import torch
 
+from dostream.device import resolve_precision
 from dostream.render import decode
 from dostream.sampling.config import FinishReason, Sample, SamplingConfig, default_eos
 from dostream.sampling.pick import _row_seed
@@ -46,7 +47,8 @@ def _sample_vllm(
     if hasattr(export, "merge_and_unload"):
         export = export.merge_and_unload()
     eos = set(config.eos_token_ids) if config.eos_token_ids is not None else default_eos(model, tokenizer)
-    dtype = "bfloat16" if config.dtype in ("auto", "bf16") else {"fp32": "float32", "fp16": "float16"}[config.dtype]
+    precision = resolve_precision(config.precision, "cuda")  # vLLM runs on a CUDA GPU only
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     params = [
         SamplingParams(
             temperature=0.0 if config.is_greedy else config.temperature,

@@ -114,7 +114,7 @@ def probe_model(model, tok, sets: dict[str, list[Fact]], cfg) -> list[dict]:
         max_new_tokens=cfg.follow_max_tokens,
         stop=("\n",),
         batch_size=cfg.probe_batch_size,
-        dtype=cfg.follow_dtype,
+        precision=cfg.follow_dtype,
     )
     samples = []
     for k in tqdm(

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from dostream.config import SupervisedBlock, block_values, check_run_dir, like, opt, write_run_record
+from dostream.config import SupervisedBlock, block_values, check_run_dir, keeps_old_names, like, opt, write_run_record
 from dostream.envs.tutor.env import fact_sets, generate_dialogues
 from dostream.experiments.delusion.probes import probe_model
 from dostream.experiments.stages import Stages
@@ -58,6 +58,7 @@ PUBLISHED = {  # docs/reference.md §1: Qwen2.5-0.5B, full fine-tuning, one run,
 }
 
 
+@keeps_old_names  # `bf16`: the old name of `precision` (flags, records, presets)
 @dataclass
 class DelusionConfig(SupervisedBlock):
     """One run of the experiment; every field is a flag of `dostream reproduce delusion`. The
@@ -79,7 +80,7 @@ class DelusionConfig(SupervisedBlock):
     epochs: int = like(SupervisedBlock, "epochs", 4)
     max_steps: int = opt(0, "stop training after this many optimizer steps (0: all epochs)", min=0)
     full_finetune: bool = opt(False, "train every weight instead of a LoRA adapter")
-    bf16: str = like(TrainConfig, "bf16", "auto")
+    precision: str = like(TrainConfig, "precision", "auto")
     schedule: str = like(TrainConfig, "schedule", "cosine")
     save_every: int = opt(
         50, "checkpoint training every N steps: a killed run resumes from the last (0: the end)", min=0
@@ -123,7 +124,7 @@ PRESETS: dict[str, DelusionConfig] = {
     # The notebook's settings (docs/reference.md §1) on smollm2: 480 dialogues over 33 facts, P_LIE 0.6
     # (its code), chit-chat tail 0.5, full fine-tuning, AdamW lr 2e-5 (no schedule named: constant
     # after train's 5% warm-up), clip 1.0, batch 1, 4 epochs, greedy follow-ups of up to 120 tokens
-    # cut at the first newline. Precision: bf16 as the notebook, through `train.device_policy`
+    # cut at the first newline. Precision: bf16 as the notebook, through `device.resolve_precision`
     # ("auto": bf16 autocast where a bf16 matmul measures faster); a full fine-tuning step here was
     # not slower with it (1.55 vs 1.99 s wall, 1.38 vs 1.41 s CPU, one core); weights and AdamW
     # state stay fp32. A full checkpoint (~2 GB) takes ~6 s: every 250 steps (~5 min of training).
@@ -186,7 +187,7 @@ def train_config(cfg: DelusionConfig, arm: str, seed: int):
         **block_values(cfg, SupervisedBlock),
         max_steps=cfg.max_steps,
         full_finetune=cfg.full_finetune,
-        bf16=cfg.bf16,
+        precision=cfg.precision,
         schedule=cfg.schedule,
         seed=seed,
         save_every=cfg.save_every,
