@@ -229,7 +229,7 @@ def dostream_server(args, env) -> Iterator[Server]:
     port = free_port()
     log = Path(store) / "server.log"
     cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", args.model, "--store", store]
-    cmd += ["--port", str(port), "--log-level", "warning", "--dtype", args.dtype]
+    cmd += ["--port", str(port), "--log-level", "warning", "--precision", args.dtype]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env={**env, "DOSTREAM_API_KEY": KEY}, stdout=f, stderr=subprocess.STDOUT)
     try:

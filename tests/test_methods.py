@@ -194,7 +194,7 @@ def test_grpo_computes_where_the_device_policy_says(monkeypatch, tok, problems, 
     monkeypatch.setattr(pg, "logprobs_at", logprobs_at)
     cfg = pg.GRPOConfig(groups=2, k=2, max_new_tokens=4, bf16="off", progress=False)
     model, info = grpo.train_grpo(problems[:2], tok, cfg, tmp_path / "sft1", tmp_path / "grpo")
-    assert asked == ["off"] and moved  # the policy decides, not cfg.bf16 alone
+    assert asked == ["fp32"] and moved  # the policy decides, not cfg.precision alone (bf16="off" is fp32)
     assert info["groups"] == 2 and len(seen) >= 4  # the sampling policy and the reference, per group
     assert all(s == (True, True, torch.bfloat16) for s in seen)
     assert next(model.parameters()).device == policy.device

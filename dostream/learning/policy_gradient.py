@@ -18,13 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
-from dostream.config import LoraBlock, like, opt
-from dostream.device import autocast
+from dostream.config import LoraBlock, keeps_old_names, like, opt
+from dostream.device import PRECISIONS, autocast
 from dostream.render import Renderer
 from dostream.scoring import logprobs_at
 from dostream.stream import Stream
 
 
+@keeps_old_names
 @dataclass
 class GRPOConfig(LoraBlock):
     """GRPO/DAPO. The LoRA/optimiser fields (lr, constant here; lora_r, lora_alpha) are the shared
@@ -47,7 +48,9 @@ class GRPOConfig(LoraBlock):
     max_new_tokens: int = opt(128, "tokens per attempt")
     micro_batch: int = opt(8, "attempts per forward/backward")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm (0: off)")
-    bf16: str = opt("auto", "bf16 autocast: auto, on, off", choices=("auto", "on", "off"))
+    precision: str = opt(
+        "auto", "autocast precision: auto (bf16 where it measures faster here), fp32, bf16", choices=PRECISIONS
+    )
     seed: int = opt(0, "seed for the prompt choice, LoRA init and samples")
     tools: str = opt("none", "none or calculator")
     progress: bool = opt(True, "show a progress bar")

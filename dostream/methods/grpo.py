@@ -82,7 +82,7 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
     (out / "metrics.jsonl").unlink(missing_ok=True)  # a rerun of an interrupted stage starts over
     torch.manual_seed(cfg.seed)
     train_cfg = TrainConfig(model=str(sft1_dir), **block_values(cfg, LoraBlock), seed=cfg.seed)
-    policy = device_policy(cfg.bf16)  # train()'s: batches go to the model's device, autocast there
+    policy = device_policy(cfg.precision)  # train()'s: batches go to the model's device, autocast there
     model = prepare_model(train_cfg, load_model(str(sft1_dir))).to(policy.device)
     use_bf16 = policy.bf16
     trainable = [p for p in model.parameters() if p.requires_grad]

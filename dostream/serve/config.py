@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dostream.config import check_config, opt
+from dostream.config import check_config, keeps_old_names, opt
+from dostream.device import PRECISIONS
 from dostream.stream import AUTHORS
-
-PRECISIONS = ("fp32", "bf16", "auto")
 
 
 @dataclass
@@ -27,6 +26,7 @@ class Limits:
     max_stop: int = 4  # OpenAI's limit (not a flag)
 
 
+@keeps_old_names  # `dtype=` / `--dtype`: the old spelling of `precision`
 @dataclass
 class ServeConfig:
     """The server: model, store, address, engine settings."""
@@ -39,9 +39,10 @@ class ServeConfig:
     client_assistant: str = opt(
         "teacher", "author of a client's assistant message that matches no recorded sample (never agent)"
     )
-    dtype: str = opt(
+    precision: str = opt(
         "fp32",
-        "precision to load and sample in; auto: bf16 where a bf16 matmul measures faster here, else fp32",
+        "precision to load and sample in (and the learner to load in); auto: bf16 where a bf16 matmul "
+        "measures faster here, else fp32 (`device.resolve_precision`)",
         choices=PRECISIONS,
     )
     max_batch_rows: int = opt(64, "rows (requests x n) sampled together", min=1)
@@ -62,6 +63,8 @@ class ServeConfig:
                 f"--client-assistant: expected an author other than agent (the server records agent turns "
                 f"only as it samples them), got {self.client_assistant!r}"
             )
-        if self.dtype not in PRECISIONS:
-            raise ValueError(f"--dtype: expected fp32, bf16 or auto, got {self.dtype!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"--precision (formerly --dtype): expected {', '.join(PRECISIONS)}, got {self.precision!r}"
+            )
         check_config(self)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dostream.device import resolve_precision, torch_dtype
 from dostream.learning.cycle import Lineage
 from dostream.openmp import release_pool
 from dostream.sampling import default_eos
@@ -24,17 +25,6 @@ from dostream.serve.learn import Learner, serving_adapter
 from dostream.serve.metrics import ServeMetrics
 from dostream.serve.protocol import ApiError, bad, parse_feedback
 from dostream.serve.store import Feedback, ServeStore
-
-
-def resolve_dtype(name: str) -> str:
-    """`--dtype` as the precision the model runs in: fp32 or bf16 (auto: bf16 where a bf16 matmul
-    measures faster here, `device.bf16_faster`). A forced bf16 warns where it is emulated."""
-    from dostream.device import device_policy
-
-    if name == "bf16":
-        device_policy("on")  # the warning where bf16 is emulated
-        return "bf16"
-    return "bf16" if name == "auto" and device_policy("auto").bf16 else "fp32"
 
 
 class Server:
@@ -50,13 +40,14 @@ class Server:
         self.store = ServeStore.open_dir(cfg.store)
         self.auth = Auth(self.store, env_key)
         self.tok = tok if tok is not None else load_tokenizer(cfg.model)
-        self.dtype = resolve_dtype(cfg.dtype)  # resolved once: what the model runs in, here and in the learner
-        torch_dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float32
+        # Resolved once (`device.resolve_precision`): what the model runs in, here and in the learner.
+        self.dtype = resolve_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch_dtype(self.dtype)
 
         def load(adapter: Path | None):
             """The base model with `adapter` merged (a served adapter does not change between
             batches: a hot swap replaces the model), in the resolved precision."""
-            return load_model(cfg.model, dtype=torch_dtype, adapter=adapter, merge=adapter is not None)
+            return load_model(cfg.model, dtype=dtype, adapter=adapter, merge=adapter is not None)
 
         start = None if cfg.adapter is None else Path(cfg.adapter)
         self.lineage = Lineage(Path(cfg.store), self.store.versions, start=start)
