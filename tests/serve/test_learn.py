@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from test_serve import KEY, _free_port, client, running
+from harness import KEY, _free_port, client, running
 
 from dostream.models import load_model
 from dostream.render import Renderer
