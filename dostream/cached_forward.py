@@ -185,7 +185,7 @@ class _Layer:
             # storage), 183 us a layer at 32 rows on one CPU thread against 353 us for the products
             # below, which need a contiguous copy of the cache in bf16. Not for fp32: its results
             # depend on the batch's shape beyond the products' rounding (a seeded row's draws changed
-            # with its batch mates in tests/test_serve.py), and it is no faster there.
+            # with its batch mates in tests/serve/test_batching.py), and it is no faster there.
             if new == 1:
                 # A decode step: the query heads of one key/value head are the queries of one attention
                 # over it (B, kv_heads, group, head_dim), no heads repeated: 245 us a layer against 392

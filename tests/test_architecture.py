@@ -122,5 +122,7 @@ def test_no_forbidden_arrow():
 
 
 def test_no_module_over_500_lines():
-    big = {m: n for m, (p, _) in modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    big = {
+        m: n for m, (p, _) in modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
     assert big == {}

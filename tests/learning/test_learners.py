@@ -354,7 +354,7 @@ def _dual_cmd(out, *extra):
 
 
 def test_sigkill_mid_dual_update_resumes_exactly(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     subprocess.run(_dual_cmd(tmp_path / "a"), check=True, capture_output=True, env=env, timeout=300)
 
     proc = subprocess.Popen(_dual_cmd(tmp_path / "b"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
