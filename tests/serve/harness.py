@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
 
+import httpx
 import openai
 import pytest
 import torch
@@ -123,3 +127,25 @@ TOOLS = [
         },
     }
 ]
+
+
+def serve_process(store, port: int, *flags: str) -> subprocess.Popen:
+    """`dostream serve --model tiny --store STORE FLAGS...` as a user starts it (one OpenMP thread),
+    returned once `/health` answers; its stderr is kept for the failure message."""
+    env = {**os.environ, "DOSTREAM_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", "tiny", "--store", str(store), *flags]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 
-import httpx
 import openai
 import pytest
 import torch
@@ -23,6 +22,7 @@ from harness import (
     _free_port,
     client,
     running,
+    serve_process,
     served,  # noqa: F401  (a fixture)
 )
 
@@ -47,23 +47,7 @@ def test_streams_export_writes_the_servers_conversations(served, tok, tmp_path):
 
 
 def _start(store, port: int) -> subprocess.Popen:
-    env = {**os.environ, "DOSTREAM_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", "tiny", "--store", str(store)]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--log-level", "warning"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "the server did not start"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    return serve_process(store, port)
 
 
 def _client_loop(url: str, rng: random.Random, acked: dict, fb_acked: set, convs: list, stop: threading.Event):

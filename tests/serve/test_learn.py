@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from harness import KEY, _free_port, client, running
+from harness import KEY, _free_port, client, running, serve_process
 
 from dostream.models import load_model
 from dostream.render import Renderer
@@ -332,19 +332,13 @@ KILLED = dict(lora_r=4, lora_alpha=8, epochs=2, gate_learned=0)
 
 
 def _serve(store, port: int, every: int) -> subprocess.Popen:
-    env = {**os.environ, "DOSTREAM_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", "tiny", "--store", str(store), "--learn"]
-    cmd += ["--update-every-tokens", str(every), *(f"--{k.replace('_', '-')}={v}" for k, v in KILLED.items())]
-    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"], env=env)
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, "the server exited"
-        assert time.monotonic() < deadline, "the server did not start"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    flags = [
+        "--learn",
+        "--update-every-tokens",
+        str(every),
+        *(f"--{k.replace('_', '-')}={v}" for k, v in KILLED.items()),
+    ]
+    return serve_process(store, port, *flags)
 
 
 def _listing(url: str) -> dict:
@@ -416,18 +410,14 @@ def test_sigkill_during_an_update_then_restart_serves_the_last_accepted_adapter(
 
 
 def test_serve_dtype_auto_learns_through_an_accepted_update_and_serves_what_is_in_force(tmp_path):
-    """`dostream serve --dtype auto --learn` (the learner once mapped the flag as typed and raised
-    KeyError 'auto'): an accepted update, then the adapter the versions say is in force is the
-    one the next exchange was drawn with."""
+    """`dostream serve --dtype auto --learn` (`--dtype`: the old spelling of `--precision`; the
+    learner once mapped the flag as typed and raised KeyError 'auto'): an accepted update, then the
+    adapter the versions say is in force is the one the next exchange was drawn with."""
     store, port = tmp_path / "store", _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "DOSTREAM_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", "tiny", "--store", str(store), "--dtype", "auto"]
-    cmd += ["--learn", "--update-every-tokens", str(1 << 30), "--lora-r", "4", "--lora-alpha", "8", "--epochs", "1"]
-    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"], env=env)
+    flags = ["--dtype", "auto", "--learn", "--update-every-tokens", str(1 << 30)]
+    proc = serve_process(store, port, *flags, "--lora-r", "4", "--lora-alpha", "8", "--epochs", "1")
     try:
-        _wait(lambda: proc.poll() is not None or _up(url))
-        assert proc.poll() is None, "the server exited"
         _teach(url, 3)
         result = _learn(url)
         assert result["status"] == "accepted" and result["version"] == 1, result
@@ -443,13 +433,6 @@ def test_serve_dtype_auto_learns_through_an_accepted_update_and_serves_what_is_i
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-
-
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 # -- the demonstration, as a smoke test ------------------------------------------------------------
