@@ -15,7 +15,7 @@ OpenMP's threads wait (theirs stands; a thread count alone is not a choice of wa
 own, kept until that thread exits. Once the pools' threads outnumber the CPUs, GNU OpenMP counts
 itself oversubscribed and a waiting thread spins a few hundred iterations at most, whatever its
 spin count, so a worker sleeps between two small operations and each region waits for its
-wake-up. A server loads its model on one thread (`serve/app.py`) and decodes on another
+wake-up. A server loads its model on one thread (`serve/server.py`) and decodes on another
 (`serve/batcher.py`): two pools of 2 on 2 CPUs. `python benchmarks/omp_pools.py` (bf16): a decode
 step of 1 row took 26 ms on the loading thread, 43 ms on another, 28 ms on another once the
 loader's pool was freed (32 rows: 48, 66, 46 ms). `release_pool` frees the calling thread's pool

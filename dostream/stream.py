@@ -103,7 +103,7 @@ class Segment:
 
     `token_ids` is set only on agent segments produced by sampling: the exact ids the model
     sampled, which rendering uses instead of re-tokenising `text`. `role` is the chat role the
-    segment is rendered in under a chat template (optional; see `render.py`).
+    segment is rendered in under a chat template (optional; see `render/`).
     """
 
     author: str

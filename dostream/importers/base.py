@@ -279,7 +279,7 @@ class Builder:
 
     Call `begin()` before each message's segments. A tool call is a segment of its own (author: the assistant turn's, `meta.tool_calls`: the calls,
     text: their text form, after a newline when the turn has text before it), so a template that
-    writes calls itself can replace it (`render.py`); the tool list is a `context` segment in the
+    writes calls itself can replace it (`render/tools.py`); the tool list is a `context` segment in the
     system role (`meta.tools`, text: `toolcalls.tools_preamble`) after the system prompt."""
 
     def __init__(self) -> None:

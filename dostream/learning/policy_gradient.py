@@ -3,7 +3,7 @@ soft overlong punishment and dynamic-sampling filter, the clipped surrogate + β
 the sampling policy's and the reference's log-probs, and the update step.
 
 A library: the STEM recipe (`methods/grpo.py`) and the continual agent's reward learners
-(`agent/learners.py`) both build on it; it knows nothing of a task. A rollout is one attempt,
+(`learning/learners.py`) both build on it; it knows nothing of a task. A rollout is one attempt,
 rendered (its `agent` tokens carry the loss: the renderer knows who wrote every token), with
 the advantage of its group.
 

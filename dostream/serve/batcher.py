@@ -15,9 +15,9 @@ drawn; the response's final chunk still waits for the commit.
 
 Independence from batch mates: choice j of a request seeded s draws from the random stream
 `(s, j)` (`Decode.add(seeds=...)`), the stream row j of `dostream sample --seed s` alone would use,
-its t-th token with the t-th draw whenever it joined. Equal up to float rounding, as `sampling.py`
+its t-th token with the t-th draw whenever it joined. Equal up to float rounding, as `sampling/`
 says: a row's logits differ with the padding and shape of the batch it shares by ~1e-7 in fp32
-(bf16 rounds coarser: `ServeConfig.dtype`).
+(bf16 rounds coarser: `ServeConfig.precision`).
 
 The model in force is read from a `ModelSlot`: a running decode finishes on the model it started
 with; once the slot holds another model (issue 22's hot swap), new rows wait until the running ones
@@ -28,7 +28,7 @@ values of leading tokens that prompts share (the chat template's head and defaul
 a tools preamble, a prompt sent again) are kept in a `sampling.PrefixCache` and reused, so a
 joining row prefills only the rest. One cache per value of the slot: a swap, even back to an
 earlier model, starts an empty one, so no row ever reads another model's keys and values. It
-changes a row's logits by float rounding only (`sampling.py`).
+changes a row's logits by float rounding only (`sampling/prefix.py`).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 `Server` is the composition root (vLLM's `init_app_state`): it resolves the precision once, opens
 the store, loads the tokenizer and the model with the adapter in force, and hands every part only
-what it uses. The routes (`serve/routes.py`) fetch their handlers from it; `serve/app.py` builds
+what it uses. The routes (`serve/routes.py`) fetch their handlers from it; `serve/routes.py` builds
 the ASGI app over it.
 """
 
@@ -28,7 +28,7 @@ from dostream.serve.store import Feedback, ServeStore
 
 
 class Server:
-    """The parts of one server. `app()` is the ASGI app over them (`serve/app.py`)."""
+    """The parts of one server. `app()` is the ASGI app over them (`serve/routes.py`)."""
 
     def __init__(self, cfg: ServeConfig, *, env_key: str | None = None, model=None, tok=None):
         import torch
