@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import EXAMPLES, run_cli
 
+from dostream.cli.main import COMMANDS
+
 
 def test_help_lists_commands():
     out = run_cli("--help").stdout
@@ -131,17 +133,17 @@ def _bad_inputs(tmp_path) -> dict[str, list]:
     }
 
 
-def test_every_command_reports_a_user_error_in_one_line(tmp_path):
-    """`dostream CMD: message` on stderr, exit status 2, no traceback: the one error convention."""
-    from dostream.cli.main import COMMANDS
+def test_every_command_has_a_bad_input_case(tmp_path):
+    assert set(_bad_inputs(tmp_path)) == set(COMMANDS), "give every subcommand a bad input here"
 
-    cases = _bad_inputs(tmp_path)
-    assert set(cases) == set(COMMANDS), "give every subcommand a bad input here"
-    for name, args in cases.items():
-        proc = run_cli(*args, check=False)
-        assert proc.returncode == 2, (name, proc.returncode, proc.stderr)
-        assert "Traceback" not in proc.stderr, (name, proc.stderr)
-        assert proc.stderr.splitlines()[-1].startswith(f"dostream {name}: "), (name, proc.stderr)
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_reports_a_user_error_in_one_line(tmp_path, name):
+    """`dostream CMD: message` on stderr, exit status 2, no traceback: the one error convention."""
+    proc = run_cli(*_bad_inputs(tmp_path)[name], check=False)
+    assert proc.returncode == 2, (name, proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, (name, proc.stderr)
+    assert proc.stderr.splitlines()[-1].startswith(f"dostream {name}: "), (name, proc.stderr)
     assert not (tmp_path / "train").exists() and not (tmp_path / "agent").exists() and not (tmp_path / "demo").exists()
     assert not (tmp_path / "imported.jsonl").exists() and not (tmp_path / "exported").exists()
 

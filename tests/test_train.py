@@ -214,6 +214,7 @@ def _train_cmd(out, *extra):
     ]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     """SIGKILL mid-run, then --resume: the final adapter equals an uninterrupted run's, bit for bit
     (dropout on, so the restored RNG state matters too)."""

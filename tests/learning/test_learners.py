@@ -324,6 +324,7 @@ def test_run_learners_share_one_sequence_and_the_report_names_them(tmp_path, rig
     assert set(json.loads((out / "results.json").read_text())["rule_probe"]["models"]) >= {"base"}
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_cli_learners_flag_and_the_deprecated_views_alias(tmp_path):
     common = ["--env", "support", "--model", "tiny", "--episodes", "4", "--update-every", "4", "--eval-every", "4"]
     common += ["--eval-n", "1", "--gate-control", "0", "--gate-learned", "0", "--max-new-tokens", "4", "--no-progress"]
@@ -353,6 +354,7 @@ def _dual_cmd(out, *extra):
     return [sys.executable, "-c", driver]
 
 
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_sigkill_mid_dual_update_resumes_exactly(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     subprocess.run(_dual_cmd(tmp_path / "a"), check=True, capture_output=True, env=env, timeout=300)
