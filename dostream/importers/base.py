@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from dostream.errors import FieldError
 from dostream.stream import AUTHORS, Segment
 from dostream.toolcalls import (
     format_calls,
@@ -45,13 +46,9 @@ PROVENANCE_HELP = (
 )
 
 
-class RecordError(ValueError):
-    """A record that cannot be imported. `field` is the path inside the record
+class RecordError(FieldError):
+    """A record that cannot be imported (`errors.FieldError`). `field` is the path inside the record
     (`messages[3].content`); the reader adds the file and line (`stream.StreamError`)."""
-
-    def __init__(self, field: str, message: str):
-        self.field, self.reason = field, message
-        super().__init__(f"field {field!r}: {message}" if field else message)
 
 
 class ProvenanceError(ValueError):

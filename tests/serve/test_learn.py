@@ -436,6 +436,7 @@ def test_serve_dtype_auto_learns_through_an_accepted_update_and_serves_what_is_i
 
 
 # -- the demonstration, as a smoke test ------------------------------------------------------------
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
 def test_the_serve_learn_demonstration_runs_on_the_tiny_model(tmp_path):
     """`benchmarks/serve_learn.py`: both servers answer the same calls; the learning one updates."""
     from conftest import ROOT
