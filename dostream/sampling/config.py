@@ -47,6 +47,16 @@ class SamplingConfig:
     fast_step: bool = opt(
         True, "Llama-family models decode with cached_forward.CachedForward (off: the model's forward)"
     )
+    # The model's own distribution (vLLM's default logprobs_mode="raw_logprobs"), not the one a
+    # token was drawn from: a learner's ratios need that one, from temperature and top_p.
+    logprobs: int | None = opt(
+        None,
+        "None: no log-probs (nothing computed); k: each drawn token's log-prob and the k most likely "
+        "alternatives (k <= 20), from log_softmax of the model's raw logits in float32, before temperature, "
+        "top-p and any prefix constraint, in the forward that drew it",
+        min=0,
+        max=20,
+    )
 
     def __post_init__(self) -> None:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
@@ -70,6 +80,11 @@ class Sample:
     )
     prompt_len: int  # number of prompt tokens the row was conditioned on
     constrained: int = 0  # leading ids drawn under a prefix constraint (`Decode.add(prefixes=)`: a forced tool call)
+    # With `SamplingConfig.logprobs` set, per drawn token (None without): its log-prob under the model's raw
+    # distribution (log_softmax of the logits, before temperature, top-p and constraints), and the k most
+    # likely (id, logprob) there, most likely first.
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def agent_segment(sample: Sample, **kwargs) -> Segment:

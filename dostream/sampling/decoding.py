@@ -28,7 +28,7 @@ import torch
 
 from dostream.cached_forward import CachedForward
 from dostream.render import decode
-from dostream.sampling.config import FinishReason, SamplingConfig, default_eos
+from dostream.sampling.config import FinishReason, Sample, SamplingConfig, default_eos
 from dostream.sampling.pick import _pick, _row_generator
 from dostream.sampling.prefill import _forward, _prefill, _prefill_inputs
 from dostream.sampling.prefix import PrefixCache
@@ -45,11 +45,25 @@ class _Row:
     eos: set[int]
     prompt_len: int
     uniforms: list[float] | None  # its generator's draws, one per step (None: greedy)
-    hook: Callable[[int], None] | None
+    hook: Callable[..., None] | None
     prefixes: tuple[tuple[int, ...], ...] | None  # its output must begin with one of these
     ids: list[int] = field(default_factory=list)
     reason: FinishReason | None = None  # set when it ends
     constrained: int = 0  # steps drawn under the prefix constraint
+    logprobs: list[float] | None = None  # per drawn token, with `config.logprobs` set (`Sample.logprobs`)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+    def sample(self, tokenizer) -> Sample:
+        """What the row drew, as a `Sample`."""
+        return Sample(
+            self.ids,
+            decode(tokenizer, self.ids),
+            self.reason,
+            self.prompt_len,
+            self.constrained,
+            self.logprobs,
+            self.top_logprobs,
+        )
 
     def allowed(self) -> list[int] | None:
         """The tokens a prefix constraint leaves at this step (None: any)."""
@@ -75,6 +89,9 @@ class Decode:
     sequences its output must begin with one of (a forced tool call; the model still chooses among
     what they allow). Row r's t-th token uses the t-th uniform of its own generator, whatever shares
     the batch and whenever it joined, so it draws what it would alone, up to float rounding.
+    A row whose config sets `logprobs` also gets, from the logits that drew each token, its raw
+    log-prob and top alternatives (`_Row.logprobs`, `_Row.top_logprobs`), and its hook is called
+    `hook(token, (logprob, top))`; other rows pay nothing for it.
     Models whose cache is not the reserved one (sliding windows, ...) decode a batch but take no
     rows into it once it runs (`joinable`). `prefix_cache`: a `PrefixCache` made for `model`, kept
     between decodes by a caller whose prompts share leading tokens (the server): joining rows
@@ -137,6 +154,8 @@ class Decode:
                 hook=hooks[i] if hooks else None,
                 prefixes=prefixes[i] if prefixes else None,
             )
+            if c.logprobs is not None:
+                row.logprobs, row.top_logprobs = [], []
             self.joining.append((row, list(p)))
 
     @torch.inference_mode()
@@ -158,12 +177,16 @@ class Decode:
             [self.logits] = _forward(self.model, self.forward, [running])
         if not self.rows:
             return []
-        tokens = self._choose()
+        tokens, scored = self._choose()
         ended, keep = [], []
         for j, (row, tok) in enumerate(zip(self.rows, tokens.tolist())):
             row.ids.append(tok)
+            entry = scored.get(j)
+            if entry is not None:
+                row.logprobs.append(entry[0])
+                row.top_logprobs.append(entry[1])
             if row.hook is not None:
-                row.hook(tok)
+                row.hook(tok) if entry is None else row.hook(tok, entry)
             row.reason = self._finished(row, tok)
             if row.reason is None:
                 keep.append(j)
@@ -266,11 +289,30 @@ class Decode:
                 self.mask = self.mask[:, first:]
         return tokens[sel]
 
-    def _choose(self) -> torch.Tensor:
-        """Each row's next token: by its own settings, under its prefix constraint if any."""
+    def _choose(self) -> tuple[torch.Tensor, dict[int, tuple[float, list[tuple[int, float]]]]]:
+        """Each row's next token: by its own settings, under its prefix constraint if any; and for
+        the rows that ask for log-probs, `{row: (logprob, top)}` from the same logits (`_scored`)."""
         logits = self.logits
         if logits.dtype != torch.float32:
             logits = logits.float()  # (argmax and softmax of bf16 are slow on CPUs)
+        asked = [j for j, row in enumerate(self.rows) if row.logprobs is not None]
+        # The raw distribution, before the constraints below write into `logits` (a copy: indexed).
+        raw = logits[asked].log_softmax(-1) if asked else None
+        tokens = self._tokens_from(logits)
+        return tokens, (self._scored(raw, asked, tokens) if asked else {})
+
+    def _scored(
+        self, raw: torch.Tensor, asked: list[int], tokens: torch.Tensor
+    ) -> dict[int, tuple[float, list[tuple[int, float]]]]:
+        """The drawn token's raw log-prob and the k most likely (id, logprob) of each asking row."""
+        drawn = raw.gather(1, tokens[asked][:, None])[:, 0].tolist()
+        ks = [self.rows[j].config.logprobs for j in asked]
+        top_v, top_i = raw.topk(max(ks), dim=-1) if max(ks) else (raw[:, :0], raw[:, :0].long())
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        return {j: (drawn[r], list(zip(top_i[r][: ks[r]], top_v[r][: ks[r]]))) for r, j in enumerate(asked)}
+
+    def _tokens_from(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's token from float32 `logits` (written into: the prefix constraints)."""
         for j, row in enumerate(self.rows):
             allowed = row.allowed()
             if allowed is not None:

@@ -9,7 +9,6 @@ import torch
 
 from dostream.cached_forward import CachedForward
 from dostream.device import resolve_precision, torch_dtype
-from dostream.render import decode
 from dostream.sampling.config import Sample, SamplingConfig, default_eos
 from dostream.sampling.decoding import Decode
 from dostream.sampling.vllm_backend import _sample_vllm, _use_vllm
@@ -77,7 +76,7 @@ def sample(
                 batch.add([prompts[i] for i in rows], [seeds[i] for i in rows], [config] * len(rows), rows)
                 while batch.active:
                     for row in batch.step():
-                        out[row.tag] = Sample(row.ids, decode(tokenizer, row.ids), row.reason, row.prompt_len)
+                        out[row.tag] = row.sample(tokenizer)
     finally:
         for m, training in modes.items():
             m.training = training

@@ -37,7 +37,8 @@ def _sample_vllm(
     current weights (a PEFT adapter merged into a copy) are exported to a temporary directory on
     every call: simple and always on-policy, but it pays a model load per call. Ids come from vLLM
     (its own random streams, seeded per row); text and finish reasons are recomputed here by the
-    same rules as the torch path."""
+    same rules as the torch path. `config.logprobs` is not passed to vLLM yet: its samples have
+    `logprobs` and `top_logprobs` None (the torch path computes them)."""
     import gc
     import tempfile
 

@@ -42,7 +42,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dostream.render import decode
 from dostream.sampling import Decode, PrefixCache, Sample, SamplingConfig
 from dostream.serve.store import Exchange, ServeStore
 
@@ -80,8 +79,9 @@ class Job:
     # What to record: a `serve.exchange.Pending`, whose `exchange(samples, adapter)` is the record.
     pending: Recordable
     future: Future = field(default_factory=Future)  # -> (samples, exchange) once committed
-    # Called from the sampling thread with (choice, token id) as each token is drawn (streaming).
-    on_token: Callable[[int, int], None] | None = None
+    # Called from the sampling thread with (choice, token id) as each token is drawn (streaming); with
+    # `config.logprobs` set, (choice, token id, (logprob, top)) (`Decode`'s hook).
+    on_token: Callable[..., None] | None = None
     # Token sequences every choice must begin with one of (a forced tool call: `tool_choice`).
     prefixes: tuple[tuple[int, ...], ...] | None = None
     # Filled by the batcher.
@@ -248,7 +248,7 @@ class Batcher:
             done = []
             for row in ended:
                 job, j = row.tag
-                job.samples[j] = Sample(row.ids, decode(self.tok, row.ids), row.reason, row.prompt_len, row.constrained)
+                job.samples[j] = row.sample(self.tok)
                 job._left -= 1
                 if job._left == 0:
                     done.append(live.pop(id(job)))
@@ -307,12 +307,12 @@ class Batcher:
                 job.future.set_result((job.samples, rec))
 
 
-def _hook(job: Job, choice: int) -> Callable[[int], None]:
-    def hook(token: int) -> None:
+def _hook(job: Job, choice: int) -> Callable[..., None]:
+    def hook(token: int, *scored) -> None:
         if job.on_token is None:
             return
         try:
-            job.on_token(choice, token)
+            job.on_token(choice, token, *scored)
         except Exception:  # a streaming consumer's failure never stops the decode (the exchange is still recorded)
             job.on_token = None
 
