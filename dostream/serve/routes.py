@@ -3,6 +3,7 @@
     GET  /health                 liveness (no key needed)
     GET  /v1/models[/{id}]       the served model (its id is the --model NAME)
     POST /v1/chat/completions    OpenAI chat completions: tools, n, seed, stop, stream, usage
+    POST /v1/completions         OpenAI legacy completions: raw prompts, echo, logprobs (`serve/completions.py`)
     POST /v1/feedback            the world's word on a completion or a conversation, with its author
     POST /v1/learn               ask for an update now (admin; `--learn`)
     GET  /v1/adapters            the adapter versions, their gate results, the one in force
@@ -28,6 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from dostream.serve.batcher import Job, Overloaded
+from dostream.serve.completions import complete
 from dostream.serve.events import FINGERPRINT, chat_events
 from dostream.serve.metrics import CONTENT_TYPE
 from dostream.serve.protocol import ApiError, bad, conversation_id, parse_chat, parse_json
@@ -137,6 +139,14 @@ async def chat(request: Request):
         "choices": [{**c, "logprobs": None} for c in exchange.request["choices"]],
         "usage": exchange.request["usage"],
     }
+    return JSONResponse(body, headers=headers)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    server = server_of(request)
+    key = key_for(request, "chat")
+    body, headers = await complete(server, await body_of(request), key)
     return JSONResponse(body, headers=headers)
 
 
