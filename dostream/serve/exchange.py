@@ -99,11 +99,20 @@ class Preparer:
         self.renderer = Renderer(tok, chat_template=True)
         self._special = [t for t in tok.all_special_tokens if t]
 
-    def __call__(self, req: ChatRequest, conversation: str | None, key: str) -> Pending:
+    def __call__(
+        self, req: ChatRequest, conversation: str | None, key: str, *, parent: tuple[int, int] | None = None
+    ) -> Pending:
+        """`parent` (seq, choice), named by the client (the Responses API's `previous_response_id`):
+        the request's messages follow that recorded choice (`conversation` must be its own); the
+        hash chain goes on from its continuation key, so a later request that resends the whole
+        history finds the same samples."""
         tools = req.tools_in_force
         self._no_special_tokens(req)
-        states = prefix_states(tools, req.messages)
+        start = None if parent is None else self.store.continuation_key(*parent)
+        states = prefix_states(tools, req.messages, start=start)
         match = self.store.find_continuation(lookup_keys(req.messages, states), conversation)
+        if match is None and parent is not None:
+            match = (-1, *parent, conversation)
         try:
             if match is not None:
                 at, seq, choice, found = match

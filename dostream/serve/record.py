@@ -96,9 +96,10 @@ def _chain(state: str, item: str) -> str:
     return hashlib.sha256(f"{state}\0{item}".encode()).hexdigest()
 
 
-def prefix_states(tools: list[dict] | None, messages: list[dict]) -> list[str]:
-    """The hash chain after each message (the tools in force are hashed first)."""
-    state = _chain(_VERSION, json.dumps(tools or [], sort_keys=True, ensure_ascii=False))
+def prefix_states(tools: list[dict] | None, messages: list[dict], start: str | None = None) -> list[str]:
+    """The hash chain after each message (the tools in force are hashed first); `start`: the chain
+    goes on from a recorded choice's continuation key instead (the messages follow that choice)."""
+    state = start or _chain(_VERSION, json.dumps(tools or [], sort_keys=True, ensure_ascii=False))
     out = []
     for m in messages:
         state = _chain(state, canonical(m))

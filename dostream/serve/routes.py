@@ -3,6 +3,7 @@
     GET  /health                 liveness (no key needed)
     GET  /v1/models[/{id}]       the served model (its id is the --model NAME)
     POST /v1/chat/completions    OpenAI chat completions: tools, n, seed, stop, stream, usage
+    POST /v1/responses           OpenAI Responses: input items, function tools, previous_response_id, stream
     POST /v1/completions         OpenAI legacy completions: raw prompts, echo, logprobs (`serve/completions.py`)
     POST /v1/feedback            the world's word on a completion or a conversation, with its author
     POST /v1/learn               ask for an update now (admin; `--learn`)
@@ -34,6 +35,7 @@ from dostream.serve.events import FINGERPRINT, chat_events
 from dostream.serve.metrics import CONTENT_TYPE
 from dostream.serve.protocol import ApiError, bad, conversation_id, parse_chat, parse_json
 from dostream.serve.record import StreamedContent
+from dostream.serve.responses import respond
 
 router = APIRouter()
 
@@ -148,6 +150,14 @@ async def completions(request: Request):
     key = key_for(request, "chat")
     body, headers = await complete(server, await body_of(request), key)
     return JSONResponse(body, headers=headers)
+
+
+@router.post("/v1/responses")
+async def responses(request: Request):
+    """OpenAI's Responses API, translated onto the chat path (`serve/responses.py`)."""
+    key = key_for(request, "chat")
+    body = await body_of(request)
+    return await respond(server_of(request), key, body, request.headers.get("x-conversation-id"))
 
 
 @router.post("/v1/feedback")

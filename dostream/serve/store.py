@@ -252,6 +252,11 @@ class ServeStore:
             node = None if row[0] is None else (row[0], row[1])
         return [s for part in reversed(parts) for s in part]
 
+    def continuation_key(self, seq: int, choice: int) -> str | None:
+        """The continuation key recorded for choice `choice` of exchange `seq`."""
+        row = self._one("SELECT key FROM continuations WHERE seq = ? AND choice = ?", (seq, choice))
+        return None if row is None else row[0]
+
     def exchange(self, completion_id: str) -> tuple[int, str, int] | None:
         """(seq, conversation, number of choices) of a completion id, or None."""
         row = self._one("SELECT seq, conversation, samples FROM exchanges WHERE id = ?", (completion_id,))
