@@ -7,7 +7,9 @@ choice's content, its tool calls, its finish reason, a usage chunk and `[DONE]`.
 rely on: a chunk with a `finish_reason` (and `[DONE]`) is sent only after the exchange is
 committed, so it is recorded exactly as streamed; content chunks alone are what the model was
 drawing, and a stream cut before the finish reason (a dropped connection, a killed server) may or
-may not have been recorded. A failure after the stream began is an `error` event, without `[DONE]`.
+may not have been recorded. With `logprobs: true`, a chunk carries the `logprobs` entries of the
+tokens drawn since the last chunk (the choice's last chunks: the rest); joined, they are the
+non-streamed response's. A failure after the stream began is an `error` event, without `[DONE]`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from dostream.serve.logprobs import entry
 from dostream.serve.protocol import ApiError
 from dostream.serve.record import StreamedContent
 
@@ -26,16 +29,25 @@ async def chat_events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, l
     deltas as tokens arrive; once the exchange is committed (`done`), per choice the rest of its
     content, its tool calls and its finish reason; a usage chunk; `[DONE]`."""
 
+    # With logprobs asked for, each token's entry waits here until a chunk covers its token: a
+    # content chunk takes those drawn so far, the choice's last chunks the rest (held-back text,
+    # the end-of-turn token), so the chunks' entries join to the non-streamed response's.
+    held: list[list[dict] | None] = [None] * len(live)
+
     def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+        entries, held[index] = held[index], ([] if held[index] is not None else None)
+        logprobs = None if entries is None else {"content": entries}
         body = {
             **head,
             "object": "chat.completion.chunk",
-            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    def delta(item: tuple[int, int]) -> str | None:
-        choice, token = item
+    def delta(item: tuple) -> str | None:
+        choice, token, *scored = item  # (choice, token[, (logprob, top)])
+        if scored:
+            held[choice] = (held[choice] or []) + [entry(live[choice].tok, token, *scored[0])]
         new = live[choice].push(token)
         return chunk(choice, new) if new else None
 

@@ -73,6 +73,10 @@ class Pending:
                 meta["constrained"] = s.constrained
             if "tool_calls" in message:
                 meta["tool_calls"] = message["tool_calls"]
+            if s.logprobs is not None:  # asked for: the raw distribution's, not the one sampled from
+                meta["logprobs"] = s.logprobs
+                meta["logprobs_of"] = "raw: log_softmax of the logits, before temperature and top_p"
+                meta["sampled_with"] = {"temperature": self.config.temperature, "top_p": self.config.top_p}
             segments.append(agent_segment(s, role="assistant", meta=meta))
         usage = {"prompt_tokens": len(self.prompt), "completion_tokens": sum(len(s.token_ids) for s in samples)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -145,6 +149,7 @@ class Preparer:
             seed=seed,
             greedy=req.temperature == 0,
             fast_step=self.fast_step,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         settings = {
             "model": req.model,
@@ -156,6 +161,8 @@ class Preparer:
             "seed": seed,
             "tool_choice": req.tool_choice,
             "stream": req.stream,
+            "logprobs": req.logprobs,
+            "top_logprobs": req.top_logprobs,
             "user": req.user,
             "metadata": req.metadata,
         }

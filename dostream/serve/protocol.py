@@ -3,9 +3,10 @@
 Every check raises `ApiError`, which the app turns into `{"error": {"message", "type", "param",
 "code"}}` with its HTTP status: 400 for a bad field (`param` names it, the message starts with it),
 401 for a missing or wrong key, 403 for a key without the scope, 404 for another model, 413 for a
-body over the limit. Fields OpenAI defines and dostream cannot honour (`logprobs`, non-zero
-penalties, a `response_format` other than text) are refused, never silently ignored; unknown
-fields are ignored, as OpenAI's own server does.
+body over the limit. Fields OpenAI defines and dostream cannot honour (non-zero penalties,
+`logit_bias`, a `response_format` other than text) are refused, never silently ignored; unknown
+fields are ignored, as OpenAI's own server does. `logprobs: true` (with `top_logprobs` 0 to 20)
+returns each sampled token's log-prob under the model's raw distribution (`serve/logprobs.py`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class ChatRequest:
     n: int = 1
     seed: int | None = None
     stream: bool = False
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token (0 to 20), with `logprobs` only
     user: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -193,9 +196,18 @@ def _stop(obj: dict, limits: Limits) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _logprobs(obj: dict) -> tuple[bool, int | None]:
+    """`logprobs` (a boolean) and `top_logprobs` (0 to 20, only with `logprobs: true`), as OpenAI checks them."""
+    asked = obj.get("logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise bad("logprobs", f"expected a boolean, got {type(asked).__name__}")
+    top = _int(obj, "top_logprobs", 0, 20)
+    if top is not None and not asked:
+        raise bad("top_logprobs", "needs logprobs: true")
+    return bool(asked), top
+
+
 def _refused(obj: dict) -> None:
-    if obj.get("logprobs") or obj.get("top_logprobs"):
-        raise bad("logprobs", "not supported by dostream serve")
     for k in ("presence_penalty", "frequency_penalty"):
         if obj.get(k) not in (None, 0, 0.0):
             raise bad(k, "not supported by dostream serve (only 0)")
@@ -239,6 +251,7 @@ def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("metadata", "expected an object of strings")
+    logprobs, top_logprobs = _logprobs(obj)
     return ChatRequest(
         model=model,
         messages=messages,
@@ -251,6 +264,8 @@ def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
         n=n,
         seed=seed,
         stream=stream,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
         user=user,
         metadata=dict(metadata),
     )

@@ -2,7 +2,7 @@
 
     GET  /health                 liveness (no key needed)
     GET  /v1/models[/{id}]       the served model (its id is the --model NAME)
-    POST /v1/chat/completions    OpenAI chat completions: tools, n, seed, stop, stream, usage
+    POST /v1/chat/completions    OpenAI chat completions: tools, n, seed, stop, stream, usage, logprobs
     POST /v1/responses           OpenAI Responses: input items, function tools, previous_response_id, stream
     POST /v1/completions         OpenAI legacy completions: raw prompts, echo, logprobs (`serve/completions.py`)
     POST /v1/feedback            the world's word on a completion or a conversation, with its author
@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from dostream.serve.batcher import Job, Overloaded
 from dostream.serve.completions import complete
 from dostream.serve.events import FINGERPRINT, chat_events
+from dostream.serve.logprobs import choice_logprobs
 from dostream.serve.metrics import CONTENT_TYPE
 from dostream.serve.protocol import ApiError, bad, conversation_id, parse_chat, parse_json
 from dostream.serve.record import StreamedContent
@@ -123,7 +124,9 @@ async def chat(request: Request):
     tokens: asyncio.Queue = asyncio.Queue()
     if req.stream:
         loop = asyncio.get_running_loop()
-        job.on_token = lambda choice, token: loop.call_soon_threadsafe(tokens.put_nowait, (choice, token))
+        job.on_token = lambda choice, token, *scored: loop.call_soon_threadsafe(
+            tokens.put_nowait, (choice, token, *scored)
+        )
     try:
         future = server.batcher.submit(job)
     except Overloaded as e:
@@ -134,11 +137,13 @@ async def chat(request: Request):
         live = [StreamedContent(server.tok, req.stop, server.eos, tools=pending.tools) for _ in range(req.n)]
         events = chat_events(head, asyncio.wrap_future(future), tokens, live)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    _, exchange = await asyncio.wrap_future(future)
+    samples, exchange = await asyncio.wrap_future(future)
     body = {
         **head,
         "object": "chat.completion",
-        "choices": [{**c, "logprobs": None} for c in exchange.request["choices"]],
+        "choices": [
+            {**c, "logprobs": choice_logprobs(server.tok, s)} for c, s in zip(exchange.request["choices"], samples)
+        ],
         "usage": exchange.request["usage"],
     }
     return JSONResponse(body, headers=headers)

@@ -77,7 +77,13 @@ BAD = [
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a", ""]}, 400, "stop"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 1.5}, 400, "seed"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "stream"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": 2}, 400, "logprobs"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    (
+        {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+    ),
     (
         {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
         400,
