@@ -4,7 +4,8 @@ Each prompt is rendered the way training sees it (`Renderer.prompt_ids`: plain t
 under the chat template with `--chat-template`) and sampled `--n` times. `\\n`, `\\t` and `\\\\` in
 `--prompt` and `--stop` are unescaped, so `--prompt "Question:\\n2+2?\\n\\nProposed solution:\\n"`
 works from a shell. `--json` prints one object per sample: `prompt`, `sample`, `prompt_len`,
-`token_ids` (the exact sampled ids), `text`, `finish_reason`.
+`token_ids` (the exact sampled ids), `text`, `finish_reason`; with `--logprobs K`, `logprobs`
+and `top_logprobs` (the model's raw distribution: `SamplingConfig.logprobs`).
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def cli_main(argv: list[str]) -> int:
                 "text": s.text,
                 "finish_reason": s.finish_reason,
             }
+            if s.logprobs is not None:
+                row.update(logprobs=s.logprobs, top_logprobs=s.top_logprobs)
             sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
         else:
             head = f"prompt {i + 1}, " if len(prompts) > 1 else ""
