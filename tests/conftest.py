@@ -4,6 +4,11 @@ from pathlib import Path
 
 import pytest
 
+# The server tests' harness (tests/serve/harness.py) is a plugin: its session-scoped `served`
+# server is one for every server test module.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "serve"))
+pytest_plugins = ["harness"]
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 

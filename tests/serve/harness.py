@@ -1,5 +1,6 @@
 """What the server tests share: a real `dostream serve` app on 127.0.0.1 (`running`), the official
-`openai` client, the tiny models, and the module-scoped `served` server."""
+`openai` client, the tiny models, and the `served` server, one for the whole session (a plugin of the root
+conftest: every server test module shares it)."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def decisive_model(tok, seed: int = 0):
     return model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def served(tok, tmp_path_factory):
     store = tmp_path_factory.mktemp("serve")
     server = Server(

@@ -18,7 +18,6 @@ from harness import (
     client,
     decisive_model,
     running,
-    served,  # noqa: F401  (a fixture)
 )
 
 from dostream.render import Renderer

@@ -12,7 +12,6 @@ from harness import (
     KEY,
     client,
     conv_of,
-    served,  # noqa: F401  (a fixture)
     streams_of,
 )
 

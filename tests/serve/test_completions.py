@@ -10,7 +10,6 @@ import torch
 from harness import (
     KEY,
     client,
-    served,  # noqa: F401  (a fixture)
     streams_of,
 )
 

@@ -23,7 +23,6 @@ from harness import (
     client,
     running,
     serve_process,
-    served,  # noqa: F401  (a fixture)
 )
 
 from dostream.render import Renderer

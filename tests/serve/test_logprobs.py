@@ -10,7 +10,6 @@ import torch
 from harness import (
     client,
     conv_of,
-    served,  # noqa: F401  (a fixture)
     streams_of,
 )
 

@@ -10,7 +10,6 @@ from harness import (
     KEY,
     TOOLS,
     client,
-    served,  # noqa: F401  (a fixture)
 )
 
 

@@ -14,7 +14,6 @@ from harness import (
     Scripted,
     client,
     running,
-    served,  # noqa: F401  (a fixture)
     streams_of,
 )
 

@@ -13,7 +13,6 @@ from harness import (
     client,
     conv_of,
     running,
-    served,  # noqa: F401  (a fixture)
     streams_of,
 )
 
