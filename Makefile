@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv, then run the main job on the embedded SmolLM2-135M-Instruct
 #   make test   set up .venv, then run the test suite
-# The rest: make lint (ruff), make docs (the mkdocs site, --strict), make test-slow (real-model checks).
+# The rest: make lint (ruff), make docs (the mkdocs site, --strict), make test-slow (the tests over 20 s).
 # TORCH=... picks another torch (e.g. TORCH=torch for your own CUDA build); a torch already in
 # the venv is kept.
 PYTHON ?= python3
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest
 
-# The real-model checks the default suite leaves out (pytest's `slow` marker).
+# The tests the default suite leaves out for taking over 20 s on 2 cores (pytest's `slow` marker).
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
