@@ -85,6 +85,9 @@ class Sample:
     # likely (id, logprob) there, most likely first.
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # Every id was drawn under this grammar's mask (`Decode.add(grammars=)`: "json_schema" or
+    # "json_object", structured outputs); None: no grammar. The ids are still the model's choices.
+    grammar: str | None = None
 
 
 def agent_segment(sample: Sample, **kwargs) -> Segment:

@@ -12,7 +12,8 @@ and position ids, in a transformers `DynamicCache` whose layers write into reser
 instead of concatenating; last-position logits only; an ended row's slot is filled by moving the
 last row into it. Each row has its own settings (temperature, top-p, stop strings, budget), an
 optional per-token hook (streaming) and optional prefixes its output must begin with (a forced
-tool call: the model chooses among what they allow, `Sample.constrained` counts those ids).
+tool call: the model chooses among what they allow, `Sample.constrained` counts those ids), or a
+grammar it must follow throughout (structured outputs, `sampling.grammar`: `Sample.grammar` names it).
 Llama-family models (Llama, Mistral, Qwen2) prefill and decode with `cached_forward.CachedForward`
 (for SmolLM2-135M at batch 32 on 2 CPU cores, ~29 ms per decode step in bf16 against ~42 ms
 through the model's forward); other models call their forward.
@@ -29,6 +30,7 @@ import torch
 from dostream.cached_forward import CachedForward
 from dostream.render import decode
 from dostream.sampling.config import FinishReason, Sample, SamplingConfig, default_eos
+from dostream.sampling.grammar import Grammar, GrammarMasks
 from dostream.sampling.pick import _pick, _row_generator
 from dostream.sampling.prefill import _forward, _prefill, _prefill_inputs
 from dostream.sampling.prefix import PrefixCache
@@ -52,6 +54,8 @@ class _Row:
     constrained: int = 0  # steps drawn under the prefix constraint
     logprobs: list[float] | None = None  # per drawn token, with `config.logprobs` set (`Sample.logprobs`)
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    grammar: Grammar | None = None  # every token is drawn under its mask (`matcher`: the row's state)
+    matcher: Any = None
 
     def sample(self, tokenizer) -> Sample:
         """What the row drew, as a `Sample`."""
@@ -63,6 +67,7 @@ class _Row:
             self.constrained,
             self.logprobs,
             self.top_logprobs,
+            None if self.grammar is None else self.grammar.kind,
         )
 
     def allowed(self) -> list[int] | None:
@@ -120,6 +125,7 @@ class Decode:
         self.mask = self.position = self.logits = None
         self._tokens: torch.Tensor | None = None  # each row's last token, drawn, not yet forwarded
         self._scratch: torch.Tensor | None = None
+        self._masks: GrammarMasks | None = None  # made when a row with a grammar first joins
 
     @property
     def active(self) -> int:
@@ -134,9 +140,11 @@ class Decode:
         tags: list[Any],
         hooks: list[Callable[[int], None] | None] | None = None,
         prefixes: list[tuple[tuple[int, ...], ...] | None] | None = None,
+        grammars: list[Grammar | None] | None = None,
     ) -> None:
         """Rows join: the next `step` prefills their prompts (identical prompts once, similar
-        lengths together) in the same forward as the running rows' next tokens."""
+        lengths together) in the same forward as the running rows' next tokens. `grammars`: a
+        row's output must follow its grammar (`sampling.grammar.json_grammar`) to its end."""
         if self.rows and not self.joinable:
             raise RuntimeError("this model's cache takes no rows into a running decode")
         for i, (p, c) in enumerate(zip(prompts, configs)):
@@ -156,6 +164,11 @@ class Decode:
             )
             if c.logprobs is not None:
                 row.logprobs, row.top_logprobs = [], []
+            if grammars and grammars[i] is not None:
+                if row.prefixes:
+                    raise ValueError("a row takes a grammar or prefixes, not both")
+                row.grammar, row.matcher = grammars[i], grammars[i].matcher()
+                self._masks = self._masks or GrammarMasks(grammars[i].vocab, self.tok.eos_token_id)
             self.joining.append((row, list(p)))
 
     @torch.inference_mode()
@@ -187,6 +200,8 @@ class Decode:
                 row.top_logprobs.append(entry[1])
             if row.hook is not None:
                 row.hook(tok) if entry is None else row.hook(tok, entry)
+            if row.matcher is not None and tok not in row.eos:
+                row.matcher.consume_token(tok)
             row.reason = self._finished(row, tok)
             if row.reason is None:
                 keep.append(j)
@@ -312,7 +327,7 @@ class Decode:
         return {j: (drawn[r], list(zip(top_i[r][: ks[r]], top_v[r][: ks[r]]))) for r, j in enumerate(asked)}
 
     def _tokens_from(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each row's token from float32 `logits` (written into: the prefix constraints)."""
+        """Each row's token from float32 `logits` (written into: the prefix constraints, grammars)."""
         for j, row in enumerate(self.rows):
             allowed = row.allowed()
             if allowed is not None:
@@ -320,6 +335,11 @@ class Decode:
                 kept = logits[j, ids].clone()
                 logits[j] = torch.finfo(logits.dtype).min
                 logits[j, ids] = kept
+        if self._masks is not None:  # rows without a grammar pay this list only
+            ruled = [j for j, row in enumerate(self.rows) if row.matcher is not None]
+            if ruled:
+                rows = [self.rows[j] for j in ruled]
+                self._masks.apply(logits, ruled, [r.matcher for r in rows], [r.eos for r in rows])
         if self._scratch is None or len(self._scratch) < len(logits):
             self._scratch = torch.empty(
                 (max(len(logits), 2 * (len(self._scratch) if self._scratch is not None else 0)), logits.shape[1])

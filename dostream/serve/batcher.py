@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dostream.sampling import Decode, PrefixCache, Sample, SamplingConfig
+from dostream.sampling.grammar import Grammar
 from dostream.serve.store import Exchange, ServeStore
 
 
@@ -84,6 +85,8 @@ class Job:
     on_token: Callable[..., None] | None = None
     # Token sequences every choice must begin with one of (a forced tool call: `tool_choice`).
     prefixes: tuple[tuple[int, ...], ...] | None = None
+    # The grammar every choice must follow (structured outputs: `response_format`).
+    grammar: Grammar | None = None
     # Filled by the batcher.
     samples: list[Sample | None] = field(default_factory=list)
     adapter: str | None = None
@@ -260,7 +263,7 @@ class Batcher:
         self._commits.put(None)
 
     def _admit(self, run: Decode, batch: list[Job], adapter: str | None) -> None:
-        prompts, seeds, configs, tags, hooks, prefixes = [], [], [], [], [], []
+        prompts, seeds, configs, tags, hooks, prefixes, grammars = [], [], [], [], [], [], []
         for job in batch:
             job.samples, job._left, job.adapter = [None] * job.n, job.n, adapter
             for j in range(job.n):
@@ -270,7 +273,8 @@ class Batcher:
                 tags.append((job, j))
                 hooks.append(_hook(job, j) if job.on_token is not None else None)
                 prefixes.append(job.prefixes)
-        run.add(prompts, seeds, configs, tags, hooks=hooks, prefixes=prefixes)
+                grammars.append(job.grammar)
+        run.add(prompts, seeds, configs, tags, hooks=hooks, prefixes=prefixes, grammars=grammars)
 
     @staticmethod
     def _fail(jobs: list[Job], e: Exception) -> None:

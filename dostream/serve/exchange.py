@@ -18,6 +18,7 @@ from typing import Any
 
 from dostream.render import Renderer, RenderError
 from dostream.sampling import Sample, SamplingConfig, agent_segment
+from dostream.sampling.grammar import Grammar, GrammarError, json_grammar
 from dostream.serve.protocol import ChatRequest, bad
 from dostream.serve.record import (
     FieldError,
@@ -49,6 +50,7 @@ class Pending:
     states: list  # the messages' hash chain (continuation keys)
     tools: bool  # tools in force: tool-call blocks are not content
     prefixes: tuple[tuple[int, ...], ...] | None  # a forced tool call's opening ids (`tool_choice`)
+    grammar: Grammar | None  # the grammar every choice follows (`response_format`)
     stop: tuple[str, ...]
     key: str  # the API key's id
     tok: Any
@@ -71,6 +73,8 @@ class Pending:
             meta: dict[str, Any] = {"finish_reason": s.finish_reason}
             if s.constrained:  # provenance: these leading ids were drawn under tool_choice's constraint
                 meta["constrained"] = s.constrained
+            if s.grammar is not None:  # provenance: every id drawn under response_format's grammar mask
+                meta["constrained_by"] = s.grammar
             if "tool_calls" in message:
                 meta["tool_calls"] = message["tool_calls"]
             if s.logprobs is not None:  # asked for: the raw distribution's, not the one sampled from
@@ -140,6 +144,8 @@ class Preparer:
                 f"the conversation is {len(prompt)} tokens; with max_tokens {req.max_tokens} it exceeds "
                 f"the model's context of {self.context}",
             )
+        prefixes = call_prefixes(self.tok, tools, req.tool_choice)
+        grammar = self._grammar(req, prefixes)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         config = SamplingConfig(
             temperature=req.temperature,
@@ -166,6 +172,8 @@ class Preparer:
             "user": req.user,
             "metadata": req.metadata,
         }
+        if req.response_format is not None:
+            settings["response_format"] = {k: v for k, v in req.response_format.items() if k != "param"}
         return Pending(
             id="chatcmpl-" + secrets.token_hex(12),
             conversation=conversation,
@@ -178,11 +186,25 @@ class Preparer:
             parent=parent,
             states=states,
             tools=tools is not None,
-            prefixes=call_prefixes(self.tok, tools, req.tool_choice),
+            prefixes=prefixes,
+            grammar=grammar,
             stop=req.stop,
             key=key,
             tok=self.tok,
         )
+
+    def _grammar(self, req: ChatRequest, prefixes) -> Grammar | None:
+        """`response_format`'s grammar for this tokenizer (compiled once per schema), or a 400
+        naming the schema's field (an invalid schema, a keyword llguidance does not implement)."""
+        rf = req.response_format
+        if rf is None:
+            return None
+        if prefixes is not None:
+            raise bad(rf["param"].rsplit(".schema", 1)[0], "not supported together with a forced tool_choice")
+        try:
+            return json_grammar(self.tok, rf["schema"])
+        except GrammarError as e:
+            raise bad(rf["param"], str(e)) from None
 
     def _no_special_tokens(self, req: ChatRequest) -> None:
         """A template's special tokens in a client's text would be read as the template's own

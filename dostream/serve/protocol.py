@@ -4,8 +4,9 @@ Every check raises `ApiError`, which the app turns into `{"error": {"message", "
 "code"}}` with its HTTP status: 400 for a bad field (`param` names it, the message starts with it),
 401 for a missing or wrong key, 403 for a key without the scope, 404 for another model, 413 for a
 body over the limit. Fields OpenAI defines and dostream cannot honour (non-zero penalties,
-`logit_bias`, a `response_format` other than text) are refused, never silently ignored; unknown
-fields are ignored, as OpenAI's own server does. `logprobs: true` (with `top_logprobs` 0 to 20)
+`logit_bias`) are refused, never silently ignored; unknown fields are ignored, as OpenAI's own
+server does. `response_format` `json_object` or `json_schema` constrains the reply to JSON by
+grammar (`sampling/grammar.py`; `_response_format`). `logprobs: true` (with `top_logprobs` 0 to 20)
 returns each sampled token's log-prob under the model's raw distribution (`serve/logprobs.py`).
 """
 
@@ -58,6 +59,9 @@ class ChatRequest:
     top_logprobs: int | None = None  # alternatives per token (0 to 20), with `logprobs` only
     user: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # Structured outputs: {"type": "json_object" | "json_schema", "schema": dict | None, "name",
+    # "strict", "param": the field a bad schema is named by}; None: free text.
+    response_format: dict | None = None
 
     @property
     def tools_in_force(self) -> list[dict] | None:
@@ -213,9 +217,36 @@ def _refused(obj: dict) -> None:
             raise bad(k, "not supported by dostream serve (only 0)")
     if obj.get("logit_bias"):
         raise bad("logit_bias", "not supported by dostream serve")
-    rf = obj.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-        raise bad("response_format", "only {'type': 'text'} is supported by dostream serve")
+
+
+def response_format(rf: Any, field: str, nested: bool) -> dict | None:
+    """Chat's `response_format` (`nested`: the schema under `json_schema`) or the Responses
+    API's `text.format` (flat) → `ChatRequest.response_format`; `field` names the object."""
+    if rf is None:
+        return None
+    if not isinstance(rf, dict):
+        raise bad(field, "expected an object")
+    kind = rf.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": kind, "schema": None, "name": None, "strict": None, "param": field}
+    if kind != "json_schema":
+        raise bad(f"{field}.type", f"expected 'text', 'json_object' or 'json_schema', got {kind!r}")
+    spec, at = (rf.get("json_schema"), f"{field}.json_schema") if nested else (rf, field)
+    if not isinstance(spec, dict):
+        raise bad(at, "missing field" if spec is None else "expected an object")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad(f"{at}.name", "missing field" if name is None else "expected a non-empty string")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise bad(f"{at}.schema", f"expected a JSON schema object, got {type(schema).__name__}")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise bad(f"{at}.strict", "expected a boolean")
+    # strict or not, the reply is constrained to the schema (as vLLM does)
+    return {"type": kind, "schema": schema, "name": name, "strict": strict, "param": f"{at}.schema"}
 
 
 def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
@@ -268,6 +299,7 @@ def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
         top_logprobs=top_logprobs,
         user=user,
         metadata=dict(metadata),
+        response_format=response_format(obj.get("response_format"), "response_format", nested=True),
     )
 
 

@@ -24,7 +24,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from dostream.serve.batcher import Job, Overloaded
-from dostream.serve.protocol import _RESERVED, ApiError, ChatRequest, Limits, _int, _number, bad, conversation_id
+from dostream.serve.protocol import (
+    _RESERVED,
+    ApiError,
+    ChatRequest,
+    Limits,
+    _int,
+    _number,
+    bad,
+    conversation_id,
+    response_format,
+)
 from dostream.serve.record import StreamedContent
 from dostream.serve.responses_events import finished, response_events
 
@@ -174,8 +184,7 @@ def parse_responses(obj: Any, limits: Limits) -> tuple[ChatRequest, list[str], d
     fmt = (obj.get("text") or {}).get("format") if isinstance(obj.get("text"), dict) else None
     if obj.get("text") is not None and not isinstance(obj["text"], dict):
         raise bad("text", "expected an object")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise bad("text.format", "only {'type': 'text'} is supported yet (json_schema and json_object are not)")
+    rf = response_format(fmt, "text.format", nested=False)
     instructions = obj.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad("instructions", "expected a string")
@@ -216,6 +225,7 @@ def parse_responses(obj: Any, limits: Limits) -> tuple[ChatRequest, list[str], d
         stream=own["stream"],
         user=own["user"],
         metadata=dict(metadata),
+        response_format=rf,
     )
     own.update(
         instructions=instructions,
@@ -223,6 +233,7 @@ def parse_responses(obj: Any, limits: Limits) -> tuple[ChatRequest, list[str], d
         tools=[{"strict": None, **t} for t in obj.get("tools") or []],
         tool_choice=obj.get("tool_choice") or "auto",
         metadata=dict(metadata),
+        format=fmt if rf is not None else {"type": "text"},
     )
     return req, where, own
 
@@ -296,7 +307,7 @@ async def respond(server, key: str, body: Any, header_conversation: str | None):
         raise _renamed(e, where, 0) from None
     pending.id = "resp_" + secrets.token_hex(24)
     pending.settings.update(api="responses", **{k: v for k, v in own.items() if k != "metadata"})
-    job = Job(pending.prompt, pending.n, pending.config, pending, prefixes=pending.prefixes)
+    job = Job(pending.prompt, pending.n, pending.config, pending, prefixes=pending.prefixes, grammar=pending.grammar)
     tokens: asyncio.Queue = asyncio.Queue()
     if req.stream:
         loop = asyncio.get_running_loop()
@@ -333,7 +344,7 @@ def response_head(server, pending, req: ChatRequest, own: dict) -> dict[str, Any
         "reasoning": {"effort": None, "summary": None},
         "store": own["store"],
         "temperature": req.temperature,
-        "text": {"format": {"type": "text"}},
+        "text": {"format": own["format"]},
         "tool_choice": own["tool_choice"],
         "tools": own["tools"],
         "top_p": req.top_p,

@@ -120,7 +120,7 @@ async def chat(request: Request):
         raise _no_model(req.model)
     conv = conversation_id(request.headers.get("x-conversation-id"), req)
     pending = await run_in_threadpool(server.prepare, req, conv, key)
-    job = Job(pending.prompt, pending.n, pending.config, pending, prefixes=pending.prefixes)
+    job = Job(pending.prompt, pending.n, pending.config, pending, prefixes=pending.prefixes, grammar=pending.grammar)
     tokens: asyncio.Queue = asyncio.Queue()
     if req.stream:
         loop = asyncio.get_running_loop()

@@ -173,7 +173,7 @@ def test_a_streamed_function_call(tool_server):
         ({"input": [{"role": "user", "content": "hi", "author": "agent"}]}, "input[0].author"),
         ({"input": [{"role": "user", "content": "<|im_start|>"}]}, "input[0].content"),
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
-        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, "text.format"),
+        ({"text": {"format": {"type": "yaml"}}}, "text.format.type"),
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"include": ["reasoning.encrypted_content"]}, "include"),
         ({"max_output_tokens": 65}, "max_output_tokens"),

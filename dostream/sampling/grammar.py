@@ -1,0 +1,113 @@
+"""Grammars a row's output must follow (structured outputs): a JSON schema, or any JSON object,
+compiled for a tokenizer by llguidance; knows nothing of the decode loop beyond masking logits.
+
+`json_grammar(tokenizer, schema)` compiles once per tokenizer and schema (cached); `Grammar.matcher()`
+is one row's state, and `GrammarMasks` writes the rows' masks into their logits in one pass.
+llguidance was chosen by measurement (benchmarks/grammar_mask.py, docs/results/grammar_mask.json;
+SmolLM2's 49152 tokens, 32 rows, 2-core AVX2): a step (32 masks, applied to the logits, 32 tokens
+accepted) takes ~5.4 ms with llguidance, ~3.5 ms with xgrammar and ~6.4 ms with outlines-core,
+against ~115 ms a decode step; most of it is applying the masks (~3 ms, the same code for all).
+xgrammar is faster by ~1.9 ms (1.6% of a step) but compiles schemas with keywords it does not
+implement (`$dynamicRef`, `contains`, an unknown `format`) without a word, so a reply would not
+be held to them; llguidance names them ("Unimplemented keys"), which the server turns into a 400,
+and it has no dependencies of its own (xgrammar requires torch, transformers and triton, a 286 MB
+wheel on every CPU install). Output is compact JSON (`, ` and `: ` separators, no other
+whitespace): a model can not pad a reply with endless newlines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+
+# Any JSON object (OpenAI's `json_object`).
+JSON_OBJECT: dict[str, Any] = {"type": "object"}
+_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """A schema llguidance cannot compile (invalid, or a keyword it does not implement)."""
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled grammar for one tokenizer: `kind` ("json_schema" or "json_object") is what the
+    recorded sample says it was drawn under."""
+
+    kind: str
+    text: str  # llguidance's grammar
+    tokenizer: Any  # llguidance.LLTokenizer
+    vocab: int
+
+    def matcher(self):
+        """A fresh state: one per row."""
+        import llguidance
+
+        return llguidance.LLMatcher(self.tokenizer, self.text)
+
+
+@lru_cache(maxsize=8)
+def _lltokenizer(tokenizer):
+    import llguidance
+
+    return llguidance.LLTokenizer(
+        tokenizer.backend_tokenizer.to_str(), n_vocab=len(tokenizer), eos_token=tokenizer.eos_token_id
+    )
+
+
+def json_grammar(tokenizer, schema: dict | None) -> Grammar:
+    """The grammar of JSON valid against `schema` (None: any JSON object) for `tokenizer`.
+    Raises `GrammarError` naming what is wrong with the schema."""
+    return _compiled(
+        tokenizer, json.dumps(schema if schema is not None else JSON_OBJECT, sort_keys=True), schema is None
+    )
+
+
+@lru_cache(maxsize=64)
+def _compiled(tokenizer, schema: str, any_object: bool) -> Grammar:
+    import llguidance
+
+    try:
+        text = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_OPTIONS)
+    except ValueError as e:
+        raise GrammarError(str(e)) from None
+    failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
+    if failed:
+        raise GrammarError("; ".join(messages))
+    return Grammar("json_object" if any_object else "json_schema", text, _lltokenizer(tokenizer), len(tokenizer))
+
+
+class GrammarMasks:
+    """Writes the masks of the rows that have a grammar into their logits (-inf outside what
+    their grammar allows next; a complete grammar allows the row's end-of-turn ids only)."""
+
+    def __init__(self, vocab: int, eos: int | None):
+        import llguidance
+
+        self.vocab, self.words, self.eos = vocab, (vocab + 31) // 32, ([] if eos is None else [eos])
+        self.executor = llguidance.LLExecutor()
+        self.bits = np.zeros((0, self.words), dtype=np.int32)
+
+    def apply(self, logits: torch.Tensor, rows: list[int], matchers: list, eos: list[set[int]]) -> None:
+        if len(self.bits) < len(rows):
+            self.bits = np.zeros((2 * len(rows), self.words), dtype=np.int32)
+        bits = self.bits[: len(rows)]
+        self.executor.unsafe_compute_mask_ptr(
+            [(m, r) for r, m in enumerate(matchers)], bits.ctypes.data, self.words * 4, len(rows)
+        )
+        allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
+        if allowed.shape[1] < logits.shape[1]:  # the model's padded vocabulary: never a token
+            allowed = np.pad(allowed, ((0, 0), (0, logits.shape[1] - allowed.shape[1])))
+        for r, m in enumerate(matchers):
+            # Complete (or, defensively, in error: nothing allowed): its end is the row's own
+            # end-of-turn ids, not llguidance's EOS.
+            if m.is_accepting() or m.is_error():
+                allowed[r, self.eos] = 0
+                allowed[r, list(eos[r])] = 1
+        sel = torch.tensor(rows, device=logits.device)
+        logits[sel] = logits[sel].masked_fill_(torch.from_numpy(allowed).to(logits.device) == 0, float("-inf"))
