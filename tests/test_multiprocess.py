@@ -24,6 +24,7 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # 18-22 s on 2 cores (three interpreters start): `make test-slow`
 def test_two_processes_match_one_with_accumulation_and_never_hang(tmp_path):
     # 60 rows, batch 4: 15 micro-batches, 8 steps of 2; the last step has one micro-batch for two
     # processes, where one process used to wait forever for the other's gradients.
