@@ -79,3 +79,16 @@ def seeded(build):
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return build().eval()
+
+
+def scored_after(model, prompt: list[int], ids: list[int]) -> list[float]:
+    """The reference for sampled log-probs: `scoring.logprobs_at` of `ids` after `prompt`, one forward."""
+    import torch
+
+    from dostream.scoring import logprobs_at
+
+    full = torch.tensor([prompt + ids])
+    score = torch.zeros_like(full, dtype=torch.bool)
+    score[0, len(prompt) :] = True
+    with torch.inference_mode():
+        return logprobs_at(model, full, torch.ones_like(full), score).tolist()

@@ -9,7 +9,7 @@ batcher (n choices per prompt, sampled and recorded like a chat request) → the
 Log-probs: a prompt token's come from a scoring pass over the prompt (`dostream.scoring`, the way
 every part of dostream scores; the first token's is null: nothing precedes it); a sampled token's
 from the engine (`Sample.logprobs`, the distribution it was drawn from, before temperature and
-top-p) where it gives them, else from the same scoring pass over prompt + sample.
+top-p, from the forward that drew it).
 
 Recorded: each prompt with `max_tokens > 0` is a new conversation: the prompt one `context`
 segment (given text, never a training target), each choice an `agent` segment with its exact
@@ -21,7 +21,6 @@ be conversations of context alone.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import secrets
 import time
 from dataclasses import dataclass
@@ -182,6 +181,7 @@ class CompletionPending:
     config: SamplingConfig | None  # None: nothing to sample (max_tokens 0)
     settings: dict[str, Any]
     key: str  # the API key's id
+    scored: tuple[list[float], list[list[tuple[int, float]]]] | None = None  # the prompt's, once (`echo`)
 
     def exchange(self, samples: list[Sample], adapter: str | None) -> Exchange:
         meta: dict[str, Any] = {"endpoint": "completions"}
@@ -236,7 +236,6 @@ def prepare(server, req: CompletionRequest, key: str) -> list[CompletionPending]
     }
     config = None
     if req.max_tokens:
-        extra = {"logprobs": req.logprobs} if "logprobs" in {f.name for f in dataclasses.fields(SamplingConfig)} else {}
         config = SamplingConfig(
             temperature=req.temperature,
             top_p=req.top_p,
@@ -245,7 +244,7 @@ def prepare(server, req: CompletionRequest, key: str) -> list[CompletionPending]
             seed=seed,
             greedy=req.temperature == 0,
             fast_step=server.cfg.fast_step,
-            **extra,
+            logprobs=req.logprobs,
         )
     vocab = len(server.tok)
     out = []
@@ -305,14 +304,10 @@ def _choice(server, req: CompletionRequest, pending: CompletionPending, sample: 
     offs: list[int] = []
     lps: list[float | None] = []
     tops: list[dict[str, float] | None] = []
-    need_score = req.echo or (shown and getattr(sample, "logprobs", None) is None)
-    chosen, alts = [], []
-    if need_score:
-        model = server.slot.get()[0]
-        chosen, alts = score(
-            model, pending.prompt + (shown if getattr(sample, "logprobs", None) is None else []), req.logprobs
-        )
     if req.echo:
+        if pending.scored is None:  # the prompt's log-probs: one scoring pass for all its choices
+            pending.scored = score(server.slot.get()[0], pending.prompt, req.logprobs)
+        chosen, alts = pending.scored
         if pending.given_ids:
             ptext, ptoks, poffs = _spans(renderer, pending.prompt)
         else:
@@ -325,15 +320,9 @@ def _choice(server, req: CompletionRequest, pending: CompletionPending, sample: 
     base = len(prompt_text)
     tokens += toks
     offs += [base + o for o in offsets]
-    if shown:
-        k = len(pending.prompt) - 1
-        engine = getattr(sample, "logprobs", None)
-        if engine is not None:
-            lps += list(engine[: len(shown)])
-            tops += [_top(tok, a[: req.logprobs]) for a in (sample.top_logprobs or [[]] * len(shown))[: len(shown)]]
-        else:
-            lps += chosen[k : k + len(shown)]
-            tops += [_top(tok, a) for a in alts[k : k + len(shown)]]
+    if shown:  # the engine's, from the forward that drew each token (`SamplingConfig.logprobs`)
+        lps += list(sample.logprobs[: len(shown)])
+        tops += [_top(tok, a[: req.logprobs]) for a in sample.top_logprobs[: len(shown)]]
     out["logprobs"] = {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
     return out
 

@@ -24,6 +24,20 @@ from dostream.serve.record import StreamedContent
 FINGERPRINT = "dostream-serve"
 
 
+async def drawn(done: asyncio.Future, tokens: asyncio.Queue):
+    """The tokens of a request as the sampling thread queues them, until its exchange is committed
+    (`done`), then those drawn before the commit and queued behind it: what every stream sends."""
+    while not done.done():
+        get = asyncio.ensure_future(tokens.get())
+        await asyncio.wait({get, done}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            break
+        yield get.result()
+    while not tokens.empty():
+        yield tokens.get_nowait()
+
+
 async def chat_events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, live: list[StreamedContent]):
     """The OpenAI chunk stream of a completion as it is drawn: a role chunk per choice, content
     deltas as tokens arrive; once the exchange is committed (`done`), per choice the rest of its
@@ -53,16 +67,8 @@ async def chat_events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, l
 
     for c in range(len(live)):
         yield chunk(c, {"role": "assistant", "content": ""})
-    while not done.done():
-        get = asyncio.ensure_future(tokens.get())
-        await asyncio.wait({get, done}, return_when=asyncio.FIRST_COMPLETED)
-        if not get.done():
-            get.cancel()
-            break
-        if (out := delta(get.result())) is not None:
-            yield out
-    while not tokens.empty():  # drawn before the commit, queued behind it
-        if (out := delta(tokens.get_nowait())) is not None:
+    async for item in drawn(done, tokens):
+        if (out := delta(item)) is not None:
             yield out
     try:
         _, exchange = done.result()

@@ -19,6 +19,7 @@ import asyncio
 import json
 from typing import Any
 
+from dostream.serve.events import drawn
 from dostream.serve.protocol import ApiError
 from dostream.serve.record import StreamedContent
 
@@ -176,16 +177,8 @@ async def response_events(head: dict, done: asyncio.Future, tokens: asyncio.Queu
 
     yield items.event("response.created", response=head)
     yield items.event("response.in_progress", response=head)
-    while not done.done():
-        get = asyncio.ensure_future(tokens.get())
-        await asyncio.wait({get, done}, return_when=asyncio.FIRST_COMPLETED)
-        if not get.done():
-            get.cancel()
-            break
-        for out in deltas(get.result()):
-            yield out
-    while not tokens.empty():  # drawn before the commit, queued behind it
-        for out in deltas(tokens.get_nowait()):
+    async for drawn_item in drawn(done, tokens):
+        for out in deltas(drawn_item):
             yield out
     try:
         _, exchange = done.result()

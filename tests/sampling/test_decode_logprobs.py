@@ -3,12 +3,10 @@ before temperature, top-p and constraints) equals `scoring.logprobs_at` on the s
 shares the batch and whenever a row joined; rows without them get None and pay nothing."""
 
 import pytest
-import torch
-from conftest import seeded, small_config
+from conftest import scored_after, seeded, small_config
 
 from dostream.cached_forward import CachedForward
 from dostream.sampling import Decode, SamplingConfig, sample
-from dostream.scoring import logprobs_at
 
 PROMPTS = ["Question:\nWhat is 2+2?\n\nProposed solution:\n", "Hi", "The resistor carries 2 A at 4 ohm, so"]
 
@@ -25,18 +23,9 @@ def prompts(tok):
     return [tok(p)["input_ids"] for p in PROMPTS]
 
 
-def _scored(model, prompt: list[int], ids: list[int]) -> list[float]:
-    """The reference: the learner's scoring of the sampled ids after their prompt, one forward."""
-    full = torch.tensor([prompt + ids])
-    score = torch.zeros_like(full, dtype=torch.bool)
-    score[0, len(prompt) :] = True
-    with torch.inference_mode():
-        return logprobs_at(model, full, torch.ones_like(full), score).tolist()
-
-
 def _check(model, prompt, ids, logprobs, top, k):
     assert len(logprobs) == len(top) == len(ids)
-    assert logprobs == pytest.approx(_scored(model, prompt, ids), abs=1e-4)
+    assert logprobs == pytest.approx(scored_after(model, prompt, ids), abs=1e-4)
     for tok, lp, alts in zip(ids, logprobs, top):
         assert len(alts) == k
         values = [v for _, v in alts]

@@ -1,6 +1,6 @@
 """What the server tests share: a real `dostream serve` app on 127.0.0.1 (`running`), the official
-`openai` client, the tiny models, and the `served` server, one for the whole session (a plugin of the root
-conftest: every server test module shares it)."""
+`openai` client, the tiny models, and the `served` and `tool_server` servers, one each for the
+whole session (a plugin of the root conftest: every server test module shares them)."""
 
 from __future__ import annotations
 
@@ -150,3 +150,20 @@ def serve_process(store, port: int, *flags: str) -> subprocess.Popen:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def tool_server(tok, tmp_path_factory):
+    """A server whose model always writes one call of `add` (the tool-call convention), then ends."""
+    from dostream.models import tiny_model
+
+    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    script = tok(call, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    server = Server(
+        ServeConfig(model="tiny", store=str(tmp_path_factory.mktemp("tools")), fast_step=False),
+        env_key=KEY,
+        model=Scripted(tiny_model(), script),
+        tok=tok,
+    )
+    with running(server) as url:
+        yield SimpleNamespace(url=url, server=server, store=server.store)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-import torch
+from conftest import scored_after
 from harness import (
     client,
     conv_of,
@@ -14,7 +14,6 @@ from harness import (
 )
 
 from dostream.render import Renderer, decode
-from dostream.scoring import logprobs_at
 from dostream.stream import Stream
 
 ASK = dict(
@@ -32,14 +31,6 @@ ASK = dict(
 
 def _plain(entries) -> list[dict]:
     return [e.model_dump() for e in entries]
-
-
-def _scored(model, prompt: list[int], ids: list[int]) -> list[float]:
-    full = torch.tensor([prompt + ids])
-    score = torch.zeros_like(full, dtype=torch.bool)
-    score[0, len(prompt) :] = True
-    with torch.inference_mode():
-        return logprobs_at(model, full, torch.ones_like(full), score).tolist()
 
 
 def test_logprobs_match_scoring_on_the_recorded_ids_and_stream_the_same(served, tok):
@@ -66,7 +57,7 @@ def test_logprobs_match_scoring_on_the_recorded_ids_and_stream_the_same(served, 
         assert decode(tok, list(ids)).startswith(choice.message.content)
         if choice.finish_reason == "stop":  # the cut tokens (end-of-turn or stop string) have entries too
             assert decode(tok, list(ids)) != choice.message.content
-        want = _scored(model, prompt, list(ids))
+        want = scored_after(model, prompt, list(ids))
         assert [e.logprob for e in entries] == pytest.approx(want, abs=1e-4)
         assert agent.meta["logprobs"] == pytest.approx(want, abs=1e-4)  # the record keeps them, raw
         assert agent.meta["sampled_with"] == {"temperature": 1.0, "top_p": 1.0}

@@ -4,40 +4,19 @@ continued by `previous_response_id`, exact ids and authors, streaming events, re
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import openai
 import pytest
 from harness import (
-    KEY,
     TOOLS,
-    Scripted,
     client,
-    running,
     streams_of,
 )
 
 from dostream.render import Renderer
-from dostream.serve.app import ServeConfig, Server
 from dostream.stream import Stream
 
 FLAT = [{"type": "function", **TOOLS[0]["function"]}]  # the Responses shape
-
-
-@pytest.fixture(scope="module")
-def tool_server(tok, tmp_path_factory):
-    from dostream.models import tiny_model
-
-    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
-    script = tok(call, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    server = Server(
-        ServeConfig(model="tiny", store=str(tmp_path_factory.mktemp("responses")), fast_step=False),
-        env_key=KEY,
-        model=Scripted(tiny_model(), script),
-        tok=tok,
-    )
-    with running(server) as url:
-        yield SimpleNamespace(url=url, server=server, store=server.store)
 
 
 def _conv(store, rid: str) -> str:

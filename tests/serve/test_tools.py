@@ -3,39 +3,17 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from harness import (
-    KEY,
     TOOLS,
-    Scripted,
     client,
     conv_of,
-    running,
     streams_of,
 )
 
-from dostream.serve.app import ServeConfig, Server
-
 
 # -- tools -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tool_server(tok, tmp_path_factory):
-    from dostream.models import tiny_model
-
-    call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
-    script = tok(call, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    server = Server(
-        ServeConfig(model="tiny", store=str(tmp_path_factory.mktemp("tools")), fast_step=False),
-        env_key=KEY,
-        model=Scripted(tiny_model(), script),
-        tok=tok,
-    )
-    with running(server) as url:
-        yield SimpleNamespace(url=url, server=server, store=server.store)
-
-
 def test_tool_calls_come_back_in_the_openai_shape_and_the_tool_result_continues(tool_server):
     c = client(tool_server.url)
     messages = [{"role": "user", "content": "What is 1 + 2?"}]
