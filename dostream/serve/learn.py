@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dostream.config import opt
+from dostream.config import like, opt
 from dostream.learning.config import REWARD_LEARNERS, UPDATE_LEARNERS, UpdateConfig, learner_help
 from dostream.learning.cycle import ADAPTERS, Batch, Lineage, replay_sample, update_once
 from dostream.openmp import release_pool
@@ -61,9 +61,7 @@ class LearnConfig(UpdateConfig):
     )
     learn_threads: int = opt(1, "torch threads of the learner (serving keeps its own)", min=1)
     control: str = opt("", "the gate's control set: JSONL conversations with a check (docs/design.md); '' none")
-    gate_tolerance: float = opt(
-        0.0, "reject a candidate whose gate success is more than this below the adapter in force", min=0.0
-    )
+    gate_tolerance: float = like(UpdateConfig, "gate_tolerance", 0.0)
     gate_learned: int = opt(8, "conversations the agent already answered well (reward > 0) the gate asks again", min=0)
     gate_max_tokens: int = opt(32, "tokens per gate answer (a control line's max_tokens overrides it)", min=1)
 
