@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py [--model smollm2] [--clients 1,8,32] [--per-client 4] [--max-tokens 32]
                                [--dtype fp32|bf16] [--omp default|passive|spin-10k|one-thread]
+                               [--servers dostream,transformers,transformers-cb,dostream-json]
                                [--repeat 1] [--interleave] [--json OUT]
 
 Each server runs as its own process on 127.0.0.1, serving the same local model (the embedded
@@ -13,6 +14,9 @@ weights and tokenizer) in the same dtype (`--dtype`: dostream's `--dtype fp32|bf
 one burst; a request's latency runs from sending it to the last byte of its response; a row still
 running after `--cap-s` is cut there (its throughput is then of the requests that finished). Rows:
 dostream serve (continuous batching, every exchange committed to its store before the response),
+`dostream-json`: the same server, every request asking for structured output (`response_format`
+json_schema `ANSWER_SCHEMA`, grammar-constrained decoding: the cost of the masks), with its paired
+ratio in tokens/s too (a constrained reply ends when its JSON does, so its requests are shorter),
 `transformers serve` (one generation per request) and `transformers serve --continuous-batching`
 (paged attention), each with `OMP_NUM_THREADS` as given and the same OpenMP wait setting (`--omp`,
 benchmarks/omp_wait.py's: the server's own HTTP threads and the clients share the cores with its
@@ -55,6 +59,14 @@ LABELS = {
     "dostream": "dostream serve",
     "transformers": "transformers serve",
     "transformers-cb": "transformers serve --continuous-batching",
+    "dostream-json": "dostream serve (json_schema)",
+}
+# `dostream-json`'s structured output: an answer and a confidence, as an agent framework would ask
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string"}, "confidence": {"enum": ["low", "medium", "high"]}},
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
 }
 PROMPTS = [
     "What is the capital of France?",
@@ -113,10 +125,10 @@ def decode_counters(url: str) -> dict[str, float]:
     return {k: samples[v] for k, v in names.items()}
 
 
-async def run_clients(url: str, model: str, clients: int, args, steps: bool = False) -> dict:
+async def run_clients(url: str, model: str, clients: int, args, steps: bool = False, extra: dict | None = None) -> dict:
     """`clients` clients send `args.per_client` requests each, back to back; a row still running
     after `args.cap_s` is cut there (its pending requests cancelled). `steps`: also dostream's decode
-    steps over the row (`decode_counters`)."""
+    steps over the row (`decode_counters`). `extra`: more fields of every request's body."""
     latencies: list[float] = []
     tokens = 0
     errors: list[str] = []
@@ -133,6 +145,7 @@ async def run_clients(url: str, model: str, clients: int, args, steps: bool = Fa
                 "messages": [{"role": "user", "content": PROMPTS[(c + r) % len(PROMPTS)]}],
                 "max_tokens": args.max_tokens,
                 "temperature": 0,
+                **(extra or {}),
             }
             t = time.perf_counter()
             resp = await http.post(url + "/v1/chat/completions", json=body)
@@ -193,12 +206,13 @@ class Server:
     url: str
     model: str
     steps: bool = False
+    extra: dict | None = None  # more fields of every request's body
 
     def row(self, clients: int, args, repeat: int) -> dict:
         """One run of `clients` clients, with its round (`repeat`) and when it started (seconds since
         the benchmark did)."""
         started = time.perf_counter() - START
-        r = {**asyncio.run(run_clients(self.url, self.model, clients, args, self.steps)), "repeat": repeat}
+        r = {**asyncio.run(run_clients(self.url, self.model, clients, args, self.steps, self.extra)), "repeat": repeat}
         r["started_s"] = started
         print(f"{self.name}: {json.dumps(r)}", file=sys.stderr, flush=True)
         return r
@@ -224,7 +238,7 @@ def model_dir(name: str) -> Path:
 
 
 @contextlib.contextmanager
-def dostream_server(args, env) -> Iterator[Server]:
+def dostream_server(args, env, structured: bool = False) -> Iterator[Server]:
     store = tempfile.mkdtemp(prefix="dostream-bench-store-")
     port = free_port()
     log = Path(store) / "server.log"
@@ -234,7 +248,13 @@ def dostream_server(args, env) -> Iterator[Server]:
         proc = subprocess.Popen(cmd, env={**env, "DOSTREAM_API_KEY": KEY}, stdout=f, stderr=subprocess.STDOUT)
     try:
         wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 300, log)
-        yield Server("dostream serve", f"http://127.0.0.1:{port}", args.model, steps=True)
+        if structured:
+            fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
+            yield Server(
+                LABELS["dostream-json"], f"http://127.0.0.1:{port}", args.model, True, {"response_format": fmt}
+            )
+        else:
+            yield Server("dostream serve", f"http://127.0.0.1:{port}", args.model, steps=True)
     finally:
         stop(proc)
         shutil.rmtree(store, ignore_errors=True)
@@ -262,24 +282,25 @@ def transformers_server(args, env, path: Path, continuous: bool) -> Iterator[Ser
         stop(proc)
 
 
-def repeats(results: dict[str, list[dict] | str], paired: bool = False) -> list[str]:
+def repeats(results: dict[str, list[dict] | str], paired: bool = False, key: str = "req_per_s") -> list[str]:
     """With rows repeated: each server's mean req/s and t 95% interval per number of clients, and
     dostream's ratio to each other server (of the means; in brackets the ratio of the interval ends
     that is least and most favourable to dostream). `paired` (the servers took turns, run by run):
     also the mean and t interval of the ratios of runs of the same round, which the machine's
-    drifting speed moves far less."""
+    drifting speed moves far less. `key`: the measure (req/s, or tokens/s)."""
     from dostream.stats import mean_ci
 
     done = {name: rows for name, rows in results.items() if not isinstance(rows, str)}
     runs = {(name, r["clients"]): [] for name, rows in done.items() for r in rows}
     for name, rows in done.items():
         for r in rows:
-            runs[(name, r["clients"])].append(r["req_per_s"])
+            runs[(name, r["clients"])].append(r[key])
     if all(len(v) < 2 for v in runs.values()):
         return []
     ours = "dostream serve"
-    lines = ["", "Repeated rows: req/s, mean [t 95% interval] over the runs", ""]
-    header = "| server | clients | runs | req/s | dostream serve's ratio to it |" + (
+    unit = {"req_per_s": "req/s", "tokens_per_s": "tokens/s"}[key]
+    lines = ["", f"Repeated rows: {unit}, mean [t 95% interval] over the runs", ""]
+    header = f"| server | clients | runs | {unit} | dostream serve's ratio to it |" + (
         " paired ratio |" if paired else ""
     )
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
@@ -290,8 +311,8 @@ def repeats(results: dict[str, list[dict] | str], paired: bool = False) -> list[
             om, olo, ohi = mean_ci(runs[(ours, clients)])
             ratio = f"{om / m:.2f}x [{olo / hi:.2f}, {ohi / lo:.2f}]" if lo > 0 else f"{om / m:.2f}x"
             if paired:  # rows of one round have the same "repeat"
-                theirs = {r["repeat"]: r["req_per_s"] for r in done[name] if r["clients"] == clients}
-                pairs = [r["req_per_s"] / theirs[r["repeat"]] for r in done[ours] if r["clients"] == clients]
+                theirs = {r["repeat"]: r[key] for r in done[name] if r["clients"] == clients}
+                pairs = [r[key] / theirs[r["repeat"]] for r in done[ours] if r["clients"] == clients]
                 pm, plo, phi = mean_ci(pairs)
                 paired_ratio = f" {pm:.2f}x [{plo:.2f}, {phi:.2f}] |"
         elif paired:
@@ -318,6 +339,8 @@ def table(results: dict[str, list[dict] | str], paired: bool = False) -> str:
                 f"{r['tokens_per_s']:.1f} | {r['tokens_per_request']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
             )
     lines += repeats(results, paired)
+    if LABELS["dostream-json"] in results:
+        lines += repeats(results, paired, "tokens_per_s")
     for name, rows in results.items():  # dostream's own account of its rows: its decode steps
         if isinstance(rows, str) or not any(r.get("decode") for r in rows):
             continue
@@ -371,8 +394,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def start(name: str, stack: contextlib.ExitStack) -> Server:
         nonlocal path
-        if name == "dostream":
-            return stack.enter_context(dostream_server(args, env))
+        if name in ("dostream", "dostream-json"):
+            return stack.enter_context(dostream_server(args, env, structured=name == "dostream-json"))
         path = path or model_dir(args.model)
         return stack.enter_context(transformers_server(args, env, path, continuous=name == "transformers-cb"))
 

@@ -79,14 +79,13 @@ class Sample:
         FinishReason  # "eos": sampled an EOS id; "stop": completed a stop string; "length": hit max_new_tokens
     )
     prompt_len: int  # number of prompt tokens the row was conditioned on
-    constrained: int = 0  # leading ids drawn under a prefix constraint (`Decode.add(prefixes=)`: a forced tool call)
     # With `SamplingConfig.logprobs` set, per drawn token (None without): its log-prob under the model's raw
     # distribution (log_softmax of the logits, before temperature, top-p and constraints), and the k most
     # likely (id, logprob) there, most likely first.
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
-    # Every id was drawn under this grammar's mask (`Decode.add(grammars=)`: "json_schema" or
-    # "json_object", structured outputs); None: no grammar. The ids are still the model's choices.
+    # Every id was drawn under this grammar's mask (`Decode.add(grammars=)`: its `Grammar.kind`,
+    # "json_schema", "tool_calls", ...); None: no grammar. The ids are still the model's choices.
     grammar: str | None = None
 
 

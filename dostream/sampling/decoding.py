@@ -11,9 +11,9 @@ padding compute), identical prompts once; the rows share one left-padded batch w
 and position ids, in a transformers `DynamicCache` whose layers write into reserved storage
 instead of concatenating; last-position logits only; an ended row's slot is filled by moving the
 last row into it. Each row has its own settings (temperature, top-p, stop strings, budget), an
-optional per-token hook (streaming) and optional prefixes its output must begin with (a forced
-tool call: the model chooses among what they allow, `Sample.constrained` counts those ids), or a
-grammar it must follow throughout (structured outputs, `sampling.grammar`: `Sample.grammar` names it).
+optional per-token hook (streaming) and an optional grammar it must follow throughout (structured
+outputs and tool calls, `sampling.grammar`: `Sample.grammar` names it; the model chooses among what
+it allows).
 Llama-family models (Llama, Mistral, Qwen2) prefill and decode with `cached_forward.CachedForward`
 (for SmolLM2-135M at batch 32 on 2 CPU cores, ~29 ms per decode step in bf16 against ~42 ms
 through the model's forward); other models call their forward.
@@ -48,10 +48,8 @@ class _Row:
     prompt_len: int
     uniforms: list[float] | None  # its generator's draws, one per step (None: greedy)
     hook: Callable[..., None] | None
-    prefixes: tuple[tuple[int, ...], ...] | None  # its output must begin with one of these
     ids: list[int] = field(default_factory=list)
     reason: FinishReason | None = None  # set when it ends
-    constrained: int = 0  # steps drawn under the prefix constraint
     logprobs: list[float] | None = None  # per drawn token, with `config.logprobs` set (`Sample.logprobs`)
     top_logprobs: list[list[tuple[int, float]]] | None = None
     grammar: Grammar | None = None  # every token is drawn under its mask (`matcher`: the row's state)
@@ -64,23 +62,10 @@ class _Row:
             decode(tokenizer, self.ids),
             self.reason,
             self.prompt_len,
-            self.constrained,
             self.logprobs,
             self.top_logprobs,
             None if self.grammar is None else self.grammar.kind,
         )
-
-    def allowed(self) -> list[int] | None:
-        """The tokens a prefix constraint leaves at this step (None: any)."""
-        if not self.prefixes:
-            return None
-        t = len(self.ids)
-        live = [p for p in self.prefixes if len(p) > t and list(p[:t]) == self.ids]
-        if not live or any(len(p) <= t and list(p) == self.ids[: len(p)] for p in self.prefixes):
-            self.prefixes = None  # a prefix is complete: free from here on
-            return None
-        self.constrained += 1
-        return sorted({p[t] for p in live})
 
 
 class Decode:
@@ -90,9 +75,8 @@ class Decode:
     server adds the requests that arrived meanwhile before every step (continuous batching), so
     none waits for the longest row of a batch it was not in. A row is its prompt, its random stream
     `(seed, j)`, its own `SamplingConfig` (temperature, top-p, stop strings, budget), an optional
-    `hook(token)` called as each of its tokens is drawn (streaming), and optional `prefixes`: token
-    sequences its output must begin with one of (a forced tool call; the model still chooses among
-    what they allow). Row r's t-th token uses the t-th uniform of its own generator, whatever shares
+    `hook(token)` called as each of its tokens is drawn (streaming), and an optional grammar its
+    output follows (the model still chooses among what it allows). Row r's t-th token uses the t-th uniform of its own generator, whatever shares
     the batch and whenever it joined, so it draws what it would alone, up to float rounding.
     A row whose config sets `logprobs` also gets, from the logits that drew each token, its raw
     log-prob and top alternatives (`_Row.logprobs`, `_Row.top_logprobs`), and its hook is called
@@ -139,12 +123,11 @@ class Decode:
         configs: list[SamplingConfig],
         tags: list[Any],
         hooks: list[Callable[[int], None] | None] | None = None,
-        prefixes: list[tuple[tuple[int, ...], ...] | None] | None = None,
         grammars: list[Grammar | None] | None = None,
     ) -> None:
         """Rows join: the next `step` prefills their prompts (identical prompts once, similar
         lengths together) in the same forward as the running rows' next tokens. `grammars`: a
-        row's output must follow its grammar (`sampling.grammar.json_grammar`) to its end."""
+        row's output must follow its grammar (`sampling.grammar`) to its end."""
         if self.rows and not self.joinable:
             raise RuntimeError("this model's cache takes no rows into a running decode")
         for i, (p, c) in enumerate(zip(prompts, configs)):
@@ -160,13 +143,10 @@ class Decode:
                 prompt_len=len(p),
                 uniforms=None if draws is None else draws.tolist(),
                 hook=hooks[i] if hooks else None,
-                prefixes=prefixes[i] if prefixes else None,
             )
             if c.logprobs is not None:
                 row.logprobs, row.top_logprobs = [], []
             if grammars and grammars[i] is not None:
-                if row.prefixes:
-                    raise ValueError("a row takes a grammar or prefixes, not both")
                 row.grammar, row.matcher = grammars[i], grammars[i].matcher()
                 self._masks = self._masks or GrammarMasks(grammars[i].vocab, self.tok.eos_token_id)
             self.joining.append((row, list(p)))
@@ -177,7 +157,7 @@ class Decode:
         tokens and the joining rows' prompts together (`_forward`: with `CachedForward`, one product
         per linear layer for all of them, so a join costs no forward of its own); rows that end
         leave at once, before any further forward. Returns the rows that ended (`tag`, `ids`,
-        `reason`, `prompt_len`, `constrained`)."""
+        `reason`, `prompt_len`)."""
         joining, self.joining = self.joining, []
         running = None
         if self.rows:  # their last drawn tokens, into the cache
@@ -305,7 +285,7 @@ class Decode:
         return tokens[sel]
 
     def _choose(self) -> tuple[torch.Tensor, dict[int, tuple[float, list[tuple[int, float]]]]]:
-        """Each row's next token: by its own settings, under its prefix constraint if any; and for
+        """Each row's next token: by its own settings, under its grammar if any; and for
         the rows that ask for log-probs, `{row: (logprob, top)}` from the same logits (`_scored`)."""
         logits = self.logits
         if logits.dtype != torch.float32:
@@ -327,14 +307,7 @@ class Decode:
         return {j: (drawn[r], list(zip(top_i[r][: ks[r]], top_v[r][: ks[r]]))) for r, j in enumerate(asked)}
 
     def _tokens_from(self, logits: torch.Tensor) -> torch.Tensor:
-        """Each row's token from float32 `logits` (written into: the prefix constraints, grammars)."""
-        for j, row in enumerate(self.rows):
-            allowed = row.allowed()
-            if allowed is not None:
-                ids = torch.tensor(allowed, device=logits.device)
-                kept = logits[j, ids].clone()
-                logits[j] = torch.finfo(logits.dtype).min
-                logits[j, ids] = kept
+        """Each row's token from float32 `logits` (written into: the grammars' masks)."""
         if self._masks is not None:  # rows without a grammar pay this list only
             ruled = [j for j, row in enumerate(self.rows) if row.matcher is not None]
             if ruled:

@@ -13,6 +13,13 @@ be held to them; llguidance names them ("Unimplemented keys"), which the server 
 and it has no dependencies of its own (xgrammar requires torch, transformers and triton, a 286 MB
 wheel on every CPU install). Output is compact JSON (`, ` and `: ` separators, no other
 whitespace): a model can not pad a reply with endless newlines.
+
+`tool_grammar` is the grammar of a turn under tools (`toolcalls.py`'s one convention,
+`<tool_call>\n{"name": NAME, "arguments": ARGS}\n</tool_call>`, blocks joined by a newline), as a
+Lark grammar with each function's arguments an embedded JSON schema: a call is required (OpenAI's
+`tool_choice` `required` or a named function: the turn is one call, or several with
+`parallel_tool_calls`), or free (`auto` with a `strict` tool or `parallel_tool_calls: false`): any
+text without the opening, or text then the call(s); or, with a reply schema, that JSON or the call(s).
 """
 
 from __future__ import annotations
@@ -25,13 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from dostream.toolcalls import CALL_OPEN, format_calls
+
 # Any JSON object (OpenAI's `json_object`).
 JSON_OBJECT: dict[str, Any] = {"type": "object"}
 _OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class GrammarError(ValueError):
-    """A schema llguidance cannot compile (invalid, or a keyword it does not implement)."""
+    """A schema llguidance cannot compile (invalid, or a keyword it does not implement);
+    `function`: the tool whose arguments schema it is, if any."""
+
+    def __init__(self, message: str, function: str | None = None):
+        super().__init__(message)
+        self.function = function
 
 
 @dataclass(frozen=True)
@@ -76,10 +90,75 @@ def _compiled(tokenizer, schema: str, any_object: bool) -> Grammar:
         text = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_OPTIONS)
     except ValueError as e:
         raise GrammarError(str(e)) from None
+    return Grammar(
+        "json_object" if any_object else "json_schema", _checked(text), _lltokenizer(tokenizer), len(tokenizer)
+    )
+
+
+def _checked(text: str) -> str:
+    import llguidance
+
     failed, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
     if failed:
         raise GrammarError("; ".join(messages))
-    return Grammar("json_object" if any_object else "json_schema", text, _lltokenizer(tokenizer), len(tokenizer))
+    return text
+
+
+def tool_grammar(
+    tokenizer,
+    tools: list[tuple[str, dict | None]],
+    *,
+    required: bool,
+    parallel: bool,
+    reply: dict | None | bool = False,
+) -> Grammar:
+    """The grammar of a turn under `tools` ((name, arguments schema) pairs; None: any JSON object).
+    `required`: the turn is a call (several, joined by newlines, with `parallel`); else it is
+    either free text that never opens a call or (`reply` False) text then the call(s), or (`reply`
+    a schema, None for any object) that JSON or the call(s). Raises `GrammarError` naming the
+    function whose schema llguidance cannot compile."""
+    key = json.dumps([tools, required, parallel, reply], sort_keys=True)
+    return _tool_compiled(tokenizer, key)
+
+
+@lru_cache(maxsize=64)
+def _tool_compiled(tokenizer, key: str) -> Grammar:
+    import llguidance
+
+    tools, required, parallel, reply = json.loads(key)
+    text = format_calls([{"name": "NAME", "arguments": {}}])
+    head, tail = text[len(CALL_OPEN) : text.index('"NAME"')], text[text.rindex("{}") + 2 :]
+    middle = text[text.index('"NAME"') + len('"NAME"') : text.rindex("{}")]
+    bodies = []
+    for name, schema in tools:
+        schema = {**(schema or JSON_OBJECT), "x-guidance": _OPTIONS}
+        try:  # each function's schema alone first: the error names it
+            _checked(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema)))
+        except (ValueError, GrammarError) as e:
+            raise GrammarError(f"function {name!r}: {e}", function=name) from None
+        opening = json.dumps(head + json.dumps(name) + middle)
+        bodies.append(f"{opening} %json {json.dumps(schema)} {json.dumps(tail)}")
+    rules = [f"body: {' | '.join(f'b{i}' for i in range(len(bodies)))}"]
+    rules += [f"b{i}: {b}" for i, b in enumerate(bodies)]
+    more = f" ({json.dumps(chr(10) + CALL_OPEN)} body)*" if parallel else ""
+    if required:
+        start, kind = f"{json.dumps(CALL_OPEN)} body{more}", "tool_calls"
+    elif reply is False:
+        start, kind = f"TEXT | opening body{more}", "text_or_tool_calls"
+        rules += [
+            f"opening[lazy]: /(.|\\n)*/ {json.dumps(CALL_OPEN)}",
+            f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{CALL_OPEN}(.|\\n)*/",
+        ]
+    else:
+        schema = {**(reply or JSON_OBJECT), "x-guidance": _OPTIONS}
+        start = f"%json {json.dumps(schema)} | {json.dumps(CALL_OPEN)} body{more}"
+        kind = ("json_object" if reply is None else "json_schema") + "_or_tool_calls"
+    lark = "\n".join(["%llguidance {}", f"start: {start}", *rules])
+    try:
+        grammar = _checked(llguidance.LLMatcher.grammar_from_lark(lark))
+    except ValueError as e:
+        raise GrammarError(str(e)) from None
+    return Grammar(kind, grammar, _lltokenizer(tokenizer), len(tokenizer))
 
 
 class GrammarMasks:

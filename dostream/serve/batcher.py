@@ -83,9 +83,7 @@ class Job:
     # Called from the sampling thread with (choice, token id) as each token is drawn (streaming); with
     # `config.logprobs` set, (choice, token id, (logprob, top)) (`Decode`'s hook).
     on_token: Callable[..., None] | None = None
-    # Token sequences every choice must begin with one of (a forced tool call: `tool_choice`).
-    prefixes: tuple[tuple[int, ...], ...] | None = None
-    # The grammar every choice must follow (structured outputs: `response_format`).
+    # The grammar every choice must follow (`response_format`, `tool_choice`, strict tools).
     grammar: Grammar | None = None
     # Filled by the batcher.
     samples: list[Sample | None] = field(default_factory=list)
@@ -263,7 +261,7 @@ class Batcher:
         self._commits.put(None)
 
     def _admit(self, run: Decode, batch: list[Job], adapter: str | None) -> None:
-        prompts, seeds, configs, tags, hooks, prefixes, grammars = [], [], [], [], [], [], []
+        prompts, seeds, configs, tags, hooks, grammars = [], [], [], [], [], []
         for job in batch:
             job.samples, job._left, job.adapter = [None] * job.n, job.n, adapter
             for j in range(job.n):
@@ -272,9 +270,8 @@ class Batcher:
                 configs.append(job.config)
                 tags.append((job, j))
                 hooks.append(_hook(job, j) if job.on_token is not None else None)
-                prefixes.append(job.prefixes)
                 grammars.append(job.grammar)
-        run.add(prompts, seeds, configs, tags, hooks=hooks, prefixes=prefixes, grammars=grammars)
+        run.add(prompts, seeds, configs, tags, hooks=hooks, grammars=grammars)
 
     @staticmethod
     def _fail(jobs: list[Job], e: Exception) -> None:

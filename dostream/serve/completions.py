@@ -16,13 +16,21 @@ segment (given text, never a training target), each choice an `agent` segment wi
 sampled ids. A pure scoring call (`max_tokens: 0`) is not recorded: nothing was sampled, so there
 is no action of the agent's to learn from, and an evaluation's thousands of scored prompts would
 be conversations of context alone.
+
+Streamed (`stream: true`): each choice's text as it is drawn (`text_completion` chunks; held back
+while it could become a stop string or the end-of-turn token's text), then a chunk with its
+finish reason once the exchange is committed, a usage chunk with `stream_options.include_usage`,
+and `[DONE]`. With `echo` or `logprobs`, a choice comes whole in one chunk once it is drawn (its
+text and log-probs as the response gives them), not token by token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +40,9 @@ from dostream.render import Renderer, decode
 from dostream.sampling import Sample, SamplingConfig, agent_segment
 from dostream.serve.batcher import Job, Overloaded
 from dostream.serve.config import Limits
-from dostream.serve.protocol import ApiError, _int, _number, _stop, bad
+from dostream.serve.events import drawn
+from dostream.serve.protocol import ApiError, _int, _number, _stop, bad, stream_options
+from dostream.serve.record import settled
 from dostream.serve.store import Exchange
 from dostream.stream import Segment, Stream
 
@@ -52,6 +62,8 @@ class CompletionRequest:
     echo: bool = False
     logprobs: int | None = None
     user: str | None = None
+    stream: bool = False
+    include_usage: bool = False
 
 
 def _ids(v: Any) -> bool:
@@ -101,8 +113,6 @@ def parse_completion(obj: Any, limits: Limits) -> CompletionRequest:
     stream = obj.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream", "expected a boolean")
-    if stream:
-        raise bad("stream", "not supported yet by dostream serve's /v1/completions")
     user = obj.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user", "expected a string")
@@ -118,6 +128,8 @@ def parse_completion(obj: Any, limits: Limits) -> CompletionRequest:
         echo=echo,
         logprobs=_int(obj, "logprobs", 0, MAX_LOGPROBS),
         user=user,
+        stream=stream,
+        include_usage=stream_options(obj, stream),
     )
 
 
@@ -327,42 +339,84 @@ def _choice(server, req: CompletionRequest, pending: CompletionPending, sample: 
     return out
 
 
-async def complete(server, body: Any, key: str) -> tuple[dict, dict[str, str]]:
-    """The response body and headers of `POST /v1/completions` (the route is `serve/routes.py`'s)."""
+async def complete(server, body: Any, key: str) -> tuple[dict | AsyncIterator[str], dict[str, str]]:
+    """The response body (streamed: its server-sent events) and headers of `POST /v1/completions`
+    (the route is `serve/routes.py`'s)."""
     req = parse_completion(body, server.cfg.limits)
     if req.model != server.cfg.model:
         raise ApiError(404, f"The model '{req.model}' does not exist", param="model", code="model_not_found")
     pendings = await run_in_threadpool(prepare, server, req, key)
-    results: list[list[Sample | None]] = []
+    live = req.stream and not req.echo and req.logprobs is None  # streamed token by token
+    tokens: asyncio.Queue = asyncio.Queue()
+    loop = asyncio.get_running_loop()
+    futures = []
     if req.max_tokens:
-        futures = []
-        for pending in pendings:
+        for p, pending in enumerate(pendings):
+            job = Job(pending.prompt, pending.n, pending.config, pending)
+            if live:
+                job.on_token = lambda choice, token, *_, p=p: loop.call_soon_threadsafe(
+                    tokens.put_nowait, (p * req.n + choice, token)
+                )
             try:
-                futures.append(server.batcher.submit(Job(pending.prompt, pending.n, pending.config, pending)))
+                futures.append(asyncio.wrap_future(server.batcher.submit(job)))
             except Overloaded as e:
                 raise ApiError(503, f"server overloaded: {e}; retry later", type="server_error") from None
-        for future in futures:
-            samples, _ = await asyncio.wrap_future(future)
-            results.append(samples)
-    else:
-        results = [[None] * req.n for _ in pendings]
-    choices = []
-    for p, (pending, samples) in enumerate(zip(pendings, results)):
-        for j, sample in enumerate(samples):
-            choices.append(await run_in_threadpool(_choice, server, req, pending, sample, p * req.n + j))
-    prompt_tokens = sum(len(p.prompt) for p in pendings)
-    completion = sum(len(s.token_ids) for samples in results for s in samples if s is not None)
-    body_out = {
+    head = {
         "id": pendings[0].id.rsplit("-", 1)[0] if len(pendings) > 1 else pendings[0].id,
         "object": "text_completion",
         "created": int(time.time()),
         "model": server.cfg.model,
-        "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-        },
     }
     headers = {"X-Conversation-Id": pendings[0].conversation} if len(pendings) == 1 and req.max_tokens else {}
-    return body_out, headers
+    done = asyncio.gather(*futures)
+    if req.stream:
+        return _events(server, req, pendings, done, tokens if live else None, head), headers
+    results = [samples for samples, _ in await done] or [[None] * req.n for _ in pendings]
+    choices = []
+    for p, (pending, samples) in enumerate(zip(pendings, results)):
+        for j, sample in enumerate(samples):
+            choices.append(await run_in_threadpool(_choice, server, req, pending, sample, p * req.n + j))
+    return {**head, "choices": choices, "usage": _usage(pendings, results)}, headers
+
+
+def _usage(pendings: list[CompletionPending], results: list[list[Sample | None]]) -> dict[str, int]:
+    prompt_tokens = sum(len(p.prompt) for p in pendings)
+    completion = sum(len(s.token_ids) for samples in results for s in samples if s is not None)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+
+async def _events(server, req, pendings, done: asyncio.Future, tokens: asyncio.Queue | None, head: dict):
+    """The streamed response: text deltas as drawn (`tokens`: (choice index, token); None: each
+    choice whole at the end), each choice's last chunk with its finish reason once committed, the
+    usage chunk if asked, `[DONE]`."""
+
+    def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
+        body = {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    markers = [*req.stop, *(m for m in (decode(server.tok, [e]) for e in sorted(server.eos)) if m)]
+    drawn_ids: dict[int, list[int]] = {}
+    sent: dict[int, str] = {}
+    if tokens is not None:
+        async for index, token in drawn(done, tokens):
+            ids = drawn_ids.setdefault(index, [])
+            ids.append(token)
+            text, before = settled(decode(server.tok, ids), markers), sent.get(index, "")
+            if len(text) > len(before) and text.startswith(before):
+                sent[index] = text
+                yield chunk(index, text[len(before) :])
+    try:
+        results = [samples for samples, _ in await done] or [[None] * req.n for _ in pendings]
+    except Exception as e:  # the request failed after the stream began: an error event, no [DONE]
+        body = ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body()
+        yield f"data: {json.dumps(body)}\n\n"
+        return
+    for p, (pending, samples) in enumerate(zip(pendings, results)):
+        for j, sample in enumerate(samples):
+            c = await run_in_threadpool(_choice, server, req, pending, sample, p * req.n + j)
+            before = sent.get(c["index"], "")
+            rest = c["text"][len(before) :] if c["text"].startswith(before) else ""
+            yield chunk(c["index"], rest, c["finish_reason"], c["logprobs"])
+    if req.include_usage:
+        yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(pendings, results)})}\n\n"
+    yield "data: [DONE]\n\n"

@@ -3,7 +3,8 @@
 A streaming request (`stream: true`) gets its events as the tokens are drawn: a role chunk per
 choice, then content deltas (`record.StreamedContent`: text that is settled, never a stop string,
 an end-of-turn token or a tool call's text; a thinking model's reasoning as `reasoning_content`), and once the exchange is committed, the rest of each
-choice's content, its tool calls, its finish reason, a usage chunk and `[DONE]`. What a client may
+choice's content, its tool calls, its finish reason, a usage chunk (with `stream_options.include_usage`:
+every chunk before it has `usage: null`, as OpenAI sends them) and `[DONE]`. What a client may
 rely on: a chunk with a `finish_reason` (and `[DONE]`) is sent only after the exchange is
 committed, so it is recorded exactly as streamed; content chunks alone are what the model was
 drawing, and a stream cut before the finish reason (a dropped connection, a killed server) may or
@@ -38,10 +39,14 @@ async def drawn(done: asyncio.Future, tokens: asyncio.Queue):
         yield tokens.get_nowait()
 
 
-async def chat_events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, live: list[StreamedContent]):
+async def chat_events(
+    head: dict, done: asyncio.Future, tokens: asyncio.Queue, live: list[StreamedContent], *, usage: bool
+):
     """The OpenAI chunk stream of a completion as it is drawn: a role chunk per choice, content
     deltas as tokens arrive; once the exchange is committed (`done`), per choice the rest of its
-    content, its tool calls and its finish reason; a usage chunk; `[DONE]`."""
+    content, its tool calls and its finish reason; a usage chunk (`usage`); `[DONE]`."""
+    if usage:
+        head = {**head, "usage": None}
 
     # With logprobs asked for, each token's entry waits here until a chunk covers its token: a
     # content chunk takes those drawn so far, the choice's last chunks the rest (held-back text,
@@ -83,6 +88,7 @@ async def chat_events(head: dict, done: asyncio.Future, tokens: asyncio.Queue, l
         for k, call in enumerate(message.get("tool_calls") or []):
             yield chunk(index, {"tool_calls": [{"index": k, **call}]})
         yield chunk(index, {}, c["finish_reason"])
-    last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": exchange.request["usage"]}
-    yield f"data: {json.dumps(last)}\n\n"
+    if usage:
+        last = {**head, "object": "chat.completion.chunk", "choices": [], "usage": exchange.request["usage"]}
+        yield f"data: {json.dumps(last)}\n\n"
     yield "data: [DONE]\n\n"

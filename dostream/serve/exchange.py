@@ -18,11 +18,10 @@ from typing import Any
 
 from dostream.render import Renderer, RenderError
 from dostream.sampling import Sample, SamplingConfig, agent_segment
-from dostream.sampling.grammar import Grammar, GrammarError, json_grammar
+from dostream.sampling.grammar import Grammar, GrammarError, json_grammar, tool_grammar
 from dostream.serve.protocol import ChatRequest, bad
 from dostream.serve.record import (
     FieldError,
-    call_prefixes,
     canonical,
     continuation_key,
     lookup_keys,
@@ -49,8 +48,7 @@ class Pending:
     parent: tuple[int, int] | None  # (exchange seq, choice) it continues
     states: list  # the messages' hash chain (continuation keys)
     tools: bool  # tools in force: tool-call blocks are not content
-    prefixes: tuple[tuple[int, ...], ...] | None  # a forced tool call's opening ids (`tool_choice`)
-    grammar: Grammar | None  # the grammar every choice follows (`response_format`)
+    grammar: Grammar | None  # the grammar every choice follows (`response_format`, `tool_choice`, strict tools)
     stop: tuple[str, ...]
     key: str  # the API key's id
     tok: Any
@@ -60,20 +58,11 @@ class Pending:
         `agent` segment with the exact sampled ids, and the continuation key of each choice."""
         choices, keys, segments = [], [], []
         for c, s in enumerate(samples):
-            message, finish = reply(
-                s,
-                self.tok,
-                self.stop,
-                tools=self.tools,
-                call_prefix=f"call_{self.id[9:17]}{c}_",
-                forced=self.prefixes is not None,
-            )
+            message, finish = reply(s, self.tok, self.stop, tools=self.tools, call_prefix=f"call_{self.id[9:17]}{c}_")
             choices.append({"index": c, "message": message, "finish_reason": finish})
             keys.append(continuation_key(self.states, message))
             meta: dict[str, Any] = {"finish_reason": s.finish_reason}
-            if s.constrained:  # provenance: these leading ids were drawn under tool_choice's constraint
-                meta["constrained"] = s.constrained
-            if s.grammar is not None:  # provenance: every id drawn under response_format's grammar mask
+            if s.grammar is not None:  # provenance: every id was drawn under this grammar's mask
                 meta["constrained_by"] = s.grammar
             if "tool_calls" in message:
                 meta["tool_calls"] = message["tool_calls"]
@@ -144,8 +133,7 @@ class Preparer:
                 f"the conversation is {len(prompt)} tokens; with max_tokens {req.max_tokens} it exceeds "
                 f"the model's context of {self.context}",
             )
-        prefixes = call_prefixes(self.tok, tools, req.tool_choice)
-        grammar = self._grammar(req, prefixes)
+        grammar = self._grammar(req, tools)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         config = SamplingConfig(
             temperature=req.temperature,
@@ -166,6 +154,7 @@ class Preparer:
             "stop": list(req.stop),
             "seed": seed,
             "tool_choice": req.tool_choice,
+            "parallel_tool_calls": req.parallel_tool_calls,
             "stream": req.stream,
             "logprobs": req.logprobs,
             "top_logprobs": req.top_logprobs,
@@ -186,25 +175,52 @@ class Preparer:
             parent=parent,
             states=states,
             tools=tools is not None,
-            prefixes=prefixes,
             grammar=grammar,
             stop=req.stop,
             key=key,
             tok=self.tok,
         )
 
-    def _grammar(self, req: ChatRequest, prefixes) -> Grammar | None:
-        """`response_format`'s grammar for this tokenizer (compiled once per schema), or a 400
-        naming the schema's field (an invalid schema, a keyword llguidance does not implement)."""
+    def _grammar(self, req: ChatRequest, tools: list[dict] | None) -> Grammar | None:
+        """The grammar every choice follows (compiled once per tokenizer and schemas), or None:
+
+        * `tool_choice` `required` or a named function: a call (one, or several with
+          `parallel_tool_calls`) to one of the tools (that function), its arguments valid against
+          the function's `parameters`, whether or not the tool is strict (as vLLM does);
+        * `auto` with `response_format`: that JSON, or call(s);
+        * `auto` with a strict tool or `parallel_tool_calls: false`: text that never opens a call,
+          or text then the call(s) (a strict function's arguments follow its schema, another's are
+          any JSON object);
+        * `response_format` alone: that JSON.
+
+        An invalid schema or a keyword llguidance does not implement is a 400 naming its field."""
         rf = req.response_format
-        if rf is None:
-            return None
-        if prefixes is not None:
+        if not tools:
+            if rf is None:
+                return None
+            try:
+                return json_grammar(self.tok, rf["schema"])
+            except GrammarError as e:
+                raise bad(rf["param"], str(e)) from None
+        forced = req.tool_choice not in ("auto", "none")
+        if forced and rf is not None:
             raise bad(rf["param"].rsplit(".schema", 1)[0], "not supported together with a forced tool_choice")
+        if not (forced or rf is not None or req.strict_tools or not req.parallel_tool_calls):
+            return None
+        named = req.tool_choice["function"]["name"] if isinstance(req.tool_choice, dict) else None
+        pairs = [
+            (t["function"]["name"], t["function"].get("parameters") if forced or strict else None)
+            for t in tools
+            if named in (None, t["function"]["name"])
+            for strict in [t["function"]["name"] in req.strict_tools]
+        ]
+        reply = False if rf is None else rf["schema"]
         try:
-            return json_grammar(self.tok, rf["schema"])
+            return tool_grammar(self.tok, pairs, required=forced, parallel=req.parallel_tool_calls, reply=reply)
         except GrammarError as e:
-            raise bad(rf["param"], str(e)) from None
+            names = [t["function"]["name"] for t in tools]
+            field = req.tool_param.format(names.index(e.function)) if e.function in names else None
+            raise bad(field or (rf["param"] if rf is not None else "tools"), str(e)) from None
 
     def _no_special_tokens(self, req: ChatRequest) -> None:
         """A template's special tokens in a client's text would be read as the template's own

@@ -55,6 +55,7 @@ class ChatRequest:
     n: int = 1
     seed: int | None = None
     stream: bool = False
+    include_usage: bool = False  # `stream_options.include_usage`: a last chunk with the usage
     logprobs: bool = False
     top_logprobs: int | None = None  # alternatives per token (0 to 20), with `logprobs` only
     user: str | None = None
@@ -62,6 +63,9 @@ class ChatRequest:
     # Structured outputs: {"type": "json_object" | "json_schema", "schema": dict | None, "name",
     # "strict", "param": the field a bad schema is named by}; None: free text.
     response_format: dict | None = None
+    parallel_tool_calls: bool = True  # False: at most one call a turn
+    strict_tools: tuple[str, ...] = ()  # functions whose arguments follow their schema even under `auto`
+    tool_param: str = "tools[{}].function.parameters"  # names a function's schema in a 400
 
     @property
     def tools_in_force(self) -> list[dict] | None:
@@ -167,6 +171,8 @@ def _tools(obj: dict) -> list[dict] | None:
             raise bad(f"tools[{i}].function.name", "missing field")
         if "parameters" in fn and not isinstance(fn["parameters"], dict):
             raise bad(f"tools[{i}].function.parameters", "expected a JSON Schema object")
+        if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+            raise bad(f"tools[{i}].function.strict", "expected a boolean")
     return tools or None
 
 
@@ -198,6 +204,22 @@ def _stop(obj: dict, limits: Limits) -> tuple[str, ...]:
     if len(stops) > limits.max_stop:
         raise bad("stop", f"at most {limits.max_stop} stop strings, got {len(stops)}")
     return tuple(stops)
+
+
+def stream_options(obj: dict, stream: bool) -> bool:
+    """`stream_options.include_usage` (chat and completions), as OpenAI checks it: only with
+    `stream: true`."""
+    so = obj.get("stream_options")
+    if so is None:
+        return False
+    if not isinstance(so, dict):
+        raise bad("stream_options", "expected an object")
+    if not stream:
+        raise bad("stream_options", "only allowed with stream: true")
+    usage = so.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise bad("stream_options.include_usage", "expected a boolean")
+    return usage
 
 
 def _logprobs(obj: dict) -> tuple[bool, int | None]:
@@ -273,9 +295,7 @@ def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
     stream = obj.get("stream", False)
     if not isinstance(stream, bool):
         raise bad("stream", "expected a boolean")
-    so = obj.get("stream_options")
-    if so is not None and not isinstance(so, dict):
-        raise bad("stream_options", "expected an object")
+    include_usage = stream_options(obj, stream)
     user = obj.get("user")
     if user is not None and not isinstance(user, str):
         raise bad("user", "expected a string")
@@ -283,7 +303,12 @@ def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("metadata", "expected an object of strings")
     logprobs, top_logprobs = _logprobs(obj)
+    parallel = obj.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        raise bad("parallel_tool_calls", "expected a boolean")
     return ChatRequest(
+        parallel_tool_calls=parallel,
+        strict_tools=tuple(t["function"]["name"] for t in tools or [] if t["function"].get("strict")),
         model=model,
         messages=messages,
         tools=tools,
@@ -295,6 +320,7 @@ def parse_chat(obj: Any, limits: Limits) -> ChatRequest:
         n=n,
         seed=seed,
         stream=stream,
+        include_usage=include_usage,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         user=user,

@@ -17,12 +17,13 @@ rendered from the recorded stream:
 An assistant message that matches no recorded sample was written by someone else: it is recorded
 as the client's (`teacher` by default, `--client-assistant AUTHOR` changes it).
 
-`tool_choice` is enforced as vLLM enforces it, by constraining what the model may write: `required`
-makes every choice begin with the tool-call convention's opening up to a function name of `tools`
-and its arguments key (`<tool_call>\n{"name": "NAME", "arguments": `; the model picks the name
-among the tools by its own probabilities), a named function forces that opening with its name
-(`call_prefixes`). The arguments are the model's; a forced call always comes back as a tool call,
-its `arguments` as written when they are not JSON (as OpenAI warns they may not be).
+`tool_choice` is enforced as vLLM enforces it, by constraining what the model may write
+(`Preparer._grammar`, `sampling.grammar.tool_grammar`): under `required` every choice is a call to
+one of the tools (the model picks the name among them by its own probabilities), under a named
+function a call to that function, with arguments valid against the function's `parameters`; a
+strict tool's arguments follow its schema under `auto` too, and `parallel_tool_calls: false` allows
+one call a turn. A call the budget cut comes back as the text the model wrote (`finish_reason:
+"length"`).
 `StreamedContent` is the content a streamed choice may show while it is being drawn.
 """
 
@@ -37,12 +38,10 @@ from dostream.render import decode
 from dostream.sampling import Sample
 from dostream.stream import Segment
 from dostream.toolcalls import (
-    CALL_CLOSE,
     CALL_OPEN,
     THINK_CLOSE,
     THINK_OPEN,
     call_parts,
-    format_calls,
     parse_calls,
     split_reasoning,
 )
@@ -144,39 +143,6 @@ class FieldError(__import__("dostream.errors", fromlist=["FieldError"]).FieldErr
         super().__init__(f"{field}: {message}")
 
 
-def call_prefixes(tok, tools: list[dict] | None, tool_choice: Any) -> tuple[tuple[int, ...], ...] | None:
-    """The token sequences every choice must begin with under `tool_choice` (None: no constraint):
-    for `required` one per tool, for a named function that function's."""
-    if not tools or tool_choice in ("none", "auto"):
-        return None
-    names = [t["function"]["name"] for t in tools]
-    if isinstance(tool_choice, dict):
-        names = [tool_choice["function"]["name"]]
-    out = []
-    for name in names:
-        text = format_calls([{"name": name, "arguments": {}}])  # the convention's one spelling
-        out.append(tuple(tok(text[: text.rindex("{}")], add_special_tokens=False)["input_ids"]))
-    return tuple(out)
-
-
-_FORCED = re.compile(r'\s*<tool_call>\s*\{"name":\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments":\s*', re.DOTALL)
-
-
-def _forced_call(text: str, call_id: str) -> dict | None:
-    """The call a forced opening began, when `parse_calls` found no whole one: its name, and its
-    arguments as JSON if they parse, else as the model wrote them (up to `</tool_call>`)."""
-    m = _FORCED.match(text)
-    if m is None:
-        return None
-    rest = text[m.end() :]
-    try:
-        args, _ = json.JSONDecoder().raw_decode(rest)
-        arguments = json.dumps(args, ensure_ascii=False)
-    except json.JSONDecodeError:
-        arguments = rest.split(CALL_CLOSE)[0].strip()
-    return {"id": call_id, "type": "function", "function": {"name": json.loads(m.group(1)), "arguments": arguments}}
-
-
 def _visible(sample_text: str, finish: str, tok, sample: Sample, stop: tuple[str, ...]) -> str:
     """The text less the end-of-turn token it sampled and less a stop string and what followed it."""
     text = sample_text
@@ -191,15 +157,14 @@ def _visible(sample_text: str, finish: str, tok, sample: Sample, stop: tuple[str
     return text
 
 
-def reply(
-    sample: Sample, tok, stop: tuple[str, ...], *, tools: bool, call_prefix: str, forced: bool = False
-) -> tuple[dict, str]:
+def reply(sample: Sample, tok, stop: tuple[str, ...], *, tools: bool, call_prefix: str) -> tuple[dict, str]:
     """The OpenAI `message` for a sample and its `finish_reason`.
 
     The content is what the model wrote, less the end-of-turn token it sampled and less a stop
     string and what followed it in its last token (as OpenAI returns it); with tools in force,
-    `<tool_call>` blocks become `tool_calls` (`forced`: the sample began with a forced call opening,
-    which comes back as a call whatever followed it). A thinking model's leading `<think>...</think>`
+    `<tool_call>` blocks become `tool_calls`. A turn the budget cut is `finish_reason: "length"`
+    with whatever the model wrote (a call it had not closed stays in the content, as vLLM returns
+    it), never an empty message. A thinking model's leading `<think>...</think>`
     block comes back as `reasoning_content` (as OpenAI-compatible servers for DeepSeek/Qwen-style
     models return it), the rest as the content. The recorded segment keeps every sampled id."""
     text = _visible(sample.text, sample.finish_reason, tok, sample, stop)
@@ -208,19 +173,27 @@ def reply(
         reasoning, text = text.lstrip()[len(THINK_OPEN) :].strip("\n"), ""
     calls: list[dict] = []
     if tools:
-        raw = text
         text, calls = parse_calls(text, id_prefix=call_prefix)
-        if forced and not calls:
-            call = _forced_call(raw, f"{call_prefix}0")
-            if call is not None:
-                text, calls = "", [call]
     message: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
-    finish = "tool_calls" if calls else ("length" if sample.finish_reason == "length" else "stop")
+    cut = sample.finish_reason == "length"
+    finish = "length" if cut and (not calls or CALL_OPEN in text) else ("tool_calls" if calls else "stop")
     return message, finish
+
+
+def settled(text: str, markers: list[str]) -> str:
+    """What of a text being drawn may be shown: `text` cut at the first marker (a stop string, an
+    end-of-turn token's text), less a tail that could begin one, less an unfinished character."""
+    cut = min((i for i in (text.find(m) for m in markers) if i >= 0), default=len(text))
+    text = text[:cut]
+    for k in range(min(len(text), max(map(len, markers), default=1) - 1), 0, -1):
+        if any(m.startswith(text[-k:]) for m in markers):  # could become a marker
+            text = text[:-k]
+            break
+    return text.rstrip("\ufffd")
 
 
 class StreamedContent:
@@ -244,12 +217,12 @@ class StreamedContent:
 
     def push(self, token: int) -> dict[str, str]:
         self.ids.append(token)
-        text = self._settled(decode(self.tok, self.ids), self.markers)
+        text = settled(decode(self.tok, self.ids), self.markers)
         head = text.lstrip()
         delta: dict[str, str] = {}
         if head.startswith(THINK_OPEN) or (head and THINK_OPEN.startswith(head)):
             if THINK_CLOSE not in head:  # still thinking: stream the reasoning, hold the content
-                body = self._settled(head[len(THINK_OPEN) :], [THINK_CLOSE]).lstrip("\n").rstrip("\n")
+                body = settled(head[len(THINK_OPEN) :], [THINK_CLOSE]).lstrip("\n").rstrip("\n")
                 if new := self._new(body, "sent_reasoning"):
                     delta["reasoning_content"] = new
                 return delta
@@ -261,17 +234,6 @@ class StreamedContent:
         if new := self._new(text, "sent"):
             delta["content"] = new
         return delta
-
-    @staticmethod
-    def _settled(text: str, markers: list[str]) -> str:
-        """`text` cut at the first marker, less a tail that could begin one, less an unfinished character."""
-        cut = min((i for i in (text.find(m) for m in markers) if i >= 0), default=len(text))
-        text = text[:cut]
-        for k in range(min(len(text), max(map(len, markers), default=1) - 1), 0, -1):
-            if any(m.startswith(text[-k:]) for m in markers):  # could become a marker
-                text = text[:-k]
-                break
-        return text.rstrip("\ufffd")
 
     def _new(self, text: str, attr: str) -> str:
         sent = getattr(self, attr)

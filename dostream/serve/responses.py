@@ -148,6 +148,8 @@ def chat_tools(tools: Any) -> list[dict] | None:
             if not isinstance(t["parameters"], dict):
                 raise bad(f"tools[{i}].parameters", "expected a JSON Schema object")
             fn["parameters"] = t["parameters"]
+        if t.get("strict") is not None and not isinstance(t["strict"], bool):
+            raise bad(f"tools[{i}].strict", "expected a boolean")
         out.append({"type": "function", "function": fn})
     return out or None
 
@@ -226,6 +228,10 @@ def parse_responses(obj: Any, limits: Limits) -> tuple[ChatRequest, list[str], d
         user=own["user"],
         metadata=dict(metadata),
         response_format=rf,
+        parallel_tool_calls=own["parallel_tool_calls"],
+        # a Responses function tool is strict unless it says `strict: false` (OpenAI's default)
+        strict_tools=tuple(t["name"] for t in obj.get("tools") or [] if t.get("strict", True) is not False),
+        tool_param="tools[{}].parameters",
     )
     own.update(
         instructions=instructions,
@@ -307,7 +313,7 @@ async def respond(server, key: str, body: Any, header_conversation: str | None):
         raise _renamed(e, where, 0) from None
     pending.id = "resp_" + secrets.token_hex(24)
     pending.settings.update(api="responses", **{k: v for k, v in own.items() if k != "metadata"})
-    job = Job(pending.prompt, pending.n, pending.config, pending, prefixes=pending.prefixes, grammar=pending.grammar)
+    job = Job(pending.prompt, pending.n, pending.config, pending, grammar=pending.grammar)
     tokens: asyncio.Queue = asyncio.Queue()
     if req.stream:
         loop = asyncio.get_running_loop()

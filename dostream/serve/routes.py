@@ -120,7 +120,7 @@ async def chat(request: Request):
         raise _no_model(req.model)
     conv = conversation_id(request.headers.get("x-conversation-id"), req)
     pending = await run_in_threadpool(server.prepare, req, conv, key)
-    job = Job(pending.prompt, pending.n, pending.config, pending, prefixes=pending.prefixes, grammar=pending.grammar)
+    job = Job(pending.prompt, pending.n, pending.config, pending, grammar=pending.grammar)
     tokens: asyncio.Queue = asyncio.Queue()
     if req.stream:
         loop = asyncio.get_running_loop()
@@ -135,7 +135,7 @@ async def chat(request: Request):
     head = {"id": pending.id, "created": pending.created, "model": server.cfg.model, "system_fingerprint": FINGERPRINT}
     if req.stream:
         live = [StreamedContent(server.tok, req.stop, server.eos, tools=pending.tools) for _ in range(req.n)]
-        events = chat_events(head, asyncio.wrap_future(future), tokens, live)
+        events = chat_events(head, asyncio.wrap_future(future), tokens, live, usage=req.include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     samples, exchange = await asyncio.wrap_future(future)
     body = {
@@ -154,7 +154,9 @@ async def completions(request: Request):
     server = server_of(request)
     key = key_for(request, "chat")
     body, headers = await complete(server, await body_of(request), key)
-    return JSONResponse(body, headers=headers)
+    if isinstance(body, dict):
+        return JSONResponse(body, headers=headers)
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
 @router.post("/v1/responses")

@@ -76,15 +76,24 @@ def test_logprobs_of_rows_joining_a_running_decode_match_scoring(decisive, tok, 
 
 
 def test_constrained_tokens_report_the_models_raw_logprob(decisive, tok, prompts):
-    forced = tok("<tool_call>\nxyz", add_special_tokens=False)["input_ids"]
-    cfg = SamplingConfig(greedy=True, max_new_tokens=len(forced) + 2, logprobs=1, precision="fp32")
+    """Under a grammar (a forced tool call) the reported log-probs are still the raw distribution's."""
+    from dostream.sampling.grammar import tool_grammar
+
+    forced = '<tool_call>\n{"name": "xyz"'
+    cfg = SamplingConfig(greedy=True, max_new_tokens=20, logprobs=1, precision="fp32")
     run = Decode(decisive, tok)
-    run.add([prompts[0]], [(0, 0)], [cfg], ["forced"], prefixes=[(tuple(forced),)])
+    run.add(
+        [prompts[0]],
+        [(0, 0)],
+        [cfg],
+        ["forced"],
+        grammars=[tool_grammar(tok, [("xyz", None)], required=True, parallel=False)],
+    )
     done = {}
     while run.active:
         done.update({row.tag: row.sample(tok) for row in run.step()})
     s = done["forced"]
-    assert s.constrained == len(forced) and s.token_ids[: len(forced)] == forced
+    assert s.grammar == "tool_calls" and s.text.startswith(forced)
     _check(decisive, prompts[0], s.token_ids, s.logprobs, s.top_logprobs, 1)
 
 

@@ -9,7 +9,7 @@ import pytest
 from dostream.models import tiny_model
 from dostream.sampling import SamplingConfig
 from dostream.sampling.decoding import Decode
-from dostream.sampling.grammar import GrammarError, json_grammar
+from dostream.sampling.grammar import GrammarError, json_grammar, tool_grammar
 
 SCHEMA = {
     "type": "object",
@@ -98,3 +98,52 @@ def test_bad_schema_names_the_problem(tok):
         json_grammar(tok, {"type": "foo"})
     with pytest.raises(GrammarError, match="dynamicRef"):
         json_grammar(tok, {"$dynamicRef": "#x"})
+
+
+ADD = (
+    "add",
+    {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"], "additionalProperties": False},
+)
+
+
+def _accepts(grammar, tok, text: str) -> bool:
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    m = grammar.matcher()
+    return all(m.consume_token(i) for i in ids) and not m.is_error() and m.is_accepting()
+
+
+def test_tool_grammars_hold_calls_to_their_schemas(tok):
+    one = '<tool_call>\n{"name": "add", "arguments": {"a": 2}}\n</tool_call>'
+    other = '<tool_call>\n{"name": "noop", "arguments": {"k": [1]}}\n</tool_call>'
+    required = tool_grammar(tok, [ADD, ("noop", None)], required=True, parallel=False)
+    assert required.kind == "tool_calls" and _accepts(required, tok, one) and _accepts(required, tok, other)
+    assert not _accepts(required, tok, "Sure. " + one)  # a call, nothing else
+    assert not _accepts(required, tok, one.replace("2", "3"))  # arguments outside the schema
+    assert not _accepts(required, tok, one + "\n" + other)  # one call without parallel_tool_calls
+    assert _accepts(tool_grammar(tok, [ADD, ("noop", None)], required=True, parallel=True), tok, one + "\n" + other)
+    auto = tool_grammar(tok, [ADD], required=False, parallel=False)
+    assert auto.kind == "text_or_tool_calls" and _accepts(auto, tok, "Just text, no call")
+    assert _accepts(auto, tok, "Let me add. " + one) and not _accepts(auto, tok, "x " + one.replace("2", "5"))
+    assert not _accepts(auto, tok, one + "\n" + one)
+    reply = tool_grammar(tok, [ADD], required=False, parallel=True, reply=None)
+    assert reply.kind == "json_object_or_tool_calls" and _accepts(reply, tok, '{"x": 1}') and _accepts(reply, tok, one)
+    assert not _accepts(reply, tok, "text")
+    with pytest.raises(GrammarError, match="'bad'") as e:
+        tool_grammar(tok, [ADD, ("bad", {"type": "foo"})], required=True, parallel=False)
+    assert e.value.function == "bad"
+
+
+def test_a_required_call_decodes_to_a_schema_valid_call_beside_free_rows(model, tok):
+    grammar = tool_grammar(tok, [ADD, ("noop", {"type": "object", "maxProperties": 0})], required=True, parallel=False)
+    rows = [("Call something", 5, grammar, 0), ("Plain", 6, None, 0), ("Call again", 7, grammar, 2)]
+    out = _run(model, tok, rows)
+    for i in (0, 2):
+        s = out[i]
+        assert s.grammar == "tool_calls" and s.finish_reason == "eos", s.text
+        body = json.loads(s.text.removesuffix(tok.eos_token).removeprefix("<tool_call>").removesuffix("</tool_call>"))
+        assert body in (
+            {"name": "add", "arguments": {"a": 1}},
+            {"name": "add", "arguments": {"a": 2}},
+            {"name": "noop", "arguments": {}},
+        )
+    assert out[1].token_ids == _run(model, tok, [rows[1]])[0].token_ids

@@ -385,35 +385,6 @@ def test_rows_joining_a_running_decode_draw_what_they_draw_alone(decisive, tok, 
         assert drawn[k] == s.token_ids  # the hook saw every token as it was drawn
 
 
-def test_prefixes_constrain_the_start_and_count_as_constrained(decisive, tok, prompts):
-    from dostream.sampling import Decode
-
-    a, b = (
-        tok("<tool_call>\nxyz", add_special_tokens=False)["input_ids"],
-        tok("<tool_call>\nq", add_special_tokens=False)["input_ids"],
-    )
-    assert a[:-1] == b[:-1] and a[-1] != b[-1]
-    cfg = SamplingConfig(greedy=True, max_new_tokens=len(a) + 4)
-    run = Decode(decisive, tok)
-    run.add(
-        [prompts[0], prompts[1]],
-        [(0, 0), (0, 1)],
-        [cfg, cfg],
-        ["forced", "free"],
-        prefixes=[(tuple(a), tuple(b)), None],
-    )
-    done = {}
-    while run.active:
-        done.update({row.tag: row for row in run.step()})
-    forced, free = done["forced"], done["free"]
-    assert tuple(forced.ids[: len(a)]) in (tuple(a), tuple(b)) and forced.constrained == len(a)
-    assert free.constrained == 0 and free.ids == sample(decisive, tok, [prompts[1]], cfg)[0].token_ids
-    # the model's own choice where the prefixes part: its argmax among the two
-    with torch.inference_mode():
-        logits = decisive(torch.tensor([prompts[0] + a[:-1]])).logits[0, -1]
-    assert forced.ids[len(a) - 1] == max((a[-1], b[-1]), key=lambda t: logits[t])
-
-
 # -- prefix caching: prompts that share leading tokens prefill only the rest ------------------------
 @pytest.fixture(scope="module")
 def chats(tok):

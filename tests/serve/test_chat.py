@@ -103,7 +103,18 @@ def test_streaming_sends_openai_chunks_then_done(served):
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == whole.choices[0].message.content
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == whole.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(ch.usage is None for ch in chunks) and chunks[-1].choices  # no usage chunk unless asked
+    # stream_options.include_usage: a last chunk with no choices and the usage; `usage: null` before it
+    counted = list(c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **ask))
+    assert counted[-1].choices == [] and counted[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert all(ch.usage is None for ch in counted[:-1])
+    for extra, param in [
+        (dict(stream_options={"include_usage": True}), "stream_options"),  # only with stream: true
+        (dict(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**ask, **extra)
+        assert e.value.body["param"] == param
     with httpx.stream(
         "POST",
         served.url + "/v1/chat/completions",

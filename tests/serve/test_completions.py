@@ -120,6 +120,35 @@ def test_stop_cuts_and_finish_reasons(served):
     assert one.choices[0].finish_reason in ("length", "stop") and one.usage.completion_tokens == 1
 
 
+def test_streaming_sends_the_text_as_drawn_then_the_finish_and_usage(served):
+    """Streamed: the deltas join to the non-streamed text (seeded, the same ids), per choice and
+    prompt; a stop string never shows; with echo + logprobs, each choice comes whole."""
+    c = client(served.url)
+    ask = dict(model="tiny", prompt=[PROMPT, "Once upon a time"], max_tokens=10, seed=4, n=2)
+    whole = c.completions.create(**ask)
+    chunks = list(c.completions.create(stream=True, stream_options={"include_usage": True}, **ask))
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    for want in whole.choices:
+        mine = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == want.index]
+        assert "".join(m.text for m in mine) == want.text
+        assert [m.finish_reason for m in mine if m.finish_reason] == [want.finish_reason] and mine[-1].finish_reason
+    if len(whole.choices[0].text) > 3:  # a stop string the model writes
+        stop = whole.choices[0].text[2:4]
+        cut = list(c.completions.create(stream=True, **{**ask, "prompt": PROMPT, "n": 1, "stop": stop}))
+        text = "".join(ch.choices[0].text for ch in cut)
+        assert stop not in text and text == whole.choices[0].text[: whole.choices[0].text.find(stop)]
+    scored_whole = c.completions.create(model="tiny", prompt=PROMPT, echo=True, logprobs=1, max_tokens=3, seed=1)
+    [one] = [
+        ch
+        for ch in c.completions.create(
+            model="tiny", prompt=PROMPT, echo=True, logprobs=1, max_tokens=3, seed=1, stream=True
+        )
+        if ch.choices
+    ]
+    assert one.choices[0].text == scored_whole.choices[0].text
+    assert one.choices[0].logprobs.token_logprobs == scored_whole.choices[0].logprobs.token_logprobs
+
+
 @pytest.mark.parametrize(
     "body, param",
     [
@@ -136,7 +165,8 @@ def test_stop_cuts_and_finish_reasons(served):
         ({"model": "tiny", "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": "tiny", "prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
         ({"model": "tiny", "prompt": "x", "logit_bias": {"1": 2}}, "logit_bias"),
-        ({"model": "tiny", "prompt": "x", "stream": True}, "stream"),
+        ({"model": "tiny", "prompt": "x", "stream": "yes"}, "stream"),
+        ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         ({"model": "tiny", "prompt": "x", "echo": "yes"}, "echo"),
         ({"model": "tiny", "prompt": [[1] * 2040], "max_tokens": 16}, "max_tokens"),
         ({"model": "tiny", "prompt": [[1] * 2049], "max_tokens": 0, "echo": True}, "prompt"),

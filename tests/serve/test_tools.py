@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 from harness import (
     TOOLS,
@@ -54,42 +55,105 @@ def _tool_segment(store, completion_id):
     return json.loads(samples)[0]
 
 
-TWO_TOOLS = [*TOOLS, {"type": "function", "function": {"name": "mul", "description": "Multiply", "parameters": {}}}]
+def _schema(**props) -> dict:
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
+TWO_TOOLS = [
+    {"type": "function", "function": {"name": "add", "parameters": _schema(a={"enum": [1, 2, 3]}, b={"enum": [4]})}},
+    {
+        "type": "function",
+        "function": {"name": "mul", "description": "Multiply", "parameters": _schema(x={"enum": [7]})},
+    },
+]
+ARGS = {"add": lambda a: a.keys() == {"a", "b"} and a["a"] in (1, 2, 3) and a["b"] == 4, "mul": lambda a: a == {"x": 7}}
 
 
 @pytest.mark.parametrize("choice", ["required", "mul"])
 def test_tool_choice_required_or_named_forces_a_call_the_model_would_not_make(served, choice):
     """The decisive random model never writes the tool-call convention by itself; under
-    `required` it must call one of the tools, under a named function that function. The forced
-    opening is recorded as sampled ids of the agent's turn, counted in its meta."""
+    `required` it must call one of the tools, under a named function that function, with
+    arguments valid against the function's schema (grammar-constrained: every id of the turn is
+    drawn under the mask, and the recorded segment says so)."""
     c = client(served.url)
     ask = dict(
-        model="tiny", messages=[{"role": "user", "content": "Compute something"}], tools=TWO_TOOLS, max_tokens=30
+        model="tiny", messages=[{"role": "user", "content": "Compute something"}], tools=TWO_TOOLS, max_tokens=60
     )
     free = c.chat.completions.create(seed=9, **ask)
     assert free.choices[0].message.tool_calls is None  # left alone, it does not call
     tool_choice = choice if choice == "required" else {"type": "function", "function": {"name": choice}}
-    res = c.chat.completions.create(seed=9, tool_choice=tool_choice, n=2, **ask)
+    res = c.chat.completions.create(seed=9, tool_choice=tool_choice, n=2, parallel_tool_calls=False, **ask)
     for ch in res.choices:
         assert ch.finish_reason == "tool_calls" and ch.message.content is None
         [call] = ch.message.tool_calls
         assert call.function.name in ({"add", "mul"} if choice == "required" else {"mul"})
-        assert isinstance(call.function.arguments, str)
+        assert ARGS[call.function.name](json.loads(call.function.arguments))
     seg = _tool_segment(served.store, res.id)
-    assert seg["text"].startswith('<tool_call>\n{"name": "') and seg["meta"]["constrained"] > 5
+    assert seg["text"].startswith('<tool_call>\n{"name": "') and seg["meta"]["constrained_by"] == "tool_calls"
     assert seg["meta"]["tool_calls"][0]["function"]["name"] == res.choices[0].message.tool_calls[0].function.name
     # streamed: the call comes as a tool_calls delta, its text never as content
     chunks = list(c.chat.completions.create(seed=9, tool_choice=tool_choice, stream=True, **ask))
     assert not "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     names = [d.function.name for ch in chunks if ch.choices for d in ch.choices[0].delta.tool_calls or []]
-    assert len(names) == 1 and names[0] in {"add", "mul"}
+    assert names and set(names) <= {"add", "mul"}
 
 
-def test_a_forced_call_with_arguments_that_are_not_json_is_still_a_call():
-    from dostream.serve.record import _forced_call
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_the_budget_cuts_comes_back_as_its_text_with_finish_length(served, stream):
+    """What the model wrote reaches the client (as vLLM returns it): never an empty message."""
+    c = client(served.url)
+    ask = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "Compute something"}],
+        tools=TWO_TOOLS,
+        tool_choice="required",
+        max_tokens=12,
+        seed=3,
+    )
+    if stream:
+        chunks = list(c.chat.completions.create(stream=True, **ask))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert not any(ch.choices[0].delta.tool_calls for ch in chunks if ch.choices)
+    else:
+        res = c.chat.completions.create(**ask)
+        text, finish = res.choices[0].message.content, [res.choices[0].finish_reason]
+        assert res.choices[0].message.tool_calls is None and res.usage.completion_tokens == 12
+    assert finish == ["length"] and text.startswith('<tool_call>\n{"name": "')
 
-    text = '<tool_call>\n{"name": "mul", "arguments": {"a": 2,, </tool_call>'
-    call = _forced_call(text, "call_x0")
-    assert call["function"] == {"name": "mul", "arguments": '{"a": 2,,'} and call["id"] == "call_x0"
-    ok = _forced_call('<tool_call>\n{"name": "add", "arguments": {"a": 1} junk', "c")
-    assert json.loads(ok["function"]["arguments"]) == {"a": 1}
+
+def test_a_strict_tool_s_arguments_follow_its_schema_whatever_the_model_wants(tool_server):
+    """The scripted model writes `add(a=1, b=2)`; a strict `add` whose schema allows only a=3,
+    b=4 gets those (the grammar masks every other id), under `tool_choice: auto`."""
+    c = client(tool_server.url)
+    strict = {"name": "add", "strict": True, "parameters": _schema(a={"enum": [3]}, b={"enum": [4]})}
+    res = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "What is 1 + 2?"}],
+        tools=[{"type": "function", "function": strict}],
+        max_tokens=48,
+    )
+    [call] = res.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"a": 3, "b": 4} and res.choices[0].finish_reason == "tool_calls"
+    # not strict: the model's own arguments
+    loose = c.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "What is 1 + 2?"}],
+        tools=[{"type": "function", "function": {**strict, "strict": False}}],
+        max_tokens=48,
+    )
+    assert json.loads(loose.choices[0].message.tool_calls[0].function.arguments) == {"a": 1, "b": 2}
+
+
+def test_bad_tool_fields_are_400s_naming_them(served):
+    c = client(served.url)
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    bad_schema = [{"type": "function", "function": {"name": "f", "parameters": {"type": "foo"}}}]
+    for extra, param in [
+        (dict(tools=bad_schema, tool_choice="required"), "tools[0].function.parameters"),
+        (dict(tools=TWO_TOOLS, parallel_tool_calls="no"), "parallel_tool_calls"),
+        (dict(tools=[{"type": "function", "function": {"name": "f", "strict": "yes"}}]), "tools[0].function.strict"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(**ask, **extra)
+        assert e.value.body["param"] == param, e.value.body
