@@ -1,0 +1,157 @@
+"""Admission, the world-model test: a note earns its place only if it makes the world more predictable.
+
+With the note rendered as a `context` segment before a stored stream (`retrieve.as_context`, the
+way it would enter a prompt), the model scores the stream's world tokens (those the
+`interventional` view supervises: what the rule says is evidence) through `dostream.scoring`, and
+again with the same context segment holding no note (its header alone: what is measured is the
+note's words, not the header's). Every segment is tokenised on its own (`render/`), so the stream's tokens are
+the same ids in both renderings and the two scores are paired token by token. Δ is the mean
+per-token change in log-likelihood, in nats, pooled over a set of streams:
+
+* `covered`: the streams the note claims to cover (similar cases) that it was NOT distilled from.
+  Δ must be above `min_gain` (it must rise). No such stream: nothing to test it on, refused.
+* `others`: stored streams it does not claim to cover. Δ must not fall below `-tolerance`.
+
+The same keep-or-restore logic as an adapter's gate (`learning/gate.py`), on likelihoods instead of
+successes. The measured numbers are returned as the record stored with the note.
+
+>>> Admission(min_gain=0.0, tolerance=0.05).judge({"delta": 0.2, "n": 3}, {"delta": -0.01, "n": 4})[0]
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dostream.config import opt
+from dostream.render import Renderer
+from dostream.stream import Segment, Stream
+
+VIEW = "interventional"  # the world's tokens: what the causal rule supervises
+
+
+def _scored(renderer: Renderer, stream: Stream, prefix: Segment | None) -> tuple[list[int], list[bool]]:
+    """The ids to score and which of them: the stream's world tokens (`VIEW`), the same tokens with
+    or without `prefix`. A prefix changes only the front (a chat template's default system prompt
+    gives way to it), so the stream's tokens are matched from the end; the stream's first token,
+    which nothing precedes without a prefix, is scored in neither."""
+    bare = renderer.render(stream)
+    keep = bare.supervised(VIEW)
+    if prefix is None:
+        return bare.input_ids, keep
+    r = renderer.render(Stream(stream.id, [prefix, *stream.segments], stream.meta))
+    d = len(r) - len(bare)
+    mask = [i - d >= 0 and keep[i - d] for i in range(len(r))]
+    if d < 1 or any(r.input_ids[i] != bare.input_ids[i - d] for i in range(len(r)) if mask[i]):
+        raise ValueError(f"stream {stream.id!r}: a context note before it changed its own tokens")
+    return r.input_ids, mask
+
+
+def world_logprobs(
+    model, renderer: Renderer, streams: Sequence[Stream], prefix: Segment | None = None, *, batch_size: int = 8
+) -> list[list[float]]:
+    """Per stream, log p of each of its world tokens (`VIEW`), with `prefix` (a `context` segment)
+    before it or without: the same tokens either way, in the same order."""
+    import torch
+
+    from dostream.scoring import logprobs_at
+
+    device = next(model.parameters()).device
+    rows = [_scored(renderer, s, prefix) for s in streams]
+    pad = renderer.tok.pad_token_id if renderer.tok.pad_token_id is not None else 0
+    out: list[list[float]] = []
+    with torch.inference_mode():
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k : k + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            score = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for b, (x, sup) in enumerate(chunk):
+                ids[b, : len(x)] = torch.tensor(x)
+                mask[b, : len(x)] = 1
+                score[b, : len(x)] = torch.tensor(sup)
+            logp = logprobs_at(model, ids.to(device), mask.to(device), score.to(device)).float().cpu()
+            out += [part.tolist() for part in logp.split([sum(sup[1:]) for _, sup in chunk])]
+    return out
+
+
+def delta(with_note: list[list[float]], without: list[list[float]]) -> dict[str, Any]:
+    """Pooled per-token Δ log p (nats) over streams, with each stream's own Δ and the token count."""
+    per, total, n = [], 0.0, 0
+    for a, b in zip(with_note, without, strict=True):
+        assert len(a) == len(b), "a context prefix changed the stream's own tokens"
+        diff = sum(a) - sum(b)
+        per.append(diff / len(a) if a else 0.0)
+        total, n = total + diff, n + len(a)
+    return {"delta": total / n if n else 0.0, "n": len(per), "tokens": n, "per_stream": per}
+
+
+@dataclass
+class Admission:
+    """Admission: the world-model test's thresholds
+
+    A note is admitted iff its covered held-out streams' world tokens rise by more than `min_gain`
+    nats per token and the other streams' fall by no more than `tolerance`."""
+
+    min_gain: float = opt(0.0, "per-token nats the covered held-out world tokens must rise by (strictly more)")
+    tolerance: float = opt(0.05, "per-token nats the other streams' world tokens may fall by at most", min=0)
+    max_others: int = opt(8, "other stored streams the test scores (the nearest by stream order)", min=0)
+
+    def judge(self, covered: dict[str, Any], others: dict[str, Any]) -> tuple[bool, str]:
+        """(admitted, why) from measured Δs (`delta`'s records)."""
+        if not covered["n"]:
+            return False, "no held-out stream it covers: nothing to test it on"
+        if covered["delta"] <= self.min_gain:
+            return False, f"covered world tokens Δ {covered['delta']:+.4f} nats/token, not above {self.min_gain}"
+        if others["n"] and others["delta"] < -self.tolerance:
+            return (
+                False,
+                f"other streams' world tokens fell {others['delta']:+.4f} nats/token (tolerance {self.tolerance})",
+            )
+        return True, f"covered Δ {covered['delta']:+.4f}, others Δ {others['delta']:+.4f} nats/token"
+
+
+class Scorer:
+    """The test for many notes over one set of stored streams: each stream's score without a note
+    is computed once and kept."""
+
+    def __init__(self, model, renderer: Renderer, admission: Admission, *, batch_size: int = 8):
+        self.model, self.renderer, self.admission, self.batch_size = model, renderer, admission, batch_size
+        self._base: dict[str, list[float]] = {}
+
+    def _without(self, streams: Sequence[Stream]) -> list[list[float]]:
+        from dostream.memory.retrieve import CONTEXT_HEADER
+
+        todo = [s for s in streams if s.id not in self._base]
+        empty = Segment("context", CONTEXT_HEADER, meta={"memory_notes": []})
+        for s, lp in zip(todo, world_logprobs(self.model, self.renderer, todo, empty, batch_size=self.batch_size)):
+            self._base[s.id] = lp
+        return [self._base[s.id] for s in streams]
+
+    def measure(self, text: str, streams: Sequence[Stream]) -> dict[str, Any]:
+        """Δ of `streams`' world tokens with the note `text` in context (`delta`'s record)."""
+        from dostream.memory.retrieve import as_context
+        from dostream.memory.store import Note
+
+        if not streams:
+            return delta([], [])
+        prefix = as_context([Note(0, text, "extractive", "active", None, 0.0, None, {})])
+        with_note = world_logprobs(self.model, self.renderer, streams, prefix, batch_size=self.batch_size)
+        return delta(with_note, self._without(streams))
+
+    def test(self, text: str, covered: Sequence[Stream], others: Sequence[Stream]) -> dict[str, Any]:
+        """The admission record: both Δs, the thresholds, the verdict and why."""
+        c, o = self.measure(text, covered), self.measure(text, list(others)[: self.admission.max_others])
+        admitted, reason = self.admission.judge(c, o)
+        return {
+            "admitted": admitted,
+            "reason": reason,
+            "covered": {**c, "streams": [s.id for s in covered]},
+            "others": {**o, "streams": [s.id for s in list(others)[: self.admission.max_others]]},
+            "min_gain": self.admission.min_gain,
+            "tolerance": self.admission.tolerance,
+            "view": VIEW,
+        }
