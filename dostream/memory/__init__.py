@@ -9,13 +9,17 @@ The package in data-flow order: `distill.py` (stored streams → cases → clust
 `admit.py` (the world-model test: does the note raise the likelihood of world tokens it was not
 written from?), `store.py` (`Memory`: notes, evidence, counters, supersede, forget), `retrieve.py`
 (lexical retrieval, and `as_context`: notes into a prompt as one `context` segment).
+
+The two front doors keep their modules' names and are imported from them (re-exported here they
+would hide the modules): `from dostream.memory.distill import distill`,
+`from dostream.memory.retrieve import retrieve`.
 """
 
 from __future__ import annotations
 
 from dostream.memory.admit import Admission, Scorer
-from dostream.memory.distill import DistillConfig, distill
-from dostream.memory.retrieve import Lexical, Retriever, as_context, retrieve
+from dostream.memory.distill import DistillConfig
+from dostream.memory.retrieve import Lexical, Retriever, as_context
 from dostream.memory.store import EVIDENCE_AUTHORS, Cite, EvidenceError, Memory, Note, Source
 from dostream.memory.writer import EndpointWriter, LocalWriter, Writer
 
@@ -35,6 +39,4 @@ __all__ = [
     "Source",
     "Writer",
     "as_context",
-    "distill",
-    "retrieve",
 ]

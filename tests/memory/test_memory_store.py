@@ -153,3 +153,15 @@ def test_cite_adds_evidence_once():
     mem.cite(nid, [Cite(b, 5, written_from=False)])
     assert [x.stream for x in mem.note(nid).evidence] == ["d0", "d1"]
     assert mem.note(nid).counters["supported"] == 2
+
+
+def test_the_memory_modules_examples_run():
+    import doctest
+
+    import dostream.memory.admit
+    import dostream.memory.retrieve
+    import dostream.memory.store
+
+    for module in (dostream.memory.store, dostream.memory.retrieve, dostream.memory.admit):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
