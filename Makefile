@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest
 
-# The tests the default suite leaves out for taking over 20 s on 2 cores (pytest's `slow` marker).
+# The tests the default suite leaves out for taking over 20 s on 2 cores (pytest's `slow` marker),
+# with the agent frameworks they run against `dostream serve` (the frameworks extra).
 test-slow: setup
+	$(BIN)/python -m pip install -q -e ".[test,frameworks]"
 	$(BIN)/python -m pytest -m slow
 
 # ruff (lint + format check; config in ruff.toml). `$(BIN)/ruff format .` applies the format.
