@@ -122,7 +122,8 @@ class Source:
 class Cite:
     """A span of one segment of a stream: `span` is [start, end) in the segment's text (None: all
     of it). `written_from`: the note's text was written from this span (the quote of an extractive
-    note, a case an abstractive note's writer saw); `forget` erases such a note with its source."""
+    note, a case an abstractive note's writer saw); `forget` erases such a note with its source.
+    A situation is never written from (the writer sees the world's words only)."""
 
     stream: Stream
     segment: int
@@ -191,7 +192,7 @@ def _link(kind: str, cite: Cite) -> tuple:
         seg.text[start:end],
         src.user,
         src.key,
-        int(cite.written_from),
+        int(cite.written_from and kind == "evidence"),  # a note is written from its evidence, never its situation
     )
 
 
@@ -319,31 +320,33 @@ class Memory:
                 f"SELECT DISTINCT note FROM links WHERE kind = 'evidence' AND NOT ({col} IS ?)", (value,)
             )
         }
-        gone = sorted(n for n in written | (touched - left) if self._note_row(n)[3] != "forgotten")
+        gone = sorted(written | (touched - left))
         now = time.time()
+        erase = [
+            (
+                "UPDATE notes SET status = 'forgotten', text = '', admission = NULL, meta = '{}', changed = ? WHERE id = ?",
+                (now, n),
+            )
+            for n in gone
+        ]
+        # the situation text a kept note is retrieved by, less the forgotten source's
+        reindex = [
+            ("UPDATE notes_fts SET situation = ? WHERE rowid = ?", (self._situation_without(n, col, value), n))
+            for n in sorted(touched - set(gone))
+            if self._note_row(n)[3] == "active"
+        ]
+        marks = ",".join("?" * len(gone))
         self._tx(
             [
-                (f"DELETE FROM links WHERE {col} = ?", (value,)),
-                (f"DELETE FROM counts WHERE {col} = ?", (value,)),
-                *[
-                    stmt
-                    for n in gone
-                    for stmt in (
-                        (
-                            "UPDATE notes SET status = 'forgotten', text = '', admission = NULL, meta = '{}', "
-                            "changed = ? WHERE id = ?",
-                            (now, n),
-                        ),
-                        ("DELETE FROM links WHERE note = ?", (n,)),
-                        ("DELETE FROM counts WHERE note = ?", (n,)),
-                        ("DELETE FROM notes_fts WHERE rowid = ?", (n,)),
-                    )
-                ],
+                (f"DELETE FROM links WHERE {col} = ? OR note IN ({marks})", (value, *gone)),
+                (f"DELETE FROM counts WHERE {col} = ? OR note IN ({marks})", (value, *gone)),
+                (f"DELETE FROM notes_fts WHERE rowid IN ({marks})", tuple(gone)),
+                *erase,
+                *reindex,
+                # FTS5 keeps a deleted row's terms in its index until a merge: merge, so none remain
+                ("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", ()),
             ]
         )
-        self._reindex(touched - set(gone))
-        # FTS5 keeps a deleted row's terms in its index until a merge: merge now, so none remain.
-        self._tx([("INSERT INTO notes_fts (notes_fts) VALUES ('optimize')", ())])
         if self.path != ":memory:":
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return gone
@@ -418,22 +421,19 @@ class Memory:
                 rows.append(_count(note, "supported", Source(x[1], x[7], x[8]), now))
         return rows
 
-    def _reindex(self, notes: set[int]) -> None:
-        """The situation text of active notes that lost links, as their remaining links give it."""
-        rows = []
-        for n in sorted(notes):
-            if self._note_row(n)[3] == "active":
-                links = [(r[0], *([None] * 5), r[1]) for r in self._rows("kind, quote", n)]
-                rows.append(("UPDATE notes_fts SET situation = ? WHERE rowid = ?", (_situation(links), n)))
-        if rows:
-            self._tx(rows)
+    def _situation_without(self, note: int, col: str, value: str) -> str:
+        rows = self.db.execute(
+            f"SELECT quote FROM links WHERE note = ? AND kind = 'situation' AND NOT ({col} IS ?) ORDER BY id",
+            (note, value),
+        )
+        return "\n".join(q for (q,) in rows)
 
 
 _LINK_COLS = ("kind", "stream", "segment", "start", "end", "author", "quote", "user", "key", "written_from")
 
 
 def _situation(links: list[tuple]) -> str:
-    """What a note is about, for retrieval: the quoted text of its situation links."""
+    """What a note is about, for retrieval: the quoted text of its situation links (`_link` rows)."""
     return "\n".join(x[6] for x in links if x[0] == "situation")
 
 

@@ -73,3 +73,13 @@ def test_notes_enter_a_prompt_as_one_unsupervised_context_segment(mem, tok, chat
     assert again.segments[0].meta["memory_notes"] == [n.id for n in notes]
     with pytest.raises(ValueError, match="no notes"):
         as_context([])
+
+
+def test_a_forgotten_situation_no_longer_finds_a_kept_note():
+    mem = Memory(":memory:")
+    a = Stream("a", [Segment("user", "Is the zeppelin ride refundable?"), Segment("agent", "Yes.")])
+    b = Stream("b", [Segment("agent", "Refunds?"), Segment("teacher", "Refunds only within 30 days.")])
+    nid = mem.add(b.segments[1].text, "extractive", evidence=[Cite(b, 1)], situation=[Cite(a, 0)])
+    assert [n.id for n in retrieve(mem, "zeppelin")] == [nid]
+    assert mem.forget(stream="a") == []
+    assert retrieve(mem, "zeppelin") == [] and [n.id for n in retrieve(mem, "refunds")] == [nid]
