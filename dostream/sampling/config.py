@@ -10,7 +10,7 @@ from dostream.config import check_config, keeps_old_names, opt
 from dostream.device import SAMPLING_PRECISIONS
 from dostream.stream import Segment
 
-FinishReason = Literal["eos", "stop", "length"]
+FinishReason = Literal["eos", "stop", "length", "cancelled"]
 
 
 @keeps_old_names  # `dtype=` / `--dtype`: the old name of `precision`
@@ -76,7 +76,8 @@ class Sample:
     token_ids: list[int]  # the sampled ids in order, EOS included if sampled
     text: str  # tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     finish_reason: (
-        FinishReason  # "eos": sampled an EOS id; "stop": completed a stop string; "length": hit max_new_tokens
+        FinishReason  # "eos": sampled an EOS id; "stop": completed a stop string; "length": hit max_new_tokens;
+        # "cancelled": its caller ended it (`Decode.cancel`: a session's answer interrupted)
     )
     prompt_len: int  # number of prompt tokens the row was conditioned on
     # With `SamplingConfig.logprobs` set, per drawn token (None without): its log-prob under the model's raw

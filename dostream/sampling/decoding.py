@@ -50,6 +50,7 @@ class _Row:
     hook: Callable[..., None] | None
     ids: list[int] = field(default_factory=list)
     reason: FinishReason | None = None  # set when it ends
+    cancelled: bool = False  # ends at the next step (`Decode.cancel`)
     logprobs: list[float] | None = None  # per drawn token, with `config.logprobs` set (`Sample.logprobs`)
     top_logprobs: list[list[tuple[int, float]]] | None = None
     grammar: Grammar | None = None  # every token is drawn under its mask (`matcher`: the row's state)
@@ -247,7 +248,16 @@ class Decode:
             self.position = torch.cat([self.position, positions])
         self.rows += [joining[i][0] for i in order]
 
+    def cancel(self, which: Callable[[Any], bool]) -> None:
+        """Rows whose tag `which` accepts end at the next step, with the token it draws for them
+        (`reason` "cancelled"; an answer the user interrupted)."""
+        for row in [*self.rows, *(r for r, _ in self.joining)]:
+            if which(row.tag):
+                row.cancelled = True
+
     def _finished(self, row: _Row, tok: int) -> FinishReason | None:
+        if row.cancelled:
+            return "cancelled"
         if tok in row.eos:
             return "eos"
         stop = row.config.stop

@@ -48,6 +48,7 @@ class PrefixCache:
         self.usable = _reserved_cache(model.config, 1) is not None
         self._entries: OrderedDict[tuple[int, ...], _CachedPrefix] = OrderedDict()
         self._history: deque[tuple[int, ...]] = deque(maxlen=history)
+        self._warmed: set[tuple[int, ...]] = set()  # entries `warm` made (a session's input so far)
         # Counters (tests, benchmarks): entries made, prompt tokens their rows did not prefill.
         self.made = self.reused = 0
 
@@ -66,6 +67,23 @@ class PrefixCache:
         found = [self._longest(p) for p in prompts]
         self.reused += sum(len(h.ids) for h in found if h is not None)
         return found
+
+    def warm(self, ids: list[int] | tuple[int, ...], pad: int, step: CachedForward | None) -> int:
+        """Prefill `ids` as an entry now, ahead of the prompt it will begin (a session's input so
+        far, while the user is still typing: `serve/sessions.py`), on top of the longest entry it
+        extends, so only its new tokens are computed; an earlier warm entry it extends is dropped
+        (one entry per session, growing). Returns the tokens prefilled (0: nothing new, too long,
+        or a model without the reserved cache)."""
+        ids = tuple(ids)
+        if not self.usable or not ids or ids in self._entries or len(ids) > self.max_tokens:
+            return 0
+        base = self._longest(ids)
+        [(_, _, _, part, _)] = _prefill_parts(self.model, [ids], pad, step, hits=[base])
+        self._put(_CachedPrefix(ids, [a.keys for a in part.layers], [a.values for a in part.layers]))
+        if base is not None and base.ids in self._warmed and base.ids in self._entries:
+            del self._entries[base.ids]
+        self._warmed = {k for k in self._warmed if k in self._entries} | {ids}
+        return len(ids) - (len(base.ids) if base else 0)
 
     def _wanted(self, prompts: list[tuple[int, ...]]) -> set[tuple[int, ...]]:
         """The prefixes worth an entry: for each prompt its longest common prefix with a prompt

@@ -85,6 +85,8 @@ class Job:
     on_token: Callable[..., None] | None = None
     # The grammar every choice must follow (`response_format`, `tool_choice`, strict tools).
     grammar: Grammar | None = None
+    # Set from any thread (`cancel`): its rows end at the next decode step, reason "cancelled".
+    cancelled: bool = False
     # Filled by the batcher.
     samples: list[Sample | None] = field(default_factory=list)
     adapter: str | None = None
@@ -92,6 +94,18 @@ class Job:
     _finished_before: int = 0  # jobs finished before this one joined
     _shared: int = 0  # jobs it shared decode steps with, itself included
     _rows: int = 0  # the most rows its decode steps had
+
+
+_WAKE = object()  # queued by `cancel`: the sampling thread looks again
+
+
+@dataclass
+class Warm:
+    """Prompt ids to prefill into the prefix cache between decode steps, ahead of the request they
+    will begin (a session's input while the user is still typing); its future: tokens prefilled."""
+
+    ids: tuple[int, ...]
+    future: Future = field(default_factory=Future)
 
 
 class Overloaded(Exception):
@@ -114,7 +128,8 @@ class Batcher:
         self.max_rows, self.gather_s, self.max_queue = max_rows, gather_s, max_queue
         self.prefix_cache = prefix_cache
         self.prefixes: PrefixCache | None = None  # the cache of the model in force (None: off)
-        self._q: queue.Queue[Job | None] = queue.Queue()
+        self._q: queue.Queue[Job | Warm | None] = queue.Queue()
+        self._warms: deque[Warm] = deque()
         self._commits: queue.Queue[list[Job] | None] = queue.Queue()
         self._waiting = 0  # rows queued, not yet decoding
         self._lock = threading.Lock()
@@ -127,6 +142,7 @@ class Batcher:
         self.join_steps = self.step_rows = 0
         self.step_seconds = 0.0
         self.running = 0  # rows in the decode now
+        self.warmed = 0  # prompt tokens prefilled ahead of their request (`warm`)
         self.on_step: Callable[[float], None] | None = None  # called with each step's seconds
 
     def start(self) -> None:
@@ -152,6 +168,20 @@ class Batcher:
         self._q.put(job)
         return job.future
 
+    def warm(self, ids: list[int]) -> Future:
+        """Prefill `ids` into the prefix cache of the model in force, between decode steps (each
+        waits for the step that runs before it: the cost to rows decoding is the prefill's time);
+        a later request whose prompt begins with them prefills only the rest."""
+        w = Warm(tuple(ids))
+        self._q.put(w)
+        return w.future
+
+    def cancel(self, job: Job) -> None:
+        """End `job`'s rows at the next decode step (an interrupted answer): its samples end with
+        what was drawn, `finish_reason` "cancelled", and are recorded as usual."""
+        job.cancelled = True
+        self._q.put(_WAKE)
+
     # -- the sampling thread ----------------------------------------------------------------
     def _arrivals(self, waiting: deque, idle: bool) -> bool:
         """Move queued jobs to `waiting`; when idle, block for the first and gather briefly.
@@ -160,6 +190,9 @@ class Batcher:
             job = self._q.get()
             if job is None:
                 return False
+            if not isinstance(job, Job):  # a prefill ahead of time, or a wake-up
+                self._warms.extend([job] if isinstance(job, Warm) else [])
+                return True
             waiting.append(job)
             # Concurrent clients arrive a few ms apart: wait briefly for them so they prefill together.
             deadline = time.monotonic() + self.gather_s
@@ -170,7 +203,7 @@ class Batcher:
                     break
                 if job is None:
                     return False
-                waiting.append(job)
+                self._take(job, waiting)
             return True
         while True:
             try:
@@ -179,7 +212,13 @@ class Batcher:
                 return True
             if job is None:
                 return False
-            waiting.append(job)
+            self._take(job, waiting)
+
+    def _take(self, item: Job | Warm, waiting: deque) -> None:
+        if isinstance(item, Job):
+            waiting.append(item)
+        elif isinstance(item, Warm):
+            self._warms.append(item)
 
     def _loop(self) -> None:
         waiting: deque[Job] = deque()
@@ -200,6 +239,16 @@ class Batcher:
                     self.prefixes = PrefixCache(current[0]) if self.prefix_cache else None
                 value = current
                 run = Decode(current[0], self.tok, forward=current[2], prefix_cache=self.prefixes)
+            while self._warms:  # prefills ahead of time, between steps
+                w = self._warms.popleft()
+                try:
+                    n = self.prefixes.warm(w.ids, run.pad, run.forward) if self.prefixes else 0
+                    self.warmed += n
+                    w.future.set_result(n)
+                except Exception as e:
+                    w.future.set_exception(e)
+            if any(job.cancelled for job in live.values()):
+                run.cancel(lambda tag: tag[0].cancelled)
             # Admit while rows fit (a job alone is admitted whatever its size), on the model in force only.
             batch: list[Job] = []
             rows = run.active

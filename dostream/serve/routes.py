@@ -5,6 +5,7 @@
     POST /v1/chat/completions    OpenAI chat completions: tools, n, seed, stop, stream, usage, logprobs
     POST /v1/responses           OpenAI Responses: input items, function tools, previous_response_id, stream
     POST /v1/completions         OpenAI legacy completions: raw prompts, echo, logprobs (`serve/completions.py`)
+    WS   /v1/realtime            a session: text in as typed, answers streamed and interruptible (`serve/sessions.py`)
     POST /v1/feedback            the world's word on a completion or a conversation, with its author
     POST /v1/learn               ask for an update now (admin; `--learn`)
     GET  /v1/adapters            the adapter versions, their gate results, the one in force
@@ -21,11 +22,18 @@ its server-sent events as tokens are drawn (`serve/events.py`).
 from __future__ import annotations
 
 import asyncio
+import json
+import secrets
 import time
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import APIRouter, Request  # at module level: FastAPI resolves handler annotations from here
+from fastapi import (  # at module level: FastAPI resolves handler annotations from here
+    APIRouter,
+    Request,
+    WebSocket,
+    WebSocketDisconnect,
+)
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -37,6 +45,7 @@ from dostream.serve.metrics import CONTENT_TYPE
 from dostream.serve.protocol import ApiError, bad, conversation_id, parse_chat, parse_json
 from dostream.serve.record import StreamedContent
 from dostream.serve.responses import respond
+from dostream.serve.sessions import Session, SessionError, error_event
 
 router = APIRouter()
 
@@ -165,6 +174,56 @@ async def responses(request: Request):
     key = key_for(request, "chat")
     body = await body_of(request)
     return await respond(server_of(request), key, body, request.headers.get("x-conversation-id"))
+
+
+@router.websocket("/v1/realtime")
+async def realtime(ws: WebSocket):
+    """A session (`serve/sessions.py`): the key as `Authorization: Bearer KEY` or the subprotocol
+    `openai-insecure-api-key.KEY` (browsers), `?model=` the served model; a refused key or model
+    is an `error` event, then the socket closes (1008)."""
+    server = ws.app.state.server
+    offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+    via = next((p for p in offered if p.startswith("openai-insecure-api-key.")), None)
+    header = ws.headers.get("authorization") or (f"Bearer {via.split('.', 1)[1]}" if via else None)
+    await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+    try:
+        key = server.auth.check(header, "chat")
+        model = ws.query_params.get("model")
+        if model is not None and model != server.cfg.model:
+            raise _no_model(model)
+    except ApiError as e:
+        await ws.send_text(json.dumps({"type": "error", "event_id": "event_" + secrets.token_hex(8), **e.body()}))
+        await ws.close(code=1008)
+        return
+    session, lock = Session(server, key), asyncio.Lock()
+
+    async def out(event: dict) -> None:
+        async with lock:
+            await ws.send_text(json.dumps({"event_id": "event_" + secrets.token_hex(8), **event}, ensure_ascii=False))
+
+    session.out = out
+    await out({"type": "session.created", "session": session.info()})
+    try:
+        while True:
+            raw = await ws.receive_text()
+            event: Any = None
+            try:
+                if len(raw) > server.cfg.limits.max_body:
+                    raise SessionError("invalid_event", f"an event is at most {server.cfg.limits.max_body} bytes")
+                try:
+                    event = json.loads(raw)
+                except json.JSONDecodeError as e:
+                    raise SessionError("invalid_json", f"not valid JSON: {e}") from None
+                if not isinstance(event, dict):
+                    raise SessionError("invalid_event", "expected a JSON object")
+                async for reply in session.handle(event):
+                    await out(reply)
+            except SessionError as e:
+                await out(error_event(e, event))
+    except WebSocketDisconnect:
+        if session.answer is not None:  # gone mid-answer: it ends and is recorded with what was drawn
+            session.answer.cancelled = True
+            server.batcher.cancel(session.answer.job)
 
 
 @router.post("/v1/feedback")

@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from dostream.learning.versions import VERSIONS_SCHEMA, Versions
+from dostream.serve.session_log import SCHEMA as SESSION_SCHEMA
+from dostream.serve.session_log import SessionLog
 from dostream.sqlite import StoreError, connect, open_read_only, transaction
 from dostream.stream import Segment, Stream, stored_segments
 
@@ -164,8 +166,9 @@ class ServeStore:
         else:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.db = connect(self.path, SCHEMA + VERSIONS_SCHEMA, check_same_thread=False)
+            self.db = connect(self.path, SCHEMA + VERSIONS_SCHEMA + SESSION_SCHEMA, check_same_thread=False)
         self.lock = threading.RLock()
+        self.sessions = SessionLog(self)  # sessions' committed items and deliveries (`serve/sessions.py`)
         # The adapter versions (`learning/versions.py`, the table every learner shares).
         self.versions = Versions(self.db, self.lock, legacy=("adapter_updates", _legacy_adapter_updates))
 
@@ -377,6 +380,8 @@ class ServeStore:
             if leaf != main:
                 meta["branch"] = f"{leaf[0]}.{leaf[1]}"
             streams.append(Stream(sid, segments, meta))
+        seqs = {id(samples[r[0]][c]): r[0] for r in rows for c in range(len(samples[r[0]]))}
+        self.sessions.apply(conversation, streams, rows[-1][0] if rows else None, seqs)
         return streams
 
     def latest_seqs(self) -> tuple[int, int]:
