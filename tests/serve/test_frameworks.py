@@ -133,11 +133,13 @@ def _authors(streams: list[Stream]) -> list[list[str]]:
 
 
 # -- the OpenAI Agents SDK (the Responses API) ----------------------------------------------------
-def test_openai_agents_sdk_forced_function_tool_round_trip(smol, tok, tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_openai_agents_sdk_forced_function_tool_round_trip(smol, tok, tmp_path, streamed):
     """An `Agent` with a `@function_tool`, `tool_choice="required"` and `parallel_tool_calls=False`
     on the SDK's default model (`OpenAIResponsesModel`): one call, its arguments JSON valid for the
     function (drawn under its schema), the tool's result goes back, and the run ends with a final
-    text output (the SDK resets tool_choice after a tool call), all one recorded conversation."""
+    text output (the SDK resets tool_choice after a tool call), all one recorded conversation.
+    Streamed (`Runner.run_streamed`): the Responses events, the call's arguments as a delta."""
     agents = pytest.importorskip("agents")
     from openai import AsyncOpenAI
 
@@ -162,13 +164,20 @@ def test_openai_agents_sdk_forced_function_tool_round_trip(smol, tok, tmp_path):
             ),
         )
         try:
-            return await agents.Runner.run(agent, QUESTION, max_turns=4)
+            if not streamed:
+                return await agents.Runner.run(agent, QUESTION, max_turns=4), set()
+            result = agents.Runner.run_streamed(agent, QUESTION, max_turns=4)
+            kinds = {e.data.type async for e in result.stream_events() if e.type == "raw_response_event"}
+            return result, kinds
         finally:
             await client.close()
 
     before = _conversations(smol)
-    result = asyncio.run(run())
+    result, kinds = asyncio.run(run())
     new = _conversations(smol) - before
+    if streamed:
+        assert {"response.created", "response.completed", "response.output_text.delta"} <= kinds
+        assert "response.function_call_arguments.delta" in kinds
     assert calls == [(2, 3)], result.new_items
     [call] = [i.raw_item for i in result.new_items if isinstance(i, agents.ToolCallItem)]
     assert call.name == "add" and json.loads(call.arguments) == dict(zip("ab", calls[0]))
@@ -185,6 +194,7 @@ def test_openai_agents_sdk_forced_function_tool_round_trip(smol, tok, tmp_path):
     assert tool_seg.meta.get("tool_call_id") == call.call_id and tool_seg.text == str(sum(calls[0]))
     metas = _check_rendered(streams, _requests(smol), tok)
     assert [m["request"]["tool_choice"] for m in metas] == ["required", "auto"]
+    assert [m["request"]["stream"] for m in metas] == [streamed, streamed]
     assert metas[0]["tool_calls"][0]["function"]["arguments"] == call.arguments
 
 
@@ -227,10 +237,13 @@ def _chat_openai(smol, **kw):
     return ChatOpenAI(base_url=smol.url + "/v1", api_key=KEY, model=MODEL, temperature=0, max_retries=0, **kw)
 
 
-def test_langchain_bind_tools_required_round_trip(smol, tok, tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_langchain_bind_tools_required_round_trip(smol, tok, tmp_path, streamed):
     """`bind_tools([add], tool_choice="required", parallel_tool_calls=False)`: one call with
     arguments valid for the function (max_tokens 64, the budget that cut the call in the issue) →
-    its `ToolMessage` → a final text answer (tools bound, `auto`), one recorded conversation."""
+    its `ToolMessage` → a final text answer (tools bound, `auto`), one recorded conversation.
+    Streamed (`.stream()`, `stream_usage=True`: `stream_options.include_usage`): the chunks add
+    up to the same call, and the usage LangChain reports is the recorded exchange's."""
     pytest.importorskip("langchain_openai")
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
@@ -240,16 +253,23 @@ def test_langchain_bind_tools_required_round_trip(smol, tok, tmp_path):
         """Add two integers."""
         return a + b
 
-    llm = _chat_openai(smol, max_tokens=64)
+    llm = _chat_openai(smol, max_tokens=64, stream_usage=True)
+
+    def ask(model, messages):
+        if not streamed:
+            return model.invoke(messages)
+        chunks = list(model.stream(messages))
+        return sum(chunks[1:], chunks[0])
+
     before = _conversations(smol)
     messages = [HumanMessage(QUESTION)]
-    ai = llm.bind_tools([add], tool_choice="required", parallel_tool_calls=False).invoke(messages)
+    ai = ask(llm.bind_tools([add], tool_choice="required", parallel_tool_calls=False), messages)
     assert ai.response_metadata["finish_reason"] == "tool_calls", ai
     assert not ai.invalid_tool_calls and len(ai.tool_calls) == 1, ai
     [call] = ai.tool_calls
     assert call["name"] == "add" and call["args"] == {"a": 2, "b": 3}
     messages += [ai, ToolMessage(str(add.invoke(call["args"])), tool_call_id=call["id"])]
-    final = llm.bind_tools([add]).invoke(messages)
+    final = ask(llm.bind_tools([add]), messages)
     assert final.content and not final.tool_calls, final
     new = _conversations(smol) - before
     assert len(new) == 1
@@ -258,6 +278,11 @@ def test_langchain_bind_tools_required_round_trip(smol, tok, tmp_path):
     assert streams[0].segments[3].meta.get("tool_call_id") == call["id"]
     metas = _check_rendered(streams, _requests(smol), tok)
     assert [m["request"]["tool_choice"] for m in metas] == ["required", "auto"]
+    assert [m["request"]["stream"] for m in metas] == [streamed, streamed]
+    for reply, meta in zip((ai, final), metas):
+        usage = meta["request"]["usage"]
+        assert reply.usage_metadata["input_tokens"] == usage["prompt_tokens"]
+        assert reply.usage_metadata["output_tokens"] == usage["completion_tokens"]
 
 
 def test_langchain_with_structured_output_json_schema(smol, tok, tmp_path):
