@@ -157,11 +157,9 @@ def test_cite_adds_evidence_once():
 
 def test_the_memory_modules_examples_run():
     import doctest
+    import importlib
 
-    import dostream.memory.admit
-    import dostream.memory.retrieve
-    import dostream.memory.store
-
-    for module in (dostream.memory.store, dostream.memory.retrieve, dostream.memory.admit):
+    for name in ("store", "retrieve", "admit", "consolidate"):
+        module = importlib.import_module(f"dostream.memory.{name}")
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
