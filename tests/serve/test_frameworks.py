@@ -8,7 +8,7 @@ recorded sample is checked the way the other server tests check it: the stream r
 each turn was sampled from is the rendering of the stream before it (its length the exchange's
 `prompt_tokens`), the sampled ids follow it exactly, and the tokens drawn under a constraint
 (`tool_choice` required/named, `response_format`/`text.format`) are marked in the agent segment's
-meta (`constrained`, `constrained_by`).
+meta (`constrained_by`).
 
 The frameworks are the `frameworks` extra (`pip install -e ".[test,frameworks]"`; `make test-slow`
 installs it); each test is skipped when its framework is missing."""
@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -367,7 +366,6 @@ def test_lm_eval_local_completions_scores_a_local_task(smol, tok, tmp_path, monk
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # local-completions' bearer token
     monkeypatch.chdir(TASK_DIR)  # the task's data_files is relative to the working directory
     before = _conversations(smol)
-    started = time.monotonic()
     out = lm_eval.simple_evaluate(
         model="local-completions",
         model_args={
@@ -381,7 +379,6 @@ def test_lm_eval_local_completions_scores_a_local_task(smol, tok, tmp_path, monk
         task_manager=TaskManager(include_path=str(TASK_DIR)),
         log_samples=True,
     )
-    assert time.monotonic() - started < 300
     result = out["results"]["dostream_capitals"]
     assert result["sample_len"] == 6
     # an easy task: the model's log-likelihoods pick the capital far above chance (1/3)
