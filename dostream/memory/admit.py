@@ -101,7 +101,10 @@ class Admission:
     # +0.04; any one-line note moved short unrelated streams -0.12 to +0.09.
     min_gain: float = opt(0.1, "per-token nats the covered held-out world tokens must rise by (strictly more)")
     tolerance: float = opt(0.15, "per-token nats the other streams' world tokens may fall by at most", min=0)
-    max_others: int = opt(8, "other stored streams the test scores (the nearest by stream order)", min=0)
+    max_covered: int = opt(
+        16, "held-out streams of the note's cluster the test scores (the first, in stream order)", min=1
+    )
+    max_others: int = opt(8, "other stored streams the test scores (the first, in stream order)", min=0)
 
     def judge(self, covered: dict[str, Any], others: dict[str, Any]) -> tuple[bool, str]:
         """(admitted, why) from measured Δs (`delta`'s records)."""
@@ -147,13 +150,14 @@ class Scorer:
 
     def test(self, text: str, covered: Sequence[Stream], others: Sequence[Stream]) -> dict[str, Any]:
         """The admission record: both Δs, the thresholds, the verdict and why."""
-        c, o = self.measure(text, covered), self.measure(text, list(others)[: self.admission.max_others])
+        covered, others = list(covered)[: self.admission.max_covered], list(others)[: self.admission.max_others]
+        c, o = self.measure(text, covered), self.measure(text, others)
         admitted, reason = self.admission.judge(c, o)
         return {
             "admitted": admitted,
             "reason": reason,
             "covered": {**c, "streams": [s.id for s in covered]},
-            "others": {**o, "streams": [s.id for s in list(others)[: self.admission.max_others]]},
+            "others": {**o, "streams": [s.id for s in others]},
             "min_gain": self.admission.min_gain,
             "tolerance": self.admission.tolerance,
             "view": VIEW,

@@ -211,12 +211,12 @@ class Memory:
             self.db.execute("PRAGMA secure_delete=ON")  # forgotten text is overwritten, not left in free pages
 
     @classmethod
-    def open_dir(cls, directory: str | Path, *, read_only: bool = False) -> Memory:
+    def open_dir(cls, directory: str | Path, *, read_only: bool = False, check_same_thread: bool = True) -> Memory:
         """The memory of a directory (`DIR/memory.sqlite`), beside a stream store's file."""
         directory = Path(directory)
         if not read_only:
             directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory / "memory.sqlite", read_only=read_only)
+        return cls(directory / "memory.sqlite", read_only=read_only, check_same_thread=check_same_thread)
 
     def close(self) -> None:
         self.db.close()
