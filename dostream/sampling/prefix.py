@@ -16,6 +16,8 @@ equal to those without it and to those it draws alone (tiny models, fp32).
 
 from __future__ import annotations
 
+import torch
+
 from dostream.cached_forward import CachedForward
 from dostream.sampling.kvcache import _CachedPrefix, _reserved_cache
 from dostream.sampling.prefill import _prefill_parts
@@ -68,22 +70,32 @@ class PrefixCache:
         self.reused += sum(len(h.ids) for h in found if h is not None)
         return found
 
-    def warm(self, ids: list[int] | tuple[int, ...], pad: int, step: CachedForward | None) -> int:
-        """Prefill `ids` as an entry now, ahead of the prompt it will begin (a session's input so
-        far, while the user is still typing: `serve/sessions.py`), on top of the longest entry it
-        extends, so only its new tokens are computed; an earlier warm entry it extends is dropped
-        (one entry per session, growing). Returns the tokens prefilled (0: nothing new, too long,
-        or a model without the reserved cache)."""
-        ids = tuple(ids)
-        if not self.usable or not ids or ids in self._entries or len(ids) > self.max_tokens:
+    @torch.inference_mode()
+    def warm(self, prompts: list[tuple[int, ...]], pad: int, step: CachedForward | None) -> int:
+        """Prefill each of `prompts` as an entry now, ahead of the prompt it will begin (a
+        session's input so far, while the user is still typing: `serve/sessions.py`), all in one
+        prefill (similar lengths bucketed together: a forward's cost on a CPU is mostly reading the
+        weights), each on top of the longest entry it extends, so only its new tokens are computed;
+        an earlier warm entry it extends is dropped (one entry per session, growing). Returns the
+        tokens prefilled (0: nothing new, too long, or a model without the reserved cache)."""
+        wanted = sorted({tuple(p) for p in prompts if p and len(p) <= self.max_tokens} - set(self._entries))
+        if not self.usable or not wanted:
             return 0
-        base = self._longest(ids)
-        [(_, _, _, part, _)] = _prefill_parts(self.model, [ids], pad, step, hits=[base])
-        self._put(_CachedPrefix(ids, [a.keys for a in part.layers], [a.values for a in part.layers]))
-        if base is not None and base.ids in self._warmed and base.ids in self._entries:
-            del self._entries[base.ids]
-        self._warmed = {k for k in self._warmed if k in self._entries} | {ids}
-        return len(ids) - (len(base.ids) if base else 0)
+        bases = [self._longest(p) for p in wanted]
+        order = sorted(range(len(wanted)), key=lambda i: len(wanted[i]) - (len(bases[i].ids) if bases[i] else 0))
+        wanted, bases = [wanted[i] for i in order], [bases[i] for i in order]  # by what is left to prefill
+        done = 0
+        for lo, hi, _, part, _ in _prefill_parts(self.model, wanted, pad, step, hits=bases):
+            for r, ids in enumerate(wanted[lo:hi]):
+                base = bases[lo + r]
+                keys = [a.keys[r : r + 1, :, -len(ids) :].clone() for a in part.layers]
+                values = [a.values[r : r + 1, :, -len(ids) :].clone() for a in part.layers]
+                self._put(_CachedPrefix(ids, keys, values))
+                if base is not None and base.ids in self._warmed and base.ids in self._entries:
+                    del self._entries[base.ids]
+                self._warmed = {k for k in self._warmed if k in self._entries} | {ids}
+                done += len(ids) - (len(base.ids) if base else 0)
+        return done
 
     def _wanted(self, prompts: list[tuple[int, ...]]) -> set[tuple[int, ...]]:
         """The prefixes worth an entry: for each prompt its longest common prefix with a prompt

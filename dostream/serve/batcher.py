@@ -239,14 +239,16 @@ class Batcher:
                     self.prefixes = PrefixCache(current[0]) if self.prefix_cache else None
                 value = current
                 run = Decode(current[0], self.tok, forward=current[2], prefix_cache=self.prefixes)
-            while self._warms:  # prefills ahead of time, between steps
-                w = self._warms.popleft()
+            if self._warms:  # prefills ahead of time, all waiting in one prefill, between steps
+                warms, self._warms = list(self._warms), deque()
                 try:
-                    n = self.prefixes.warm(w.ids, run.pad, run.forward) if self.prefixes else 0
+                    n = self.prefixes.warm([w.ids for w in warms], run.pad, run.forward) if self.prefixes else 0
                     self.warmed += n
-                    w.future.set_result(n)
+                    for w in warms:
+                        w.future.set_result(n)
                 except Exception as e:
-                    w.future.set_exception(e)
+                    for w in warms:
+                        w.future.set_exception(e)
             if any(job.cancelled for job in live.values()):
                 run.cancel(lambda tag: tag[0].cancelled)
             # Admit while rows fit (a job alone is admitted whatever its size), on the model in force only.

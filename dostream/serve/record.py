@@ -163,8 +163,9 @@ def reply(sample: Sample, tok, stop: tuple[str, ...], *, tools: bool, call_prefi
     The content is what the model wrote, less the end-of-turn token it sampled and less a stop
     string and what followed it in its last token (as OpenAI returns it); with tools in force,
     `<tool_call>` blocks become `tool_calls`. A turn the budget cut is `finish_reason: "length"`
-    with whatever the model wrote (a call it had not closed stays in the content, as vLLM returns
-    it), never an empty message. A thinking model's leading `<think>...</think>`
+    with whatever the model wrote: its whole calls as `tool_calls` (a last one whose JSON is whole
+    but whose `</tool_call>` never came included) and the rest as the content (a call it had not
+    finished stays text there, as vLLM returns it), never an empty message. A thinking model's leading `<think>...</think>`
     block comes back as `reasoning_content` (as OpenAI-compatible servers for DeepSeek/Qwen-style
     models return it), the rest as the content. The recorded segment keeps every sampled id."""
     text = _visible(sample.text, sample.finish_reason, tok, sample, stop)
@@ -179,8 +180,7 @@ def reply(sample: Sample, tok, stop: tuple[str, ...], *, tools: bool, call_prefi
         message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = calls
-    cut = sample.finish_reason == "length"
-    finish = "length" if cut and (not calls or CALL_OPEN in text) else ("tool_calls" if calls else "stop")
+    finish = "length" if sample.finish_reason == "length" else ("tool_calls" if calls else "stop")
     return message, finish
 
 

@@ -20,11 +20,12 @@ events, with dostream's `input_text_buffer.*` shaped on `input_audio_buffer.*`:
       content_index, text_end}
                                                     error {error: {type, code, message, param, event_id}}
 
-**Listen while thinking.** With `prefill: "streamed"` (the default) every appended chunk is
-prefilled into the server's prefix cache as it arrives (`Batcher.warm`, between decode steps): the
-prompt the session's next answer will have, up to the user's text so far less its last word (a
-word still being typed may tokenize otherwise once it ends), so at `response.create` only the last
-chunk and the template's closing are left to prefill. `on_commit` prefills nothing ahead (the
+**Listen while thinking.** With `prefill: "streamed"` (the default) the typed text is prefilled
+into the server's prefix cache as it arrives (`Batcher.warm`, between decode steps, every
+`WARM_CHARS` new characters, the sessions waiting then prefilled together): the prompt the
+session's next answer will have, up to the user's text so far less its last word (a word still
+being typed may tokenize otherwise once it ends), so at `response.create` only the text since the
+last prefill and the template's closing are left. `on_commit` prefills nothing ahead (the
 baseline `benchmarks/realtime.py` compares against). Thinking while listening (hidden tokens
 between chunks) is not done.
 
@@ -62,6 +63,9 @@ from dostream.serve.store import Exchange
 from dostream.stream import Segment, Stream
 
 PREFILL = ("streamed", "on_commit")
+# New characters typed (whole words, ~24 tokens of English) before the next prefill ahead: each is
+# one forward, whose cost on a CPU is mostly reading the weights, so words are not prefilled one by one.
+WARM_CHARS = 96
 _LAST_WORD = re.compile(r"\S*$")
 
 
@@ -139,7 +143,7 @@ class Session:
         self.answers: dict[str, int] = {}  # item id -> exchange seq (truncate)
         self._warming: asyncio.Future | None = None
         self._rewarm = False
-        self.warmed_tokens = 0  # prefilled ahead of time (tests, benchmarks)
+        self._warmed_chars = 0  # of the input buffer, prefilled ahead
 
     # -- the session's own view -------------------------------------------------------------
     def info(self) -> dict[str, Any]:
@@ -208,13 +212,13 @@ class Session:
             self._warm()
 
     async def _on_input_text_buffer_clear(self, event: dict):
-        self.chunks = []
+        self.chunks, self._warmed_chars = [], 0
         yield {"type": "input_text_buffer.cleared"}
 
     async def _on_input_text_buffer_commit(self, event: dict):
         if not self.chunks:
             raise SessionError("input_text_buffer_commit_empty", "the input text buffer is empty")
-        chunks, self.chunks = self.chunks, []
+        chunks, self.chunks, self._warmed_chars = self.chunks, [], 0
         async for out in self._commit(chunks):
             yield out
         yield {"type": "input_text_buffer.committed", "item_id": self._last_item}
@@ -410,8 +414,9 @@ class Session:
             return
         typed = "".join(t for _, t in self.chunks)
         stable = typed[: _LAST_WORD.search(typed).start()].rstrip()
-        if not stable:
+        if len(stable) < self._warmed_chars + WARM_CHARS:  # too little new: the next chunk will ask
             return
+        self._warmed_chars = len(stable)
         ids = self._typed_ids(stable)
         if not ids:
             return
@@ -420,8 +425,6 @@ class Session:
         self._warming.add_done_callback(self._warmed)
 
     def _warmed(self, fut: asyncio.Future) -> None:
-        if not fut.cancelled() and fut.exception() is None:
-            self.warmed_tokens += fut.result()
         if self._rewarm:
             self._warm()
 

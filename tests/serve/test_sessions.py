@@ -79,10 +79,11 @@ def test_a_session_streams_prefills_as_typed_interrupts_and_records_what_was_hea
         send(ws, type="session.update", session={"instructions": "Be brief.", "temperature": 0})
         assert until(ws, "session.updated")["session"]["instructions"] == "Be brief."
         warmed = server.batcher.warmed
-        chunks = ["Tell me ", "about the ", "sea and ", "the sky ", "tonight"]
+        chunks = ["Tell me about the sea ", "and the sky tonight, ", "the stars over the harbour, "]
+        chunks += ["the boats at rest and ", "the gulls asleep on the pier wall"]
         for c in chunks:
             send(ws, type="input_text_buffer.append", delta=c)
-            time.sleep(0.05)
+            time.sleep(0.1)  # (typing: the prefill ahead runs meanwhile)
         send(ws, type="input_text_buffer.commit")
         item = until(ws, "conversation.item.created")["item"]
         assert item["content"][0]["text"] == "".join(chunks)
@@ -121,7 +122,9 @@ def test_a_session_streams_prefills_as_typed_interrupts_and_records_what_was_hea
     authors = [s.author for s in stream.segments]
     assert authors == ["context", "user", "agent", "user", "agent", "user", "agent"]
     typed = stream.segments[1]
-    assert typed.text == "".join(chunks) and [end for _, end in typed.meta["chunks"]] == [8, 18, 26, 34, 41]
+    assert typed.text == "".join(chunks) and [end for _, end in typed.meta["chunks"]] == [
+        len("".join(chunks[: k + 1])) for k in range(5)
+    ]
     assert [at for at, _ in typed.meta["chunks"]] == sorted(at for at, _ in typed.meta["chunks"])
     assert stream.segments[5].text == "Stop, what is a wave?" and len(stream.segments[5].meta["chunks"]) == 2
     cut = stream.segments[4]

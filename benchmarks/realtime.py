@@ -1,0 +1,233 @@
+"""Sessions (`WS /v1/realtime`): time from a user's last input event to the agent's first token,
+prefill while the user types (`streamed`) against prefill on commit (`on_commit`), and what
+listening costs ordinary chat requests sharing the server.
+
+    python benchmarks/realtime.py [--model smollm2] [--lengths 50,200,800] [--sessions 1,8]
+                                  [--rate 20] [--repeat 2] [--chat-clients 8] [--chat-s 30] [--json OUT]
+
+One `dostream serve` process on 127.0.0.1 (the embedded SmolLM2-135M-Instruct by default, fp32,
+`OMP_NUM_THREADS` = the CPUs). A user message of N tokens (English prose, counted with the model's
+tokenizer) is typed word by word at `--rate` tokens a second into `--sessions` concurrent sessions
+(all typing at once, each its own message), then committed and answered (`response.create`,
+greedy, 16 tokens). Time to first token: from sending `response.create` (the user's last input
+event, right after the last word and the commit) to the first `response.output_text.delta`.
+`--rate 20` is faster than anyone types (~1-2 tokens/s): streamed prefill has the least time to keep
+up, and a slower typist only leaves it more. Modes alternate run by run (`--repeat` rounds), so the
+machine's drift moves both alike; the table gives each mean with its t 95% interval and the paired
+ratio on_commit/streamed.
+
+Chat cost: `--chat-clients` clients send chat requests (short questions, greedy, 32 tokens) back to
+back for `--chat-s` seconds, (a) alone, (b) while `max(--sessions)` sessions type 800-token messages
+at `--rate` with `streamed` prefill, (c) the same with `on_commit` (the same text prefilled at commit
+instead): requests/s of each. (b) against (a) is what listening costs; (b) against (c) is what
+listening *early* costs, the same prefill done at another time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import websockets
+from serve import KEY, PROMPTS, dostream_server
+
+from dostream.config import environment
+from dostream.stats import mean_ci
+
+PROSE = (
+    "The harbour town wakes slowly in winter. Fishing boats rock against the pier while gulls argue "
+    "over scraps, and the baker on the corner pulls the first loaves from an oven older than anyone "
+    "can remember. Children walk to school along the sea wall, counting the waves that break over "
+    "the rocks, and the old lighthouse keeper, retired now for twenty years, still climbs the hill "
+    "each morning to watch the weather come in from the west. "
+)
+
+
+def message(tok, n: int, seed: int) -> list[str]:
+    """Words of an English text of `n` tokens (each with its leading space), varied by `seed`."""
+    words = (PROSE * (n // 40 + 4)).split()
+    words = words[seed % 17 :] + words[: seed % 17]
+    out: list[str] = []
+    while len(tok("".join(out), add_special_tokens=False)["input_ids"]) < n:
+        out.append(("" if not out else " ") + words[len(out) % len(words)])
+    return out
+
+
+async def session_ttft(url: str, words: list[str], rate_tok_s: float, tok, prefill: str) -> dict:
+    """One session types `words` at `rate_tok_s`, commits, asks; returns the time to first token."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
+        json.loads(await ws.recv())  # session.created
+        await ws.send(json.dumps({"type": "session.update", "session": {"prefill": prefill, "temperature": 0}}))
+        while json.loads(await ws.recv())["type"] != "session.updated":
+            pass
+        for w in words:
+            await ws.send(json.dumps({"type": "input_text_buffer.append", "delta": w}))
+            await asyncio.sleep(len(tok(w, add_special_tokens=False)["input_ids"]) / rate_tok_s)
+        await ws.send(json.dumps({"type": "input_text_buffer.commit"}))
+        t0 = time.perf_counter()
+        await ws.send(json.dumps({"type": "response.create", "response": {"max_output_tokens": 16}}))
+        first = None
+        while True:
+            event = json.loads(await ws.recv())
+            if event["type"] == "response.output_text.delta" and first is None:
+                first = time.perf_counter() - t0
+            if event["type"] == "error":
+                raise RuntimeError(event["error"]["message"])
+            if event["type"] == "response.done":
+                return {
+                    "ttft_s": first if first is not None else time.perf_counter() - t0,
+                    "input_tokens": event["response"]["usage"]["input_tokens"],
+                }
+
+
+async def chat_load(url: str, clients: int, seconds: float) -> dict:
+    """`clients` chat clients back to back for `seconds`: requests/s and their latencies."""
+    done: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def client(c: int, http: httpx.AsyncClient) -> None:
+        r = 0
+        while time.perf_counter() < stop:
+            body = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[(c + r) % len(PROMPTS)]}]}
+            body.update(max_tokens=32, temperature=0)
+            t = time.perf_counter()
+            resp = await http.post(url + "/v1/chat/completions", json={**body, "model": MODEL[0]})
+            resp.raise_for_status()
+            done.append(time.perf_counter() - t)
+            r += 1
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        await asyncio.gather(*(client(c, http) for c in range(clients)))
+    wall = time.perf_counter() - t0
+    return {"requests": len(done), "req_per_s": len(done) / wall, "p50_s": statistics.median(done) if done else None}
+
+
+MODEL = ["smollm2"]
+
+
+async def sessions_row(ws_url: str, tok, n: int, sessions: int, rate: float, prefill: str, seed: int) -> list[dict]:
+    msgs = [message(tok, n, seed * 31 + s) for s in range(sessions)]
+    return list(await asyncio.gather(*(session_ttft(ws_url, m, rate, tok, prefill) for m in msgs)))
+
+
+async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | None) -> dict:
+    """Chat load for `args.chat_s`, with sessions typing 800-token messages beside it (None: alone)."""
+    if prefill is None:
+        return await chat_load(url, args.chat_clients, args.chat_s)
+    sessions = max(args.sessions)
+
+    async def typing() -> None:
+        k = 0
+        while True:  # message after message until the chat load ends
+            await sessions_row(ws_url, tok, 800, sessions, args.rate, prefill, 1000 + k)
+            k += 1
+
+    typer = asyncio.create_task(typing())
+    await asyncio.sleep(2)  # the sessions are typing when the chat load starts
+    try:
+        return await chat_load(url, args.chat_clients, args.chat_s)
+    finally:
+        typer.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--lengths", default="50,200,800", help="user message lengths in tokens")
+    ap.add_argument("--sessions", default="1,8", help="concurrent sessions")
+    ap.add_argument("--rate", type=float, default=20.0, help="typing speed, tokens a second")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds (the modes alternate within each)")
+    ap.add_argument("--chat-clients", type=int, default=8)
+    ap.add_argument("--chat-s", type=float, default=30.0, help="seconds of each chat-load run (0: skip)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.sessions = [int(x) for x in args.sessions.split(",")]
+    MODEL[0] = args.model
+    from dostream.models import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    rows: list[dict] = []
+    chat: dict[str, list[dict]] = {}
+    with dostream_server(args, env) as server:
+        ws_url = "ws" + server.url.removeprefix("http") + f"/v1/realtime?model={args.model}"
+        for r in range(args.repeat):
+            for n in args.lengths:
+                for s in args.sessions:
+                    for prefill in ("streamed", "on_commit") if r % 2 == 0 else ("on_commit", "streamed"):
+                        got = asyncio.run(sessions_row(ws_url, tok, n, s, args.rate, prefill, r))
+                        row = {"round": r, "tokens": n, "sessions": s, "prefill": prefill, "runs": got}
+                        row["ttft_s"] = statistics.mean(g["ttft_s"] for g in got)
+                        rows.append(row)
+                        print(json.dumps({k: v for k, v in row.items() if k != "runs"}), file=sys.stderr, flush=True)
+        if args.chat_s > 0:
+            for r in range(args.repeat):
+                for mode in (None, "streamed", "on_commit") if r % 2 == 0 else ("on_commit", "streamed", None):
+                    got = asyncio.run(chat_with_sessions(server.url, ws_url, tok, args, mode))
+                    chat.setdefault(mode or "alone", []).append(got)
+                    print(json.dumps({"chat": mode or "alone", **got}), file=sys.stderr, flush=True)
+    print(table(rows, chat, args))
+    machine = environment()
+    print(f"\n{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['versions'].get('torch')}")
+    if args.json:
+        record = {"environment": machine, "settings": vars(args), "sessions": rows, "chat": chat}
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+def table(rows: list[dict], chat: dict[str, list[dict]], args) -> str:
+    lines = [
+        f"Time to first token after the last input event (s), mean [t 95% interval] over {args.repeat} rounds "
+        f"(each round's mean over its sessions); typing at {args.rate:g} tokens/s",
+        "",
+        "| message tokens | sessions | streamed prefill | prefill on commit | on_commit / streamed (paired) | cut |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in args.lengths:
+        for s in args.sessions:
+            runs = {
+                p: {r["round"]: r["ttft_s"] for r in rows if (r["tokens"], r["sessions"], r["prefill"]) == (n, s, p)}
+                for p in ("streamed", "on_commit")
+            }
+            st, oc = list(runs["streamed"].values()), list(runs["on_commit"].values())
+            ratios = [runs["on_commit"][k] / runs["streamed"][k] for k in runs["streamed"] if k in runs["on_commit"]]
+            fmt = lambda v: "{:.3f} [{:.3f}, {:.3f}]".format(*mean_ci(v)) if len(v) > 1 else f"{v[0]:.3f}"  # noqa: E731
+            cut = 1 - statistics.mean(st) / statistics.mean(oc)
+            lines.append(f"| {n} | {s} | {fmt(st)} | {fmt(oc)} | {fmt(ratios)}x | {cut:.0%} |")
+    if chat:
+        lines += [
+            "",
+            f"Chat beside sessions: {args.chat_clients} chat clients for {args.chat_s:g} s, requests/s (mean over rounds)",
+            "",
+            "| beside | req/s | p50 latency (s) | against alone |",
+            "|---|---|---|---|",
+        ]
+        alone = statistics.mean(r["req_per_s"] for r in chat.get("alone", [])) if chat.get("alone") else None
+        for mode, label in (
+            ("alone", "nothing"),
+            ("streamed", f"{max(args.sessions)} sessions typing, streamed prefill"),
+            ("on_commit", f"{max(args.sessions)} sessions typing, prefill on commit"),
+        ):
+            if mode not in chat:
+                continue
+            rps = statistics.mean(r["req_per_s"] for r in chat[mode])
+            p50 = statistics.mean(r["p50_s"] for r in chat[mode] if r["p50_s"] is not None)
+            rel = f"{rps / alone - 1:+.1%}" if alone else ""
+            lines.append(f"| {label} | {rps:.2f} | {p50:.2f} | {rel} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
