@@ -3,8 +3,9 @@
 With the note rendered as a `context` segment before a stored stream (`retrieve.as_context`, the
 way it would enter a prompt), the model scores the stream's world tokens (those the
 `interventional` view supervises: what the rule says is evidence) through `dostream.scoring`, and
-again with the same context segment holding no note (its header alone: what is measured is the
-note's words, not the header's). Every segment is tokenised on its own (`render/`), so the stream's tokens are
+again with the same context segment without it (what is measured is the note's words, not the
+header's; with the notes already admitted for the same cases in both, so that a note that only
+repeats one already there gains nothing). Every segment is tokenised on its own (`render/`), so the stream's tokens are
 the same ids in both renderings and the two scores are paired token by token. Δ is the mean
 per-token change in log-likelihood, in nats, pooled over a set of streams:
 
@@ -120,44 +121,58 @@ class Admission:
         return True, f"covered Δ {covered['delta']:+.4f}, others Δ {others['delta']:+.4f} nats/token"
 
 
+def _context(texts: Sequence[str]) -> Segment:
+    """The `context` segment a prompt would hold with these notes (`retrieve.as_context`); none:
+    its header alone."""
+    from dostream.memory.retrieve import CONTEXT_HEADER, as_context
+    from dostream.memory.store import Note
+
+    if not texts:
+        return Segment("context", CONTEXT_HEADER, meta={"memory_notes": []})
+    return as_context([Note(0, t, "extractive", "active", None, 0.0, None, {}) for t in texts])
+
+
 class Scorer:
-    """The test for many notes over one set of stored streams: each stream's score without a note
-    is computed once and kept."""
+    """The test for many notes over one set of stored streams. A note is measured against what
+    memory already holds for its cases (`given`: notes already admitted, in context in both
+    renderings), so a note that only repeats one already there gains nothing and is refused. The
+    scores without the note are kept per `given` and stream."""
 
     def __init__(self, model, renderer: Renderer, admission: Admission, *, batch_size: int = 8):
         self.model, self.renderer, self.admission, self.batch_size = model, renderer, admission, batch_size
-        self._base: dict[str, list[float]] = {}
+        self._base: dict[tuple[tuple[str, ...], str], list[float]] = {}
 
-    def _without(self, streams: Sequence[Stream]) -> list[list[float]]:
-        from dostream.memory.retrieve import CONTEXT_HEADER
+    def _without(self, given: tuple[str, ...], streams: Sequence[Stream]) -> list[list[float]]:
+        todo = [s for s in streams if (given, s.id) not in self._base]
+        scored = world_logprobs(self.model, self.renderer, todo, _context(given), batch_size=self.batch_size)
+        for s, lp in zip(todo, scored):
+            self._base[given, s.id] = lp
+        return [self._base[given, s.id] for s in streams]
 
-        todo = [s for s in streams if s.id not in self._base]
-        empty = Segment("context", CONTEXT_HEADER, meta={"memory_notes": []})
-        for s, lp in zip(todo, world_logprobs(self.model, self.renderer, todo, empty, batch_size=self.batch_size)):
-            self._base[s.id] = lp
-        return [self._base[s.id] for s in streams]
-
-    def measure(self, text: str, streams: Sequence[Stream]) -> dict[str, Any]:
-        """Δ of `streams`' world tokens with the note `text` in context (`delta`'s record)."""
-        from dostream.memory.retrieve import as_context
-        from dostream.memory.store import Note
-
+    def measure(self, text: str, streams: Sequence[Stream], given: Sequence[str] = ()) -> dict[str, Any]:
+        """Δ of `streams`' world tokens with the note `text` added to the `given` notes in context
+        (`delta`'s record)."""
         if not streams:
             return delta([], [])
-        prefix = as_context([Note(0, text, "extractive", "active", None, 0.0, None, {})])
-        with_note = world_logprobs(self.model, self.renderer, streams, prefix, batch_size=self.batch_size)
-        return delta(with_note, self._without(streams))
+        given = tuple(given)
+        with_note = world_logprobs(
+            self.model, self.renderer, streams, _context([*given, text]), batch_size=self.batch_size
+        )
+        return delta(with_note, self._without(given, streams))
 
-    def test(self, text: str, covered: Sequence[Stream], others: Sequence[Stream]) -> dict[str, Any]:
+    def test(
+        self, text: str, covered: Sequence[Stream], others: Sequence[Stream], given: Sequence[str] = ()
+    ) -> dict[str, Any]:
         """The admission record: both Δs, the thresholds, the verdict and why."""
         covered, others = list(covered)[: self.admission.max_covered], list(others)[: self.admission.max_others]
-        c, o = self.measure(text, covered), self.measure(text, others)
+        c, o = self.measure(text, covered, given), self.measure(text, others, given)
         admitted, reason = self.admission.judge(c, o)
         return {
             "admitted": admitted,
             "reason": reason,
             "covered": {**c, "streams": [s.id for s in covered]},
             "others": {**o, "streams": [s.id for s in others]},
+            "given": len(given),
             "min_gain": self.admission.min_gain,
             "tolerance": self.admission.tolerance,
             "view": VIEW,

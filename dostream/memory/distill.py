@@ -15,9 +15,11 @@ In data-flow order:
    cases from at least `min_cases` streams also gets `k` `abstractive` candidates from a `Writer`
    (`writer.py`), written from half its streams' cases; the other half is held out.
 4. **Admission** (`admit.py`): a candidate is tested on the cluster's streams it was not written
-   from (covered) and on `max_others` streams outside the cluster; an admitted one is stored with
-   its measured deltas (for a cluster's abstractive candidates, the best admitted one). A text
-   already in memory is not tested again: the new spans are cited as more evidence.
+   from (covered) and on `max_others` streams outside the cluster, with the notes the cluster has
+   already admitted in context in both renderings: it must add to them (the rule first, then the
+   cases it does not already cover). An admitted one is stored with its measured deltas (of a
+   cluster's abstractive candidates, the best admitted one). A text already in memory is not
+   tested again: the new spans are cited as more evidence.
 """
 
 from __future__ import annotations
@@ -161,15 +163,18 @@ def distill(
     for n, group in enumerate(bar):
         ids = list(dict.fromkeys(c.stream.id for c in group))
         others = [s for s in streams if s.id not in set(ids)]
-        if config.extractive:
-            records += _extractive(group, others, memory, scorer, n)
+        given: list[str] = []  # the notes admitted for this cluster so far: a new one must add to them
         if writer is not None and len(ids) >= config.min_cases:
-            records += _abstractive(group, ids, others, memory, scorer, writer, config.k, n)
+            records += _abstractive(group, ids, others, memory, scorer, writer, config.k, n, given)
+        if config.extractive:
+            records += _extractive(group, others, memory, scorer, n, given)
         bar.set_postfix(admitted=sum(r["admitted"] for r in records))
     return records
 
 
-def _extractive(group: list[Case], others: list[Stream], memory: Memory, scorer: Scorer, n: int) -> list[dict]:
+def _extractive(
+    group: list[Case], others: list[Stream], memory: Memory, scorer: Scorer, n: int, given: list[str]
+) -> list[dict]:
     by_text: dict[str, list[Case]] = {}
     for c in group:
         by_text.setdefault(_norm(c.text), []).append(c)
@@ -185,9 +190,10 @@ def _extractive(group: list[Case], others: list[Stream], memory: Memory, scorer:
             out.append({**record, "note": known, "admitted": True, "admission": {"reason": "already in memory: cited"}})
             continue
         covered = list({c.stream.id: c.stream for c in group if c.stream.id != first.stream.id}.values())
-        test = scorer.test(text, covered, others)
+        test = scorer.test(text, covered, others, given)
         nid = None
         if test["admitted"]:
+            given.append(text)
             nid = memory.add(
                 text,
                 "extractive",
@@ -200,7 +206,7 @@ def _extractive(group: list[Case], others: list[Stream], memory: Memory, scorer:
     return out
 
 
-def _abstractive(group, ids, others, memory, scorer, writer: Writer, k: int, n: int) -> list[dict]:
+def _abstractive(group, ids, others, memory, scorer, writer: Writer, k: int, n: int, given: list[str]) -> list[dict]:
     shown = set(ids[0::2])  # the writer sees half the cluster's streams; the other half is held out
     seen_cases = [c for c in group if c.stream.id in shown]
     covered = list({c.stream.id: c.stream for c in group if c.stream.id not in shown}.values())
@@ -225,6 +231,7 @@ def _abstractive(group, ids, others, memory, scorer, writer: Writer, k: int, n: 
         if r["admitted"] and r is not best:
             r["admission"]["reason"] += "; another candidate of the cluster rose more: not stored"
     if best is not None:
+        given.append(best["text"])
         evidence = [c.cite(True) for c in seen_cases] + [c.cite(False) for c in group if c.stream.id not in shown]
         best["note"] = memory.add(
             best["text"],

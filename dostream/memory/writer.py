@@ -16,6 +16,7 @@ What it writes is a candidate, not a note: admission (`admit.py`) decides.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -35,8 +36,14 @@ def prompt_messages(cases: Sequence[str]) -> list[dict[str, str]]:
 
 
 def clean(text: str) -> str:
-    """A candidate's first paragraph, its whitespace folded ('' if nothing is left)."""
-    return " ".join(text.strip().split("\n\n")[0].split())
+    r"""A candidate's first paragraph, its whitespace folded, less a leading "Rule:" or list marker
+    ('' if nothing is left).
+
+    >>> clean("Rule: 1. Only veterans qualify.\n\nMore.")
+    'Only veterans qualify.'
+    """
+    first = " ".join(text.strip().split("\n\n")[0].split())
+    return re.sub(r"^(?:rule:\s*)?(?:(?:\d+[.)]|[-*])\s+)?", "", first, flags=re.I)
 
 
 class Writer(Protocol):

@@ -122,3 +122,18 @@ def test_an_endpoint_writer_asks_an_openai_compatible_server(served):
     writer = EndpointWriter(served.url + "/v1", "tiny", api_key="sk-test-admin", max_tokens=6)
     out = writer.write(["Only veterans qualify.", "Physicians qualify too."], 2)
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_a_note_that_only_repeats_an_admitted_one_is_refused(tok):
+    """The cases differ in one word: the first is admitted; each later one is tested with it in
+    context in both renderings and adds nothing the held-out streams need."""
+    mem = Memory(":memory:")
+    streams = [
+        discount_stream(i, w, rule=f"No: a {w} does not qualify. Only veterans and physicians qualify.")
+        for i, w in enumerate(["teacher", "nurse", "pilot", "farmer"])
+    ]
+    records = distill(streams, mem, CopyLM(len(tok)), Renderer(tok), DistillConfig(max_others=0))
+    assert [r["admitted"] for r in records] == [True, False, False, False]
+    assert [r["admission"]["given"] for r in records] == [0, 1, 1, 1]
+    assert all(r["admission"]["covered"]["delta"] <= 0.1 for r in records[1:])
+    assert [n.text for n in mem.notes()] == [streams[0].segments[5].text]

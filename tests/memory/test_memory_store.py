@@ -159,7 +159,7 @@ def test_the_memory_modules_examples_run():
     import doctest
     import importlib
 
-    for name in ("store", "retrieve", "admit", "consolidate"):
+    for name in ("store", "retrieve", "admit", "writer", "consolidate"):
         module = importlib.import_module(f"dostream.memory.{name}")
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0, module.__name__
