@@ -52,6 +52,10 @@ class ServeConfig:
     prefix_cache: bool = opt(
         True, "reuse the keys and values of leading tokens prompts share (--no-prefix-cache: prefill whole)"
     )
+    memory: str | None = opt(
+        None, "a memory directory (`dostream memory`): notes retrieved into prompts as context; /v1/memory"
+    )
+    memory_k: int = opt(4, "notes retrieved into a prompt (--memory)", min=1)
     limits: Limits = field(default_factory=Limits)
     learn: Any = None  # a `serve.learn.LearnConfig`: learn while serving (--learn)
 

@@ -90,9 +90,12 @@ class Pending:
 class Preparer:
     """Requests → `Pending` exchanges, against one store, tokenizer and model context."""
 
-    def __init__(self, store: ServeStore, tok: Any, context: int, *, client_assistant: str, fast_step: bool):
+    def __init__(
+        self, store: ServeStore, tok: Any, context: int, *, client_assistant: str, fast_step: bool, memory=None
+    ):
         self.store, self.tok, self.context = store, tok, context
         self.client_assistant, self.fast_step = client_assistant, fast_step
+        self.memory = memory  # `serve.memory.ServedMemory` (--memory): notes before the newest user message
         self.renderer = Renderer(tok, chat_template=True)
         self._special = [t for t in tok.all_special_tokens if t]
 
@@ -123,6 +126,8 @@ class Preparer:
                 conversation = conversation or "conv-" + secrets.token_hex(8)
         except FieldError as e:
             raise bad(e.field, e.reason) from None
+        if self.memory is not None:
+            new = self.memory.context(new)
         try:
             prompt = self.renderer.prompt_ids(Stream(conversation, path + new))
         except RenderError as e:

@@ -6,6 +6,9 @@
     POST /v1/responses           OpenAI Responses: input items, function tools, previous_response_id, stream
     POST /v1/completions         OpenAI legacy completions: raw prompts, echo, logprobs (`serve/completions.py`)
     WS   /v1/realtime            a session: text in as typed, answers streamed and interruptible (`serve/sessions.py`)
+    GET  /v1/memory[/{id}]       the memory's notes (admin; `--memory`, `serve/memory.py`)
+    DELETE /v1/memory            forget a source: ?stream=, ?user= or ?key= (admin)
+    POST /v1/memory/distill      distil the conversations recorded since the last run (admin)
     POST /v1/feedback            the world's word on a completion or a conversation, with its author
     POST /v1/learn               ask for an update now (admin; `--learn`)
     GET  /v1/adapters            the adapter versions, their gate results, the one in force
@@ -226,6 +229,47 @@ async def realtime(ws: WebSocket):
             server.batcher.cancel(session.answer.job)
 
 
+def _memory(request: Request):
+    key_for(request, "admin")
+    memory = server_of(request).memory
+    if memory is None:
+        raise ApiError(409, "this server has no memory: start it with --memory DIR", code="no_memory")
+    return memory
+
+
+@router.get("/v1/memory")
+async def memory_list(request: Request):
+    return await run_in_threadpool(_memory(request).listing)
+
+
+@router.get("/v1/memory/{note}")
+async def memory_note(note: int, request: Request):
+    memory = _memory(request)
+    try:
+        return await run_in_threadpool(memory.show, note)
+    except KeyError:
+        raise ApiError(404, f"note {note} is not in this memory", param="note", code="not_found") from None
+
+
+@router.delete("/v1/memory")
+async def memory_forget(request: Request):
+    memory = _memory(request)
+    given = {k: v for k, v in request.query_params.items() if k in ("stream", "user", "key")}
+    if len(given) != 1:
+        raise bad("stream", "give exactly one source to forget: ?stream=, ?user= or ?key=")
+    return await run_in_threadpool(memory.forget, **given)
+
+
+@router.post("/v1/memory/distill")
+async def memory_distill(request: Request):
+    memory, server = _memory(request), server_of(request)
+    obj = _object(await body_of(request, empty_ok=True))
+    future = memory.distill(server.store)
+    if not obj.get("wait", False):
+        return JSONResponse({"object": "memory.distill", "status": "queued"}, status_code=202)
+    return await asyncio.wrap_future(future)
+
+
 @router.post("/v1/feedback")
 async def feedback(request: Request):
     key = key_for(request, "feedback")
@@ -302,6 +346,8 @@ def build_app(server):
         finally:
             server.learner.stop()
             server.batcher.stop()
+            if server.memory is not None:
+                server.memory.close()
 
     app = FastAPI(title="dostream serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

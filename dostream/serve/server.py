@@ -22,6 +22,7 @@ from dostream.serve.batcher import Batcher, ModelSlot
 from dostream.serve.config import ServeConfig
 from dostream.serve.exchange import Preparer
 from dostream.serve.learn import Learner, serving_adapter
+from dostream.serve.memory import ServedMemory
 from dostream.serve.metrics import ServeMetrics
 from dostream.serve.protocol import ApiError, bad, parse_feedback
 from dostream.serve.store import Feedback, ServeStore
@@ -59,8 +60,15 @@ class Server:
         self.slot = ModelSlot(model, adapter_name, forward=forward)
         self.context = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 30)
         self.eos = default_eos(model, self.tok)  # what ends a turn: never streamed as content
+        # --memory: notes retrieved into prompts (`serve/memory.py`); None without
+        self.memory = None if cfg.memory is None else ServedMemory(cfg.memory, cfg.memory_k, self.slot, self.tok)
         self.prepare = Preparer(
-            self.store, self.tok, self.context, client_assistant=cfg.client_assistant, fast_step=cfg.fast_step
+            self.store,
+            self.tok,
+            self.context,
+            client_assistant=cfg.client_assistant,
+            fast_step=cfg.fast_step,
+            memory=self.memory,
         )
         self.batcher = Batcher(
             self.slot,
