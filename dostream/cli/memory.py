@@ -129,7 +129,7 @@ def _distill(args: argparse.Namespace) -> int:
     if not streams:
         raise CliError("no streams to distil")
 
-    from dostream.memory.distill import distill
+    from dostream.memory.distill import CITED, distill
     from dostream.memory.store import Memory
     from dostream.memory.writer import EndpointWriter, LocalWriter
     from dostream.models import load_model, load_tokenizer
@@ -150,10 +150,11 @@ def _distill(args: argparse.Namespace) -> int:
             records = distill(streams, memory, model, renderer, config, writer=writer, progress=not args.no_progress)
     finally:
         memory.close()
-    kept = [r for r in records if r["note"] is not None]
+    cited = sum(r["admission"].get("reason") == CITED for r in records)
+    stored = sum(r["note"] is not None for r in records) - cited
     print(
-        f"dostream memory distill: {len(streams)} streams, {len(records)} candidates tested or cited, "
-        f"{len(kept)} stored in {args.memory}",
+        f"dostream memory distill: {len(streams)} streams, {len(records) - cited} candidates tested, "
+        f"{stored} new notes stored in {args.memory}, {cited} known notes cited again",
         file=sys.stderr,
     )
     return 0

@@ -45,6 +45,9 @@ POLICY = re.compile(
 )
 
 
+CITED = "already in memory: cited"  # a candidate's record when its text is a note already
+
+
 @dataclass
 class DistillConfig(Admission):
     """How notes are distilled (the admission test's thresholds are the block below)."""
@@ -187,7 +190,7 @@ def _extractive(
         known = memory.find(text)
         if known is not None:
             memory.cite(known, [c.cite(False) for c in same])
-            out.append({**record, "note": known, "admitted": True, "admission": {"reason": "already in memory: cited"}})
+            out.append({**record, "note": known, "admitted": True, "admission": {"reason": CITED}})
             continue
         covered = list({c.stream.id: c.stream for c in group if c.stream.id != first.stream.id}.values())
         test = scorer.test(text, covered, others, given)

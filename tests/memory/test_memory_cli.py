@@ -77,7 +77,7 @@ def test_distill_in_process_stores_only_admitted_notes(tmp_path, capsys):
     err = capsys.readouterr().err
     mem = Memory.open_dir(tmp_path / "mem", read_only=True)
     notes = mem.notes()
-    assert f"4 streams, 2 candidates tested or cited, {len(notes)} stored" in err
+    assert f"4 streams, 2 candidates tested, {len(notes)} new notes stored" in err and "0 known notes cited" in err
     for n in notes:
         assert n.admission["admitted"] and "delta" in n.admission["covered"]
         assert {x.author for x in n.evidence} <= {"user"}
