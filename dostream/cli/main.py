@@ -45,7 +45,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dostream.cli.serve",
         "an OpenAI-compatible endpoint that records every conversation as a stream (`serve`, `serve keys`)",
     ),
-    "memory": ("dostream.cli.memory", "notes the world taught, with evidence: `memory distill|list|show|query|forget`"),
+    "memory": (
+        "dostream.cli.memory",
+        "notes the world taught, with evidence: `memory distill|list|show|query|forget|consolidate`",
+    ),
     "theory": ("dostream.cli.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
 }
 

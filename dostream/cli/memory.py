@@ -1,4 +1,4 @@
-"""`dostream memory distill|list|show|query|forget`: notes the world taught, with their evidence.
+"""`dostream memory distill|list|show|query|forget|consolidate`: notes the world taught, with their evidence.
 
 A memory is `DIR/memory.sqlite` (`dostream.memory.store`), beside a stream store.
 
@@ -7,6 +7,9 @@ A memory is `DIR/memory.sqlite` (`dostream.memory.store`), beside a stream store
   ones; each is admitted only if it raises the likelihood of world tokens it was not written from
   (`memory/admit.py`). Every stream file is read whole before anything is opened or loaded: a bad
   line is an error naming the file, the line and the field, and the memory is not touched.
+* `consolidate DIR --model NAME`: one update of the adapter on the notes' cited world segments,
+  through the learning cycle (`memory/consolidate.py`), gated on what survives with the memory
+  removed; every `UpdateConfig` field is a flag.
 * `list DIR`: the active notes (`--all`: tombstones too); `show DIR NOTE`: one note, its evidence,
   situations, counters and admission record; `query DIR "TEXT"`: the notes retrieval would put in
   a prompt for that situation, with their evidence; `forget DIR --stream ID|--user U|--key K`:
@@ -28,6 +31,7 @@ from dostream.config import add_dataclass_args, from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dostream.learning.config import UpdateConfig
     from dostream.memory.distill import DistillConfig
 
     ap = argparse.ArgumentParser(prog="dostream memory", description=__doc__.split("\n\n")[0])
@@ -60,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--all", action="store_true", help="superseded and forgotten tombstones too")
         p.add_argument("--json", action="store_true", help="JSON instead of text")
+    c = sub.add_parser("consolidate", help="one gated update of the adapter on the notes' cited world segments")
+    c.add_argument("memory", help="the memory's directory (its versions and adapters live there)")
+    c.add_argument("--model", default="smollm2", help="the base model (default smollm2)")
+    c.add_argument("--adapter", default=None, help="the adapter the first consolidation starts from (default: none)")
+    add_dataclass_args(c, UpdateConfig)
     q = sub.add_parser("query", help="the notes retrieval would put in a prompt for a situation")
     q.add_argument("memory", help="the memory's directory")
     q.add_argument("situation", help="the current situation's text")
@@ -78,6 +87,8 @@ def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd == "distill":
         return _distill(args)
+    if args.cmd == "consolidate":
+        return _consolidate(args)
     from dostream.memory.store import Memory
 
     store = Path(args.memory) / "memory.sqlite"
@@ -157,6 +168,32 @@ def _distill(args: argparse.Namespace) -> int:
         f"{stored} new notes stored in {args.memory}, {cited} known notes cited again",
         file=sys.stderr,
     )
+    return 0
+
+
+def _consolidate(args: argparse.Namespace) -> int:
+    from dostream.learning.config import UpdateConfig
+    from dostream.memory.consolidate import MemorySource, consolidate
+    from dostream.memory.store import Memory
+    from dostream.models import load_tokenizer
+
+    store = Path(args.memory) / "memory.sqlite"
+    if not store.is_file():
+        raise CliError(f"{store}: no memory there (make one with `dostream memory distill ... --memory {args.memory}`)")
+    with user_errors():
+        cfg = from_args(UpdateConfig, args)
+        tok = load_tokenizer(args.model)
+        memory = Memory(store)
+    try:
+        with user_errors():
+            done = consolidate(MemorySource(memory, args.memory, args.model, tok, start=args.adapter), cfg)
+    finally:
+        memory.close()
+    if done is None:
+        print("dostream memory consolidate: no note is new since the last consolidation", file=sys.stderr)
+    else:
+        verdict = "accepted" if done.accepted else "REJECTED"
+        print(f"dostream memory consolidate: version {done.version} {verdict}: {done.reason}", file=sys.stderr)
     return 0
 
 

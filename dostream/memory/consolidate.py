@@ -75,10 +75,13 @@ class MemorySource:
 
     fresh = True  # a leftover update directory is discarded: notes may have been added or forgotten since
 
-    def __init__(self, memory: Memory, root: str | Path, model: str, tok, *, check_words: int = 4, load=None):
+    def __init__(
+        self, memory: Memory, root: str | Path, model: str, tok, *, start=None, check_words: int = 4, load=None
+    ):
         memory.db.executescript(VERSIONS_SCHEMA)
         self.memory, self.model_name, self.tok, self.check_words = memory, model, tok, check_words
-        self.lineage = Lineage(Path(root), Versions(memory.db))
+        # `start`: the adapter version 0 is (None: the base model)
+        self.lineage = Lineage(Path(root), Versions(memory.db), None if start is None else Path(start))
         self._load = load  # adapter path (None: the base) -> model; default: models.load_model, merged
         self._models: dict[str | None, Any] = {}
 

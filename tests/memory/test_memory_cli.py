@@ -81,3 +81,13 @@ def test_distill_in_process_stores_only_admitted_notes(tmp_path, capsys):
     for n in notes:
         assert n.admission["admitted"] and "delta" in n.admission["covered"]
         assert {x.author for x in n.evidence} <= {"user"}
+
+
+def test_consolidate_is_one_gated_update_and_then_nothing_new(tmp_path, capsys):
+    mem, rule, paris = _memory(tmp_path)
+    args = ["consolidate", str(mem), "--model", "tiny", "--epochs", "1", "--lora-r", "2", "--gate-tolerance", "1"]
+    assert cli_main(args) == 0
+    assert "version 1 accepted: gate success" in capsys.readouterr().err
+    assert cli_main(args) == 0
+    assert "no note is new since the last consolidation" in capsys.readouterr().err
+    assert (mem / "adapters" / "update-000001" / "adapter").is_dir()

@@ -5,6 +5,8 @@ notes admitted by the world-model test with their deltas recorded, abstractive n
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from memory_helpers import RULE, CopyLM, capital_stream, discount_stream
 
 from dostream.memory.distill import DistillConfig, cases, cluster, distill
@@ -13,7 +15,7 @@ from dostream.memory.writer import EndpointWriter, LocalWriter
 from dostream.models import tiny_model
 from dostream.render import Renderer
 from dostream.sampling import SamplingConfig
-from dostream.stream import Segment, Stream
+from dostream.stream import AUTHORS, Segment, Stream
 
 STREAMS = [discount_stream(i, w) for i, w in enumerate(["teacher", "nurse", "pilot", "farmer"])] + [
     capital_stream(i) for i in range(2)
@@ -137,3 +139,21 @@ def test_a_note_that_only_repeats_an_admitted_one_is_refused(tok):
     assert [r["admission"]["given"] for r in records] == [0, 1, 1, 1]
     assert all(r["admission"]["covered"]["delta"] <= 0.1 for r in records[1:])
     assert [n.text for n in mem.notes()] == [streams[0].segments[5].text]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(AUTHORS), st.sampled_from(["Yes.", "Only members may enter.\nOk", " ", "It is 5."])),
+        min_size=1,
+        max_size=7,
+    )
+)
+def test_no_case_is_ever_the_agents_words(parts):
+    """Over random streams: every case is a span of a world-authored segment (never `agent`,
+    `context` or `protocol`), inside it, and its situations come before it."""
+    s = Stream("r", [Segment(a, t) for a, t in parts])
+    for c in cases(s):
+        assert s.segments[c.segment].author in EVIDENCE_AUTHORS
+        assert 0 <= c.start < c.end <= len(s.segments[c.segment].text) and c.text.strip() == c.text
+        assert all(i < c.segment for i in c.situation)
