@@ -84,6 +84,10 @@ class AgentConfig(UpdateConfig):
     max_new_tokens: int = opt(0, "tokens per agent turn (0: the environment's default)")
     sample_batch: int = opt(32, "rows decoded together")
     seed: int = opt(0, "seed of the episode sequence, the world's rules, the samples and the updates")
+    memory: bool = opt(
+        False, "a memory in OUT/memory: notes retrieved into each episode's opening, distilled after each acting block"
+    )
+    memory_k: int = opt(4, "notes retrieved into an episode (--memory)", min=1)
     progress: bool = opt(True, "show a live progress line")
 
 
@@ -118,6 +122,14 @@ class Agent:
         self.store = Store(self.out / "store.sqlite")
         self.lineage = Lineage(self.out, self.store.versions)
         self.spec = env_spec(cfg.env, cfg.seed)
+        self.memory = None
+        if cfg.memory:  # episodes open with the memory's notes (`agent/memory.py`)
+            from dostream.agent.memory import Remembering
+            from dostream.memory.store import Memory
+
+            self.memory = Memory.open_dir(self.out / "memory")
+            make_env = self.spec.make_env
+            self.spec = replace(self.spec, make_env=lambda: Remembering(make_env(), self.memory, cfg.memory_k))
         self.tok = tok if tok is not None else load_tokenizer(cfg.model)  # several loops may share one
         # Episode seq plays item seq // K; the first items of a split do not depend on how many are drawn.
         self.items = self.spec.items("train", -(-cfg.episodes // cfg.group_size), cfg.seed)
@@ -154,8 +166,9 @@ class Agent:
         if not items:
             return []
         key = (tag, tuple(map(repr, items)))
-        if adapter is None and self.base_memo is not None and key in self.base_memo:
-            return list(self.base_memo[key])
+        memo = self.base_memo if self.memory is None else None  # (with a memory, not the base model's alone)
+        if adapter is None and memo is not None and key in memo:
+            return list(memo[key])
         streams = self.spec.act(
             self.model_for(adapter),
             self.tok,
@@ -164,8 +177,8 @@ class Agent:
             [f"{tag}-{i:04d}" for i in range(len(items))],
         )
         ok = [bool(s.meta["success"]) for s in streams]
-        if adapter is None and self.base_memo is not None:
-            self.base_memo[key] = ok
+        if adapter is None and memo is not None:
+            memo[key] = ok
         return ok
 
     # -- steps ----------------------------------------------------------------------------
@@ -187,6 +200,15 @@ class Agent:
             meta = {"seq": seq, "adapter": adapter, "learner": self.cfg.learner}
             s.meta.update(meta if self.cfg.group_size == 1 else {**meta, "group": seq // self.cfg.group_size})
         self.store.add_episodes([(seq, s, adapter) for seq, s in zip(range(start, stop), streams)])
+
+    def distill(self, upto: int) -> None:
+        """The episodes acted since the last distillation, into the memory (`agent/memory.py`)."""
+        from dostream.agent.memory import distill_since
+
+        model = self.model_for(self.store.current_adapter())
+        done = distill_since(self.memory, self.out / "memory", self.store.episodes, upto, model, self.tok)
+        if done is not None:
+            self.log(f"[memory] after {upto} episodes: {done['admitted']} of {done['candidates']} candidates admitted")
 
     def evaluate(self, after: int) -> None:
         adapter = self.store.current_adapter()
@@ -258,6 +280,8 @@ class Agent:
             self.act(n, stop)
             bar.update(stop - n)
             n = stop
+            if self.memory is not None:
+                self.distill(n)
             bar.set_postfix_str(self.progress_line(), refresh=True)
         bar.close()
         timing = self.out / "timing.json"
@@ -293,6 +317,8 @@ def run(
         return agent.run()
     finally:
         agent.store.close()
+        if agent.memory is not None:
+            agent.memory.close()
 
 
 def run_learners(
