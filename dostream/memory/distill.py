@@ -190,6 +190,7 @@ def _extractive(
         known = memory.find(text)
         if known is not None:
             memory.cite(known, [c.cite(False) for c in same])
+            given.append(text)
             out.append({**record, "note": known, "admitted": True, "admission": {"reason": CITED}})
             continue
         covered = list({c.stream.id: c.stream for c in group if c.stream.id != first.stream.id}.values())
@@ -215,8 +216,8 @@ def _abstractive(group, ids, others, memory, scorer, writer: Writer, k: int, n: 
     covered = list({c.stream.id: c.stream for c in group if c.stream.id not in shown}.values())
     texts = list(dict.fromkeys(c.text for c in seen_cases))
     out, best = [], None
-    for text in dict.fromkeys(t for t in writer.write(texts, k) if t):
-        test = scorer.test(text, covered, others)
+    for text in dict.fromkeys(t for t in writer.write(texts, k) if t and memory.find(t) is None):
+        test = scorer.test(text, covered, others, given)
         out.append(
             {
                 "text": text,

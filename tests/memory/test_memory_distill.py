@@ -109,6 +109,10 @@ def test_an_abstractive_note_is_written_from_half_the_cluster_and_tested_on_the_
         ("d1", False),
         ("d3", False),
     ]
+    # the same rule written again is not stored twice
+    again = distill(streams, mem, CopyLM(len(tok)), Renderer(tok), DistillConfig(extractive=False, k=2), writer=writer)
+    assert [r["text"] for r in again] == ["Bananas grow in warm wet places."]
+    assert [n.id for n in mem.notes()] == [note.id]
     # a held-out stream forgotten: the note keeps the rest; a stream it was written from: it goes
     assert mem.forget(stream="d1") == [] and mem.note(note.id).status == "active"
     assert mem.forget(stream="d2") == [note.id] and mem.note(note.id).text == ""
