@@ -8,7 +8,9 @@ The package in data-flow order: `distill.py` (stored streams → cases → clust
 `writer.py` (the model that writes a rule over a cluster, local or an OpenAI-compatible endpoint),
 `admit.py` (the world-model test: does the note raise the likelihood of world tokens it was not
 written from?), `store.py` (`Memory`: notes, evidence, counters, supersede, forget), `retrieve.py`
-(lexical retrieval, and `as_context`: notes into a prompt as one `context` segment).
+(lexical retrieval, and `as_context`: notes into a prompt as one `context` segment),
+`consolidate.py` (the memory as a source of the learning cycle: the notes' cited world segments
+into the adapter, gated).
 
 The two front doors keep their modules' names and are imported from them (re-exported here they
 would hide the modules): `from dostream.memory.distill import distill`,

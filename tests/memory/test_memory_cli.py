@@ -83,11 +83,22 @@ def test_distill_in_process_stores_only_admitted_notes(tmp_path, capsys):
         assert {x.author for x in n.evidence} <= {"user"}
 
 
-def test_consolidate_is_one_gated_update_and_then_nothing_new(tmp_path, capsys):
+def test_consolidate_is_one_gated_update_recorded_in_the_memory_then_nothing_new(tmp_path, capsys):
+    """`update_once` on the notes' cited world segments, the gate asking the note with a situation
+    before its evidence, the update in the memory file's versions table."""
     mem, rule, paris = _memory(tmp_path)
     args = ["consolidate", str(mem), "--model", "tiny", "--epochs", "1", "--lora-r", "2", "--gate-tolerance", "1"]
     assert cli_main(args) == 0
     assert "version 1 accepted: gate success" in capsys.readouterr().err
+    assert (mem / "adapters" / "update-000001" / "adapter").is_dir()
+    from dostream.learning.versions import Versions
+
+    m = Memory.open_dir(mem, read_only=True)
+    [row] = Versions(m.db).rows()
+    assert (
+        row["seen"] == {"notes": paris} and row["gate"]["n"] == 1 and row["gate"]["checks"][0]["id"] == f"note-{rule}"
+    )
+    assert row["current"] == "adapters/update-000001/adapter" and row["metrics"]["streams/new"] == 2
+    m.close()
     assert cli_main(args) == 0
     assert "no note is new since the last consolidation" in capsys.readouterr().err
-    assert (mem / "adapters" / "update-000001" / "adapter").is_dir()

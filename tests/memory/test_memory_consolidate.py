@@ -1,13 +1,11 @@
 """Consolidation: the learning cycle's source of a memory. Its streams are the world's cited words
-(the agent's turn kept, masked), never the note writer's; its checks ask with the memory removed;
-one update through `update_once` is gated and recorded in the memory's own file."""
+(the agent's turn kept, masked), never the note writer's; its checks ask with the memory removed."""
 
 from __future__ import annotations
 
 from memory_helpers import RULE, discount_stream
 
-from dostream.learning.config import UpdateConfig
-from dostream.memory.consolidate import MemorySource, consolidate, evidence_streams
+from dostream.memory.consolidate import MemorySource, evidence_streams
 from dostream.memory.store import Cite, Memory
 from dostream.render import Renderer
 
@@ -35,16 +33,14 @@ def test_the_streams_are_the_worlds_words_with_the_agents_turn_masked(tmp_path, 
         assert any(sup) and not any(sup[i] for i, a in enumerate(r.authors) if a == "agent")
 
 
-def test_one_consolidation_is_a_gated_update_recorded_in_the_memory(tmp_path, tok):
+def test_the_checks_prompt_with_the_situation_and_expect_the_worlds_words(tmp_path, tok):
+    """(One update through `update_once` runs in test_memory_cli.py, `memory consolidate`.)"""
     mem, rule = _memory(tmp_path)
     source = MemorySource(mem, tmp_path, "tiny", tok)
     checks, ids, control = source.checks({"notes": rule})
     assert ids == [f"note-{rule}"] and control == 0
     assert checks[0].expected == "No: only veterans and" and [x.author for x in checks[0].segments] == ["user", "agent"]
-    cfg = UpdateConfig(epochs=1, batch_size=4, lora_r=2, gate_tolerance=1.0, max_length=64)
-    done = consolidate(source, cfg)
-    assert done.version == 1 and done.candidate is not None and (tmp_path / done.candidate).is_dir()
-    [row] = source.lineage.versions.rows()
-    assert row["seen"] == {"notes": rule} and row["gate"]["n"] == 1
-    assert done.accepted == (row["current"] == done.candidate)
-    assert consolidate(source, cfg) is None  # nothing new since
+    assert checks[0].passes("  no: ONLY veterans and physicians") and not checks[0].passes("Yes, everyone")
+    assert source.checks({"notes": rule - 1})[0] == []  # a note not consolidated yet is not asked
+    batch = source.batch()
+    assert batch.seen == {"notes": rule} and [s.id for s in batch.new] == [f"memory-{rule}:d{i}" for i in range(3)]
