@@ -130,6 +130,7 @@ def _bad_inputs(tmp_path) -> dict[str, list]:
         "streams": ["streams", "export", tmp_path / "nowhere"],
         "serve": ["serve", "--model", "tiny", "--store", tmp_path / "serve", "--client-assistant", "agent"],
         "theory": ["theory", "--out", tmp_path / "theory", "--verifier-hit", "1.0"],
+        "memory": ["memory", "list", tmp_path / "nowhere"],
     }
 
 

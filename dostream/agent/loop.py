@@ -196,6 +196,10 @@ class Agent:
             sampling,
             [f"ep-{seq:06d}" for seq in range(start, stop)],
         )
+        if self.memory is not None:
+            from dostream.agent.memory import count_used
+
+            count_used(self.memory, streams)
         for seq, s in zip(range(start, stop), streams):
             meta = {"seq": seq, "adapter": adapter, "learner": self.cfg.learner}
             s.meta.update(meta if self.cfg.group_size == 1 else {**meta, "group": seq // self.cfg.group_size})

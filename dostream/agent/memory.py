@@ -3,8 +3,8 @@ weights. Knows nothing of updates or gates.
 
 - **Retrieval**: every episode opens with the notes that best match its opening (the question, the
   customer's request) as one `context` segment before it (`memory.as_context`): conditioning only,
-  masked in every view, recorded in the episode's stream exactly as the model saw it. Each note
-  retrieved counts `used`.
+  masked in every view, recorded in the episode's stream exactly as the model saw it. Each note an
+  acting episode saw counts `used` from that episode (`count_used`; evaluations do not count).
 - **Distillation**: after each acting block the episodes recorded since the last distillation are
   distilled into the memory (`memory.distill`: extractive notes from the world's statements, each
   admitted by the world-model test on the adapter in force). The point reached is kept in
@@ -37,12 +37,18 @@ class Remembering:
         segments = list(self.env.reset(item))
         situation = " ".join(s.text for s in segments if s.author != "context") or " ".join(s.text for s in segments)
         notes = retrieve(self.memory, situation, self.k) if situation.strip() else []
-        for n in notes:
-            self.memory.count(n.id, "used", Source())
         return [as_context(notes), *segments] if notes else segments
 
     def step(self, agent_text: str, token_ids: list[int] | None = None):
         return self.env.step(agent_text, token_ids)
+
+
+def count_used(memory: Memory, streams) -> None:
+    """Each note an episode opened with counts `used`, from that episode (`Source.of`)."""
+    for s in streams:
+        first = s.segments[0] if s.segments else None
+        for nid in first.meta.get("memory_notes", []) if first is not None else []:
+            memory.count(nid, "used", Source.of(s))
 
 
 def distill_since(memory: Memory, directory: Path, episodes, upto: int, model, tok) -> dict[str, Any] | None:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dostream.memory.store import Source
 from dostream.render import Renderer, RenderError
 from dostream.sampling import Sample, SamplingConfig, agent_segment
 from dostream.sampling.grammar import Grammar, GrammarError, json_grammar, tool_grammar
@@ -127,7 +128,7 @@ class Preparer:
         except FieldError as e:
             raise bad(e.field, e.reason) from None
         if self.memory is not None:
-            new = self.memory.context(new)
+            new = self.memory.context(new, Source(conversation, req.user, key))
         try:
             prompt = self.renderer.prompt_ids(Stream(conversation, path + new))
         except RenderError as e:

@@ -42,16 +42,17 @@ class ServedMemory:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dostream-memory")
         self.retrieved = 0  # notes put into prompts (tests, metrics)
 
-    def context(self, new: list[Segment]) -> list[Segment]:
+    def context(self, new: list[Segment], source: Source) -> list[Segment]:
         """`new` with the notes for its newest user message before that message (unchanged when
-        there is none, or no note matches)."""
+        there is none, or no note matches); each note counts `used` from `source` (the
+        conversation, its user, the key: what forgetting that source removes)."""
         last = next((i for i in range(len(new) - 1, -1, -1) if new[i].author == "user"), None)
         if last is None or not new[last].text.strip():
             return new
         with self.lock:
             notes = retrieve(self.memory, new[last].text, self.k)
             for n in notes:
-                self.memory.count(n.id, "used", Source())
+                self.memory.count(n.id, "used", source)
         if not notes:
             return new
         self.retrieved += len(notes)
