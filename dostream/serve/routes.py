@@ -202,7 +202,12 @@ async def realtime(ws: WebSocket):
 
     async def out(event: dict) -> None:
         async with lock:
-            await ws.send_text(json.dumps({"event_id": "event_" + secrets.token_hex(8), **event}, ensure_ascii=False))
+            try:
+                await ws.send_text(
+                    json.dumps({"event_id": "event_" + secrets.token_hex(8), **event}, ensure_ascii=False)
+                )
+            except (WebSocketDisconnect, RuntimeError):  # the client is gone: what was drawn is recorded all the same
+                pass
 
     session.out = out
     await out({"type": "session.created", "session": session.info()})
@@ -224,9 +229,7 @@ async def realtime(ws: WebSocket):
             except SessionError as e:
                 await out(error_event(e, event))
     except WebSocketDisconnect:
-        if session.answer is not None:  # gone mid-answer: it ends and is recorded with what was drawn
-            session.answer.cancelled = True
-            server.batcher.cancel(session.answer.job)
+        session.cancel()  # gone mid-answer: it ends and is recorded with what was drawn and sent
 
 
 def _memory(request: Request):

@@ -262,12 +262,19 @@ class Session:
         async for out in self._interrupt():
             yield out
 
-    async def _interrupt(self):
-        """Cancel the answer in progress (if any): it ends at the next decode step with what it drew."""
+    def cancel(self) -> Answer | None:
+        """Cancel the answer in progress, if any (it ends at the next decode step with what it
+        drew; what was sent until now is all it delivered); returns it."""
         a = self.answer
         if a is not None and not a.cancelled:
             a.cancelled, a.frozen = True, a.sent
             self.server.batcher.cancel(a.job)
+        return a
+
+    async def _interrupt(self):
+        """Cancel the answer in progress (if any) and wait for its end to be sent."""
+        a = self.cancel()
+        if a is not None:
             while self.answer is a:  # its `response.done` comes from its own task
                 await asyncio.sleep(0.005)
         return
@@ -359,6 +366,7 @@ class Session:
             samples, exchange = await done
         except Exception as e:  # failed: an error event; the session goes on without this answer
             self.answer = None
+            self.items = [s for s in pending.new if s.author == "user"] + self.items  # still to answer
             await self.out(_error("server_error", f"internal error: {type(e).__name__}: {e}"))
             return
         [s] = samples
