@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -50,13 +51,18 @@ PROSE = (
 )
 
 
-def message(tok, n: int, seed: int) -> list[str]:
-    """Words of an English text of `n` tokens (each with its leading space), varied by `seed`."""
-    words = (PROSE * (n // 40 + 4)).split()
-    words = words[seed % 17 :] + words[: seed % 17]
+def message(tok, n: int, tag: str) -> list[str]:
+    """Words of an English text of `n` tokens (each with its leading space) that begins with `tag`
+    (no two messages share a prefix the server could have cached), its sentences in an order
+    drawn from `tag`."""
+    rng = random.Random(tag)
+    sentences = [x.strip() + "." for x in PROSE.split(".") if x.strip()]
+    words = [f"Case {tag}:"]
+    while len(words) < 4 * n:
+        words += " ".join(rng.sample(sentences, len(sentences))).split()
     out: list[str] = []
     while len(tok("".join(out), add_special_tokens=False)["input_ids"]) < n:
-        out.append(("" if not out else " ") + words[len(out) % len(words)])
+        out.append(("" if not out else " ") + words[len(out)])
     return out
 
 
@@ -115,7 +121,7 @@ MODEL = ["smollm2"]
 
 
 async def sessions_row(ws_url: str, tok, n: int, sessions: int, rate: float, prefill: str, seed: int) -> list[dict]:
-    msgs = [message(tok, n, seed * 31 + s) for s in range(sessions)]
+    msgs = [message(tok, n, f"{prefill}-{seed}-{n}-{sessions}-{s}") for s in range(sessions)]
     return list(await asyncio.gather(*(session_ttft(ws_url, m, rate, tok, prefill) for m in msgs)))
 
 
