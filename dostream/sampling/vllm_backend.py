@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import copy
 import itertools
 import tempfile
 import threading
@@ -162,6 +163,7 @@ class VllmRunner:
             return AsyncLLM.from_engine_args(args)
 
         self.engine = self.submit(build()).result()
+        self.dtype = getattr(args, "dtype", None)
 
     def submit(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -187,10 +189,13 @@ class VllmRunner:
         return ids
 
     def shutdown(self) -> None:
-        if self.loop.is_closed():
+        if self.engine is None:
             return
+        engine, self.engine = self.engine, None
         try:
-            self.engine.shutdown()
+            if engine is not None:
+                engine.shutdown()
+            del engine  # collected now, while the interpreter is whole (its __del__ shuts down again)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=30)
@@ -205,18 +210,25 @@ def lora(path: str | Path, name: str | None = None):
 
 
 # -- sample(backend="vllm") ---------------------------------------------------------------------
-_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> (runner, its export dir)
+_RUNNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # base model -> (runner, export dir, LoRA rank)
 
 
-def _runner_for(base, tokenizer, dtype: str, rank: int) -> VllmRunner:
-    """The runner for `base` (kept while `base` lives): its weights exported once to a directory."""
+def _runner_for(base, export, tokenizer, dtype: str, rank: int) -> VllmRunner:
+    """The runner for `base` (kept while `base` lives): its weights exported once to a directory.
+    Rebuilt only when an adapter of a higher rank than it was started for comes (LoRA's size is
+    fixed at the engine's start)."""
     if base in _RUNNERS:
-        return _RUNNERS[base][0]
+        runner, tmp, ready = _RUNNERS[base]
+        if ready >= rank and runner.dtype == dtype:
+            return runner
+        del _RUNNERS[base]
+        _close(runner, tmp)
     tmp = tempfile.TemporaryDirectory(prefix="dostream-vllm-")
-    base.save_pretrained(tmp.name)
+    export().save_pretrained(tmp.name)
     tokenizer.save_pretrained(tmp.name)
     runner = VllmRunner(engine_args(tmp.name, tmp.name, dtype=dtype, lora_rank=rank))
-    _RUNNERS[base] = (runner, tmp)
+    runner.dtype = dtype
+    _RUNNERS[base] = (runner, tmp, rank)
     weakref.finalize(base, _close, runner, tmp)
     return runner
 
@@ -228,7 +240,7 @@ def _close(runner: VllmRunner, tmp) -> None:
 
 @atexit.register
 def _close_all() -> None:
-    for runner, tmp in list(_RUNNERS.values()):
+    for runner, tmp, _ in list(_RUNNERS.values()):
         _close(runner, tmp)
     _RUNNERS.clear()
 
@@ -250,7 +262,9 @@ def _sample_vllm(
     peft = hasattr(model, "peft_config")
     base = model.get_base_model() if peft else model
     rank = max(c.r for c in model.peft_config.values()) if peft else 0
-    runner = _runner_for(base, tokenizer, dtype, rank)
+    # A PEFT model's base carries the LoRA layers: its plain weights are a copy with them removed.
+    export = (lambda: copy.deepcopy(model).unload()) if peft else (lambda: model)
+    runner = _runner_for(base, export, tokenizer, dtype, rank)
     with tempfile.TemporaryDirectory(prefix="dostream-lora-") as tmp:
         request = None
         if peft:

