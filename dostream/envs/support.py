@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dostream.envs.base import StepResult
-from dostream.stream import Segment
+from dostream.stream import Segment, Stream
 
 CONTEXT = "You phone customer services for the user."
 
@@ -235,3 +235,81 @@ class SupportEnv:
             "goal": task.goal,
         }
         return StepResult(segments, reward=float(success), done=True, info=info)
+
+    # -- learned tools (`memory/tools.py`): a procedure that worked, made again by the environment --
+    def tool_applies(self, procedure: dict[str, Any], item: SupportTask) -> bool:
+        """A learned tool calls one service: it is offered, and verified, on calls to that service."""
+        return procedure.get("service") == item.service
+
+    def run_tool(self, procedure: dict[str, Any]) -> StepResult:
+        """Make the call the procedure holds: its line, the user's details in its slots, said to the
+        service as the tool's own `tool` segment; the service answers it as it answers anyone."""
+        task = self.task
+        if task is None:
+            raise RuntimeError("reset() first")
+        try:
+            line = procedure["line"].format_map(task.details)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(
+                f"procedure line {procedure.get('line')!r} cannot be filled from the details: {e}"
+            ) from None
+        result = self.step(line)
+        return StepResult(
+            [Segment("tool", line, role="tool"), *result.segments], result.reward, result.done, result.info
+        )
+
+
+_SUCCESS = re.compile(r"Thank you, (.+) checks out\. Your request is done\.\n?")
+_CALLING = re.compile(r"Calling (.+?)\. I have ready the user's")
+
+
+def procedure_of(stream: Stream) -> dict[str, Any] | None:
+    """The procedure a successful call shows, read from the world's words: the service's answer to
+    the agent's line said it went through. `{"name", "procedure": {"service", "line"}, "description",
+    "evidence": [the answer's segment], "situation": [the agent's line's segment]}`, or None. The
+    line is the agent's own (its first line), the user's values in it replaced by slots
+    (`{pin}`); a turn that called a tool is not a new procedure.
+
+    >>> from dostream.envs.base import Episode
+    >>> ep = Episode(SupportEnv(SupportWorld(0)), SupportWorld(0).tasks("train", 1, seed=0)[0])
+    >>> _ = ep.reset(), ep.step(" the date of birth 1971-09-17, I think.\\n")
+    >>> shown = procedure_of(ep.to_stream())
+    >>> shown["name"], shown["procedure"]
+    ('call_summit_health', {'service': 'Summit Health', 'line': ' the date of birth {birth}, I think.'})
+    """
+    segs = stream.segments
+    turns = [i for i, s in enumerate(segs) if s.author == "agent"]
+    if not turns or turns[-1] + 2 >= len(segs):
+        return None
+    a = turns[-1]
+    answer, opening = segs[a + 2], segs[a - 1] if a > 0 else None
+    calling = _CALLING.search(opening.text) if opening is not None and opening.author == "protocol" else None
+    if (
+        segs[a + 1].author != "protocol"
+        or answer.author != "environment"
+        or not _SUCCESS.fullmatch(answer.text)
+        or calling is None
+        or "<tool_call>" in segs[a].text
+    ):
+        return None
+    details = {}
+    for s in segs[:a]:
+        if s.author == "context" and "User details: " in s.text:
+            for kind, it in ITEMS.items():
+                m = re.search(re.escape(it.phrase).replace(r"\{\}", r"([^;.\n]+)"), s.text)
+                if m:
+                    details[kind] = m.group(1)
+    line = segs[a].text.split("\n", 1)[0].replace("{", "{{").replace("}", "}}")
+    values = sorted(((v, k) for k, v in details.items() if v), key=lambda x: -len(x[0]))
+    if values:
+        slots = dict(values)
+        line = re.sub("|".join(re.escape(v) for v, _ in values), lambda m: "{" + slots[m.group()] + "}", line)
+    service = calling.group(1)
+    return {
+        "name": "call_" + re.sub(r"\W+", "_", service.lower()).strip("_"),
+        "procedure": {"service": service, "line": line},
+        "description": f"Call {service} and say what got a request through before: {line.strip()!r}, "
+        "filled in from the user's details.",
+        "evidence": [a + 2],
+        "situation": [a],
+    }

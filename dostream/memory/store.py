@@ -1,11 +1,12 @@
 """The memory: notes the world taught, each linked to the stream segments that support it (`Memory`).
 
 SQLite beside a stream store, opened and written through `dostream/sqlite.py` (WAL, synchronous
-writes, one transaction per change), in four tables:
+writes, one transaction per change), in five tables:
 
     notes   one per note: its text, kind (`extractive`: a world statement itself; `abstractive`: a
-            rule a model wrote over several cases), status (`active`, `superseded`, `forgotten`),
-            what superseded it, when it was made, and the admission test's measured deltas
+            rule a model wrote over several cases; `tool`: a learned tool's description), status
+            (`active`, `superseded`, `forgotten`), what superseded it, when it was made, and the
+            admission test's measured deltas
     links   one per cited span: a note's `evidence` (a world-authored segment that supports it) or
             its `situation` (what the note is about, the agent's own text allowed), with the
             stream id, segment index, character span, the segment's author, the quoted text, the
@@ -13,6 +14,8 @@ writes, one transaction per change), in four tables:
     counts  one per counted event (supported, contradicted, used, helped), with its source keys:
             a note's counters are sums over these rows, so forgetting a source removes its counts
     notes_fts  the full-text index of active notes (`retrieve.py`), kept in the same transactions
+    tools   one per learned tool (a note of kind `tool`, `tools.py`): its name, the environment it
+            works in, its procedure, its verification status and record; erased with its note
 
 The causal rule holds at the door: **only a world-authored segment can be evidence** (`EVIDENCE_AUTHORS`:
 `stream.py`'s world authors less `protocol`, which is scaffolding that states nothing). A citation is
@@ -50,7 +53,7 @@ from dostream.stream import _WORLD, Segment, Stream  # noqa: F401  (Segment: the
 # Who can support a note: the world's authors (stream.py's one table), less `protocol` (role
 # headers, "Question:": scaffolding, not a statement). `agent` and `context` never can.
 EVIDENCE_AUTHORS: frozenset[str] = _WORLD - {"protocol"}
-KINDS = ("extractive", "abstractive")
+KINDS = ("extractive", "abstractive", "tool")  # a tool: a procedure that worked (`tools.py`)
 STATUSES = ("active", "superseded", "forgotten")
 COUNTERS = ("supported", "contradicted", "used", "helped")
 LINK_KINDS = ("evidence", "situation")
@@ -95,6 +98,20 @@ CREATE TABLE IF NOT EXISTS counts (
 );
 CREATE INDEX IF NOT EXISTS counts_note ON counts (note);
 CREATE VIRTUAL TABLE IF NOT EXISTS notes_fts USING fts5(text, situation, tokenize = 'porter unicode61');
+"""
+# A learned tool (`tools.py`) is a note of kind `tool` (its evidence, counters, forgetting are a
+# note's) and a row here: its procedure and verification. Created on write, not required to read
+# (a memory file from before tools opens read-only without it).
+TOOLS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tools (
+    note INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    env TEXT NOT NULL,
+    procedure TEXT NOT NULL,
+    status TEXT NOT NULL,
+    verification TEXT,
+    changed REAL NOT NULL
+);
 """
 
 
@@ -207,7 +224,7 @@ class Memory:
         if read_only:
             self.db = open_read_only(self.path, SCHEMA, check_same_thread=check_same_thread)
         else:
-            self.db = connect(self.path, SCHEMA, check_same_thread=check_same_thread)
+            self.db = connect(self.path, SCHEMA + TOOLS_SCHEMA, check_same_thread=check_same_thread)
             self.db.execute("PRAGMA secure_delete=ON")  # forgotten text is overwritten, not left in free pages
 
     @classmethod
@@ -252,6 +269,9 @@ class Memory:
         links = list(unique.values())
         nid = (self.db.execute("SELECT MAX(id) FROM notes").fetchone()[0] or 0) + 1
         now = time.time()
+        # a tool is offered once verified (`tools.py`), never retrieved as a note's text
+        fts = "INSERT INTO notes_fts (rowid, text, situation) VALUES (?, ?, ?)"
+        index = [] if kind == "tool" else [(fts, (nid, text, _situation(links)))]
         self._tx(
             [
                 (
@@ -259,7 +279,7 @@ class Memory:
                     (nid, text, kind, now, now, _dump(admission), json.dumps(meta or {}, ensure_ascii=False)),
                 ),
                 *self._link_rows(nid, links, now),
-                ("INSERT INTO notes_fts (rowid, text, situation) VALUES (?, ?, ?)", (nid, text, _situation(links))),
+                *index,
             ]
         )
         return nid
@@ -341,6 +361,7 @@ class Memory:
                 (f"DELETE FROM links WHERE {col} = ? OR note IN ({marks})", (value, *gone)),
                 (f"DELETE FROM counts WHERE {col} = ? OR note IN ({marks})", (value, *gone)),
                 (f"DELETE FROM notes_fts WHERE rowid IN ({marks})", tuple(gone)),
+                (f"DELETE FROM tools WHERE note IN ({marks})", tuple(gone)),  # a forgotten tool's procedure
                 *erase,
                 *reindex,
                 # FTS5 keeps a deleted row's terms in its index until a merge: merge, so none remain
