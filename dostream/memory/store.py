@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,9 +253,11 @@ class Memory:
         situation: Sequence[Cite] = (),
         admission: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
+        also: Callable[[int], list[tuple[str, tuple]]] | None = None,
     ) -> int:
         """Add an active note with its evidence (world-authored spans, at least one) and situation
-        (any spans), its `supported` counted once per evidence span, in one transaction. Returns its id."""
+        (any spans), its `supported` counted once per evidence span, in one transaction. Returns its id.
+        `also(id)`: more statements of the same change, in that transaction (a tool's row, `tools.py`)."""
         if kind not in KINDS:
             raise ValueError(f"note kind must be one of {', '.join(KINDS)}, got {kind!r}")
         if not text.strip():
@@ -280,6 +282,7 @@ class Memory:
                 ),
                 *self._link_rows(nid, links, now),
                 *index,
+                *(also(nid) if also is not None else []),
             ]
         )
         return nid

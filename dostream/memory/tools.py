@@ -127,6 +127,8 @@ def tool(memory: Memory, tool_id: int) -> Tool:
 
 def tools(memory: Memory, env: str | None = None, status: str | None = None) -> list[Tool]:
     """The learned tools (of environment `env`, with `status`), oldest first."""
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"tool status is one of {', '.join(STATUSES)}, not {status!r}")
     if memory.read_only and memory.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'tools'").fetchone() is None:
         return []  # a memory file from before tools
     where = [(c, v) for c, v in (("env", env), ("status", status)) if v is not None]
@@ -145,23 +147,22 @@ def propose(
     situation: Sequence[Cite] = (),
 ) -> int:
     """A new `candidate` tool (not callable): a note of kind `tool` with its evidence (world-authored
-    spans only, `store.EvidenceError` otherwise) and its row. A name another tool of `env` holds
+    spans only, `store.EvidenceError` otherwise) and its row, in one transaction. A name another tool of `env` holds
     gets a suffix (`_2`, ...). Returns its id."""
     taken = {n for (n,) in memory.db.execute("SELECT name FROM tools WHERE env = ?", (env,))}
     base, k = name, 1
     while name in taken:
         k += 1
         name = f"{base}_{k}"
-    nid = memory.add(description, "tool", evidence=evidence, situation=situation, meta={"tool": name, "env": env})
-    memory._tx(
-        [
-            (
-                "INSERT INTO tools VALUES (?, ?, ?, ?, 'candidate', NULL, ?)",
-                (nid, name, env, _procedure_key(procedure), time.time()),
-            )
-        ]
+    row = "INSERT INTO tools VALUES (?, ?, ?, ?, 'candidate', NULL, ?)"
+    return memory.add(
+        description,
+        "tool",
+        evidence=evidence,
+        situation=situation,
+        meta={"tool": name, "env": env},
+        also=lambda nid: [(row, (nid, name, env, _procedure_key(procedure), time.time()))],
     )
-    return nid
 
 
 def learn(
