@@ -32,6 +32,25 @@ def test_the_batcher_is_an_engine(tok, tmp_path):
         ServeConfig(store=str(tmp_path), engine_arg=("enforce_eager=true",))
 
 
+def make_adapter(path):
+    """A random LoRA on SmolLM2 (B scaled up: it changes the greedy answer), saved to `path`, and
+    the base model with it merged (what the learner's hot swap puts in the slot)."""
+    from peft import LoraConfig, get_peft_model
+
+    from dostream.models import load_model
+
+    peft_model = get_peft_model(
+        load_model("smollm2"),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+    peft_model.save_pretrained(path)
+    return path, load_model("smollm2", adapter=path, merge=True)
+
+
 @pytest.fixture(scope="module")
 def vserved(tok, tmp_path_factory):
     store = tmp_path_factory.mktemp("serve-vllm")
@@ -50,9 +69,6 @@ def vserved(tok, tmp_path_factory):
 @needs_vllm
 @pytest.mark.slow
 def test_vllm_engine_serves_records_and_swaps(vserved, tok, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    from dostream.models import load_model
     from dostream.serve.engine import VllmEngine
 
     server, url = vserved
@@ -87,17 +103,7 @@ def test_vllm_engine_serves_records_and_swaps(vserved, tok, tmp_path):
         c.chat.completions.create(**ask, response_format={"type": "json_object"})
 
     # hot swap to an adapter version (a random LoRA, big enough to change the answer), then back
-    peft_model = get_peft_model(
-        load_model("smollm2"),
-        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False),
-    )
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.mul_(20.0)
-    adapter = tmp_path / "v1"
-    peft_model.save_pretrained(adapter)
-    merged = load_model("smollm2", adapter=adapter, merge=True)
+    adapter, merged = make_adapter(tmp_path / "v1")
     [want] = sample(merged, tok, [prompt], SamplingConfig(greedy=True, max_new_tokens=16, precision="fp32"))
     assert want.token_ids != ours.token_ids, "the adapter changes the greedy answer"
     server.slot.swap(merged, str(adapter))
@@ -109,3 +115,71 @@ def test_vllm_engine_serves_records_and_swaps(vserved, tok, tmp_path):
     server.slot.swap(base, None)  # rollback: the base model again, no LoRA
     back = c.chat.completions.create(**ask)
     assert back.choices[0].message.content == whole.choices[0].message.content
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_hot_swap_under_16_clients(vserved, tmp_path):
+    """16 clients ask the same greedy question in a loop while the slot swaps to an adapter
+    version: no request sent after the swap gets the old answer, none answered before it the new."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, url = vserved
+    adapter, merged = make_adapter(tmp_path / "v2")
+    base = server.slot.get()[0]
+    ask = dict(
+        model="smollm2", messages=[{"role": "user", "content": "Name a large city."}], max_tokens=8, temperature=0
+    )
+    old = client(url).chat.completions.create(**ask).choices[0].message.content
+    stop, log = threading.Event(), []
+
+    def ask_until_stopped():
+        c = client(url)
+        while not stop.is_set():
+            sent = time.monotonic()
+            text = c.chat.completions.create(**ask).choices[0].message.content
+            log.append((sent, time.monotonic(), text))
+
+    with ThreadPoolExecutor(16) as pool:
+        workers = [pool.submit(ask_until_stopped) for _ in range(16)]
+        while len(log) < 16:
+            time.sleep(0.05)
+        swap_at = time.monotonic()
+        server.slot.swap(merged, str(adapter))
+        swapped_at = time.monotonic()
+        while sum(sent > swapped_at for sent, _, _ in log) < 16:
+            time.sleep(0.05)
+        stop.set()
+        for w in workers:
+            w.result()
+    new = client(url).chat.completions.create(**ask).choices[0].message.content
+    server.slot.swap(base, None)
+    assert new != old
+    before = [text for sent, done, text in log if done < swap_at]
+    after = [text for sent, done, text in log if sent > swapped_at]
+    print(f"{len(log)} answers: {len(before)} before the swap, {len(after)} after")
+    assert before and new not in before
+    assert after and old not in after, "an answer from the old adapter after the swap"
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_logprobs_are_the_models_raw_logprobs(vserved, tok):
+    """`logprobs` on vLLM: its raw log-probs, equal to dostream's engine's on the same greedy ids
+    up to float rounding (fp32)."""
+    server, url = vserved
+    ask = dict(model="smollm2", messages=[{"role": "user", "content": "Say something kind."}], max_tokens=8)
+    raw = client(url).chat.completions.with_raw_response.create(**ask, temperature=0, logprobs=True, top_logprobs=3)
+    res = raw.parse()
+    [stream] = streams_of(server.store, conv_of(raw))
+    prompt = Renderer(tok, chat_template=True).prompt_ids(Stream(stream.id, stream.segments[:-1]))
+    cfg = SamplingConfig(greedy=True, max_new_tokens=8, precision="fp32", logprobs=3)
+    [ours] = sample(server.slot.get()[0], tok, [prompt], cfg)
+    assert stream.segments[-1].token_ids == ours.token_ids
+    got = [t.logprob for t in res.choices[0].logprobs.content]
+    assert len(got) == len(ours.logprobs) and all(len(t.top_logprobs) == 3 for t in res.choices[0].logprobs.content)
+    diff = max(abs(a - b) for a, b in zip(got, ours.logprobs))
+    print(f"logprobs: vLLM vs dostream, max |diff| {diff:.2e} over {len(got)} tokens")
+    assert diff < 1e-3
