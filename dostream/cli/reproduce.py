@@ -26,6 +26,7 @@ EXPERIMENTS = {
     "stem": "the seed paper's STEM comparison: seven methods, one verifier, held-out accuracy",
     "delusion": "interventional vs standard SFT on tutoring dialogues, seen and held-out facts",
     "dual-lora": "the continual agent's learners on support calls: reward only, world model, dual LoRA",
+    "memory": "notes the world taught vs weights vs both, consolidation, and an agent-trusting memory (issue 34)",
 }
 PRESET_HELP = {
     "stem": "smoke: every method for a few steps on a tiny model (CI); quick: SmolLM2-135M in about "
@@ -33,11 +34,13 @@ PRESET_HELP = {
     "delusion": "smoke (tiny model, CI), quick (smollm2 LoRA, ~20 min on 2 cores), paper (the notebook's settings: "
     "smollm2 fully fine-tuned, 480 dialogues x 4 epochs at batch 1; ~70 min per seed on 2 cores)",
     "dual-lora": "smoke (tiny model, CI), quick (smollm2, every learner, support-framed, 3 seeds: ~25 min on 2 cores)",
+    "memory": "smoke (tiny model, CI), quick (smollm2, every arm, the discount rule, 3 seeds)",
 }
 DEFAULT_OUT = {
     "stem": "runs/stem-PRESET-TOOLS",
     "delusion": "runs/delusion-PRESET",
     "dual-lora": "runs/dual-lora-PRESET",
+    "memory": "runs/memory-PRESET",
 }
 
 

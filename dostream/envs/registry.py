@@ -17,7 +17,7 @@ from dostream.envs.rollout import rollout
 from dostream.sampling import SamplingConfig
 from dostream.stream import Stream
 
-ENVS = ("support", "support-framed", "stem", "tutor")
+ENVS = ("support", "support-framed", "stem", "tutor", "discount")
 
 
 @dataclass
@@ -75,4 +75,8 @@ def env_spec(name: str, seed: int) -> EnvSpec:
         return EnvSpec(
             items, lambda: StemEnv(announce_correct=True), 128, {}, success="first_correct", seed_stride=SEED_STRIDE
         )
+    if name == "discount":  # the seed's three cases; held-out customers need the rule (envs/discount.py)
+        from dostream.envs import discount
+
+        return EnvSpec(discount.items, discount.DiscountEnv, 12, {"qualify": ["veterans", "physicians"]})
     raise ValueError(f"unknown environment {name!r} (expected one of {', '.join(ENVS)})")
