@@ -123,13 +123,26 @@ class Agent:
         self.lineage = Lineage(self.out, self.store.versions)
         self.spec = env_spec(cfg.env, cfg.seed)
         self.memory = None
+        # what reads a learned procedure from an episode (`memory.tools`): the support worlds only
+        self.tools = None
+        if cfg.memory and cfg.env in ("support", "support-framed"):
+            from dostream.envs.support import procedure_of
+
+            self.tools = procedure_of
         if cfg.memory:  # episodes open with the memory's notes (`agent/memory.py`)
             from dostream.agent.memory import Remembering
             from dostream.memory.store import Memory
 
             self.memory = Memory.open_dir(self.out / "memory")
-            make_env = self.spec.make_env
-            self.spec = replace(self.spec, make_env=lambda: Remembering(make_env(), self.memory, cfg.memory_k))
+            self.bare = self.spec  # the environment itself (a tool is verified in it)
+            remembering = lambda: Remembering(self.bare.make_env(), self.memory, cfg.memory_k)  # noqa: E731
+            if self.tools:  # and offered the verified tools it learned (`memory.tools`)
+                from dostream.memory.tools import Tooled
+
+                name = f"{cfg.env}:{cfg.seed}"
+                self.spec = replace(self.spec, make_env=lambda: Tooled(remembering(), self.memory, name))
+            else:
+                self.spec = replace(self.spec, make_env=remembering)
         self.tok = tok if tok is not None else load_tokenizer(cfg.model)  # several loops may share one
         # Episode seq plays item seq // K; the first items of a split do not depend on how many are drawn.
         self.items = self.spec.items("train", -(-cfg.episodes // cfg.group_size), cfg.seed)
@@ -200,6 +213,10 @@ class Agent:
             from dostream.agent.memory import count_used
 
             count_used(self.memory, streams)
+            if self.tools:
+                from dostream.memory.tools import count_calls
+
+                count_calls(self.memory, streams)
         for seq, s in zip(range(start, stop), streams):
             meta = {"seq": seq, "adapter": adapter, "learner": self.cfg.learner}
             s.meta.update(meta if self.cfg.group_size == 1 else {**meta, "group": seq // self.cfg.group_size})
@@ -210,9 +227,30 @@ class Agent:
         from dostream.agent.memory import distill_since
 
         model = self.model_for(self.store.current_adapter())
+        start = self._distilled()
         done = distill_since(self.memory, self.out / "memory", self.store.episodes, upto, model, self.tok)
         if done is not None:
             self.log(f"[memory] after {upto} episodes: {done['admitted']} of {done['candidates']} candidates admitted")
+        if done is not None and self.tools:
+            from dostream.agent.memory import learn_tools
+
+            # verified on calls of a draw of its own (not the episodes' sequence, not the held-out split)
+            items = self.bare.items("train", 64, self.cfg.seed + 7919)
+            t = learn_tools(
+                self.memory,
+                f"{self.cfg.env}:{self.cfg.seed}",
+                self.store.episodes(start, upto),
+                self.tools,
+                self.bare.make_env,
+                items,
+            )
+            self.log(f"[memory] tools: {t['tools']} shown, {t['verified']} verified, {t['refused']} refused")
+
+    def _distilled(self) -> int:
+        from dostream.agent.memory import MARK
+
+        mark = self.out / "memory" / MARK
+        return json.loads(mark.read_text())["episodes"] if mark.exists() else 0
 
     def evaluate(self, after: int) -> None:
         adapter = self.store.current_adapter()

@@ -9,6 +9,10 @@ weights. Knows nothing of updates or gates.
   distilled into the memory (`memory.distill`: extractive notes from the world's statements, each
   admitted by the world-model test on the adapter in force). The point reached is kept in
   `OUT/memory/agent-distilled.json`, so a killed run distils what it had not.
+- **Tools** (environments that can run a learned procedure: the support worlds): episodes are
+  offered the memory's verified tools (`memory.tools.Tooled`); after each acting block the
+  successful episodes' procedures become candidate tools (`memory.tools.learn`), each verified by
+  execution in fresh environments on fresh calls before it is ever offered (`memory.tools.verify`).
 """
 
 from __future__ import annotations
@@ -49,6 +53,21 @@ def count_used(memory: Memory, streams) -> None:
         first = s.segments[0] if s.segments else None
         for nid in first.meta.get("memory_notes", []) if first is not None else []:
             memory.count(nid, "used", Source.of(s))
+
+
+def learn_tools(memory: Memory, name: str, streams, procedure_of, make_env, items) -> dict[str, int]:
+    """Candidate tools from `streams`' successful procedures, each candidate verified by execution
+    in fresh environments (`make_env`, the bare environment) on `items`."""
+    from dostream.memory.tools import learn, tool, verify
+
+    found = learn(memory, name, streams, procedure_of)
+    verified = refused = 0
+    for tid in found:
+        if tool(memory, tid).status == "candidate":
+            t = verify(memory, tid, make_env, items)
+            verified += t.status == "verified"
+            refused += t.status == "refused"
+    return {"tools": len(found), "verified": verified, "refused": refused}
 
 
 def distill_since(memory: Memory, directory: Path, episodes, upto: int, model, tok) -> dict[str, Any] | None:
