@@ -129,12 +129,22 @@ def params(config: SamplingConfig, seed: tuple[int, int], eos: set[int], *, stre
         include_stop_str_in_output=True,
         skip_special_tokens=False,
         seed=_row_seed(*seed),
+        logprobs=config.logprobs,  # vLLM's default logprobs_mode: raw_logprobs, as dostream's
         output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
     )
 
 
-def to_sample(tokenizer, ids: list[int], prompt_len: int, config: SamplingConfig, eos: set[int], *, cancelled=False):
-    """A `Sample` of vLLM's exact ids: text and finish reason by the torch path's rules."""
+def _scored(entry: dict, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """vLLM's {id: Logprob} for one position -> (the drawn token's logprob, the k most likely)."""
+    top = sorted((lp.rank, tid, lp.logprob) for tid, lp in entry.items() if lp.rank is not None and lp.rank <= k)
+    return entry[token].logprob, [(tid, value) for _, tid, value in top[:k]]
+
+
+def to_sample(
+    tokenizer, ids: list[int], prompt_len: int, config: SamplingConfig, eos: set[int], *, cancelled=False, scored=None
+):
+    """A `Sample` of vLLM's exact ids: text and finish reason by the torch path's rules; `scored`:
+    per token (logprob, top) from `VllmRunner.stream`'s hook."""
     text = decode(tokenizer, ids)
     reason: FinishReason = (
         "cancelled"
@@ -145,7 +155,11 @@ def to_sample(tokenizer, ids: list[int], prompt_len: int, config: SamplingConfig
         if any(s in text for s in config.stop)
         else "length"
     )
-    return Sample(list(ids), text, reason, prompt_len)
+    sample = Sample(list(ids), text, reason, prompt_len)
+    if scored is not None:
+        sample.logprobs = [lp for lp, _ in scored]
+        sample.top_logprobs = [top for _, top in scored]
+    return sample
 
 
 class VllmRunner:
@@ -171,8 +185,10 @@ class VllmRunner:
     def request_id(self) -> str:
         return f"dostream-{next(self._ids)}"
 
-    async def stream(self, prompt: list[int], sp, lora=None, on_token: Callable[[int], None] | None = None, rid=None):
-        """Draw one row; returns vLLM's ids (with `on_token` called on each as it is drawn)."""
+    async def stream(self, prompt: list[int], sp, lora=None, on_token: Callable[..., None] | None = None, rid=None):
+        """Draw one row; returns vLLM's ids, `on_token(id)` called on each as it is drawn (with
+        `sp.logprobs = k`: `on_token(id, (logprob, top))`, `Decode`'s hook: the drawn token's raw
+        log-prob and the k most likely (id, logprob), from vLLM's raw_logprobs)."""
         from vllm.inputs import TokensPrompt
 
         ids: list[int] = []
@@ -182,10 +198,11 @@ class VllmRunner:
             if sp.output_kind.name == "FINAL_ONLY":
                 ids = new
                 continue
-            for t in new:
+            scored = out.outputs[0].logprobs if sp.logprobs is not None else None
+            for i, t in enumerate(new):
                 ids.append(t)
                 if on_token is not None:
-                    on_token(t)
+                    on_token(t, *([] if scored is None else [_scored(scored[i], t, sp.logprobs)]))
         return ids
 
     def shutdown(self) -> None:
@@ -251,8 +268,7 @@ def _sample_vllm(
     """Sample through a kept vLLM engine over `model`'s base weights. A PEFT model's adapter is
     saved per call and passed as a fresh `LoRARequest` (always on-policy). The base weights are
     exported once per base model object: a caller that changes them in place (full fine-tuning)
-    needs a new model object, or `backend="torch"`. `config.logprobs` is not passed yet: samples
-    have `logprobs` None."""
+    needs a new model object, or `backend="torch"`. `config.logprobs`: vLLM's raw log-probs."""
     from dostream.device import resolve_precision
 
     eos = set(config.eos_token_ids) if config.eos_token_ids is not None else default_eos(model, tokenizer)
@@ -271,10 +287,22 @@ def _sample_vllm(
             model.save_pretrained(tmp)
             request = lora(tmp, "sample")
 
+        scored: list[list] = [[] for _ in prompts]
+
+        def keep(i: int):
+            return lambda token, *entry: scored[i].extend(entry)
+
         async def all_rows():
             return await asyncio.gather(
-                *(runner.stream(p, params(config, s, eos), request) for p, s in zip(prompts, seeds))
+                *(
+                    runner.stream(p, params(config, s, eos, stream=True), request, on_token=keep(i))
+                    for i, (p, s) in enumerate(zip(prompts, seeds))
+                )
             )
 
         rows = runner.submit(all_rows()).result()
-    return [to_sample(tokenizer, ids, len(p), config, eos) for p, ids in zip(prompts, rows)]
+    with_logprobs = config.logprobs is not None
+    return [
+        to_sample(tokenizer, ids, len(p), config, eos, scored=sc if with_logprobs else None)
+        for p, ids, sc in zip(prompts, rows, scored)
+    ]

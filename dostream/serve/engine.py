@@ -13,8 +13,9 @@ model loaded once from a directory; the adapter in force goes with each request 
 under a fresh name and id per value of the slot (a hot swap or a rollback, even back to an earlier
 adapter, gets a new one: vLLM's prefix cache never serves another version's blocks). A choice j of
 a request seeded s is one vLLM request seeded `_row_seed(s, j)`. The recorded agent segment holds
-vLLM's own sampled ids. Not supported (400): grammars (`response_format`, `tool_choice`, strict
-tools) and `logprobs`; vLLM's own structured outputs are not wired to dostream's `Grammar` yet.
+vLLM's own sampled ids; `logprobs` are vLLM's raw log-probs (its default `raw_logprobs`, the
+meaning dostream's engine gives them). Not supported (400): grammars (`response_format`,
+`tool_choice`, strict tools): vLLM's own structured outputs are not wired to dostream's `Grammar`.
 """
 
 from __future__ import annotations
@@ -127,8 +128,6 @@ class VllmEngine:
     def submit(self, job: Job) -> Future:
         if job.grammar is not None:
             raise ApiError(400, "--engine vllm: response_format, tool_choice and strict tools are not supported yet")
-        if job.config.logprobs is not None:
-            raise ApiError(400, "--engine vllm: logprobs are not supported yet", param="logprobs")
         with self._lock:
             if self._waiting + job.n > self.max_queue:
                 raise Overloaded(f"{self._waiting} rows are waiting (limit {self.max_queue})")
@@ -154,8 +153,10 @@ class VllmEngine:
         self.batches += 1
         self.running += job.n
         drawn: list[list[int]] = [[] for _ in range(job.n)]
+        scored = [[] if job.config.logprobs is not None else None for _ in range(job.n)]
         tasks = [
-            asyncio.ensure_future(self._row(job, j, request, drawn[j]), loop=self.runner.loop) for j in range(job.n)
+            asyncio.ensure_future(self._row(job, j, request, drawn[j], scored[j]), loop=self.runner.loop)
+            for j in range(job.n)
         ]
         self._tasks[id(job)] = tasks
         if job.cancelled:
@@ -171,8 +172,8 @@ class VllmEngine:
                 job.future.set_exception(errors[0])
                 return
             job.samples = [
-                to_sample(self.tok, ids, len(job.prompt), job.config, self.eos, cancelled=t.cancelled())
-                for ids, t in zip(drawn, tasks)
+                to_sample(self.tok, ids, len(job.prompt), job.config, self.eos, cancelled=t.cancelled(), scored=sc)
+                for ids, t, sc in zip(drawn, tasks, scored)
             ]
             self._commits.put(job)
 
@@ -180,12 +181,14 @@ class VllmEngine:
         self._finishing.add(done)
         done.add_done_callback(self._finishing.discard)
 
-    async def _row(self, job: Job, j: int, request, drawn: list[int]) -> None:
-        def hook(token: int) -> None:
+    async def _row(self, job: Job, j: int, request, drawn: list[int], scored: list | None) -> None:
+        def hook(token: int, *entry) -> None:
             drawn.append(token)
+            if scored is not None:
+                scored.append(entry[0])
             if job.on_token is not None:
                 try:
-                    job.on_token(j, token)
+                    job.on_token(j, token, *entry)
                 except Exception:  # a streaming consumer's failure never stops the row (still recorded)
                     job.on_token = None
 
