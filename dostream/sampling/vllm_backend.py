@@ -209,9 +209,12 @@ class VllmRunner:
         if self.engine is None:
             return
         engine, self.engine = self.engine, None
+
+        async def close(engine):  # on the loop: its output task is cancelled there, not raced from here
+            engine.shutdown()
+
         try:
-            if engine is not None:
-                engine.shutdown()
+            self.submit(close(engine)).result(timeout=120)
             del engine  # collected now, while the interpreter is whole (its __del__ shuts down again)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)

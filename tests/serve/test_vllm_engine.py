@@ -183,3 +183,27 @@ def test_vllm_logprobs_are_the_models_raw_logprobs(vserved, tok):
     diff = max(abs(a - b) for a, b in zip(got, ours.logprobs))
     print(f"logprobs: vLLM vs dostream, max |diff| {diff:.2e} over {len(got)} tokens")
     assert diff < 1e-3
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_vllm_cancel_ends_the_rows_and_records_what_was_drawn(vserved):
+    """`cancel(job)` (an interrupted answer): the row ends with the ids drawn so far, finish reason
+    "cancelled", and is recorded as usual."""
+    import threading
+
+    from dostream.serve.batcher import Job
+    from dostream.serve.protocol import parse_chat
+
+    server, _ = vserved
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 64}
+    pending = server.prepare(parse_chat(body, server.cfg.limits), None, KEY)
+    first = threading.Event()
+    job = Job(pending.prompt, 1, pending.config, pending, on_token=lambda choice, token, *_: first.set())
+    future = server.batcher.submit(job)
+    assert first.wait(60)
+    server.batcher.cancel(job)
+    samples, exchange = future.result(timeout=60)
+    assert samples[0].finish_reason == "cancelled" and 1 <= len(samples[0].token_ids) < 64
+    [row] = server.store.db.execute("SELECT id FROM exchanges WHERE id = ?", (exchange.id,)).fetchall()
+    assert row
