@@ -25,6 +25,7 @@ allows it: the agent's updates resume exactly).
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shutil
 import time
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dostream.config import block_values
+from dostream.files import atomic_write_text
 from dostream.learning.config import Update, UpdateConfig
 from dostream.learning.gate import Gate
 from dostream.learning.versions import Versions
@@ -57,7 +59,9 @@ class Source(Protocol):
     """What a learner reads and how its candidates are checked."""
 
     turn_budget: int  # tokens per sampled turn (the reward learners' overlong penalty)
-    fresh: bool  # True: a leftover directory of this update is discarded; False: continued (exact resume)
+    # True: a leftover directory of this update is discarded; False: continued (exact resume) when
+    # it was made for the same batch (its `batch.json` holds the batch's `seen`), else discarded
+    fresh: bool
 
     def checks(self, seen: dict[str, int]) -> tuple[list[Any], list[str], int]:
         """(the gate's checks, their ids, how many of them are the fixed control set)."""
@@ -117,8 +121,11 @@ def update_once(
     t0 = time.time()
     current = lineage.versions.in_force()
     out = lineage.dir_of(batch.step)
-    if source.fresh:
-        shutil.rmtree(out, ignore_errors=True)  # a leftover of an attempt that failed
+    made_for = out / "batch.json"
+    if source.fresh or (made_for.exists() and json.loads(made_for.read_text()) != batch.seen):
+        shutil.rmtree(out, ignore_errors=True)  # a leftover of an attempt that failed, or of other data
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(made_for, json.dumps(batch.seen, sort_keys=True))
     update = Update(**block_values(cfg, UpdateConfig), model=model, group_size=max(1, batch.group_size))
     learned = learn(
         update, tok, batch.step, batch.new, batch.replayed, lineage.path_of(current[0]), out, source.turn_budget

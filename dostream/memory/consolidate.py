@@ -73,7 +73,9 @@ class Check:
 class MemorySource:
     """The learning cycle's source of a memory in directory `root` (`root/memory.sqlite`)."""
 
-    fresh = True  # a leftover update directory is discarded: notes may have been added or forgotten since
+    # a consolidation killed mid-way continues its directory when the notes it was for are the same
+    # (the cycle checks the batch's `seen`): the redo ends with the same weights; else it starts again
+    fresh = False
 
     def __init__(
         self, memory: Memory, root: str | Path, model: str, tok, *, start=None, check_words: int = 4, load=None

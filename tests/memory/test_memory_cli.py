@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_cli
 from memory_helpers import RULE, capital_stream, discount_stream
 
@@ -102,3 +103,33 @@ def test_consolidate_is_one_gated_update_recorded_in_the_memory_then_nothing_new
     m.close()
     assert cli_main(args) == 0
     assert "no note is new since the last consolidation" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # over 20 s on 2 cores: `make test-slow`
+def test_sigkill_mid_consolidation_resumes_exactly(tmp_path):
+    """A consolidation killed mid-update continues its directory on the next run (the same notes:
+    the cycle checks the batch it was made for) and ends with the uninterrupted run's adapter."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    mem, _, _ = _memory(tmp_path)
+    shutil.copytree(mem, tmp_path / "b")
+    cmd = [sys.executable, "-m", "dostream.cli", "memory", "consolidate"]
+    flags = ["--model", "tiny", "--epochs", "40", "--lora-r", "2", "--gate-tolerance", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*cmd, str(mem), *flags], check=True, capture_output=True, env=env, timeout=600)
+    proc = subprocess.Popen([*cmd, str(tmp_path / "b"), *flags], stderr=subprocess.DEVNULL, env=env)
+    checkpoint = tmp_path / "b" / "adapters" / "update-000001"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (checkpoint / "config.json").exists():  # training has begun
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (checkpoint / "adapter").exists(), "the kill did not land inside the update"
+    subprocess.run([*cmd, str(tmp_path / "b"), *flags], check=True, capture_output=True, env=env, timeout=600)
+    a, b = (p / "adapters" / "update-000001" / "adapter" / "adapter_model.safetensors" for p in (mem, tmp_path / "b"))
+    assert a.read_bytes() == b.read_bytes()
