@@ -2,7 +2,7 @@
 
 A memory is `DIR/memory.sqlite` (`dostream.memory.store`), beside a stream store.
 
-* `distill STREAMS.jsonl... --memory DIR --model NAME`: cases from the streams' world-authored
+* `distill STREAMS.jsonl... --memory DIR --model NAME` (also `build STREAMS.jsonl... --out DIR`): cases from the streams' world-authored
   segments become extractive notes, and (`--writer local|endpoint`) clusters of cases abstractive
   ones; each is admitted only if it raises the likelihood of world tokens it was not written from
   (`memory/admit.py`). Every stream file is read whole before anything is opened or loaded: a bad
@@ -36,9 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="dostream memory", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("distill", help="distil notes from stream files into a memory")
+    d = sub.add_parser("distill", aliases=["build"], help="distil notes from stream files into a memory (alias: build)")
     d.add_argument("streams", nargs="+", help="stream JSONL files (dostream's format; `-` for stdin)")
-    d.add_argument("--memory", required=True, help="the memory's directory (DIR/memory.sqlite; made if missing)")
+    d.add_argument(
+        "--memory",
+        "--out",
+        dest="memory",
+        required=True,
+        help="the memory's directory (DIR/memory.sqlite; made if missing)",
+    )
     d.add_argument("--model", default="smollm2", help="the model whose likelihoods admit notes (default smollm2)")
     d.add_argument("--adapter", default=None, help="a PEFT adapter directory to load on top of the model")
     d.add_argument("--chat-template", action="store_true", help="render streams in the tokenizer's chat template")
@@ -77,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("forget", help="remove every note and count that came from one source")
     f.add_argument("memory", help="the memory's directory")
     who = f.add_mutually_exclusive_group(required=True)
-    who.add_argument("--stream", help="a stream id")
+    who.add_argument("--stream", "--source", dest="stream", help="a stream id (--source: the same)")
     who.add_argument("--user", help="a user (a stream's meta.user)")
     who.add_argument("--key", help="an API key id (a stream's meta.api_key)")
     return ap
@@ -85,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.cmd == "distill":
+    if args.cmd in ("distill", "build"):
         return _distill(args)
     if args.cmd == "consolidate":
         return _consolidate(args)
