@@ -59,7 +59,7 @@ def test_bad_input_is_one_line_and_loses_nothing(tmp_path):
         (["distill", bad, "--memory", mem, "--tolerance", "-1"], "argument --tolerance: must be >= 0, got -1.0"),
         (["show", mem, "99"], "no note 99"),
         (["list", tmp_path / "nowhere"], "no memory there"),
-        (["forget", mem], "one of the arguments --stream --user --key is required"),
+        (["forget", mem], "one of the arguments --stream/--source --user --key is required"),
     ]:
         proc = run_cli("memory", *args, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
