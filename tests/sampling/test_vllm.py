@@ -38,6 +38,7 @@ def test_parse_engine_args():
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_sample_vllm_greedy_equals_dostream():
     """sample(backend="vllm") keeps one engine per model and returns vLLM's exact ids, which
     re-render to the text; greedy over 8 chat prompts, 24 new tokens, fp32: the counts of rows
@@ -77,6 +78,7 @@ def test_sample_vllm_greedy_equals_dostream():
 
 
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_sample_vllm_peft_adapter_per_call():
     """A PEFT model samples through vLLM with its adapter as a per-call LoRA over the base weights
     (exported once, without the LoRA layers): greedy ids equal dostream's engine on the merged

@@ -68,6 +68,7 @@ def vserved(tok, tmp_path_factory):
 
 @needs_vllm
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_engine_serves_records_and_swaps(vserved, tok, tmp_path):
     from dostream.serve.engine import VllmEngine
 
@@ -119,6 +120,7 @@ def test_vllm_engine_serves_records_and_swaps(vserved, tok, tmp_path):
 
 @needs_vllm
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_hot_swap_under_16_clients(vserved, tmp_path):
     """16 clients ask the same greedy question in a loop while the slot swaps to an adapter
     version: no request sent after the swap gets the old answer, none answered before it the new."""
@@ -166,6 +168,7 @@ def test_vllm_hot_swap_under_16_clients(vserved, tmp_path):
 
 @needs_vllm
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_logprobs_are_the_models_raw_logprobs(vserved, tok):
     """`logprobs` on vLLM: its raw log-probs, equal to dostream's engine's on the same greedy ids
     up to float rounding (fp32)."""
@@ -187,6 +190,7 @@ def test_vllm_logprobs_are_the_models_raw_logprobs(vserved, tok):
 
 @needs_vllm
 @pytest.mark.slow
+@pytest.mark.vllm
 def test_vllm_cancel_ends_the_rows_and_records_what_was_drawn(vserved):
     """`cancel(job)` (an interrupted answer): the row ends with the ids drawn so far, finish reason
     "cancelled", and is recorded as usual."""
