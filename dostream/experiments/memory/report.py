@@ -25,7 +25,8 @@ def _fmt(c: dict[str, Any]) -> str:
         return "—"
     if math.isnan(c["low"]):
         return f"{c['mean']:.0%}"
-    return f"{c['mean']:.0%} [{c['low']:.0%}, {c['high']:.0%}]"
+    low, high = max(0.0, c["low"]), min(1.0, c["high"])  # a success rate's t interval, clipped to [0, 1]
+    return f"{c['mean']:.0%} [{low:.0%}, {high:.0%}]"
 
 
 def collect(out: Path) -> dict[str, Any]:
@@ -133,7 +134,7 @@ def write_report(out: str | Path) -> Path:
         "Arms: `none` (base model), `memory` (notes only), `weights` (interventional updates only), `both`, "
         "`consolidated` (both's memory consolidated into its adapter, then evaluated with the memory removed), "
         "`trusting` (notes only, from a memory that also admits the agent's own claims as evidence: the "
-        "observational control). STEM interference: not measured.",
+        "observational control). Interference on the STEM test set: not measured.",
         "",
     ]
     for env, arms in res["envs"].items():
