@@ -106,13 +106,15 @@ def test_arms_wiring_on_a_few_episodes(tmp_path, monkeypatch):
         assert not (seed / arm / "memory").exists(), arm
     for arm in ARMS:
         assert (out / "stages" / f"discount-s0-{arm}" / "result.json").exists(), arm
+    stem = json.loads((out / "stages" / "discount-s0-stem" / "result.json").read_text())["value"]
+    assert stem["problems"] == 2 and {"base", "weights", "both"} <= set(stem["scores"])  # interference
     both = json.loads((out / "stages" / "discount-s0-both" / "result.json").read_text())["value"]
     assert len(both["successes"]) == 2 and [u["after"] for u in both["updates"]] == []  # 2 episodes: no update
     assert json.loads((seed / "weights" / "config.json").read_text())["config"]["learner"] == "interventional"
     from dostream.experiments.memory.report import write_report
 
     text = write_report(out).read_text()
-    assert "| trusting |" in text and "trusting − memory" in text
+    assert "| trusting |" in text and "trusting − memory" in text and "Interference on the STEM test set" in text
     assert ExperimentAgent.distill is not None and PRESETS["quick"].seeds == 3
 
 
@@ -122,7 +124,9 @@ def test_smoke_preset_end_to_end(tmp_path, capsys):
     run_cli("reproduce", "memory", "--preset", "smoke", "--out", out)
     res = json.loads((out / "results.json").read_text())
     arms = res["envs"]["discount"]
+    interference = arms.pop("stem_interference")
     assert set(arms) == set(ARMS) and all(a["seeds"] == 2 for a in arms.values())
+    assert len(interference["base"]) == 2 and len(interference["delta"]["weights"]["values"]) == 2
     assert arms["weights"]["updates_accepted"] and list(arms["none"]["curve"]) == ["0", "4"]
     assert "## discount" in (out / "report.md").read_text()
     run(PRESETS["smoke"], out, "smoke")

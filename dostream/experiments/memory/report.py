@@ -78,6 +78,23 @@ def collect(out: Path) -> dict[str, Any]:
                 "updates_accepted": [sum(u["accepted"] for u in r["updates"]) for r in per_seed],
                 "seconds": sum(r["seconds"] for r in per_seed),
             }
+        stem = [stages.result(f"{env}-s{s}-stem") for s in range(conf["seeds"]) if stages.done(f"{env}-s{s}-stem")]
+        if stem:  # Δ nats/token of the STEM oracle solutions against the base model, per adapter
+            names = [k for k in stem[0]["scores"] if k != "base"]
+            arms["stem_interference"] = {
+                "problems": stem[0]["problems"],
+                "base": [r["scores"]["base"]["nats_per_token"] for r in stem],
+                "delta": {
+                    k: _ci(
+                        [
+                            r["scores"][k]["nats_per_token"] - r["scores"]["base"]["nats_per_token"]
+                            for r in stem
+                            if k in r["scores"]
+                        ]
+                    )
+                    for k in names
+                },
+            }
         res["envs"][env] = arms
     return res
 
@@ -134,7 +151,7 @@ def write_report(out: str | Path) -> Path:
         "Arms: `none` (base model), `memory` (notes only), `weights` (interventional updates only), `both`, "
         "`consolidated` (both's memory consolidated into its adapter, then evaluated with the memory removed), "
         "`trusting` (notes only, from a memory that also admits the agent's own claims as evidence: the "
-        "observational control). Interference on the STEM test set: not measured.",
+        "observational control).",
         "",
     ]
     for env, arms in res["envs"].items():
@@ -174,6 +191,18 @@ def write_report(out: str | Path) -> Path:
                 f"Retention with the memory removed (held-out, greedy): `both`'s adapter alone "
                 f"{_fmt(c['both_weights_no_memory'])}; after consolidating its memory into it "
                 f"{_fmt(c['heldout_no_memory'])} (consolidation accepted per seed: {c['accepted']}).",
+                "",
+            ]
+        if "stem_interference" in arms:
+            si = arms["stem_interference"]
+            deltas = "; ".join(
+                f"`{k}` {d['mean']:+.3f}" + ("" if math.isnan(d["low"]) else f" [{d['low']:+.3f}, {d['high']:+.3f}]")
+                for k, d in si["delta"].items()
+            )
+            lines += [
+                f"Interference on the STEM test set ({si['problems']} problems' oracle solutions, the question before "
+                f"each; the base model's log-likelihood {si['base'][0]:.3f} nats/token): change per final adapter, "
+                f"nats/token: {deltas}.",
                 "",
             ]
         lines += [

@@ -14,8 +14,10 @@ Every arm acts on the same seeded episode sequence of each environment, for each
 
 Measured per arm: acting success over the episodes (success against the number of interactions),
 greedy held-out success every `eval_every` episodes (held-out items never acted on), and for
-`consolidated` and `both` the held-out success with the memory removed (retention). Intervals are
-Student-t over seeds (`report.py`).
+`consolidated` and `both` the held-out success with the memory removed (retention); per seed, the
+interference on the STEM test set (`_interference`: the log-likelihood of STEM oracle solutions
+under each learning arm's final adapter against the base model's). Intervals are Student-t over
+seeds (`report.py`).
 
     dostream reproduce memory --preset smoke|quick [--seeds N] [--out DIR] [--FIELD VALUE ...]
 
@@ -42,7 +44,7 @@ from dostream.files import atomic_write_text
 EXPERIMENT = "memory"
 ENVS = ("support", "tutor", "discount")
 ARMS = ("none", "memory", "weights", "both", "consolidated", "trusting")
-MAY_CHANGE = ("seeds", "progress")
+MAY_CHANGE = ("seeds", "progress", "stem_n")  # stem_n: a run from before the interference stage adds it
 
 
 @contextlib.contextmanager
@@ -119,6 +121,9 @@ class MemoryExperimentConfig(SupervisedBlock):
     sample_batch: int = like(AgentConfig, "sample_batch", 32)
     max_covered: int = opt(4, "held-out streams of a note's cluster its admission scores (DistillConfig)", min=1)
     max_others: int = opt(4, "other stored streams a note's admission scores (DistillConfig)", min=0)
+    stem_n: int = opt(
+        32, "STEM test problems whose oracle solutions score each arm's final adapter (interference; 0: not measured)"
+    )
     progress: bool = like(AgentConfig, "progress", True)
 
     def __post_init__(self) -> None:
@@ -146,6 +151,7 @@ PRESETS: dict[str, MemoryExperimentConfig] = {
         eval_every=4,
         eval_n=2,
         max_new_tokens=4,
+        stem_n=2,
         progress=False,
     ),
     # The embedded SmolLM2-135M, every arm, 3 seeds; sized from a measured slice (docs/memory.md,
@@ -263,6 +269,63 @@ def _heldout(agent: Agent, adapter: Path | None) -> list[bool]:
     return [bool(s.meta["success"]) for s in streams]
 
 
+def _interference(cfg: MemoryExperimentConfig, d: Path, tok: Any) -> dict[str, Any]:
+    """Interference on the STEM test set: the mean log-likelihood per token of `stem_n` STEM test
+    problems' oracle solutions (the question before each), under the base model and under each
+    learning arm's final adapter. SmolLM2-135M solves none of them greedily (docs/stem_results.md),
+    so success could not fall; the likelihood of the worked solutions can."""
+    import time
+
+    from dostream.agent.store import Store
+    from dostream.envs.stem import generate
+    from dostream.memory.admit import world_logprobs
+    from dostream.models import load_model
+    from dostream.render import Renderer
+    from dostream.stream import Segment, Stream
+
+    t0 = time.perf_counter()
+    streams = [
+        Stream(
+            p.id,
+            [
+                Segment("protocol", "Question:\n"),
+                Segment("context", p.question),
+                Segment("protocol", "\n\nProposed solution:\n"),
+                Segment("oracle", p.solution),
+            ],
+        )
+        for p in generate("test", cfg.stem_n, seed=0)
+    ]
+    adapters: dict[str, Path | None] = {"base": None}
+    for arm in ("weights", "both"):
+        if (d / arm / "store.sqlite").exists():
+            store = Store(d / arm / "store.sqlite")
+            final = store.current_adapter()
+            store.close()
+            adapters[arm] = None if final is None else d / arm / final
+    if (d / "both" / "memory" / "memory.sqlite").exists():  # the adapter in force after the consolidation
+        from dostream.learning.versions import VERSIONS_SCHEMA, Versions
+        from dostream.memory.store import Memory
+
+        memory = Memory.open_dir(d / "both" / "memory")
+        memory.db.executescript(VERSIONS_SCHEMA)
+        in_force = Versions(memory.db).in_force()[0]
+        memory.close()
+        if in_force is not None:
+            adapters["consolidated"] = d / "both" / "consolidated" / in_force
+    renderer = Renderer(tok, add_eos=False)
+    out: dict[str, Any] = {}
+    for name, path in adapters.items():
+        lp = world_logprobs(load_model(cfg.model, adapter=path, merge=True), renderer, streams)
+        n = sum(len(x) for x in lp)
+        out[name] = {
+            "nats_per_token": sum(map(sum, lp)) / n,
+            "tokens": n,
+            "adapter": None if path is None else str(path.relative_to(d)),
+        }
+    return {"problems": cfg.stem_n, "scores": out, "seconds": time.perf_counter() - t0}
+
+
 def run(cfg: MemoryExperimentConfig, out: str | Path, preset: str = "custom") -> Path:
     """Seeds 0..N-1, each environment, every arm. Cached stages under `out/stages/`; returns the run directory."""
     from dostream.models import load_tokenizer
@@ -287,4 +350,6 @@ def run(cfg: MemoryExperimentConfig, out: str | Path, preset: str = "custom") ->
                     fn = lambda _, a=acfg, d=d, arm=arm: _loop(a, d / arm, tok, arm == "trusting", dcfg)  # noqa: E731
                 print(f"== {env} seed {seed}: {arm}", flush=True)
                 stages.run(f"{env}-s{seed}-{arm}", fn)
+            if cfg.stem_n > 0:
+                stages.run(f"{env}-s{seed}-stem", lambda _, d=d: _interference(cfg, d, tok))
     return out
