@@ -111,6 +111,7 @@ class Decode:
         self._tokens: torch.Tensor | None = None  # each row's last token, drawn, not yet forwarded
         self._scratch: torch.Tensor | None = None
         self._masks: GrammarMasks | None = None  # made when a row with a grammar first joins
+        self._warm: tuple | None = None  # prefills ahead riding the next step's forward (`ahead`)
 
     @property
     def active(self) -> int:
@@ -168,7 +169,13 @@ class Decode:
         if joining:
             self._join(joining, running)
         elif running is not None:
-            [self.logits] = _forward(self.model, self.forward, [running])
+            warm, self._warm = self._warm, None
+            if warm is not None:  # prefills ahead, in this step's forward (`ahead`)
+                wanted, bases, parts = warm[0]
+                [self.logits, *_] = _forward(self.model, self.forward, [running, *(p for *_, p in parts)])
+                warm[1](self.prefix_cache.warm_store(wanted, bases, parts))
+            else:
+                [self.logits] = _forward(self.model, self.forward, [running])
         if not self.rows:
             return []
         tokens, scored = self._choose()
@@ -247,6 +254,29 @@ class Decode:
             self.logits = torch.cat(logits)
             self.position = torch.cat([self.position, positions])
         self.rows += [joining[i][0] for i in order]
+
+    def ahead(self, prompts: list[tuple[int, ...]], done: Callable[[int], None]) -> bool:
+        """Prefill `prompts` into the prefix cache in the next step's forward, beside the running
+        rows' tokens (one product per linear layer for both: a forward's cost on a CPU is mostly
+        reading the weights); `done(tokens prefilled)` after it. False (nothing taken) when the next
+        step has no running rows to ride on, or joins rows, or there is no prefix cache."""
+        if self.prefix_cache is None or not self.rows or self.joining or self._warm is not None:
+            return False
+        parts = self.prefix_cache.warm_parts(prompts, self.pad)
+        if not parts[2]:
+            done(0)
+            return True
+        self._warm = (parts, done)
+        return True
+
+    @torch.inference_mode()
+    def flush_ahead(self) -> None:
+        """Run a prefill ahead that found no step to ride (the rows ended first) in a forward of its own."""
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            wanted, bases, parts = warm[0]
+            _forward(self.model, self.forward, [p for *_, p in parts])
+            warm[1](self.prefix_cache.warm_store(wanted, bases, parts))
 
     def cancel(self, which: Callable[[Any], bool]) -> None:
         """Rows whose tag `which` accepts end at the next step, with the token it draws for them

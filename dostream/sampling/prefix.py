@@ -20,7 +20,7 @@ import torch
 
 from dostream.cached_forward import CachedForward
 from dostream.sampling.kvcache import _CachedPrefix, _reserved_cache
-from dostream.sampling.prefill import _prefill_parts
+from dostream.sampling.prefill import _forward, _prefill_inputs, _prefill_parts
 
 
 class PrefixCache:
@@ -70,6 +70,36 @@ class PrefixCache:
         self.reused += sum(len(h.ids) for h in found if h is not None)
         return found
 
+    def warm_parts(self, prompts: list[tuple[int, ...]], pad: int) -> tuple[list, list, list]:
+        """What `warm(prompts)` prefills, as forward parts a caller runs in a forward of its own
+        (`Decode.step`: the running rows' step, so a prefill ahead costs no forward of its own):
+        (prompts, their cached bases, [(lo, hi, width, part)]); `warm_store` then keeps them."""
+        wanted = sorted({tuple(p) for p in prompts if p and len(p) <= self.max_tokens} - set(self._entries))
+        if not self.usable or not wanted:
+            return [], [], []
+        bases = [self._longest(p) for p in wanted]
+        order = sorted(range(len(wanted)), key=lambda i: len(wanted[i]) - (len(bases[i].ids) if bases[i] else 0))
+        wanted, bases = [wanted[i] for i in order], [bases[i] for i in order]  # by what is left to prefill
+        return wanted, bases, list(_prefill_inputs(self.model, wanted, pad, hits=bases))
+
+    def warm_store(self, wanted: list, bases: list, parts: list) -> int:
+        """Keep the entries `warm_parts`' parts hold once their forward ran; returns the tokens prefilled."""
+        done = 0
+        for lo, hi, _, (*_, part) in parts:
+            for r, ids in enumerate(wanted[lo:hi]):
+                base = bases[lo + r]
+                if hi - lo == 1:  # the bucket is this prompt alone: its cache is the entry
+                    keys, values = [a.keys for a in part.layers], [a.values for a in part.layers]
+                else:  # a copy: a view would keep the whole bucket's cache alive
+                    keys = [a.keys[r : r + 1, :, -len(ids) :].clone() for a in part.layers]
+                    values = [a.values[r : r + 1, :, -len(ids) :].clone() for a in part.layers]
+                self._put(_CachedPrefix(ids, keys, values))
+                if base is not None and base.ids in self._warmed and base.ids in self._entries:
+                    del self._entries[base.ids]
+                self._warmed = {k for k in self._warmed if k in self._entries} | {ids}
+                done += len(ids) - (len(base.ids) if base else 0)
+        return done
+
     @torch.inference_mode()
     def warm(self, prompts: list[tuple[int, ...]], pad: int, step: CachedForward | None) -> int:
         """Prefill each of `prompts` as an entry now, ahead of the prompt it will begin (a
@@ -78,24 +108,11 @@ class PrefixCache:
         weights), each on top of the longest entry it extends, so only its new tokens are computed;
         an earlier warm entry it extends is dropped (one entry per session, growing). Returns the
         tokens prefilled (0: nothing new, too long, or a model without the reserved cache)."""
-        wanted = sorted({tuple(p) for p in prompts if p and len(p) <= self.max_tokens} - set(self._entries))
-        if not self.usable or not wanted:
+        wanted, bases, parts = self.warm_parts(prompts, pad)
+        if not parts:
             return 0
-        bases = [self._longest(p) for p in wanted]
-        order = sorted(range(len(wanted)), key=lambda i: len(wanted[i]) - (len(bases[i].ids) if bases[i] else 0))
-        wanted, bases = [wanted[i] for i in order], [bases[i] for i in order]  # by what is left to prefill
-        done = 0
-        for lo, hi, _, part, _ in _prefill_parts(self.model, wanted, pad, step, hits=bases):
-            for r, ids in enumerate(wanted[lo:hi]):
-                base = bases[lo + r]
-                keys = [a.keys[r : r + 1, :, -len(ids) :].clone() for a in part.layers]
-                values = [a.values[r : r + 1, :, -len(ids) :].clone() for a in part.layers]
-                self._put(_CachedPrefix(ids, keys, values))
-                if base is not None and base.ids in self._warmed and base.ids in self._entries:
-                    del self._entries[base.ids]
-                self._warmed = {k for k in self._warmed if k in self._entries} | {ids}
-                done += len(ids) - (len(base.ids) if base else 0)
-        return done
+        _forward(self.model, step, [part for *_, part in parts])
+        return self.warm_store(wanted, bases, parts)
 
     def _wanted(self, prompts: list[tuple[int, ...]]) -> set[tuple[int, ...]]:
         """The prefixes worth an entry: for each prompt its longest common prefix with a prompt

@@ -97,6 +97,11 @@ class Job:
 
 
 _WAKE = object()  # queued by `cancel`: the sampling thread looks again
+# The server's prefix cache: the chat template's heads and shared preambles, and one growing entry
+# per listening session (`warm`): with the cache's own default of 8 entries, 8 typing sessions
+# evicted each other's prefills before their answers began. Bounded in tokens (SmolLM2-135M: ~46 KB
+# of keys and values a token in fp32, so 16,384 tokens ~0.75 GB at most).
+PREFIX_ENTRIES, PREFIX_TOKENS = 64, 16384
 
 
 @dataclass
@@ -236,16 +241,27 @@ class Batcher:
             current = self.slot.get()
             if run is None or (run.active == 0 and current is not value):
                 if current is not value:  # a new model in force: its own prefix cache
-                    self.prefixes = PrefixCache(current[0]) if self.prefix_cache else None
+                    self.prefixes = (
+                        PrefixCache(current[0], entries=PREFIX_ENTRIES, tokens=PREFIX_TOKENS)
+                        if self.prefix_cache
+                        else None
+                    )
                 value = current
                 run = Decode(current[0], self.tok, forward=current[2], prefix_cache=self.prefixes)
-            if self._warms:  # prefills ahead of time, all waiting in one prefill, between steps
+            if self._warms:  # prefills ahead of time, all waiting in one prefill
                 warms, self._warms = list(self._warms), deque()
-                try:
-                    n = self.prefixes.warm([w.ids for w in warms], run.pad, run.forward) if self.prefixes else 0
+
+                def settle(n: int, warms=warms) -> None:
                     self.warmed += n
                     for w in warms:
                         w.future.set_result(n)
+
+                # riding the running rows' next step (no forward of its own), else on its own now
+                if run.active and run.ahead([w.ids for w in warms], settle):
+                    warms = []
+                try:
+                    if warms:
+                        settle(self.prefixes.warm([w.ids for w in warms], run.pad, run.forward) if self.prefixes else 0)
                 except Exception as e:
                     for w in warms:
                         w.future.set_exception(e)
@@ -278,6 +294,7 @@ class Batcher:
                     live[id(job)] = job
                 admitted += len(batch)
             if run.active == 0:
+                run.flush_ahead()  # a prefill ahead left waiting for a step: on its own now
                 continue
             carried, joins, t0 = run.active, bool(run.joining), time.perf_counter()
             try:

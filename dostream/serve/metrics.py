@@ -12,6 +12,7 @@
                                                   _count is the steps, its _sum their seconds
     dostream_decode_join_steps_total              steps that prefilled joining rows
     dostream_decode_rows_total                    rows the steps carried, summed (/ steps: the mean batch)
+    dostream_prefill_ahead_tokens_total           prompt tokens prefilled before their request (sessions listening)
     dostream_rows_running, dostream_rows_waiting  rows decoding now; rows queued for the next step
 
 The store's numbers are read at scrape time (added up incrementally), so they survive restarts;
@@ -82,6 +83,9 @@ class _BatcherCollector:
             "dostream_decode_join_steps", "decode steps that prefilled joining rows", value=b.join_steps
         )
         yield CounterMetricFamily("dostream_decode_rows", "rows the decode steps carried, summed", value=b.step_rows)
+        yield CounterMetricFamily(
+            "dostream_prefill_ahead_tokens", "prompt tokens prefilled before their request (sessions)", value=b.warmed
+        )
         yield GaugeMetricFamily("dostream_rows_running", "rows decoding now", value=b.running)
         yield GaugeMetricFamily("dostream_rows_waiting", "rows queued for the next decode step", value=b.waiting)
 

@@ -422,7 +422,10 @@ class Session:
             return
         typed = "".join(t for _, t in self.chunks)
         stable = typed[: _LAST_WORD.search(typed).start()].rstrip()
-        if len(stable) < self._warmed_chars + WARM_CHARS:  # too little new: the next chunk will ask
+        # too little new: the next chunk will ask. The step grows with the text (a quarter of what
+        # was prefilled): each prefill ahead copies the session's cached keys and values once, so
+        # long messages are prefilled in a few growing steps, not one copy of the whole per word
+        if len(stable) < self._warmed_chars + max(WARM_CHARS, self._warmed_chars // 4):
             return
         self._warmed_chars = len(stable)
         ids = self._typed_ids(stable)

@@ -247,8 +247,11 @@ def test_empty_prompt_and_bad_config_are_clear_errors(model, tok):
         sample(model, tok, [[1, 2], []])
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
-    with pytest.raises(RuntimeError, match="CUDA"):  # the optional backend is never picked silently
-        sample(model, tok, [[1, 2]], SamplingConfig(backend="vllm"))
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:  # the optional backend is never picked silently
+        with pytest.raises(RuntimeError, match="needs the vllm package"):
+            sample(model, tok, [[1, 2]], SamplingConfig(backend="vllm"))
     assert sample(model, tok, []) == []
 
 
@@ -429,6 +432,40 @@ def test_rows_on_a_cached_prefix_draw_what_they_draw_without_it(decisive, tok, c
     ]
     assert with_cache == without == dict(enumerate(alone))
     assert cache.made >= 2 and cache.reused >= 4 * 20  # the head for rows 1..5, and row 0 sent again
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_prefill_ahead_rides_the_running_step_and_changes_nothing_drawn(decisive, tok, chats, fast):
+    """`Decode.ahead`: a prompt prefilled in the running rows' next forward becomes a cache entry
+    (in pieces, each on the last); the running rows draw what they draw without it, and a row
+    whose prompt begins with the entry draws what it draws alone."""
+    from dostream.cached_forward import CachedForward
+    from dostream.sampling import Decode, PrefixCache
+
+    forward = CachedForward.build(decisive) if fast else None
+    cfg = SamplingConfig(greedy=True, max_new_tokens=12, precision="fp32")
+    typed = chats[5] + chats[4][1:]  # a long prompt, arriving in three pieces
+
+    def run(ahead: bool):
+        cache = PrefixCache(decisive, min_tokens=4)
+        decode, got, done = Decode(decisive, tok, forward=forward, prefix_cache=cache), {}, []
+        decode.add([chats[0]], [(0, 0)], [cfg], ["running"])
+        for step in range(14):
+            if ahead and step in (1, 3, 5):
+                assert decode.ahead([tuple(typed[: len(typed) * (step + 1) // 6])], done.append)
+            got.update({row.tag: row.ids for row in decode.step()})
+        return got, cache, done
+
+    (rode, cache, done), (plain, _, _) = run(True), run(False)
+    assert rode == plain and len(done) == 3 and sum(done) == len(typed)  # every token of it, once
+    assert list(cache._entries) == [tuple(typed)]  # one growing entry: each piece on the last
+    later = Decode(decisive, tok, forward=forward, prefix_cache=cache)
+    later.add([typed + chats[1][-3:]], [(0, 0)], [cfg], ["later"])
+    got = {}
+    while later.active:
+        got.update({row.tag: row.ids for row in later.step()})
+    assert got["later"] == sample(decisive, tok, [typed + chats[1][-3:]], cfg)[0].token_ids
+    assert cache.reused >= len(typed)
 
 
 def test_a_prefix_cache_is_one_models_and_keeps_few_exact_entries(decisive, model, tok, chats):
