@@ -1,8 +1,12 @@
 """Run by tests/test_multiprocess.py under `accelerate launch` (or alone): train the tiny model on
-60 random rows, batch 4, and leave the adapter and metrics in OUT. Usage: mp_train.py OUT GRAD_ACCUM"""
+60 random rows, batch 4, and leave the adapter and metrics in OUT, and (main process) the
+distributed type it ran under and how the trained parameters were held in OUT/state.json.
+Usage: mp_train.py OUT GRAD_ACCUM"""
 
+import json
 import random
 import sys
+from pathlib import Path
 
 from dostream.train import TrainConfig, train
 
@@ -17,7 +21,9 @@ def rows(n: int = 60, seed: int = 0) -> list[dict]:
 
 
 if __name__ == "__main__":
-    out, accum = sys.argv[1], int(sys.argv[2])
+    from accelerate.state import PartialState
+
+    out, accum = Path(sys.argv[1]), int(sys.argv[2])
     cfg = TrainConfig(
         model="tiny",
         view="interventional",
@@ -31,4 +37,8 @@ if __name__ == "__main__":
         group_by_length=False,
         micro_batch_tokens=0,
     )
-    train(rows(), cfg, out, pad_id=0)
+    result = train(rows(), cfg, out, pad_id=0)
+    state = PartialState()
+    kinds = sorted({type(p).__name__ for p in result.model.parameters()})
+    if state.is_main_process:
+        (out / "state.json").write_text(json.dumps({"distributed_type": str(state.distributed_type), "params": kinds}))
