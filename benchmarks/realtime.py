@@ -94,7 +94,7 @@ async def session_ttft(url: str, words: list[str], rate_tok_s: float, tok, prefi
                 }
 
 
-async def chat_load(url: str, clients: int, seconds: float) -> dict:
+async def chat_load(url: str, model: str, clients: int, seconds: float) -> dict:
     """`clients` chat clients back to back for `seconds`: requests/s and their latencies."""
     done: list[float] = []
     stop = time.perf_counter() + seconds
@@ -102,10 +102,10 @@ async def chat_load(url: str, clients: int, seconds: float) -> dict:
     async def client(c: int, http: httpx.AsyncClient) -> None:
         r = 0
         while time.perf_counter() < stop:
-            body = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[(c + r) % len(PROMPTS)]}]}
+            body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[(c + r) % len(PROMPTS)]}]}
             body.update(max_tokens=32, temperature=0)
             t = time.perf_counter()
-            resp = await http.post(url + "/v1/chat/completions", json={**body, "model": MODEL[0]})
+            resp = await http.post(url + "/v1/chat/completions", json=body)
             resp.raise_for_status()
             done.append(time.perf_counter() - t)
             r += 1
@@ -117,9 +117,6 @@ async def chat_load(url: str, clients: int, seconds: float) -> dict:
     return {"requests": len(done), "req_per_s": len(done) / wall, "p50_s": statistics.median(done) if done else None}
 
 
-MODEL = ["smollm2"]
-
-
 async def sessions_row(ws_url: str, tok, n: int, sessions: int, rate: float, prefill: str, seed: int) -> list[dict]:
     msgs = [message(tok, n, f"{prefill}-{seed}-{n}-{sessions}-{s}") for s in range(sessions)]
     return list(await asyncio.gather(*(session_ttft(ws_url, m, rate, tok, prefill) for m in msgs)))
@@ -128,7 +125,7 @@ async def sessions_row(ws_url: str, tok, n: int, sessions: int, rate: float, pre
 async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | None) -> dict:
     """Chat load for `args.chat_s`, with sessions typing 800-token messages beside it (None: alone)."""
     if prefill is None:
-        return await chat_load(url, args.chat_clients, args.chat_s)
+        return await chat_load(url, args.model, args.chat_clients, args.chat_s)
     sessions = max(args.sessions)
 
     async def typing() -> None:
@@ -140,7 +137,7 @@ async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | No
     typer = asyncio.create_task(typing())
     await asyncio.sleep(2)  # the sessions are typing when the chat load starts
     try:
-        return await chat_load(url, args.chat_clients, args.chat_s)
+        return await chat_load(url, args.model, args.chat_clients, args.chat_s)
     finally:
         typer.cancel()
 
@@ -159,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.sessions = [int(x) for x in args.sessions.split(",")]
-    MODEL[0] = args.model
     from dostream.models import load_tokenizer
 
     tok = load_tokenizer(args.model)

@@ -222,13 +222,16 @@ class Agent:
             s.meta.update(meta if self.cfg.group_size == 1 else {**meta, "group": seq // self.cfg.group_size})
         self.store.add_episodes([(seq, s, adapter) for seq, s in zip(range(start, stop), streams)])
 
+    distill_config = None  # a `memory.distill.DistillConfig` (None: its defaults)
+
     def distill(self, upto: int) -> None:
         """The episodes acted since the last distillation, into the memory (`agent/memory.py`)."""
         from dostream.agent.memory import distill_since
 
         model = self.model_for(self.store.current_adapter())
-        start = self._distilled()
-        done = distill_since(self.memory, self.out / "memory", self.store.episodes, upto, model, self.tok)
+        done = distill_since(
+            self.memory, self.out / "memory", self.store.episodes, upto, model, self.tok, self.distill_config
+        )
         if done is not None:
             self.log(f"[memory] after {upto} episodes: {done['admitted']} of {done['candidates']} candidates admitted")
         if done is not None and self.tools:
@@ -239,18 +242,12 @@ class Agent:
             t = learn_tools(
                 self.memory,
                 f"{self.cfg.env}:{self.cfg.seed}",
-                self.store.episodes(start, upto),
+                done["streams"],
                 self.tools,
                 self.bare.make_env,
                 items,
             )
             self.log(f"[memory] tools: {t['tools']} shown, {t['verified']} verified, {t['refused']} refused")
-
-    def _distilled(self) -> int:
-        from dostream.agent.memory import MARK
-
-        mark = self.out / "memory" / MARK
-        return json.loads(mark.read_text())["episodes"] if mark.exists() else 0
 
     def evaluate(self, after: int) -> None:
         adapter = self.store.current_adapter()

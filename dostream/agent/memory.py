@@ -70,9 +70,12 @@ def learn_tools(memory: Memory, name: str, streams, procedure_of, make_env, item
     return {"tools": len(found), "verified": verified, "refused": refused}
 
 
-def distill_since(memory: Memory, directory: Path, episodes, upto: int, model, tok) -> dict[str, Any] | None:
-    """Distil the episodes `[mark, upto)` (`episodes(start, stop)` reads them) into `memory`;
-    None when there is nothing new."""
+def distill_since(
+    memory: Memory, directory: Path, episodes, upto: int, model, tok, config=None
+) -> dict[str, Any] | None:
+    """Distil the episodes `[mark, upto)` (`episodes(start, stop)` reads them) into `memory`
+    (`config`: a `memory.distill.DistillConfig`, None for its defaults); None when there is nothing
+    new, else what it did (`streams`: the episodes it read)."""
     from dostream.memory.distill import distill
     from dostream.render import Renderer
 
@@ -80,9 +83,11 @@ def distill_since(memory: Memory, directory: Path, episodes, upto: int, model, t
     start = json.loads(mark.read_text())["episodes"] if mark.exists() else 0
     if start >= upto:
         return None
-    records = distill(episodes(start, upto), memory, model, Renderer(tok, add_eos=False))
+    streams = episodes(start, upto)
+    records = distill(streams, memory, model, Renderer(tok, add_eos=False), config)
     atomic_write_text(mark, json.dumps({"episodes": upto}) + "\n")
     return {
+        "streams": streams,
         "episodes": upto - start,
         "candidates": len(records),
         "admitted": sum(r.get("note") is not None for r in records),

@@ -84,7 +84,7 @@ class ServedMemory:
         mark = self.dir / MARK
         start = json.loads(mark.read_text())["conversations"] if mark.exists() else 0
         conversations = store.conversations()
-        streams = store.export_streams(start)
+        streams = store.export_streams(start, len(conversations))  # to the point recorded below
         if not streams:
             return {"object": "memory.distill", "status": "nothing new", "conversations": 0}
         model = self.slot.get()[0]

@@ -109,7 +109,7 @@ class SessionPending:
         return Exchange(
             id=self.id,
             conversation=self.session.conversation,
-            parent=None if self.parent is None else self.parent,
+            parent=self.parent,
             parent_choice=None if self.parent is None else 0,
             segments=self.new,
             samples=[agent_segment(s, role="assistant", meta=meta)],

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +38,6 @@ from typing import Any
 from dostream.agent.loop import Agent, AgentConfig
 from dostream.config import SupervisedBlock, check_run_dir, like, opt, write_run_record
 from dostream.experiments.stages import Stages
-from dostream.files import atomic_write_text
 
 EXPERIMENT = "memory"
 ENVS = ("support", "tutor", "discount")
@@ -77,21 +75,8 @@ class ExperimentAgent(Agent):
         self.distill_config, self.trusting = distill_config, trusting
 
     def distill(self, upto: int) -> None:
-        from dostream.agent.memory import MARK
-        from dostream.memory.distill import distill
-        from dostream.render import Renderer
-
-        mark = self.out / "memory" / MARK
-        start = json.loads(mark.read_text())["episodes"] if mark.exists() else 0
-        if start >= upto:
-            return
-        model = self.model_for(self.store.current_adapter())
-        renderer = Renderer(self.tok, add_eos=False)
         with agent_trusting() if self.trusting else contextlib.nullcontext():
-            records = distill(self.store.episodes(start, upto), self.memory, model, renderer, self.distill_config)
-        atomic_write_text(mark, json.dumps({"episodes": upto}) + "\n")
-        admitted = sum(r.get("note") is not None for r in records)
-        self.log(f"[memory] after {upto} episodes: {admitted} of {len(records)} candidates admitted")
+            super().distill(upto)
 
 
 @dataclass
