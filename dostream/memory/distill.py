@@ -89,18 +89,18 @@ def _trimmed(text: str, start: int, end: int, max_chars: int) -> tuple[int, int]
     return start, min(end, start + max_chars)
 
 
-def cases(stream: Stream, max_chars: int = 400) -> list[Case]:
+def cases(stream: Stream, max_chars: int = 400, authors: frozenset[str] = EVIDENCE_AUTHORS) -> list[Case]:
     """The world statements of one stream worth keeping (see the module docstring)."""
     out: list[Case] = []
     segs = stream.segments
     for i, seg in enumerate(segs):
-        if seg.author not in EVIDENCE_AUTHORS or not seg.text.strip():
+        if seg.author not in authors or not seg.text.strip():
             continue
         before = [j for j in range(i) if segs[j].author != "protocol"]
         agent = next((j for j in reversed(before) if segs[j].author == "agent"), None)
         answers_agent = bool(before) and segs[before[-1]].author == "agent"
         if seg.author == "tool" or answers_agent:
-            asked = [j for j in before if j < agent and segs[j].author in EVIDENCE_AUTHORS] if agent is not None else []
+            asked = [j for j in before if j < agent and segs[j].author in authors] if agent is not None else []
             situation = tuple(x for x in (asked[-1] if asked else None, agent) if x is not None)
             start, end = _trimmed(seg.text, 0, len(seg.text), max_chars)
             out.append(Case(stream, i, start, end, "tool" if seg.author == "tool" else "correction", situation))
@@ -160,7 +160,9 @@ def distill(
             raise ValueError(f"stream id {s.id!r} appears twice ({seen[s.id]} and {s.source or 'another stream'})")
         seen[s.id] = s.source or s.id
     scorer = Scorer(model, renderer, config)
-    clusters = cluster([c for s in streams for c in cases(s, config.max_chars)], config.similarity)
+    clusters = cluster(
+        [c for s in streams for c in cases(s, config.max_chars, memory.evidence_authors)], config.similarity
+    )
     records: list[dict[str, Any]] = []
     bar = tqdm(clusters, desc="distill clusters", unit="cluster", disable=not progress, file=sys.stderr)
     for n, group in enumerate(bar):

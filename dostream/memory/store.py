@@ -183,15 +183,15 @@ class Note:
         return d
 
 
-def _link(kind: str, cite: Cite) -> tuple:
+def _link(kind: str, cite: Cite, authors: frozenset[str] = EVIDENCE_AUTHORS) -> tuple:
     s = cite.stream
     if not 0 <= cite.segment < len(s.segments):
         raise EvidenceError(f"stream {s.id!r} has no segment {cite.segment} (it has {len(s.segments)})")
     seg = s.segments[cite.segment]
-    if kind == "evidence" and seg.author not in EVIDENCE_AUTHORS:
+    if kind == "evidence" and seg.author not in authors:
         raise EvidenceError(
             f"stream {s.id!r}, segment {cite.segment}: author {seg.author!r} cannot be evidence "
-            f"(only the world's: {', '.join(sorted(EVIDENCE_AUTHORS))}); the agent's text may be a note's situation"
+            f"(only the world's: {', '.join(sorted(authors))}); the agent's text may be a note's situation"
         )
     start, end = cite.span if cite.span is not None else (0, len(seg.text))
     if not 0 <= start < end <= len(seg.text):
@@ -219,8 +219,17 @@ class Memory:
     `read_only=True` opens an existing memory for inspection (`list`, `show`, `query`), changing
     nothing in the file; writing through it raises."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False, check_same_thread: bool = True):
-        self.path, self.read_only = str(path), read_only
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        check_same_thread: bool = True,
+        evidence_authors: frozenset[str] = EVIDENCE_AUTHORS,
+    ):
+        # `evidence_authors`: who may be cited as evidence; anything but the default is the memory
+        # experiment's agent-trusting control (`experiments/memory/run.py`), never a library default
+        self.path, self.read_only, self.evidence_authors = str(path), read_only, frozenset(evidence_authors)
         if read_only:
             self.db = open_read_only(self.path, SCHEMA, check_same_thread=check_same_thread)
         else:
@@ -228,12 +237,24 @@ class Memory:
             self.db.execute("PRAGMA secure_delete=ON")  # forgotten text is overwritten, not left in free pages
 
     @classmethod
-    def open_dir(cls, directory: str | Path, *, read_only: bool = False, check_same_thread: bool = True) -> Memory:
+    def open_dir(
+        cls,
+        directory: str | Path,
+        *,
+        read_only: bool = False,
+        check_same_thread: bool = True,
+        evidence_authors: frozenset[str] = EVIDENCE_AUTHORS,
+    ) -> Memory:
         """The memory of a directory (`DIR/memory.sqlite`), beside a stream store's file."""
         directory = Path(directory)
         if not read_only:
             directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory / "memory.sqlite", read_only=read_only, check_same_thread=check_same_thread)
+        return cls(
+            directory / "memory.sqlite",
+            read_only=read_only,
+            check_same_thread=check_same_thread,
+            evidence_authors=evidence_authors,
+        )
 
     def close(self) -> None:
         self.db.close()
@@ -264,7 +285,9 @@ class Memory:
             raise ValueError("a note needs text")
         if not evidence:
             raise EvidenceError("a note needs at least one evidence span from a world-authored segment")
-        links = [_link("evidence", c) for c in evidence] + [_link("situation", c) for c in situation]
+        links = [_link("evidence", c, self.evidence_authors) for c in evidence] + [
+            _link("situation", c) for c in situation
+        ]
         unique: dict[tuple, tuple] = {}
         for x in links:  # a span cited twice is one link, counted once
             unique.setdefault(x[:5], x)
@@ -292,7 +315,7 @@ class Memory:
         counts `supported` once; a span already cited is not counted again."""
         self._active(note)
         known = set(self._rows("kind, stream, segment, start, end", note))
-        links = [x for x in (_link("evidence", c) for c in evidence) if x[:5] not in known]
+        links = [x for x in (_link("evidence", c, self.evidence_authors) for c in evidence) if x[:5] not in known]
         self._tx(self._link_rows(note, links, time.time()))
 
     def count(self, note: int, counter: str, source: Source = Source()) -> None:

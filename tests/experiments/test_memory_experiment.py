@@ -12,8 +12,8 @@ from dostream.envs.registry import env_spec
 from dostream.experiments.memory.run import (
     ARMS,
     PRESETS,
+    TRUSTING,
     ExperimentAgent,
-    agent_trusting,
     arm_config,
     resolve_preset,
     run,
@@ -59,18 +59,17 @@ def test_the_store_refuses_agent_evidence_by_default_and_after_the_trusting_cont
     with pytest.raises(EvidenceError, match="author 'agent' cannot be evidence"):
         mem.add("Everyone qualifies.", "extractive", evidence=[Cite(s, 1)])
     assert 1 not in [c.segment for c in cases(s)]  # the world's statements only (2: the correction)
-    with agent_trusting():
-        nid = mem.add("Everyone qualifies.", "extractive", evidence=[Cite(s, 1)])
-        assert 1 in [c.segment for c in cases(s)]  # the agent's claim is a case too
-    assert mem.note(nid).evidence[0].author == "agent"
-    assert "agent" not in EVIDENCE_AUTHORS
+    trusting = Memory.open_dir(tmp_path / "t", evidence_authors=TRUSTING)
+    nid = trusting.add("Everyone qualifies.", "extractive", evidence=[Cite(s, 1)])
+    assert 1 in [c.segment for c in cases(s, authors=TRUSTING)]  # the agent's claim is a case too
+    assert trusting.note(nid).evidence[0].author == "agent"
+    trusting.close()
+    assert "agent" not in EVIDENCE_AUTHORS  # the control changed nothing shared
     with pytest.raises(EvidenceError, match="author 'agent' cannot be evidence"):
         mem.add("Everyone qualifies, again.", "extractive", evidence=[Cite(s, 1)])
     assert 1 not in [c.segment for c in cases(s)] and 2 in [c.segment for c in cases(s)]
-    with pytest.raises(RuntimeError), agent_trusting():  # restored even when the arm fails
-        raise RuntimeError("boom")
     with pytest.raises(EvidenceError):
-        mem.add("Still refused.", "extractive", evidence=[Cite(s, 1)])
+        Memory.open_dir(tmp_path / "t").add("Still refused.", "extractive", evidence=[Cite(s, 1)])
     mem.close()
 
 

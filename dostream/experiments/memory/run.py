@@ -10,7 +10,7 @@ Every arm acts on the same seeded episode sequence of each environment, for each
 | `weights` | interventional updates only (the world's tokens supervised, the agent's masked), gated |
 | `both` | both of the above |
 | `consolidated` | `both`'s end state, its memory consolidated into its adapter (`memory.consolidate`, one gated interventional update on the notes' cited world segments), then evaluated **with the memory removed** |
-| `trusting` | notes only, from an **agent-trusting** memory: the observational control, where the agent's own claims count as evidence too (`agent_trusting()` below; nowhere else) |
+| `trusting` | notes only, from an **agent-trusting** memory: the observational control, where the agent's own claims count as evidence too (`TRUSTING` below; nowhere else) |
 
 Measured per arm: acting success over the episodes (success against the number of interactions),
 greedy held-out success every `eval_every` episodes (held-out items never acted on), and for
@@ -28,9 +28,7 @@ command resumes (a loop itself resumes episode by episode).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from typing import Any
 from dostream.agent.loop import Agent, AgentConfig
 from dostream.config import SupervisedBlock, check_run_dir, like, opt, write_run_record
 from dostream.experiments.stages import Stages
+from dostream.memory.store import EVIDENCE_AUTHORS
 
 EXPERIMENT = "memory"
 ENVS = ("support", "tutor", "discount")
@@ -45,38 +44,24 @@ ARMS = ("none", "memory", "weights", "both", "consolidated", "trusting")
 MAY_CHANGE = ("seeds", "progress", "stem_n")  # stem_n: a run from before the interference stage adds it
 
 
-@contextlib.contextmanager
-def agent_trusting() -> Iterator[None]:
-    """THE OBSERVATIONAL CONTROL, for this experiment's `trusting` arm only: while it is open, an
-    `agent`-authored segment counts as evidence, so distillation takes the agent's own claims as
-    cases and the store admits notes that cite them. Everywhere else (and here, once it closes) the
-    store refuses them: `memory.store.EVIDENCE_AUTHORS` is the default and is restored on exit
-    (tests/experiments/test_memory_experiment.py checks both). Not thread-safe by design: the
-    experiment runs one arm at a time."""
-    from dostream.memory import distill, store
-
-    saved = store.EVIDENCE_AUTHORS, distill.EVIDENCE_AUTHORS
-    trusting = frozenset(saved[0] | {"agent"})
-    store.EVIDENCE_AUTHORS = distill.EVIDENCE_AUTHORS = trusting
-    try:
-        yield
-    finally:
-        store.EVIDENCE_AUTHORS, distill.EVIDENCE_AUTHORS = saved
+# THE OBSERVATIONAL CONTROL, for this experiment's `trusting` arm only: its memory is opened with
+# these evidence authors (`Memory(evidence_authors=)`), so distillation takes the agent's own claims
+# as cases and the memory admits notes that cite them. Every other memory keeps the default and
+# refuses them (tests/experiments/test_memory_experiment.py checks both).
+TRUSTING = frozenset(EVIDENCE_AUTHORS | {"agent"})
 
 
 class ExperimentAgent(Agent):
     """The continual agent of `agent run --memory`, with the experiment's distillation settings
     (`distill_config`: how many held-out and other streams admission scores, the CPU's main cost)
-    and, for the `trusting` arm only, the agent-trusting control around each distillation. The
-    point reached is kept where `agent/memory.py` keeps it, so a killed loop distils what it had not."""
+    and, for the `trusting` arm only, its memory taking the agent's claims as evidence (`TRUSTING`).
+    The point reached is kept where `agent/memory.py` keeps it, so a killed loop distils what it had not."""
 
     def __init__(self, *args, distill_config=None, trusting: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.distill_config, self.trusting = distill_config, trusting
-
-    def distill(self, upto: int) -> None:
-        with agent_trusting() if self.trusting else contextlib.nullcontext():
-            super().distill(upto)
+        if trusting:
+            self.memory.evidence_authors = TRUSTING
 
 
 @dataclass
