@@ -17,10 +17,13 @@ machine's drift moves both alike; the table gives each mean with its t 95% inter
 ratio on_commit/streamed.
 
 Chat cost: `--chat-clients` clients send chat requests (short questions, greedy, 32 tokens) back to
-back for `--chat-s` seconds, (a) alone, (b) while `max(--sessions)` sessions type 800-token messages
-at `--rate` with `streamed` prefill, (c) the same with `on_commit` (the same text prefilled at commit
-instead): requests/s of each. (b) against (a) is what listening costs; (b) against (c) is what
-listening *early* costs, the same prefill done at another time.
+back for `--chat-s` seconds, (a) alone, (b) while `max(--sessions)` sessions type, commit and get
+answers to `--chat-message`-token messages, one after another, at each typing speed of
+`--chat-rates` with `streamed` prefill, (c) the same with `on_commit` (the same text prefilled at
+commit instead): requests/s of each, and the session tokens the server prefilled ahead meanwhile
+(its `dostream_prefill_ahead_tokens_total`). Messages short enough that several are committed in a
+run, so (b) and (c) do the same session work in it: (b) against (c) is what listening *early*
+costs (the same prefill done at another time), (b) against (a) what the sessions' whole work costs.
 """
 
 from __future__ import annotations
@@ -122,8 +125,9 @@ async def sessions_row(ws_url: str, tok, n: int, sessions: int, rate: float, pre
     return list(await asyncio.gather(*(session_ttft(ws_url, m, rate, tok, prefill) for m in msgs)))
 
 
-async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | None) -> dict:
-    """Chat load for `args.chat_s`, with sessions typing 800-token messages beside it (None: alone)."""
+async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | None, rate: float) -> dict:
+    """Chat load for `args.chat_s`, with sessions typing `args.chat_message`-token messages at `rate`
+    beside it (None: alone), and the tokens prefilled ahead meanwhile."""
     if prefill is None:
         return await chat_load(url, args.model, args.chat_clients, args.chat_s)
     sessions = max(args.sessions)
@@ -131,31 +135,46 @@ async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | No
     async def typing() -> None:
         k = 0
         while True:  # message after message until the chat load ends
-            await sessions_row(ws_url, tok, 800, sessions, args.rate, prefill, 1000 + k)
+            await sessions_row(ws_url, tok, args.chat_message, sessions, rate, prefill, 1000 + k)
             k += 1
 
     typer = asyncio.create_task(typing())
     await asyncio.sleep(2)  # the sessions are typing when the chat load starts
     try:
-        return await chat_load(url, args.model, args.chat_clients, args.chat_s)
+        before = prefilled_ahead(url)
+        got = await chat_load(url, args.model, args.chat_clients, args.chat_s)
+        return {**got, "prefilled_ahead_tokens": prefilled_ahead(url) - before}
     finally:
         typer.cancel()
+
+
+def prefilled_ahead(url: str) -> float:
+    """The server's count of prompt tokens prefilled ahead of their request (`/metrics`)."""
+    text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("dostream_prefill_ahead_tokens_total")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--lengths", default="50,200,800", help="user message lengths in tokens")
+    ap.add_argument("--lengths", default="50,200,800", help="user message lengths in tokens ('': the chat cost only)")
     ap.add_argument("--sessions", default="1,8", help="concurrent sessions")
     ap.add_argument("--rate", type=float, default=20.0, help="typing speed, tokens a second")
     ap.add_argument("--repeat", type=int, default=2, help="rounds (the modes alternate within each)")
     ap.add_argument("--chat-clients", type=int, default=8)
     ap.add_argument("--chat-s", type=float, default=30.0, help="seconds of each chat-load run (0: skip)")
+    ap.add_argument(
+        "--chat-rates", default="5,20", help="typing speeds (tokens/s) of the sessions beside the chat load"
+    )
+    ap.add_argument("--chat-message", type=int, default=100, help="tokens of each message the sessions type then")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.sessions = [int(x) for x in args.sessions.split(",")]
+    args.chat_rates = [float(x) for x in args.chat_rates.split(",")]
     from dostream.models import load_tokenizer
 
     tok = load_tokenizer(args.model)
@@ -175,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(row)
                         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), file=sys.stderr, flush=True)
         if args.chat_s > 0:
+            modes = [(None, 0.0)] + [(p, rate) for rate in args.chat_rates for p in ("streamed", "on_commit")]
             for r in range(args.repeat):
-                for mode in (None, "streamed", "on_commit") if r % 2 == 0 else ("on_commit", "streamed", None):
-                    got = asyncio.run(chat_with_sessions(server.url, ws_url, tok, args, mode))
-                    chat.setdefault(mode or "alone", []).append(got)
-                    print(json.dumps({"chat": mode or "alone", **got}), file=sys.stderr, flush=True)
+                for mode, rate in modes if r % 2 == 0 else modes[::-1]:
+                    got = asyncio.run(chat_with_sessions(server.url, ws_url, tok, args, mode, rate))
+                    label = f"{mode}@{rate:g}" if mode else "alone"
+                    chat.setdefault(label, []).append(got)
+                    print(json.dumps({"chat": label, **got}), file=sys.stderr, flush=True)
     print(table(rows, chat, args))
     machine = environment()
     print(f"\n{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['versions'].get('torch')}")
@@ -211,23 +232,20 @@ def table(rows: list[dict], chat: dict[str, list[dict]], args) -> str:
     if chat:
         lines += [
             "",
-            f"Chat beside sessions: {args.chat_clients} chat clients for {args.chat_s:g} s, requests/s (mean over rounds)",
+            f"Chat beside sessions: {args.chat_clients} chat clients for {args.chat_s:g} s, requests/s (mean over "
+            f"rounds), beside {max(args.sessions)} sessions typing {args.chat_message}-token messages one after another",
             "",
-            "| beside | req/s | p50 latency (s) | against alone |",
-            "|---|---|---|---|",
+            "| beside | req/s | p50 latency (s) | against alone | prefilled ahead (tokens/s) |",
+            "|---|---|---|---|---|",
         ]
-        alone = statistics.mean(r["req_per_s"] for r in chat.get("alone", [])) if chat.get("alone") else None
-        for mode, label in (
-            ("alone", "nothing"),
-            ("streamed", f"{max(args.sessions)} sessions typing, streamed prefill"),
-            ("on_commit", f"{max(args.sessions)} sessions typing, prefill on commit"),
-        ):
-            if mode not in chat:
-                continue
-            rps = statistics.mean(r["req_per_s"] for r in chat[mode])
-            p50 = statistics.mean(r["p50_s"] for r in chat[mode] if r["p50_s"] is not None)
+        alone = statistics.mean(r["req_per_s"] for r in chat["alone"]) if chat.get("alone") else None
+        for label, runs in chat.items():
+            rps = statistics.mean(r["req_per_s"] for r in runs)
+            p50 = statistics.mean(r["p50_s"] for r in runs if r["p50_s"] is not None)
             rel = f"{rps / alone - 1:+.1%}" if alone else ""
-            lines.append(f"| {label} | {rps:.2f} | {p50:.2f} | {rel} |")
+            ahead = statistics.mean(r.get("prefilled_ahead_tokens", 0) for r in runs) / args.chat_s
+            what = "nothing" if label == "alone" else "typing at {1} tokens/s, {0} prefill".format(*label.split("@"))
+            lines.append(f"| {what} | {rps:.2f} | {p50:.2f} | {rel} | {ahead:.0f} |")
     return "\n".join(lines)
 
 
