@@ -17,7 +17,7 @@ from dostream.envs.rollout import rollout
 from dostream.sampling import SamplingConfig
 from dostream.stream import Stream
 
-ENVS = ("support", "support-framed", "stem", "tutor", "discount")
+ENVS = ("support", "support-framed", "stem", "tutor", "discount", "airline")
 
 
 @dataclass
@@ -79,4 +79,8 @@ def env_spec(name: str, seed: int) -> EnvSpec:
         from dostream.envs import discount
 
         return EnvSpec(discount.items, discount.DiscountEnv, 12, {"qualify": ["veterans", "physicians"]})
+    if name == "airline":  # tau2-bench's airline policy, withheld; the world cites its lines (envs/airline.py)
+        from dostream.envs import airline
+
+        return EnvSpec(airline.items, airline.AirlineEnv, 12, {"policy": "tau2-bench airline policy.md (MIT)"})
     raise ValueError(f"unknown environment {name!r} (expected one of {', '.join(ENVS)})")

@@ -39,7 +39,7 @@ from dostream.experiments.stages import Stages
 from dostream.memory.store import EVIDENCE_AUTHORS
 
 EXPERIMENT = "memory"
-ENVS = ("support", "tutor", "discount")
+ENVS = ("support", "tutor", "discount", "airline")
 ARMS = ("none", "memory", "weights", "both", "consolidated", "trusting")
 MAY_CHANGE = ("seeds", "progress", "stem_n")  # stem_n: a run from before the interference stage adds it
 
@@ -124,21 +124,26 @@ PRESETS: dict[str, MemoryExperimentConfig] = {
         stem_n=2,
         progress=False,
     ),
-    # The embedded SmolLM2-135M, every arm, 3 seeds; sized from a measured slice (docs/memory.md,
-    # "The experiment"): the discount rule only, 32 episodes, an update / a distillation every 16.
-    # lr 1e-3 as dual-lora's quick preset: two updates at the agent's 2e-4 move an adapter too little.
+    # The embedded SmolLM2-135M, every arm, 3 seeds, the two rule environments (the seed's discount
+    # cases, tau2-bench's airline policy); sized to run alone in <= 30 min on the 2-core machine
+    # (docs/memory.md, "The experiment"): 24 episodes, an update / a distillation every 12, 8
+    # held-out items, admission scoring 2 + 2 streams per note. lr 1e-3 as dual-lora's quick
+    # preset: two updates at the agent's 2e-4 move an adapter too little.
     "quick": MemoryExperimentConfig(
-        envs=["discount"],
-        episodes=32,
-        update_every=16,
+        envs=["discount", "airline"],
+        episodes=24,
+        update_every=12,
         replay=0.5,
         epochs=1,
         batch_size=8,
         lr=1e-3,
         gate_control=4,
         gate_learned=2,
-        eval_every=16,
-        eval_n=12,
+        eval_every=12,
+        eval_n=8,
+        max_covered=2,
+        max_others=2,
+        stem_n=16,
         progress=False,
     ),
 }
