@@ -6,7 +6,7 @@ In data-flow order:
    world-authored segment (`store.EVIDENCE_AUTHORS`): a `correction` (the world's answer right
    after an agent turn: a user's objection, a verdict, an oracle's solution), a `tool` result, or a
    `policy` line (a line of any other world segment that states a rule: "only", "must", "never",
-   ...). The agent turn a case answers (and the question before it) is its *situation*, never its
+   ...; a question, "Do I qualify?", states none). The agent turn a case answers (and the question before it) is its *situation*, never its
    evidence.
 2. **Clusters** (`cluster`): similar cases (Jaccard overlap of their words, situations included),
    greedily, in stream order: the cases a rule could cover.
@@ -107,7 +107,7 @@ def cases(stream: Stream, max_chars: int = 400, authors: frozenset[str] = EVIDEN
             continue
         pos = 0
         for line in seg.text.splitlines(keepends=True):
-            if POLICY.search(line):
+            if POLICY.search(line) and not line.rstrip().endswith("?"):  # a question states no rule
                 start, end = _trimmed(seg.text, pos, pos + len(line), max_chars)
                 if end > start:
                     out.append(Case(stream, i, start, end, "policy", ()))

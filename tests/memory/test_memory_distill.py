@@ -29,14 +29,14 @@ def test_cases_are_world_statements_and_the_agent_is_their_situation():
             Segment("user", "What is 2+3?"),
             Segment("agent", "calc(2+3)"),
             Segment("tool", " 5 "),
-            Segment("teacher", "Greetings.\nRefunds are only allowed within 30 days.\nThanks."),
+            Segment("teacher", "Greetings.\nRefunds are only allowed within 30 days.\nMust I keep the receipt?\n"),
         ],
     )
     found = cases(tool)
     assert [(c.kind, c.segment, c.text) for c in found] == [
         ("tool", 2, "5"),
         ("policy", 3, "Refunds are only allowed within 30 days."),
-    ]
+    ]  # the question ("must") states no rule: not a case
     assert found[0].situation == (0, 1)  # the question, then the agent's call
     [case] = cases(discount_stream(0, "teacher"))
     assert (case.kind, case.text, case.situation) == ("correction", RULE, (1, 3))
