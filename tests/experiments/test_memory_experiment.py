@@ -46,7 +46,7 @@ def test_arms_get_their_learner_and_memory():
         "trusting": ("none", True),
     }
     c = arm_config(cfg, "discount", 2, "both")
-    assert (c.env, c.seed, c.group_size, c.episodes, c.lr) == ("discount", 2, 1, 24, 1e-3)
+    assert (c.env, c.seed, c.group_size, c.episodes, c.lr) == ("discount", 2, 1, 16, 1e-3)
     with pytest.raises(ValueError, match="consolidated arm"):
         resolve_preset("smoke", arms=["none", "consolidated"])
     with pytest.raises(ValueError, match="not"):

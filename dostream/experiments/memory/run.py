@@ -126,24 +126,25 @@ PRESETS: dict[str, MemoryExperimentConfig] = {
     ),
     # The embedded SmolLM2-135M, every arm, 3 seeds, the two rule environments (the seed's discount
     # cases, tau2-bench's airline policy); sized to run alone in <= 30 min on the 2-core machine
-    # (docs/memory.md, "The experiment"): 24 episodes, an update / a distillation every 12, 8
-    # held-out items, admission scoring 2 + 2 streams per note. lr 1e-3 as dual-lora's quick
-    # preset: two updates at the agent's 2e-4 move an adapter too little.
+    # (docs/memory.md, "The experiment"): 16 episodes, an update / a distillation every 8 (two
+    # optimiser steps of 4), 8 held-out items, admission scoring 2 + 2 streams per note, 8 STEM
+    # problems. At 24 episodes / every 12 one seed of discount alone took 6.2 min. lr 1e-3 as
+    # dual-lora's quick preset: two updates at the agent's 2e-4 move an adapter too little.
     "quick": MemoryExperimentConfig(
         envs=["discount", "airline"],
-        episodes=24,
-        update_every=12,
+        episodes=16,
+        update_every=8,
         replay=0.5,
         epochs=1,
-        batch_size=8,
+        batch_size=4,
         lr=1e-3,
         gate_control=4,
         gate_learned=2,
-        eval_every=12,
+        eval_every=8,
         eval_n=8,
         max_covered=2,
         max_others=2,
-        stem_n=16,
+        stem_n=8,
         progress=False,
     ),
 }
