@@ -131,6 +131,7 @@ def _bad_inputs(tmp_path) -> dict[str, list]:
         "serve": ["serve", "--model", "tiny", "--store", tmp_path / "serve", "--client-assistant", "agent"],
         "theory": ["theory", "--out", tmp_path / "theory", "--verifier-hit", "1.0"],
         "memory": ["memory", "list", tmp_path / "nowhere"],
+        "forget": ["forget", "--store", tmp_path / "nowhere", "--user", "carol"],
     }
 
 

@@ -49,6 +49,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dostream.cli.memory",
         "notes the world taught, with evidence: `memory distill|list|show|query|forget|consolidate`",
     ),
+    "forget": (
+        "dostream.cli.forget",
+        "forget a source in a server's store (--user, --conversation, --tenant): streams, notes, what adapters learned",
+    ),
     "theory": ("dostream.cli.theory", "exact Bayes under intervention, self-delusion and the prediction lemma"),
 }
 

@@ -193,6 +193,7 @@ class CompletionPending:
     config: SamplingConfig | None  # None: nothing to sample (max_tokens 0)
     settings: dict[str, Any]
     key: str  # the API key's id
+    tenant: str  # the key's tenant: its slice, its adapter (`serve/tenants.py`)
     scored: tuple[list[float], list[list[tuple[int, float]]]] | None = None  # the prompt's, once (`echo`)
 
     def exchange(self, samples: list[Sample], adapter: str | None) -> Exchange:
@@ -213,6 +214,7 @@ class CompletionPending:
             request={**self.settings, "choices": finishes, "usage": usage},
             adapter=adapter,
             api_key=self.key,
+            tenant=self.tenant,
         )
 
 
@@ -289,6 +291,7 @@ def prepare(server, req: CompletionRequest, key: str) -> list[CompletionPending]
                 config=config,
                 settings=settings,
                 key=key,
+                tenant=server.tenants.of_key(key),
             )
         )
     return out
@@ -318,7 +321,7 @@ def _choice(server, req: CompletionRequest, pending: CompletionPending, sample: 
     tops: list[dict[str, float] | None] = []
     if req.echo:
         if pending.scored is None:  # the prompt's log-probs: one scoring pass for all its choices
-            pending.scored = score(server.slot.get()[0], pending.prompt, req.logprobs)
+            pending.scored = score(server.tenants.get(pending.tenant).slot.get()[0], pending.prompt, req.logprobs)
         chosen, alts = pending.scored
         if pending.given_ids:
             ptext, ptoks, poffs = _spans(renderer, pending.prompt)

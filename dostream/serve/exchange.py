@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from dostream.memory.store import Source
 from dostream.render import Renderer, RenderError
 from dostream.sampling import Sample, SamplingConfig, agent_segment
 from dostream.sampling.grammar import Grammar, GrammarError, json_grammar, tool_grammar
-from dostream.serve.protocol import ChatRequest, bad
+from dostream.serve.protocol import ChatRequest, bad, not_found
 from dostream.serve.record import (
     FieldError,
     canonical,
@@ -30,7 +31,7 @@ from dostream.serve.record import (
     prefix_states,
     reply,
 )
-from dostream.serve.store import Exchange, ServeStore
+from dostream.serve.store import DEFAULT_TENANT, Exchange
 from dostream.stream import Segment, Stream
 
 
@@ -53,6 +54,7 @@ class Pending:
     stop: tuple[str, ...]
     key: str  # the API key's id
     tok: Any
+    tenant: str = DEFAULT_TENANT  # whose conversation: its store slice, its adapter (`serve/tenants.py`)
 
     def exchange(self, samples: list[Sample], adapter: str | None) -> Exchange:
         """The exchange to record: each choice's reply (content, tool calls, finish reason) and its
@@ -85,6 +87,7 @@ class Pending:
             adapter=adapter,
             api_key=self.key,
             continuations=keys,
+            tenant=self.tenant,
         )
 
 
@@ -92,9 +95,19 @@ class Preparer:
     """Requests → `Pending` exchanges, against one store, tokenizer and model context."""
 
     def __init__(
-        self, store: ServeStore, tok: Any, context: int, *, client_assistant: str, fast_step: bool, memory=None
+        self,
+        store: Any,
+        tok: Any,
+        context: int,
+        *,
+        client_assistant: str,
+        fast_step: bool,
+        memory=None,
+        tenant: str = DEFAULT_TENANT,
+        system: Callable[[], str] = str,
     ):
-        self.store, self.tok, self.context = store, tok, context
+        # `store`: the tenant's slice (`ServeStore.slice`): it continues only the tenant's conversations
+        self.store, self.tok, self.context, self.tenant, self.system = store, tok, context, tenant, system
         self.client_assistant, self.fast_step = client_assistant, fast_step
         self.memory = memory  # `serve.memory.ServedMemory` (--memory): notes before the newest user message
         self.renderer = Renderer(tok, chat_template=True)
@@ -109,6 +122,11 @@ class Preparer:
         history finds the same samples."""
         tools = req.tools_in_force
         self._no_special_tokens(req)
+        if parent is not None and not self.store.owns_exchange(parent[0]):
+            raise not_found("previous_response_id")  # another tenant's response: nothing of it is read
+        conversation = self.store.qualify(conversation)  # a tenant's ids are its own (`Slice.qualify`)
+        if conversation is not None and self.store.tenant_of(conversation) not in (None, self.tenant):
+            raise not_found("conversation_id")  # another tenant's: as if it were not there
         start = None if parent is None else self.store.continuation_key(*parent)
         states = prefix_states(tools, req.messages, start=start)
         match = self.store.find_continuation(lookup_keys(req.messages, states), conversation)
@@ -125,6 +143,9 @@ class Preparer:
                 path, parent = [], None
                 new = new_segments(req.messages, 0, tools, self.client_assistant)
                 conversation = conversation or "conv-" + secrets.token_hex(8)
+                system = self.system()  # the tenant's system context opens each of its conversations
+                if system:
+                    new = [Segment("context", system, role="system"), *new]
         except FieldError as e:
             raise bad(e.field, e.reason) from None
         if self.memory is not None:
@@ -185,6 +206,7 @@ class Preparer:
             stop=req.stop,
             key=key,
             tok=self.tok,
+            tenant=self.tenant,
         )
 
     def _grammar(self, req: ChatRequest, tools: list[dict] | None) -> Grammar | None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from dostream.config import like, opt
 from dostream.learning.config import REWARD_LEARNERS, UPDATE_LEARNERS, UpdateConfig, learner_help
-from dostream.learning.cycle import ADAPTERS, Batch, Lineage, replay_sample, update_once
+from dostream.learning.cycle import Batch, Lineage, replay_sample, update_once
 from dostream.openmp import release_pool
 from dostream.render import Renderer, encode_rows
 from dostream.serve.checks import Check, read_control
@@ -149,6 +149,7 @@ class Learner:
         self._models: dict[str | None, Any] = {}  # merged models by adapter: the one in force, the candidate
         self.running: dict[str, Any] | None = None  # the update in progress
         self.log = print
+        self.on_swap: Callable[[], None] | None = None  # called after each swap (update or rollback)
         self._thread = threading.Thread(target=self._loop, name="dostream-learner", daemon=True)
         if cfg is not None:
             self._discard_unrecorded()
@@ -164,10 +165,10 @@ class Learner:
     # -- models -----------------------------------------------------------------------------
     def _discard_unrecorded(self) -> None:
         """An update killed before its record: its directory goes (the update is redone)."""
-        recorded = {Path(u["candidate"]).parts[1] for u in self.versions.rows() if u["candidate"]}
-        folder = self.lineage.root / ADAPTERS
+        recorded = {(self.lineage.root / u["candidate"]).parent for u in self.versions.rows() if u["candidate"]}
+        folder = self.lineage.dir_of(0).parent  # ROOT/adapters, or a tenant's (`serve/tenants.py`)
         for d in sorted(folder.glob("update-*")) if folder.exists() else []:
-            if d.name not in recorded:
+            if d not in recorded:
                 shutil.rmtree(d, ignore_errors=True)
 
     def _model(self, adapter: str | None):
@@ -187,6 +188,8 @@ class Learner:
         name = adapter if adapter is not None else self.lineage.start
         self.slot.swap(model, None if name is None else str(name), forward=forward)
         self._models = {adapter: model}
+        if self.on_swap is not None:  # the tenant's snapshot (`serve/tenants.py`)
+            self.on_swap()
 
     # -- the thread -------------------------------------------------------------------------
     def start(self) -> None:
@@ -252,21 +255,24 @@ class Learner:
         return self.update(upto, latest)
 
     # -- the source: data -------------------------------------------------------------------
-    def streams(self, conversations: list[str]) -> list[Stream]:
-        return [as_plain(s, self.renderer) for c in conversations for s in self.store.conversation_streams(c)]
+    def streams(self, conversations: list[str], until: tuple[int, int] | None = None) -> list[Stream]:
+        """The conversations as the learners' streams, as they stood at `until` (None: now)."""
+        return [as_plain(s, self.renderer) for c in conversations for s in self.store.conversation_streams(c, until)]
 
     def supervised_tokens(self, streams: list[Stream]) -> int:
         view = "interventional" if self.cfg.learner not in ("observational",) else "observational"
         _, stats = encode_rows(streams, Renderer(self.tok), view_authors(view), max_length=self.cfg.max_length)
         return stats.supervised_tokens
 
-    def batch(self, upto: tuple[int, int], latest: tuple[int, int]) -> Batch:
-        """The conversations new since `upto` (up to `latest`), and replayed older ones."""
+    def batch(self, upto: tuple[int, int], latest: tuple[int, int], number: int | None = None) -> Batch:
+        """The conversations new since `upto` (up to `latest`, as they stood then), and replayed
+        older ones; `number` (the update's, its seed): the next version's unless given (a replay)."""
         cfg = self.cfg
-        number = self.versions.next_version()
-        new_ids, old_ids = self.store.conversations_since(upto)
-        new = self.streams(new_ids)
-        replayed = self.streams(replay_sample(old_ids, len(new_ids), cfg.replay, f"serve-replay:{cfg.seed}:{number}"))
+        number = self.versions.next_version() if number is None else number
+        new_ids, old_ids = self.store.conversations_since(upto, until=latest)
+        new = self.streams(new_ids, latest)
+        key = f"serve-replay:{cfg.seed}:{number}"
+        replayed = self.streams(replay_sample(old_ids, len(new_ids), cfg.replay, key), latest)
         k = 1
         if cfg.learner in REWARD_LEARNERS:
             new, rest, k = reward_groups(new)
@@ -303,9 +309,14 @@ class Learner:
         return [c.passes(t) for c, t in zip(checks, texts)]
 
     # -- an update --------------------------------------------------------------------------
-    def update(self, upto: tuple[int, int], latest: tuple[int, int]) -> dict[str, Any]:
+    def update(
+        self, upto: tuple[int, int], latest: tuple[int, int], number: int | None = None, mark: dict | None = None
+    ) -> dict[str, Any]:
+        """An update on what is new in (`upto`, `latest`]. A replay (`serve/forget.py`) gives the
+        replayed update's `number` (its seed) and a `mark` recorded with its `seen`."""
         t0 = time.time()
-        batch = self.batch(upto, latest)
+        batch = self.batch(upto, latest, number)
+        batch.seen.update(mark or {})
         self.running = {"version": batch.step, "started": t0, "new": batch.metrics["conversations/new"]}
         try:
             done = update_once(
@@ -343,27 +354,41 @@ class Learner:
         """Put accepted `version` back in force (None: the newest accepted one older than the one
         in force; 0: the adapter the server started with). Raises LookupError / ValueError."""
         with self._lock:
-            rows = self.versions.rows()
-            _, now = self.versions.in_force()
-            accepted = {0: None, **{u["id"]: u["candidate"] for u in rows if u["kind"] == "update" and u["accepted"]}}
-            if version is None:
-                older = [v for v in accepted if v < now]
-                if not older:
-                    raise ValueError("version: no earlier accepted version to roll back to")
-                version = max(older)
-            if version not in accepted:
-                raise LookupError(f"version: no accepted version {version} (see GET /v1/adapters)")
-            if version == now:
-                raise ValueError(f"version: {version} is already in force")
-            adapter = accepted[version]
+            version, adapter, now = rollback_target(self.lineage, version)
             self._model(adapter)
-            reason = f"rollback from version {now} to {version}"
-            upto = self.learned_upto()
-            seen = {"exchanges": upto[0], "feedback": upto[1]}
-            rid = self.versions.add("rollback", None, True, reason, {}, {}, seen, current=(adapter, version))
+            rid, reason = record_rollback(self.lineage, version, adapter, now)
             self._swap(adapter)
         self.log(f"dostream serve: {reason}")
         return {"object": "rollback", "id": rid, "current": {"version": version, "adapter": adapter}, "from": now}
+
+
+def rollback_target(lineage: Lineage, version: int | None) -> tuple[int, str | None, int]:
+    """(version, its adapter, the version in force now) of a rollback to accepted `version` (None:
+    the newest accepted one older than the one in force). An update whose adapter is gone (a
+    `dostream forget` replaced it) is no longer a target. Raises LookupError / ValueError."""
+    rows = lineage.versions.rows()
+    _, now = lineage.versions.in_force()
+    accepted = {0: None}
+    for u in rows:
+        if u["kind"] == "update" and u["accepted"] and (lineage.root / u["candidate"]).exists():
+            accepted[u["id"]] = u["candidate"]
+    if version is None:
+        older = [v for v in accepted if v < now]
+        if not older:
+            raise ValueError("version: no earlier accepted version to roll back to")
+        version = max(older)
+    if version not in accepted:
+        raise LookupError(f"version: no accepted version {version} (see GET /v1/adapters)")
+    if version == now:
+        raise ValueError(f"version: {version} is already in force")
+    return version, accepted[version], now
+
+
+def record_rollback(lineage: Lineage, version: int, adapter: str | None, now: int, why: str = "") -> tuple[int, str]:
+    """Record `adapter` (accepted `version`) back in force; returns (the row's id, its reason)."""
+    reason = f"rollback from version {now} to {version}{why}"
+    seen = {key: lineage.versions.seen_max(key) for key in ("exchanges", "feedback")}
+    return lineage.versions.add("rollback", None, True, reason, {}, {}, seen, current=(adapter, version)), reason
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,12 @@ def bad(param: str, message: str) -> ApiError:
     return ApiError(400, f"{param}: {message}", param=param)
 
 
+def not_found(param: str) -> ApiError:
+    """404 naming the field, not its value: what another tenant's id (or no such id) gets, so a
+    refusal never says whose it is or echoes it."""
+    return ApiError(404, f"{param}: not found for this key", param=param, code="not_found")
+
+
 @dataclass
 class ChatRequest:
     model: str

@@ -13,7 +13,16 @@
     POST /v1/learn               ask for an update now (admin; `--learn`)
     GET  /v1/adapters            the adapter versions, their gate results, the one in force
     POST /v1/adapters/rollback   put an earlier accepted version back in force (admin)
+    GET  /v1/conversations[/{id}]  the caller's tenant's conversations; one as its streams (export)
+    GET  /v1/tenants[/{t}]       tenants (an admin key of no tenant: all; else its own) and one's snapshot
+    POST /v1/tenants/{t}         set its system context (admin), a new snapshot
+    POST /v1/tenants/{t}/rollback  put an earlier snapshot back as a unit (admin; `serve/tenants.py`)
     GET  /metrics                Prometheus text format (`serve/metrics.py`)
+
+Tenants (`serve/tenants.py`): every route acts for the caller's tenant (`Auth.caller`: the key's
+own, or the `X-Tenant` header / the route's for an admin key of no tenant); the learning and
+memory routes use that tenant's learner and memory. Another tenant's id is a 404 that names the
+field, never the value (`protocol.not_found`).
 
 A request goes: key check → body read under the size limit (`body_of`, the one body check) →
 field checks (400 naming the field) → `serve.exchange.Preparer` (which recorded sample it
@@ -45,7 +54,7 @@ from dostream.serve.completions import complete
 from dostream.serve.events import FINGERPRINT, chat_events
 from dostream.serve.logprobs import choice_logprobs
 from dostream.serve.metrics import CONTENT_TYPE
-from dostream.serve.protocol import ApiError, bad, conversation_id, parse_chat, parse_json
+from dostream.serve.protocol import ApiError, bad, conversation_id, not_found, parse_chat, parse_json
 from dostream.serve.record import StreamedContent
 from dostream.serve.responses import respond
 from dostream.serve.sessions import Session, SessionError, error_event
@@ -81,6 +90,18 @@ async def body_of(request: Request, *, empty_ok: bool = False) -> Any:
 
 def key_for(request: Request, scope: str) -> str:
     return server_of(request).auth.check(request.headers.get("authorization"), scope)
+
+
+def caller_for(request: Request, scope: str, tenant: str | None = None):
+    """The `Caller` (key id, tenant): `tenant` (a route's) or the `X-Tenant` header names it."""
+    named = tenant if tenant is not None else request.headers.get("x-tenant")
+    return server_of(request).auth.caller(request.headers.get("authorization"), scope, named)
+
+
+def tenant_for(request: Request, scope: str, tenant: str | None = None):
+    """(caller, the `serve.tenants.Tenant` it acts for)."""
+    who = caller_for(request, scope, tenant)
+    return who, server_of(request).tenants.get(who.tenant)
 
 
 def _object(body: Any) -> dict:
@@ -126,12 +147,12 @@ async def model(model: str, request: Request):
 @router.post("/v1/chat/completions")
 async def chat(request: Request):
     server = server_of(request)
-    key = key_for(request, "chat")
+    who, tenant = tenant_for(request, "chat")
     req = parse_chat(await body_of(request), server.cfg.limits)
     if req.model != server.cfg.model:
         raise _no_model(req.model)
     conv = conversation_id(request.headers.get("x-conversation-id"), req)
-    pending = await run_in_threadpool(server.prepare, req, conv, key)
+    pending = await run_in_threadpool(tenant.prepare, req, conv, who.key)
     job = Job(pending.prompt, pending.n, pending.config, pending, grammar=pending.grammar)
     tokens: asyncio.Queue = asyncio.Queue()
     if req.stream:
@@ -233,8 +254,7 @@ async def realtime(ws: WebSocket):
 
 
 def _memory(request: Request):
-    key_for(request, "admin")
-    memory = server_of(request).memory
+    memory = tenant_for(request, "admin")[1].memory
     if memory is None:
         raise ApiError(409, "this server has no memory: start it with --memory DIR", code="no_memory")
     return memory
@@ -267,7 +287,7 @@ async def memory_forget(request: Request):
 async def memory_distill(request: Request):
     memory, server = _memory(request), server_of(request)
     obj = _object(await body_of(request, empty_ok=True))
-    future = memory.distill(server.store)
+    future = memory.distill(server.store.slice(caller_for(request, "admin").tenant))
     if not obj.get("wait", False):
         return JSONResponse({"object": "memory.distill", "status": "queued"}, status_code=202)
     return await asyncio.wrap_future(future)
@@ -275,9 +295,9 @@ async def memory_distill(request: Request):
 
 @router.post("/v1/feedback")
 async def feedback(request: Request):
-    key = key_for(request, "feedback")
+    who = caller_for(request, "feedback")
     body = await body_of(request)
-    return await run_in_threadpool(server_of(request).feedback, body, key)
+    return await run_in_threadpool(server_of(request).feedback, body, who.key, who.tenant)
 
 
 # -- learning: updates, versions, rollback -------------------------------------------------------
@@ -285,12 +305,12 @@ async def feedback(request: Request):
 
 @router.post("/v1/learn")
 async def learn_now(request: Request):
-    key_for(request, "admin")
+    _, tenant = tenant_for(request, "admin")
     obj = _object(await body_of(request, empty_ok=True))
     wait = obj.get("wait", False)
     if not isinstance(wait, bool):
         raise bad("wait", "expected true or false")
-    learner = server_of(request).learner
+    learner = tenant.learner
     if learner.cfg is None:
         raise ApiError(409, "this server does not learn: start it with --learn", code="not_learning")
     future = learner.trigger()
@@ -301,23 +321,84 @@ async def learn_now(request: Request):
 
 @router.get("/v1/adapters")
 async def adapters(request: Request):
-    key_for(request, "chat")
-    return await run_in_threadpool(server_of(request).learner.listing)
+    return await run_in_threadpool(tenant_for(request, "chat")[1].learner.listing)
 
 
 @router.post("/v1/adapters/rollback")
 async def rollback(request: Request):
-    key_for(request, "admin")
-    obj = _object(await body_of(request, empty_ok=True))
-    version = obj.get("version")
-    if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
-        raise bad("version", "expected an integer")
+    _, tenant = tenant_for(request, "admin")
+    version = _integer(_object(await body_of(request, empty_ok=True)), "version")
+    return await _refusing(tenant.learner.rollback, version, param="version")
+
+
+def _integer(obj: dict, field: str) -> int | None:
+    value = obj.get(field)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise bad(field, "expected an integer")
+    return value
+
+
+async def _refusing(fn, *args, param: str):
+    """`fn(*args)` on a worker thread; its LookupError is a 404, its ValueError a 409, naming `param`."""
     try:
-        return await run_in_threadpool(server_of(request).learner.rollback, version)
+        return await run_in_threadpool(fn, *args)
     except LookupError as e:
-        raise ApiError(404, str(e).strip("'\""), param="version") from None
+        raise ApiError(404, str(e).strip("'\""), param=param) from None
     except ValueError as e:
-        raise ApiError(409, str(e), param="version") from None
+        raise ApiError(409, str(e), param=param) from None
+
+
+# -- conversations and tenants -------------------------------------------------------------------
+
+
+@router.get("/v1/conversations")
+async def conversations(request: Request):
+    who = caller_for(request, "chat")
+    ids = await run_in_threadpool(server_of(request).store.conversations, who.tenant)
+    return {"object": "list", "data": [{"id": c, "object": "conversation"} for c in ids]}
+
+
+@router.get("/v1/conversations/{conversation}")
+async def conversation(conversation: str, request: Request):
+    """One conversation as its streams (`dostream streams export`'s JSON, one per path)."""
+    who = caller_for(request, "chat")
+    store = server_of(request).store.slice(who.tenant)
+    streams = await run_in_threadpool(store.conversation_streams, conversation)
+    if not streams:
+        raise not_found("conversation_id")
+    return {"object": "conversation", "id": conversation, "streams": [s.to_json() for s in streams]}
+
+
+@router.get("/v1/tenants")
+async def tenants(request: Request):
+    who, server = caller_for(request, "chat"), server_of(request)
+    names = server.tenants.names() if who.any_tenant else [who.tenant]
+    return {"object": "list", "data": [await run_in_threadpool(server.tenants.describe, n) for n in names]}
+
+
+@router.get("/v1/tenants/{name}")
+async def tenant(name: str, request: Request):
+    who = caller_for(request, "chat", name)
+    return await run_in_threadpool(server_of(request).tenants.describe, who.tenant)
+
+
+@router.post("/v1/tenants/{name}")
+async def tenant_set(name: str, request: Request):
+    who = caller_for(request, "admin", name)
+    obj = _object(await body_of(request))
+    context = obj.get("context")
+    if not isinstance(context, str):
+        raise bad("context", "expected a string (the tenant's system context; '' for none)")
+    server = server_of(request)
+    server.tenants.get(who.tenant)
+    return await run_in_threadpool(server.tenants.snapshot, who.tenant, "context set", context)
+
+
+@router.post("/v1/tenants/{name}/rollback")
+async def tenant_rollback(name: str, request: Request):
+    who = caller_for(request, "admin", name)
+    snapshot = _integer(_object(await body_of(request, empty_ok=True)), "snapshot")
+    return await _refusing(server_of(request).tenants.rollback, who.tenant, snapshot, param="snapshot")
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -344,9 +425,11 @@ def build_app(server):
     async def lifespan(app):
         server.batcher.start()
         server.learner.start()
+        server.tenants.start()
         try:
             yield
         finally:
+            server.tenants.stop()
             server.learner.stop()
             server.batcher.stop()
             if server.memory is not None:

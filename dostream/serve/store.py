@@ -38,9 +38,7 @@ or not at all, and the server answers a request only after its transaction commi
 
 from __future__ import annotations
 
-import hashlib
 import json
-import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,8 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from dostream.learning.versions import VERSIONS_SCHEMA, Versions
+from dostream.serve.keys import DEFAULT_TENANT, SCOPES, ApiKeys, check_tenant_name, hash_key  # noqa: F401
 from dostream.serve.session_log import SCHEMA as SESSION_SCHEMA
 from dostream.serve.session_log import SessionLog
+from dostream.serve.slices import Slice
 from dostream.sqlite import StoreError, connect, open_read_only, transaction
 from dostream.stream import Segment, Stream, stored_segments
 
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS exchanges (
     request TEXT NOT NULL,
     adapter TEXT,
     api_key TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    tenant TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX IF NOT EXISTS exchanges_by_conversation ON exchanges (conversation, seq);
 CREATE TABLE IF NOT EXISTS continuations (
@@ -90,7 +91,8 @@ CREATE TABLE IF NOT EXISTS feedback (
     reward REAL,
     meta TEXT NOT NULL,
     api_key TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    tenant TEXT NOT NULL DEFAULT 'default'
 );
 CREATE INDEX IF NOT EXISTS feedback_by_conversation ON feedback (conversation, seq);
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -99,20 +101,21 @@ CREATE TABLE IF NOT EXISTS api_keys (
     name TEXT NOT NULL,
     scopes TEXT NOT NULL,
     created REAL NOT NULL,
-    revoked REAL
+    revoked REAL,
+    tenant TEXT
 );
 """
 
-SCOPES = ("chat", "feedback", "admin")
+# Columns added to a table after stores were written with it: (table, column, declaration).
+ADDED_COLUMNS = (
+    ("exchanges", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+    ("feedback", "tenant", "TEXT NOT NULL DEFAULT 'default'"),
+    ("api_keys", "tenant", "TEXT"),
+)
 
 
 def store_path(directory: str | Path) -> Path:
     return Path(directory) / FILENAME
-
-
-def hash_key(key: str) -> str:
-    """Keys are 256 random bits, so a plain SHA-256 is as strong as a slow password hash here."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
 @dataclass
@@ -129,6 +132,7 @@ class Exchange:
     adapter: str | None
     api_key: str | None
     continuations: list[str] = field(default_factory=list)  # one key per choice
+    tenant: str = DEFAULT_TENANT  # whose conversation (`serve/tenants.py`)
 
 
 @dataclass
@@ -145,6 +149,7 @@ class Feedback:
     meta: dict[str, Any]
     api_key: str | None
     created: float = 0.0
+    tenant: str = DEFAULT_TENANT
 
 
 def _segments(raw: str, where: str) -> list[Segment]:
@@ -155,7 +160,7 @@ def _dump(segments: list[Segment]) -> str:
     return json.dumps([s.to_json() for s in segments], ensure_ascii=False)
 
 
-class ServeStore:
+class ServeStore(ApiKeys):
     """The server's store. One connection shared by the request threads and the batcher, under a
     lock (SQLite serialises writers anyway); every write is one transaction."""
 
@@ -167,6 +172,13 @@ class ServeStore:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self.db = connect(self.path, SCHEMA + VERSIONS_SCHEMA + SESSION_SCHEMA, check_same_thread=False)
+            for table, column, declaration in ADDED_COLUMNS:
+                if column not in self._columns(table):
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            self.db.execute("CREATE INDEX IF NOT EXISTS exchanges_by_tenant ON exchanges (tenant, seq)")
+            self.db.execute("PRAGMA secure_delete=ON")  # what `dostream forget` deletes is overwritten in the file
+        # A store from before tenants, opened read-only: its rows are all the default tenant's.
+        self.tenanted = "tenant" in self._columns("exchanges")
         self.lock = threading.RLock()
         self.sessions = SessionLog(self)  # sessions' committed items and deliveries (`serve/sessions.py`)
         # The adapter versions (`learning/versions.py`, the table every learner shares).
@@ -179,6 +191,22 @@ class ServeStore:
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+    def _columns(self, table: str) -> set[str]:
+        return {r[1] for r in self.db.execute(f"PRAGMA table_info({table})")}
+
+    def _of(self, tenant: str | None, alias: str = "") -> tuple[str, tuple]:
+        """(an SQL condition, its args) keeping `tenant`'s rows (None: every tenant's)."""
+        if tenant is None:
+            return "1", ()
+        if not self.tenanted:
+            return ("1", ()) if tenant == DEFAULT_TENANT else ("0", ())
+        return f"{alias}tenant = ?", (tenant,)
+
+    def slice(self, tenant: str):
+        """The part of the store that is `tenant`'s: what its preparer, learner and export read
+        (`serve.slices.Slice`)."""
+        return Slice(self, tenant)
 
     def _one(self, sql: str, args: tuple = ()) -> tuple | None:
         with self.lock:
@@ -199,7 +227,8 @@ class ServeStore:
                 seq = start + k
                 statements.append(
                     (
-                        "INSERT INTO exchanges VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO exchanges (seq, id, conversation, parent, parent_choice, segments, samples, "
+                        "request, adapter, api_key, created, tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             seq,
                             e.id,
@@ -212,6 +241,7 @@ class ServeStore:
                             e.adapter,
                             e.api_key,
                             now,
+                            e.tenant,
                         ),
                     )
                 )
@@ -225,18 +255,24 @@ class ServeStore:
     def n_exchanges(self) -> int:
         return self._one("SELECT COUNT(*) FROM exchanges")[0]
 
-    def find_continuation(self, keys: list[str], conversation: str | None = None) -> tuple[int, int, int, str] | None:
+    def find_continuation(
+        self, keys: list[str], conversation: str | None = None, tenant: str | None = None
+    ) -> tuple[int, int, int, str] | None:
         """The longest prefix a recorded choice continues: `keys[i]` is the key of the request's
         first i+1 messages (None where message i is not an assistant's). Returns (i, seq, choice,
-        conversation) of the newest match, or None; `conversation` restricts the search."""
+        conversation) of the newest match, or None; `conversation` and `tenant` restrict the search."""
+        own, own_args = self._of(tenant, "e.")
         for i in range(len(keys) - 1, -1, -1):
             if keys[i] is None:
                 continue
-            sql = "SELECT seq, choice, conversation FROM continuations WHERE key = ?"
-            args: tuple = (keys[i],)
+            sql = (
+                "SELECT c.seq, c.choice, c.conversation FROM continuations c JOIN exchanges e ON e.seq = c.seq "
+                f"WHERE c.key = ? AND {own}"
+            )
+            args: tuple = (keys[i], *own_args)
             if conversation is not None:
-                sql, args = sql + " AND conversation = ?", (*args, conversation)
-            row = self._one(sql + " ORDER BY seq DESC, choice LIMIT 1", args)
+                sql, args = sql + " AND c.conversation = ?", (*args, conversation)
+            row = self._one(sql + " ORDER BY c.seq DESC, c.choice LIMIT 1", args)
             if row is not None:
                 return i, row[0], row[1], row[2]
         return None
@@ -260,17 +296,30 @@ class ServeStore:
         row = self._one("SELECT key FROM continuations WHERE seq = ? AND choice = ?", (seq, choice))
         return None if row is None else row[0]
 
-    def exchange(self, completion_id: str) -> tuple[int, str, int] | None:
-        """(seq, conversation, number of choices) of a completion id, or None."""
-        row = self._one("SELECT seq, conversation, samples FROM exchanges WHERE id = ?", (completion_id,))
+    def exchange(self, completion_id: str, tenant: str | None = None) -> tuple[int, str, int] | None:
+        """(seq, conversation, number of choices) of a completion id (`tenant`'s only), or None."""
+        own, args = self._of(tenant)
+        row = self._one(
+            f"SELECT seq, conversation, samples FROM exchanges WHERE id = ? AND {own}", (completion_id, *args)
+        )
         return None if row is None else (row[0], row[1], len(json.loads(row[2])))
 
-    def latest_exchange(self, conversation: str) -> int | None:
-        row = self._one("SELECT MAX(seq) FROM exchanges WHERE conversation = ?", (conversation,))
+    def latest_exchange(self, conversation: str, tenant: str | None = None) -> int | None:
+        own, args = self._of(tenant)
+        row = self._one(f"SELECT MAX(seq) FROM exchanges WHERE conversation = ? AND {own}", (conversation, *args))
         return None if row is None else row[0]
 
-    def has_conversation(self, conversation: str) -> bool:
-        return self._one("SELECT 1 FROM exchanges WHERE conversation = ? LIMIT 1", (conversation,)) is not None
+    def has_conversation(self, conversation: str, tenant: str | None = None) -> bool:
+        own, args = self._of(tenant)
+        sql = f"SELECT 1 FROM exchanges WHERE conversation = ? AND {own} LIMIT 1"
+        return self._one(sql, (conversation, *args)) is not None
+
+    def tenant_of(self, conversation: str) -> str | None:
+        """The tenant whose conversation this is; None: no such conversation."""
+        if not self.tenanted:
+            return DEFAULT_TENANT if self.has_conversation(conversation) else None
+        row = self._one("SELECT tenant FROM exchanges WHERE conversation = ? LIMIT 1", (conversation,))
+        return None if row is None else row[0]
 
     # -- feedback ---------------------------------------------------------------------------
     def add_feedback(self, fb: Feedback) -> None:
@@ -280,7 +329,7 @@ class ServeStore:
                 [
                     (
                         "INSERT INTO feedback (id, conversation, exchange, choice, author, kind, text, role, reward, "
-                        "meta, api_key, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "meta, api_key, created, tenant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             fb.id,
                             fb.conversation,
@@ -294,6 +343,7 @@ class ServeStore:
                             json.dumps(fb.meta, ensure_ascii=False),
                             fb.api_key,
                             fb.created or time.time(),
+                            fb.tenant,
                         ),
                     )
                 ],
@@ -303,15 +353,17 @@ class ServeStore:
         return [r[0] for r in self._all("SELECT id FROM feedback ORDER BY seq")]
 
     # -- export -----------------------------------------------------------------------------
-    def conversations(self) -> list[str]:
-        """Conversation ids in the order of their first exchange."""
-        return [r[0] for r in self._all("SELECT conversation FROM exchanges GROUP BY conversation ORDER BY MIN(seq)")]
+    def conversations(self, tenant: str | None = None) -> list[str]:
+        """Conversation ids (`tenant`'s; None: everyone's) in the order of their first exchange."""
+        own, args = self._of(tenant)
+        sql = f"SELECT conversation FROM exchanges WHERE {own} GROUP BY conversation ORDER BY MIN(seq)"
+        return [r[0] for r in self._all(sql, args)]
 
-    def export_streams(self, start: int = 0, stop: int | None = None) -> list[Stream]:
+    def export_streams(self, start: int = 0, stop: int | None = None, tenant: str | None = None) -> list[Stream]:
         """The streams of conversations `start <= i < stop` (in order of their first exchange):
         per conversation its main path (id: the conversation's) and then its other branches."""
         out: list[Stream] = []
-        for conv in self.conversations()[start:stop]:
+        for conv in self.conversations(tenant)[start:stop]:
             out += self.conversation_streams(conv)
         return out
 
@@ -324,16 +376,19 @@ class ServeStore:
             raise StoreError(f"{self.path} (feedback {feedback}): field 'meta': not a stored JSON object")
         return meta
 
-    def conversation_streams(self, conversation: str) -> list[Stream]:
+    def conversation_streams(self, conversation: str, until: tuple[int, int] | None = None) -> list[Stream]:
+        """The conversation's streams; `until` (exchange seq, feedback seq): as they stood once
+        those were the newest rows (what an update that read the store then saw)."""
+        ex_to, fb_to = until if until is not None else (1 << 62, 1 << 62)
         rows = self._all(
             "SELECT seq, id, parent, parent_choice, segments, samples, adapter FROM exchanges "
-            "WHERE conversation = ? ORDER BY seq",
-            (conversation,),
+            "WHERE conversation = ? AND seq <= ? ORDER BY seq",
+            (conversation, ex_to),
         )
         feedback = self._all(
             "SELECT id, exchange, choice, author, kind, text, role, reward, meta, created FROM feedback "
-            "WHERE conversation = ? ORDER BY seq",
-            (conversation,),
+            "WHERE conversation = ? AND seq <= ? ORDER BY seq",
+            (conversation, fb_to),
         )
         ex = {r[0]: r for r in rows}
         where = {r[0]: f"{self.path} (exchanges, seq {r[0]})" for r in rows}
@@ -384,30 +439,38 @@ class ServeStore:
         self.sessions.apply(conversation, streams, rows[-1][0] if rows else None, seqs)
         return streams
 
-    def latest_seqs(self) -> tuple[int, int]:
-        """(the newest exchange seq, the newest feedback seq); -1 where there is none."""
-        ex = self._one("SELECT COALESCE(MAX(seq), -1) FROM exchanges")[0]
-        fb = self._one("SELECT COALESCE(MAX(seq), -1) FROM feedback")[0]
+    def latest_seqs(self, tenant: str | None = None) -> tuple[int, int]:
+        """(the newest exchange seq, the newest feedback seq) (`tenant`'s); -1 where there is none."""
+        own, args = self._of(tenant)
+        ex = self._one(f"SELECT COALESCE(MAX(seq), -1) FROM exchanges WHERE {own}", args)[0]
+        fb = self._one(f"SELECT COALESCE(MAX(seq), -1) FROM feedback WHERE {own}", args)[0]
         return ex, fb
 
-    def conversations_since(self, upto: tuple[int, int]) -> tuple[list[str], list[str]]:
-        """(conversations with an exchange or feedback after `upto`, the others), each in order of
-        their first exchange."""
+    def conversations_since(
+        self, upto: tuple[int, int], tenant: str | None = None, until: tuple[int, int] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """(conversations with an exchange or feedback after `upto` (and up to `until`), the
+        others begun by then), each in order of their first exchange; `tenant`'s only when given."""
+        own, args = self._of(tenant)
+        ex_to, fb_to = until if until is not None else (1 << 62, 1 << 62)
         rows = self._all(
-            "SELECT conversation FROM exchanges WHERE seq > ? UNION SELECT conversation FROM feedback WHERE seq > ?",
-            upto,
+            f"SELECT conversation FROM exchanges WHERE seq > ? AND seq <= ? AND {own} "
+            f"UNION SELECT conversation FROM feedback WHERE seq > ? AND seq <= ? AND {own}",
+            (upto[0], ex_to, *args, upto[1], fb_to, *args),
         )
         touched = {r[0] for r in rows}
-        every = self.conversations()
+        sql = f"SELECT conversation FROM exchanges WHERE {own} GROUP BY conversation HAVING MIN(seq) <= ? ORDER BY MIN(seq)"
+        every = [r[0] for r in self._all(sql, (*args, ex_to))]
         return [c for c in every if c in touched], [c for c in every if c not in touched]
 
-    def rewarded(self, upto: int, limit: int) -> list[tuple[int, int, float]]:
+    def rewarded(self, upto: int, limit: int, tenant: str | None = None) -> list[tuple[int, int, float]]:
         """The newest `limit` (exchange seq, choice, reward) with a positive reward from feedback on
         exchanges up to `upto`: what the agent already answered well."""
+        own, args = self._of(tenant)
         rows = self._all(
-            "SELECT exchange, choice, reward FROM feedback WHERE reward > 0 AND exchange <= ? "
+            f"SELECT exchange, choice, reward FROM feedback WHERE reward > 0 AND exchange <= ? AND {own} "
             "GROUP BY exchange, choice ORDER BY exchange DESC LIMIT ?",
-            (upto, limit),
+            (upto, *args, limit),
         )
         return [(r[0], r[1], r[2]) for r in reversed(rows)]
 
@@ -421,47 +484,6 @@ class ServeStore:
             (after, after),
         )
         return int(row[0]), int(row[1]), int(row[2]), int(row[3])
-
-    # -- API keys ---------------------------------------------------------------------------
-    def add_key(self, name: str, scopes: tuple[str, ...]) -> tuple[str, str]:
-        """Make a key; returns (key id, the key). Only its hash is stored: show the key once."""
-        bad = [s for s in scopes if s not in SCOPES]
-        if bad or not scopes:
-            raise ValueError(f"scopes must be a non-empty subset of {', '.join(SCOPES)}, got {','.join(scopes)!r}")
-        key = "ds-" + secrets.token_urlsafe(32)
-        kid = "key-" + secrets.token_hex(4)
-        with self.lock:
-            transaction(
-                self.db,
-                [
-                    (
-                        "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, NULL)",
-                        (kid, hash_key(key), name, ",".join(scopes), time.time()),
-                    )
-                ],
-            )
-        return kid, key
-
-    def keys(self) -> list[dict[str, Any]]:
-        cols = ("id", "name", "scopes", "created", "revoked")
-        return [dict(zip(cols, r)) for r in self._all(f"SELECT {', '.join(cols)} FROM api_keys ORDER BY created")]
-
-    def revoke_key(self, kid: str) -> bool:
-        """Revoke a key by id; False if there is no such live key."""
-        with self.lock:
-            row = self.db.execute("SELECT revoked FROM api_keys WHERE id = ?", (kid,)).fetchone()
-            if row is None or row[0] is not None:
-                return False
-            transaction(self.db, [("UPDATE api_keys SET revoked = ? WHERE id = ?", (time.time(), kid))])
-        return True
-
-    def lookup_key(self, key: str) -> tuple[str, frozenset[str]] | None:
-        """(key id, scopes) of a live key, or None."""
-        row = self._one("SELECT id, scopes FROM api_keys WHERE hash = ? AND revoked IS NULL", (hash_key(key),))
-        return None if row is None else (row[0], frozenset(row[1].split(",")))
-
-    def n_live_keys(self) -> int:
-        return self._one("SELECT COUNT(*) FROM api_keys WHERE revoked IS NULL")[0]
 
 
 def _legacy_adapter_updates(db) -> list[tuple]:

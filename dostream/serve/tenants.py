@@ -1,0 +1,372 @@
+"""Tenants: one base model; per tenant its own adapter lineage, memory, system context and slice of the store.
+
+A key made with `dostream serve keys add --tenant NAME` belongs to NAME (`serve/auth.py`); a key
+made without one, and every row written before tenants, belongs to the default tenant, which is
+today's server: its lineage is the store's own (`STORE/adapters/`, `serve.sqlite`'s versions), its
+memory is `--memory DIR`. Another tenant NAME has
+
+    STORE/tenants/NAME/versions.sqlite           its adapter versions (`learning/versions.py`)
+    STORE/tenants/NAME/adapters/update-NNNNNN/   its updates (`learning/cycle.py`, one lineage)
+    MEMORY/tenants/NAME/                         its memory (with `--memory MEMORY`)
+    serve.sqlite: exchanges.tenant, feedback.tenant   its slice of the store (`ServeStore.slice`)
+    serve.sqlite: snapshots                      its versioned snapshot: (adapter version, memory
+                                                 version, context), one row per change; the newest
+                                                 row's context is its system context: the first
+                                                 segment of each of its new conversations
+                                                 (`context`, role system)
+
+Each tenant runs the one learning cycle through its own `serve.learn.Learner` (its slice: it
+trains only on its own conversations and is gated on its own rewarded replies and the control
+set), swaps its own `ModelSlot`, rolls back its own lineage. `rollback` puts a snapshot back as a
+unit: the adapter version and the context (the memory version is recorded; notes admitted since
+are not retired yet: the memory has no rollback).
+
+Serving a tenant's adapter. A request carries its tenant in `Job.pending.tenant` (`Pending`,
+`serve/exchange.py`); `Engines.submit` sends it to the engine of that tenant's model: the
+default batcher while the tenant's slot holds the very model object the default slot holds (no
+update of its own: the adapter the server started with), else a `Batcher` of its own over its own
+slot (one more model in memory and one more sampling thread per tenant that learned; rows of
+different tenants do not share a decode step). Mixed-adapter batching (issue 35 item 3) replaces
+that routing: a job is to be decoded with `Tenants.get(job.pending.tenant).slot.get()`, the
+(model, adapter name, forward) that tenant has in force, the adapter name being unique per tenant
+and version (`tenants/NAME/adapters/update-NNNNNN/adapter`, relative to the store).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dostream.learning.cycle import ADAPTERS, Lineage
+from dostream.learning.versions import VERSIONS_SCHEMA, Versions
+from dostream.serve.keys import DEFAULT_TENANT, check_tenant_name
+from dostream.serve.protocol import ApiError
+from dostream.serve.store import ServeStore
+from dostream.sqlite import connect, transaction
+
+TENANTS = "tenants"  # STORE/tenants/NAME/, MEMORY/tenants/NAME/
+SNAPSHOTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS snapshots (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    adapter TEXT,
+    memory INTEGER NOT NULL,
+    context TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    created REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class TenantLineage(Lineage):
+    """A tenant's lineage: adapters under `ROOT/tenants/NAME/adapters/`, recorded relative to ROOT."""
+
+    name: str = ""
+
+    def dir_of(self, step: int) -> Path:
+        return self.root / TENANTS / self.name / ADAPTERS / f"update-{step:06d}"
+
+
+def lineage_of(store_dir: str | Path, name: str, start: Path | None, default_versions: Versions) -> Lineage:
+    """Tenant `name`'s lineage in the store at `store_dir` (the default tenant's: the store's own)."""
+    if name == DEFAULT_TENANT:
+        return Lineage(Path(store_dir), default_versions, start=start)
+    folder = Path(store_dir) / TENANTS / check_tenant_name(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    db = connect(folder / "versions.sqlite", VERSIONS_SCHEMA, check_same_thread=False)
+    db.execute("PRAGMA secure_delete=ON")
+    return TenantLineage(Path(store_dir), Versions(db), start=start, name=name)
+
+
+def memory_dir(memory: str | Path | None, name: str) -> Path | None:
+    """Tenant `name`'s memory directory under the server's `--memory` (None: no memory)."""
+    if memory is None:
+        return None
+    return Path(memory) if name == DEFAULT_TENANT else Path(memory) / TENANTS / name
+
+
+def memory_version(directory: Path | None) -> int:
+    """A memory's version: its newest note's id (0: none, or no memory)."""
+    if directory is None or not (directory / "memory.sqlite").exists():
+        return 0
+    from dostream.memory.store import Memory
+
+    mem = Memory.open_dir(directory, read_only=True)
+    try:
+        return int(mem.db.execute("SELECT COALESCE(MAX(id), 0) FROM notes").fetchone()[0])
+    finally:
+        mem.close()
+
+
+# -- snapshots: the store's side, no model needed (the CLI's `tenants` commands use these) ------------
+
+
+def context_of(store: ServeStore, name: str) -> str:
+    """Tenant `name`'s system context: its newest snapshot's ('' before any)."""
+    rows = snapshots(store, name)
+    return rows[-1]["context"] if rows else ""
+
+
+def snapshots(store: ServeStore, name: str) -> list[dict[str, Any]]:
+    if not store._one("SELECT 1 FROM sqlite_master WHERE name = 'snapshots'"):
+        return []  # a store no tenant has written to (or one opened read-only from before tenants)
+    cols = ("id", "version", "adapter", "memory", "context", "reason", "created")
+    rows = store._all(f"SELECT {', '.join(cols)} FROM snapshots WHERE tenant = ? ORDER BY id", (name,))
+    return [dict(zip(cols, r)) for r in rows]
+
+
+def record_snapshot(
+    store: ServeStore, name: str, lineage: Lineage, memory: Path | None, reason: str, context: str | None = None
+) -> dict[str, Any]:
+    """A snapshot of tenant `name` as it stands (the adapter in force, the memory's version, the
+    context, or `context` when given: the tenant's context from now on)."""
+    adapter, version = lineage.versions.in_force()
+    ctx = context_of(store, name) if context is None else context
+    row = (name, version, adapter, memory_version(memory), ctx, reason, time.time())
+    sql = "INSERT INTO snapshots (tenant, version, adapter, memory, context, reason, created) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    with store.lock:
+        store.db.executescript(SNAPSHOTS_SCHEMA)
+        transaction(store.db, [(sql, row)])
+    return snapshots(store, name)[-1]
+
+
+def reconcile(store: ServeStore, name: str, lineage: Lineage, memory: Path | None) -> None:
+    """After a kill between an update's record and its snapshot: the snapshot catches up."""
+    rows = snapshots(store, name)
+    if not rows or rows[-1]["version"] != lineage.versions.in_force()[1]:
+        record_snapshot(store, name, lineage, memory, "the adapter in force" if rows else "first snapshot")
+
+
+def describe(store: ServeStore, name: str, lineage: Lineage, memory: Path | None) -> dict[str, Any]:
+    """What `GET /v1/tenants/{t}` and `dostream serve tenants show` print."""
+    adapter, version = lineage.versions.in_force()
+    keys = [k["id"] for k in store.keys() if (k["tenant"] or DEFAULT_TENANT) == name and not k["revoked"]]
+    return {
+        "object": "tenant",
+        "id": name,
+        "context": context_of(store, name),
+        "adapter": {
+            "version": version,
+            "adapter": adapter if version else (None if lineage.start is None else str(lineage.start)),
+        },
+        "memory": {"version": memory_version(memory), "directory": None if memory is None else str(memory)},
+        "conversations": len(store.conversations(name)),
+        "keys": keys,
+        "snapshots": snapshots(store, name),
+    }
+
+
+def snapshot_target(store: ServeStore, name: str, snapshot: int | None) -> dict[str, Any]:
+    """The snapshot to roll back to (None: the one before the newest). Raises LookupError / ValueError."""
+    rows = snapshots(store, name)
+    if snapshot is None:
+        if len(rows) < 2:
+            raise ValueError("snapshot: no earlier snapshot to roll back to")
+        return rows[-2]
+    found = next((r for r in rows if r["id"] == snapshot), None)
+    if found is None:
+        raise LookupError("snapshot: no such snapshot of this tenant")
+    return found
+
+
+# -- the served tenants ---------------------------------------------------------------------------
+
+
+@dataclass
+class Tenant:
+    """One tenant's parts in a running server."""
+
+    name: str
+    lineage: Lineage
+    slot: Any  # `serve.batcher.ModelSlot`: the model with its adapter in force
+    learner: Any  # `serve.learn.Learner`
+    prepare: Any  # `serve.exchange.Preparer` over its slice
+    memory: Any  # `serve.memory.ServedMemory` or None
+    memory_dir: Path | None
+    engine: Any = None  # its own `Batcher`, once its model is not the default tenant's
+
+
+class Tenants:
+    """The tenants of one `serve.server.Server`, made on first use (a key added while serving
+    names a tenant the server had not seen)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.store: ServeStore = server.store
+        self._lock = threading.RLock()
+        self._tenants: dict[str, Tenant] = {}
+        self.started = False
+
+    def default(self, tenant: Tenant) -> None:
+        self._tenants[DEFAULT_TENANT] = tenant
+        tenant.learner.on_swap = self._on_swap(tenant)
+
+    def _on_swap(self, t: Tenant):
+        # under the learner's lock: takes no lock of the registry's (a rollback holds it, then the learner's)
+        return lambda: record_snapshot(self.store, t.name, t.lineage, t.memory_dir, "the adapter in force changed")
+
+    def names(self) -> list[str]:
+        return self.store.tenants()
+
+    def of_key(self, kid: str) -> str:
+        return DEFAULT_TENANT if kid == "env" else self.store.key_tenant(kid) or DEFAULT_TENANT
+
+    def get(self, name: str) -> Tenant:
+        """Tenant `name`'s parts (made now if needed); 404 for a tenant that does not exist."""
+        found = self._tenants.get(name)
+        if found is not None:
+            return found
+        with self._lock:
+            if name in self._tenants:
+                return self._tenants[name]
+            if name not in self.store.tenants():
+                raise ApiError(404, "tenant: not found for this key", param="tenant", code="not_found")
+            self._tenants[name] = t = self._make(name)
+            return t
+
+    def _make(self, name: str) -> Tenant:
+        from dostream.serve.batcher import ModelSlot
+        from dostream.serve.exchange import Preparer
+        from dostream.serve.learn import Learner, serving_adapter
+        from dostream.serve.memory import ServedMemory
+
+        s, cfg = self.server, self.server.cfg
+        lineage = lineage_of(cfg.store, name, s.lineage.start, s.store.versions)
+        path, adapter_name = serving_adapter(lineage)
+        model, name0, forward = s.slot.get()
+        if adapter_name != name0:  # its own adapter in force: its own model
+            model, forward = s.load(path), None
+            if cfg.fast_step:
+                import torch
+
+                from dostream.cached_forward import CachedForward
+
+                with torch.inference_mode():
+                    forward = CachedForward.build(model)
+        slot = ModelSlot(model, adapter_name, forward=forward)
+        mdir = memory_dir(cfg.memory, name)
+        memory = None if mdir is None else ServedMemory(mdir, cfg.memory_k, slot, s.tok)
+        piece = self.store.slice(name)
+        learner = Learner(
+            cfg.learn, model=cfg.model, store=piece, lineage=lineage, tok=s.tok, slot=slot, load=s.load,
+            fast_step=cfg.fast_step,
+        )  # fmt: skip
+        prepare = Preparer(
+            piece, s.tok, s.context, client_assistant=cfg.client_assistant, fast_step=cfg.fast_step, memory=memory,
+            tenant=name, system=lambda: context_of(self.store, name),
+        )  # fmt: skip
+        tenant = Tenant(name, lineage, slot, learner, prepare, memory, mdir)
+        learner.on_swap = self._on_swap(tenant)
+        reconcile(self.store, name, lineage, mdir)
+        if self.started:
+            learner.start()
+        return tenant
+
+    def start(self) -> None:
+        with self._lock:
+            self.started = True
+            for t in self._tenants.values():
+                if t.name != DEFAULT_TENANT:
+                    t.learner.start()
+
+    def stop(self) -> None:
+        with self._lock:
+            for t in self._tenants.values():
+                if t.name == DEFAULT_TENANT:
+                    continue
+                t.learner.stop()
+                if t.engine is not None:
+                    t.engine.stop()
+                if t.memory is not None:
+                    t.memory.close()
+
+    # -- snapshots, rollback ---------------------------------------------------------------------
+    def snapshot(self, name: str, reason: str, context: str | None = None) -> dict[str, Any]:
+        t = self.get(name)
+        return record_snapshot(self.store, name, t.lineage, t.memory_dir, reason, context)
+
+    def describe(self, name: str) -> dict[str, Any]:
+        t = self.get(name)
+        return describe(self.store, name, t.lineage, t.memory_dir)
+
+    def rollback(self, name: str, snapshot: int | None) -> dict[str, Any]:
+        """Put snapshot `snapshot` of tenant `name` back as a unit: its adapter version (swapped in
+        as `POST /v1/adapters/rollback` does) and its context. Raises LookupError / ValueError."""
+        t = self.get(name)
+        with self._lock:
+            target = snapshot_target(self.store, name, snapshot)
+            if target["version"] != t.lineage.versions.in_force()[1]:
+                t.learner.rollback(target["version"])
+            return record_snapshot(
+                self.store, name, t.lineage, t.memory_dir, f"rollback to snapshot {target['id']}", target["context"]
+            )
+
+    def adapter_of(self, name: str) -> tuple[str | None, Path | None]:
+        """(key, directory) of the adapter tenant `name` is to be served with now: the key is the
+        name exchanges record (unique per tenant and version; None: the base model), the directory
+        what to load. What mixed-adapter batching keys its adapter pool by."""
+        from dostream.serve.learn import serving_adapter
+
+        path, key = serving_adapter(self.get(name).lineage)
+        return key, path
+
+    # -- engines ----------------------------------------------------------------------------------
+    def engine_of(self, name: str):
+        """The engine that serves tenant `name` now (see the module doc)."""
+        s = self.server
+        t = self.get(name)
+        if name == DEFAULT_TENANT or t.slot.get()[0] is s.slot.get()[0]:
+            return s.engine
+        if s.cfg.engine == "vllm":
+            raise ApiError(
+                501, "--engine vllm serves the default tenant's adapter only (per-tenant adapters: not yet)",
+                type="server_error",
+            )  # fmt: skip
+        with self._lock:
+            if t.engine is None:
+                from dostream.serve.batcher import Batcher
+
+                cfg = s.cfg
+                t.engine = Batcher(
+                    t.slot, s.tok, s.store, max_rows=cfg.max_batch_rows, gather_s=cfg.gather_ms / 1000,
+                    max_queue=cfg.max_queue, prefix_cache=cfg.prefix_cache,
+                )  # fmt: skip
+                t.engine.on_step = s.engine.on_step
+                t.engine.start()
+            return t.engine
+
+
+class Engines:
+    """`Server.batcher`: the `serve.engine.Engine` every route submits to, sending each job to its
+    tenant's engine (`Tenants.engine_of(job.pending.tenant)`). Counters and anything else are the
+    default engine's."""
+
+    def __init__(self, default, tenants: Tenants):
+        object.__setattr__(self, "_default", default)
+        object.__setattr__(self, "_tenants", tenants)
+
+    def __getattr__(self, name: str):
+        return getattr(self._default, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._default, name, value)
+
+    def _of(self, job):
+        return self._tenants.engine_of(getattr(job.pending, "tenant", DEFAULT_TENANT))
+
+    def submit(self, job):
+        return self._of(job).submit(job)
+
+    def cancel(self, job) -> None:
+        self._of(job).cancel(job)
+
+    def start(self) -> None:
+        self._default.start()
+
+    def stop(self) -> None:
+        self._default.stop()
