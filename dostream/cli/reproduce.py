@@ -34,7 +34,7 @@ PRESET_HELP = {
     "delusion": "smoke (tiny model, CI), quick (smollm2 LoRA, ~20 min on 2 cores), paper (the notebook's settings: "
     "smollm2 fully fine-tuned, 480 dialogues x 4 epochs at batch 1; ~70 min per seed on 2 cores)",
     "dual-lora": "smoke (tiny model, CI), quick (smollm2, every learner, support-framed, 3 seeds: ~25 min on 2 cores)",
-    "memory": "smoke (tiny model, CI), quick (smollm2, every arm, the discount rule, 3 seeds)",
+    "memory": "smoke (tiny model, CI), quick (smollm2, every arm, the discount rule and the airline policy, 3 seeds)",
 }
 DEFAULT_OUT = {
     "stem": "runs/stem-PRESET-TOOLS",
