@@ -46,6 +46,12 @@ class GRPOConfig(LoraBlock):
     )
     temperature: float = opt(1.0, "sampling temperature")
     max_new_tokens: int = opt(128, "tokens per attempt")
+    backend: str = opt(
+        "auto",
+        "rollouts' sampling backend: torch (dostream's engine), vllm (a kept vLLM engine, the adapter a "
+        "per-call LoRA: docs/engines.md) or auto (vLLM on a CUDA GPU when installed)",
+        choices=("auto", "torch", "vllm"),
+    )
     micro_batch: int = opt(8, "attempts per forward/backward")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm (0: off)")
     precision: str = opt(

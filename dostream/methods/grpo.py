@@ -56,6 +56,7 @@ from dostream.methods.attempts import attempt, until_verdict
 from dostream.models import load_model
 from dostream.render import Renderer
 from dostream.sampling import SamplingConfig
+from dostream.sampling.vllm_backend import _use_vllm
 from dostream.stream import Stream
 from dostream.train import TrainConfig, device_policy, prepare_model
 
@@ -103,6 +104,8 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
         "tokens": 0,
         "action_tokens": 0,
         "variant": "dapo" if cfg.dapo else "grpo",
+        # the rollouts' engine as resolved (`auto`: vLLM only for a model on a CUDA GPU)
+        "backend": "vllm" if _use_vllm(model, SamplingConfig(backend=cfg.backend)) else "torch",
     }
     metrics, rollout_log, buffer = [], [], []
     rewards_seen: list[float] = []
@@ -117,7 +120,10 @@ def train_grpo(problems: list[Problem], tok, cfg: GRPOConfig, sft1_dir: str | Pa
     for start in range(0, len(prompts), cfg.groups_per_step):
         chunk = prompts[start : start + cfg.groups_per_step]
         sampling = SamplingConfig(
-            temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed * 100_003 + start
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed * 100_003 + start,
+            backend=cfg.backend,
         )
         flat_list = [p for p in chunk for _ in range(cfg.k)]
         ids = [f"{p.id}/g{start + g}/k{j}" for g, p in enumerate(chunk) for j in range(cfg.k)]

@@ -196,6 +196,7 @@ def test_grpo_computes_where_the_device_policy_says(monkeypatch, tok, problems, 
     model, info = grpo.train_grpo(problems[:2], tok, cfg, tmp_path / "sft1", tmp_path / "grpo")
     assert asked == ["fp32"] and moved  # the policy decides, not cfg.precision alone (bf16="off" is fp32)
     assert info["groups"] == 2 and len(seen) >= 4  # the sampling policy and the reference, per group
+    assert info["backend"] == "torch"  # the rollouts' engine, resolved (auto: torch for a CPU model)
     assert all(s == (True, True, torch.bfloat16) for s in seen)
     assert next(model.parameters()).device == policy.device
 

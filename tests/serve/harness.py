@@ -130,9 +130,9 @@ TOOLS = [
 ]
 
 
-def serve_process(store, port: int, *flags: str) -> subprocess.Popen:
+def serve_process(store, port: int, *flags: str, start_s: float = 120) -> subprocess.Popen:
     """`dostream serve --model tiny --store STORE FLAGS...` as a user starts it (one OpenMP thread),
-    returned once `/health` answers; its stderr is kept for the failure message."""
+    returned once `/health` answers (within `start_s`); its stderr is kept for the failure message."""
     env = {**os.environ, "DOSTREAM_API_KEY": KEY, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "dostream.cli", "serve", "--model", "tiny", "--store", str(store), *flags]
     proc = subprocess.Popen(
@@ -141,7 +141,7 @@ def serve_process(store, port: int, *flags: str) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + start_s
     while True:
         assert proc.poll() is None, proc.stderr.read().decode()
         assert time.monotonic() < deadline, "the server did not start"
