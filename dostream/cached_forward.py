@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import OrderedDict
 
 import torch
 
@@ -41,8 +42,9 @@ class CachedForward:
 
     def __init__(self, model, *, fast_linear: bool = False):
         self.model = model
-        self.layers = [_Layer(layer, fast_linear) for layer in model.model.layers]
+        self.layers = [_Layer(layer, fast_linear, i) for i, layer in enumerate(model.model.layers)]
         self.lm_head = _linear(model.lm_head) if fast_linear else model.lm_head
+        self._stacks = OrderedDict()  # the stacked weights of the last few sets of adapters (`adapters.Mix`)
 
     @classmethod
     def build(cls, model) -> CachedForward | None:
@@ -72,18 +74,33 @@ class CachedForward:
         prompts joining them, of other shapes, in other caches), and attend each in its own cache.
         A product's cost on a CPU is mostly reading its weights once, whatever the rows (SmolLM2-135M,
         fp32, one thread: 50 ms for 1 row, 104 ms for 32), so a join in the same forward as a
-        decode step costs a fraction of a forward of its own."""
+        decode step costs a fraction of a forward of its own.
+
+        A part may carry a fifth element, its rows' LoRA adapters (`sampling.adapters.Lora`, None
+        for the base model): every row's tokens share the base products and add their own adapter's
+        delta (`adapters.Mix`), so rows of many adapters decode in one forward."""
         inner = self.model.model
         shapes = [tuple(ids.shape) for ids, *_ in parts]
+        per_token = [
+            lora
+            for (b, t), part in zip(shapes, parts)
+            for lora in (part[4] if len(part) > 4 and part[4] is not None else [None] * b)
+            for _ in range(t)
+        ]
+        mix = None
+        if any(lora is not None for lora in per_token):
+            from dostream.sampling.adapters import Mix  # (sampling imports this module)
+
+            mix = Mix(per_token, self._stacks)
         x = inner.embed_tokens(torch.cat([ids.reshape(-1) for ids, *_ in parts]))  # (N, hidden), all parts' tokens
         # Per part, once a step rather than once a layer: the rotary (cos, sin) as `_rotate` takes
         # them, and the attention bias in the form and dtype `_Layer._attend` takes.
-        ropes = [_rotary(*inner.rotary_emb(x, position)) for _, position, _, _ in parts]
-        biases = [_attention_bias(mask, t, x.dtype) for (_, t), (_, _, mask, _) in zip(shapes, parts)]
+        ropes = [_rotary(*inner.rotary_emb(x, part[1])) for part in parts]
+        biases = [_attention_bias(part[2], t, x.dtype) for (_, t), part in zip(shapes, parts)]
         for i, layer in enumerate(self.layers):
-            cached = [cache.layers[i] for *_, cache in parts]
-            x = x + layer.attention(layer.norm1(x), shapes, ropes, biases, cached)
-            x = x + layer.mlp(layer.norm2(x))
+            cached = [part[3].layers[i] for part in parts]
+            x = x + layer.attention(layer.norm1(x), shapes, ropes, biases, cached, mix)
+            x = x + layer.mlp(layer.norm2(x), mix)
         last, at = [], 0
         for b, t in shapes:
             last.append(x[at : at + b * t].view(b, t, -1)[:, -1])
@@ -133,7 +150,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
 class _Layer:
     """One decoder layer's modules, its linear layers as `_linear` makes them where `fast_linear`."""
 
-    def __init__(self, layer, fast_linear: bool):
+    def __init__(self, layer, fast_linear: bool, index: int = 0):
+        self.index = index  # (an adapter's weights are per layer: `adapters.Mix`)
         self.attn, self._mlp = layer.self_attn, layer.mlp
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         a, m = self.attn, self._mlp
@@ -152,15 +170,22 @@ class _Layer:
             self.gate, self.up = fast(m.gate_proj), fast(m.up_proj)
         self.down = fast(m.down_proj) if gated else None
 
-    def attention(self, h, shapes, ropes, biases, cached) -> torch.Tensor:
+    def attention(self, h, shapes, ropes, biases, cached, mix=None) -> torch.Tensor:
         """Attention of the parts' tokens `h` (N, hidden), part by part (its (B, T) shape, rotary
-        (cos, sin) from `_rotary`, bias and cache layer); one output projection for all."""
-        dim = self.attn.head_dim
+        (cos, sin) from `_rotary`, bias and cache layer); one output projection for all. `mix`:
+        each token's adapter delta added to every projection (`adapters.Mix`)."""
+        dim, a = self.attn.head_dim, self.attn
         if self.qkv is not None:  # q and k side by side in the product's output: rotated together
             qkv = self.qkv(h)
+            if mix is not None:
+                widths = (a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features)
+                mix.add(qkv, h, self.index, ("q_proj", "k_proj", "v_proj"), widths)
             qk_all, v_all = qkv[:, : self.qk_width], qkv[:, self.qk_width :]
         else:
             q_all, k_all, v_all = self.q(h), self.k(h), self.v(h)
+            if mix is not None:
+                for out, name in ((q_all, "q_proj"), (k_all, "k_proj"), (v_all, "v_proj")):
+                    mix.add(out, h, self.index, (name,), (out.shape[1],))
         outs, at = [], 0
         for (rows, new), (cos, sin), bias, layer in zip(shapes, ropes, biases, cached):
             n, part = rows * new, slice(at, at + rows * new)
@@ -173,7 +198,11 @@ class _Layer:
                 k = _rotate(k_all[part].view(rows, new, -1, dim), cos, sin)
             v = v_all[part].view(rows, new, -1, dim)
             outs.append(self._attend(q, k, v, rows, new, bias, layer))
-        return self.o(outs[0] if len(outs) == 1 else torch.cat(outs))
+        heads = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = self.o(heads)
+        if mix is not None:
+            mix.add(out, heads, self.index, ("o_proj",), (out.shape[1],))
+        return out
 
     def _attend(self, q, k, v, rows, new, bias, cached) -> torch.Tensor:
         """q (B, T, heads, head_dim), k and v (B, T, kv_heads, head_dim), rotated -> (B * T, hidden)."""
@@ -210,11 +239,25 @@ class _Layer:
         out = torch.matmul(probs, values)  # (B, kv_heads, group * T, head_dim)
         return out.view(rows, -1, new, dim).transpose(1, 2).reshape(rows * new, -1)
 
-    def mlp(self, h) -> torch.Tensor:
+    def mlp(self, h, mix=None) -> torch.Tensor:
         if self.down is None:  # not the gated MLP of this family: the module as it is
+            assert mix is None, "per-row adapters need the gated MLP of the Llama family"
             return self._mlp(h)
-        gate, up = self.gate_up(h).chunk(2, dim=-1) if self.gate_up else (self.gate(h), self.up(h))
-        return self.down(self._mlp.act_fn(gate) * up)
+        if self.gate_up is not None:
+            both = self.gate_up(h)
+            if mix is not None:
+                mix.add(both, h, self.index, ("gate_proj", "up_proj"), (both.shape[1] // 2,) * 2)
+            gate, up = both.chunk(2, dim=-1)
+        else:
+            gate, up = self.gate(h), self.up(h)
+            if mix is not None:
+                mix.add(gate, h, self.index, ("gate_proj",), (gate.shape[1],))
+                mix.add(up, h, self.index, ("up_proj",), (up.shape[1],))
+        inner = self._mlp.act_fn(gate) * up
+        out = self.down(inner)
+        if mix is not None:
+            mix.add(out, inner, self.index, ("down_proj",), (out.shape[1],))
+        return out
 
 
 @functools.cache

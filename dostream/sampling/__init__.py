@@ -19,7 +19,8 @@ sample depends on its prompt, its index and the seed, not on which prompts share
 The package in data-flow order: `config.py` (what to sample, what came back), `generate.py`
 (`sample`, the front door), `decoding.py` (`Decode`, the one decode loop), `pick.py` (a token per
 row from logits), `prefill.py` (prompts into KV caches), `kvcache.py` (the caches' layouts),
-`prefix.py` (`PrefixCache`), `vllm_backend.py` (the optional vLLM path).
+`prefix.py` (`PrefixCache`), `adapters.py` (many LoRA adapters in one batch: `Lora`, `AdapterPool`),
+`vllm_backend.py` (the optional vLLM path).
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ instead of concatenating; last-position logits only; an ended row's slot is fill
 last row into it. Each row has its own settings (temperature, top-p, stop strings, budget), an
 optional per-token hook (streaming) and an optional grammar it must follow throughout (structured
 outputs and tool calls, `sampling.grammar`: `Sample.grammar` names it; the model chooses among what
-it allows).
+it allows) and an optional LoRA adapter of its own (`sampling.adapters.Lora`: rows of many adapters
+share the base model's products in one forward, each adding its own adapter's delta; its prefill
+and prefix-cache entries are keyed by the adapter's key with its ids, never shared across adapters).
 Llama-family models (Llama, Mistral, Qwen2) prefill and decode with `cached_forward.CachedForward`
 (for SmolLM2-135M at batch 32 on 2 CPU cores, ~29 ms per decode step in bf16 against ~42 ms
 through the model's forward); other models call their forward.
@@ -33,7 +35,7 @@ from dostream.sampling.config import FinishReason, Sample, SamplingConfig, defau
 from dostream.sampling.grammar import Grammar, GrammarMasks
 from dostream.sampling.pick import _pick, _row_generator
 from dostream.sampling.prefill import _forward, _prefill, _prefill_inputs
-from dostream.sampling.prefix import PrefixCache
+from dostream.sampling.prefix import PrefixCache, _key
 
 _RESERVE_FIRST = 256  # new tokens the KV cache has room for before it first doubles
 
@@ -55,6 +57,7 @@ class _Row:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     grammar: Grammar | None = None  # every token is drawn under its mask (`matcher`: the row's state)
     matcher: Any = None
+    lora: Any = None  # its adapter (`sampling.adapters.Lora`), None: the base model's rows
 
     def sample(self, tokenizer) -> Sample:
         """What the row drew, as a `Sample`."""
@@ -126,12 +129,17 @@ class Decode:
         tags: list[Any],
         hooks: list[Callable[[int], None] | None] | None = None,
         grammars: list[Grammar | None] | None = None,
+        adapters: list | None = None,
     ) -> None:
         """Rows join: the next `step` prefills their prompts (identical prompts once, similar
         lengths together) in the same forward as the running rows' next tokens. `grammars`: a
-        row's output must follow its grammar (`sampling.grammar`) to its end."""
+        row's output must follow its grammar (`sampling.grammar`) to its end. `adapters`: a row's
+        LoRA adapter (`sampling.adapters.Lora`) added to the model for it alone, None for the model
+        as it is; they need the sampler's own forward (`CachedForward`)."""
         if self.rows and not self.joinable:
             raise RuntimeError("this model's cache takes no rows into a running decode")
+        if adapters and any(a is not None for a in adapters) and self.forward is None:
+            raise ValueError("per-row adapters need the sampler's own forward (CachedForward: Llama-family models)")
         for i, (p, c) in enumerate(zip(prompts, configs)):
             draws = (
                 None
@@ -145,6 +153,7 @@ class Decode:
                 prompt_len=len(p),
                 uniforms=None if draws is None else draws.tolist(),
                 hook=hooks[i] if hooks else None,
+                lora=adapters[i] if adapters else None,
             )
             if c.logprobs is not None:
                 row.logprobs, row.top_logprobs = [], []
@@ -166,6 +175,8 @@ class Decode:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
             self.position = self.position + 1
             running = (self._tokens[:, None], self.position, self.mask, self.cache)
+            if any(row.lora is not None for row in self.rows):
+                running = (*running, [row.lora for row in self.rows])
         if joining:
             self._join(joining, running)
         elif running is not None:
@@ -205,26 +216,34 @@ class Decode:
 
     def _join(self, joining: list[tuple[_Row, list[int]]], running: tuple | None) -> None:
         """Prefill the joining rows (in the forward of the running rows' `running` step, if any);
-        they take the slots after the running rows, right aligned with them."""
+        they take the slots after the running rows, right aligned with them. A prompt is prefilled
+        once per adapter that asks for it (keyed by the adapter's key and the ids)."""
         prompts = [p for _, p in joining]
-        unique = sorted({tuple(p) for p in prompts})
+        keyed = [(_key(row.lora), tuple(p)) for row, p in joining]
+        lora_of = {k: row.lora for (row, _), (k, _) in zip(joining, keyed)}
+        pairs = sorted(set(keyed))
+        loras = [lora_of[k] for k, _ in pairs] if any(lora_of.values()) else None
         hits = (
-            self.prefix_cache.hits(unique, self.pad, self.forward)
+            self.prefix_cache.hits([p for _, p in pairs], self.pad, self.forward, loras)
             if self.prefix_cache is not None
-            else [None] * len(unique)
+            else [None] * len(pairs)
         )
         # Sorted by what is left to prefill (the whole prompt where no prefix is cached).
-        pairs = sorted(zip(unique, hits), key=lambda u: (len(u[0]) - (len(u[1].ids) if u[1] else 0), u[0]))
-        unique, hits = [p for p, _ in pairs], [h for _, h in pairs]
-        index = {p: u for u, p in enumerate(unique)}
-        inverse = [index[tuple(p)] for p in prompts]
+        order_u = sorted(
+            range(len(pairs)), key=lambda u: (len(pairs[u][1]) - (len(hits[u].ids) if hits[u] else 0), pairs[u])
+        )
+        pairs, hits = [pairs[u] for u in order_u], [hits[u] for u in order_u]
+        loras = [lora_of[k] for k, _ in pairs] if loras else None
+        unique = [p for _, p in pairs]
+        index = {kp: u for u, kp in enumerate(pairs)}
+        inverse = [index[kp] for kp in keyed]
         order = sorted(range(len(prompts)), key=lambda i: inverse[i])  # slots in prefill order
         inv = torch.tensor([inverse[i] for i in order], device=self.device)
         positions = torch.tensor([[len(prompts[i]) - 1] for i in order], device=self.device)
         if self.cache is None:
             room = min(max(row.config.max_new_tokens for row, _ in joining), _RESERVE_FIRST)
             self.cache, logits, mask, reserved = _prefill(
-                self.model, unique, self.pad, max(map(len, unique)) + room, self.forward, hits
+                self.model, unique, self.pad, max(map(len, unique)) + room, self.forward, hits, loras
             )
             self.joinable = reserved
             self.forward = self.forward if reserved else None  # (no reserved cache: layers other than full attention)
@@ -233,7 +252,7 @@ class Decode:
                 mask, logits = mask[inv], logits[inv]
             self.mask, self.logits, self.position = mask, logits, positions
         else:
-            parts = list(_prefill_inputs(self.model, unique, self.pad, hits=hits))
+            parts = list(_prefill_inputs(self.model, unique, self.pad, hits=hits, loras=loras))
             [now, *done] = _forward(self.model, self.forward, [running, *(part for *_, part in parts)])
             width = max(map(len, unique))
             more = 0
@@ -245,9 +264,9 @@ class Decode:
             for r, i in enumerate(order):
                 mask[r, mask.shape[1] - len(prompts[i]) :] = 1
             logits = [now]
-            for (lo, hi, _, (*_, part)), lg in zip(parts, done):
+            for (lo, hi, _, bucket), lg in zip(parts, done):
                 pick = inv[(inv >= lo) & (inv < hi)] - lo
-                for layer, prefilled in zip(self.cache.layers, part.layers):
+                for layer, prefilled in zip(self.cache.layers, bucket[3].layers):
                     layer.append(prefilled.keys[pick], prefilled.values[pick])
                 logits.append(lg[pick])
             self.mask = torch.cat([self.mask, mask])

@@ -152,8 +152,10 @@ def _prefixed_cache(model_config, hits: list[_CachedPrefix | None], rest: list[i
 
 @dataclass(eq=False)
 class _CachedPrefix:
-    """A cached prefix: its token ids and, per layer, its keys and values (1, kv_heads, len, head_dim)."""
+    """A cached prefix: its token ids and, per layer, its keys and values (1, kv_heads, len, head_dim),
+    computed under `adapter`."""
 
     ids: tuple[int, ...]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    adapter: str = ""  # the key of the adapter it was computed under ("": the base model)

@@ -37,10 +37,12 @@ def _prefill_inputs(
     pad: int,
     buckets: bool = True,
     hits: list[_CachedPrefix | None] | None = None,
+    loras: list | None = None,
 ):
     """The prompts in buckets of similar length, so padding costs little compute: yields (lo, hi,
     width, (ids, position, mask, cache)) per bucket of prompts[lo:hi], each left padded to its
-    width, the last four what `_forward` runs (into the bucket's own, fresh cache).
+    width, the last four what `_forward` runs (into the bucket's own, fresh cache). `loras[i]`:
+    prompt i's adapter (`sampling.adapters.Lora`, None: the base model), the part's fifth element.
 
     `hits[i]`: a cached prefix of prompt i (`PrefixCache.hits`) whose keys and values stand in for
     its first tokens, so only the rest runs (prompts are then sorted by the length of that rest):
@@ -64,22 +66,26 @@ def _prefill_inputs(
             part = _prefixed_cache(model.config, hits[lo:hi], rest[lo:hi], width, new)
         else:
             part = DynamicCache(config=model.config)
-        yield lo, hi, width, (ids.to(device), position, mask, part)
+        adapters = loras[lo:hi] if loras and any(a is not None for a in loras[lo:hi]) else None
+        yield lo, hi, width, (ids.to(device), position, mask, part, *([adapters] if adapters else []))
 
 
 def _forward(model, step: CachedForward | None, parts: list[tuple]) -> list[torch.Tensor]:
     """Each part's last-position logits: parts are (ids, position, mask, cache), a decode step's or
     a prefill bucket's. `step` runs them all in one forward (`CachedForward.many`: one product per
-    linear layer for every part's tokens); the model's forward runs them one by one."""
+    linear layer for every part's tokens); the model's forward runs them one by one, and takes no
+    per-row adapters (a part's fifth element: `CachedForward` only)."""
     if step is not None:
         return step.many(parts)
+    if any(len(part) > 4 and part[4] is not None for part in parts):
+        raise ValueError("per-row adapters need the sampler's own forward (CachedForward: Llama-family models)")
     extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     cache_kw = cache_kwarg(model)
     return [
         model(
             input_ids=ids, attention_mask=mask, position_ids=position, **{cache_kw: cache}, use_cache=True, **extra
         ).logits[:, -1]
-        for ids, position, mask, cache in parts
+        for ids, position, mask, cache, *_ in parts
     ]
 
 
@@ -90,10 +96,11 @@ def _prefill_parts(
     step: CachedForward | None,
     buckets: bool = True,
     hits: list[_CachedPrefix | None] | None = None,
+    loras: list | None = None,
 ):
     """Run the prompts through the model (or `step`) bucket by bucket (`_prefill_inputs`): yields
     (lo, hi, width, the bucket's own cache, its last-position logits) per bucket of prompts[lo:hi]."""
-    for lo, hi, width, part in _prefill_inputs(model, prompts, pad, buckets, hits):
+    for lo, hi, width, part in _prefill_inputs(model, prompts, pad, buckets, hits, loras):
         [logits] = _forward(model, step, [part])
         yield lo, hi, width, part[3], logits
 
@@ -105,9 +112,11 @@ def _prefill(
     capacity: int,
     step: CachedForward | None = None,
     hits: list[_CachedPrefix | None] | None = None,
+    loras: list | None = None,
 ):
     """Prefill the prompts (sorted as `_prefill_parts` wants them) in buckets and gather their
-    caches, left padded, into one reserved cache of `capacity` columns.
+    caches, left padded, into one reserved cache of `capacity` columns (`loras`: per prompt, its
+    adapter or None; they need `step` and the reserved cache).
     Returns (cache, last-position logits, attention mask, whether the cache is the reserved one)."""
     device = next(model.parameters()).device
     width = max(map(len, prompts))
@@ -118,7 +127,13 @@ def _prefill(
     cache = _reserved_cache(model.config, capacity)
     logits = []
     for lo, hi, w, part, lg in _prefill_parts(
-        model, prompts, pad, step if cache is not None else None, cache is not None, hits if cache is not None else None
+        model,
+        prompts,
+        pad,
+        step if cache is not None else None,
+        cache is not None,
+        hits if cache is not None else None,
+        loras,
     ):
         logits.append(lg)
         if cache is None:

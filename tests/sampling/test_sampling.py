@@ -458,7 +458,7 @@ def test_a_prefill_ahead_rides_the_running_step_and_changes_nothing_drawn(decisi
 
     (rode, cache, done), (plain, _, _) = run(True), run(False)
     assert rode == plain and len(done) == 3 and sum(done) == len(typed)  # every token of it, once
-    assert list(cache._entries) == [tuple(typed)]  # one growing entry: each piece on the last
+    assert list(cache._entries) == [("", tuple(typed))]  # one growing entry: each piece on the last
     later = Decode(decisive, tok, forward=forward, prefix_cache=cache)
     later.add([typed + chats[1][-3:]], [(0, 0)], [cfg], ["later"])
     got = {}
@@ -486,7 +486,7 @@ def test_a_prefix_cache_is_one_models_and_keeps_few_exact_entries(decisive, mode
         assert cache.hits([again], tok.pad_token_id, None)[0].ids == first[:-1]
         assert cache.hits([resistor, resistor], tok.pad_token_id, None)[0].ids == head  # (seen once: the head)
         assert cache.hits([resistor], tok.pad_token_id, None)[0].ids == resistor[:-1]
-    assert list(cache._entries) == [head, resistor[:-1]] and cache.made == 3
+    assert list(cache._entries) == [("", head), ("", resistor[:-1])] and cache.made == 3
 
 
 def test_auto_precision_resolves_fp32_weights_and_keeps_reduced_ones(model, monkeypatch):
