@@ -29,6 +29,23 @@ a tools preamble, a prompt sent again) are kept in a `sampling.PrefixCache` and 
 joining row prefills only the rest. One cache per value of the slot: a swap, even back to an
 earlier model, starts an empty one, so no row ever reads another model's keys and values. It
 changes a row's logits by float rounding only (`sampling/prefix.py`).
+
+Many adapters in one batch (`adapters`, a `sampling.adapters.AdapterPool`). A request names the
+LoRA adapter it is to be answered with in `Job.adapter`, a key unique per adapter and version
+(a tenant's `tenants/NAME/adapters/update-NNNNNN/adapter`), and where to load it from in
+`Job.adapter_dir` (a PEFT directory, read once, on the first request that names the key: the pool
+keeps it, least recently used first out under `--max-adapters` and `--adapter-cache-mb`). None,
+or the slot's own adapter name: the model in force, as before. Rows of named adapters decode on
+the pool's base model (the slot's model when it has no adapter merged, else the base loaded once
+beside it), all adapters in one decode: the base products are shared and each row adds its own
+adapter's delta (`cached_forward.CachedForward.many`), so a row draws what its adapter alone
+draws, up to float rounding. Their prefill and prefix-cache entries are keyed by the adapter's key
+with the ids. A new version of an adapter is a new key: rows already decoding finish on the
+version they started with, rows admitted after the request names the new key decode on it. Rows
+of the slot's merged model and rows on the base do not share a decode: the decode in progress
+takes the rows that fit it, in arrival order, until one that does not is first in line; then it
+drains and the next one starts on that row's model (as a hot swap does). Models without the
+sampler's own forward (not Llama-family) cannot add per-row adapters: a job naming one fails.
 """
 
 from __future__ import annotations
@@ -43,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from dostream.sampling import Decode, PrefixCache, Sample, SamplingConfig
+from dostream.sampling.adapters import AdapterPool
 from dostream.sampling.grammar import Grammar
 from dostream.serve.store import Exchange, ServeStore
 
@@ -89,7 +107,11 @@ class Job:
     cancelled: bool = False
     # Filled by the batcher.
     samples: list[Sample | None] = field(default_factory=list)
+    # The adapter to answer with: a key naming one adapter version (None: the model in force); the
+    # batcher sets it to the slot's adapter name where None, and the exchange records it.
     adapter: str | None = None
+    adapter_dir: str | None = None  # the PEFT directory of `adapter`, loaded the first time the key is named
+    _lora: object = None  # `sampling.adapters.Lora` of `adapter` (None: the slot's model as it is)
     _left: int = 0
     _finished_before: int = 0  # jobs finished before this one joined
     _shared: int = 0  # jobs it shared decode steps with, itself included
@@ -128,11 +150,15 @@ class Batcher:
         gather_s: float = 0.005,
         max_queue: int = 4096,
         prefix_cache: bool = True,
+        adapters: AdapterPool | None = None,
     ):
         self.slot, self.tok, self.store = slot, tok, store
+        self.adapters = adapters  # jobs naming an adapter of their own (None: only the model in force)
         self.max_rows, self.gather_s, self.max_queue = max_rows, gather_s, max_queue
         self.prefix_cache = prefix_cache
-        self.prefixes: PrefixCache | None = None  # the cache of the model in force (None: off)
+        self.prefixes: PrefixCache | None = None  # the cache of the decode's model (None: off)
+        self._slot_cache: tuple = (None, None)  # (the slot's value, its prefix cache)
+        self._base_cache: PrefixCache | None = None  # the adapter pool's base model's, where not the slot's
         self._q: queue.Queue[Job | Warm | None] = queue.Queue()
         self._warms: deque[Warm] = deque()
         self._commits: queue.Queue[list[Job] | None] = queue.Queue()
@@ -166,6 +192,12 @@ class Batcher:
         return self._waiting
 
     def submit(self, job: Job) -> Future:
+        """Queue `job`; an adapter it names is loaded here, on the caller's thread, if not held."""
+        if job.adapter is not None and job.adapter != self.slot.get()[1]:
+            if self.adapters is None:
+                raise ValueError(f"adapter {job.adapter!r}: this server serves only its model in force")
+            job._lora = self.adapters.get(job.adapter, job.adapter_dir)
+            self.adapters.base()  # loaded here on first use; refused where per-row adapters cannot run
         with self._lock:
             if self._waiting + job.n > self.max_queue:
                 raise Overloaded(f"{self._waiting} rows are waiting (limit {self.max_queue})")
@@ -225,11 +257,32 @@ class Batcher:
         elif isinstance(item, Warm):
             self._warms.append(item)
 
+    def _target(self, job: Job, current: tuple) -> tuple:
+        """The (model, adapter name, forward) `job`'s rows decode on: the slot's value, or for a job
+        with an adapter of its own the pool's base (the slot's value itself where that is the base)."""
+        if job._lora is None:
+            return current
+        base = self.adapters.base()
+        return current if current[0] is base[0] else base
+
+    def _prefix_cache(self, want: tuple, current: tuple) -> PrefixCache | None:
+        """The prefix cache of the decode about to start on `want`: one per value of the slot (a
+        swap, even back to an earlier model, starts an empty one), one for the pool's base."""
+        if not self.prefix_cache:
+            return None
+        if want is current:
+            if self._slot_cache[0] is not current:
+                self._slot_cache = (current, PrefixCache(current[0], entries=PREFIX_ENTRIES, tokens=PREFIX_TOKENS))
+            return self._slot_cache[1]
+        if self._base_cache is None:
+            self._base_cache = PrefixCache(want[0], entries=PREFIX_ENTRIES, tokens=PREFIX_TOKENS)
+        return self._base_cache
+
     def _loop(self) -> None:
         waiting: deque[Job] = deque()
         live: dict[int, Job] = {}  # id -> job with rows in the decode
         run: Decode | None = None
-        value = None  # the slot's value the decode runs on
+        value = None  # the (model, adapter name, forward) the decode runs on
         admitted = finished = 0
         stopping = False
         while True:
@@ -239,15 +292,11 @@ class Batcher:
             if idle and not waiting and stopping:
                 break
             current = self.slot.get()
-            if run is None or (run.active == 0 and current is not value):
-                if current is not value:  # a new model in force: its own prefix cache
-                    self.prefixes = (
-                        PrefixCache(current[0], entries=PREFIX_ENTRIES, tokens=PREFIX_TOKENS)
-                        if self.prefix_cache
-                        else None
-                    )
-                value = current
-                run = Decode(current[0], self.tok, forward=current[2], prefix_cache=self.prefixes)
+            want = self._target(waiting[0], current) if waiting else current
+            if run is None or (run.active == 0 and want is not value):
+                self.prefixes = self._prefix_cache(want, current)
+                value = want
+                run = Decode(want[0], self.tok, forward=want[2], prefix_cache=self.prefixes)
             if self._warms:  # prefills ahead of time, all waiting in one prefill
                 warms, self._warms = list(self._warms), deque()
 
@@ -267,10 +316,11 @@ class Batcher:
                         w.future.set_exception(e)
             if any(job.cancelled for job in live.values()):
                 run.cancel(lambda tag: tag[0].cancelled)
-            # Admit while rows fit (a job alone is admitted whatever its size), on the model in force only.
+            # Admit while rows fit (a job alone is admitted whatever its size), in arrival order, while
+            # the first in line decodes on this decode's model (the model in force, or the adapters' base).
             batch: list[Job] = []
             rows = run.active
-            while waiting and current is value and (run.active == 0 or run.joinable):
+            while waiting and self._target(waiting[0], current) is value and (run.active == 0 or run.joinable):
                 job = waiting[0]
                 if batch or rows:
                     if rows + job.n > self.max_rows:
@@ -329,9 +379,11 @@ class Batcher:
         self._commits.put(None)
 
     def _admit(self, run: Decode, batch: list[Job], adapter: str | None) -> None:
-        prompts, seeds, configs, tags, hooks, grammars = [], [], [], [], [], []
+        prompts, seeds, configs, tags, hooks, grammars, loras = [], [], [], [], [], [], []
         for job in batch:
-            job.samples, job._left, job.adapter = [None] * job.n, job.n, adapter
+            job.samples, job._left = [None] * job.n, job.n
+            if job._lora is None:  # the model in force, under its adapter's name
+                job.adapter = adapter
             for j in range(job.n):
                 prompts.append(job.prompt)
                 seeds.append((job.config.seed, j))
@@ -339,7 +391,9 @@ class Batcher:
                 tags.append((job, j))
                 hooks.append(_hook(job, j) if job.on_token is not None else None)
                 grammars.append(job.grammar)
-        run.add(prompts, seeds, configs, tags, hooks=hooks, grammars=grammars)
+                loras.append(job._lora)
+        adapters = loras if any(a is not None for a in loras) else None
+        run.add(prompts, seeds, configs, tags, hooks=hooks, grammars=grammars, adapters=adapters)
 
     @staticmethod
     def _fail(jobs: list[Job], e: Exception) -> None:

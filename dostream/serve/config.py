@@ -52,6 +52,10 @@ class ServeConfig:
     prefix_cache: bool = opt(
         True, "reuse the keys and values of leading tokens prompts share (--no-prefix-cache: prefill whole)"
     )
+    max_adapters: int = opt(
+        8, "adapters held for requests that name one (many adapters in one batch), least recently used out", min=1
+    )
+    adapter_cache_mb: float = opt(1024.0, "the most memory the adapters held may take, in MiB", gt=0.0)
     memory: str | None = opt(
         None, "a memory directory (`dostream memory`): notes retrieved into prompts as context; /v1/memory"
     )
