@@ -452,6 +452,18 @@ def table(results: dict[str, list[dict] | str], paired: bool = False) -> str:
     return "\n".join(lines)
 
 
+def adapters_main(args) -> int:
+    """`--adapters`: benchmarks/serve_adapters.py's arms on one dostream server, this file's prompts."""
+    import serve_adapters
+
+    args.clients = max(args.clients)
+    result = serve_adapters.run(args, PROMPTS, KEY, free_port, wait_ready, stop)
+    print(serve_adapters.table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2")
@@ -477,8 +489,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", default=None, help="llama.cpp's model: a GGUF of --model (f32 for --dtype fp32)")
     ap.add_argument("--llama-server", default=None, help="llama.cpp's server binary (default: llama-server on PATH)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--adapters",
+        action="store_true",
+        help="instead: --tenants adapters in one batch against one adapter, at the most --clients (serve_adapters.py)",
+    )
+    ap.add_argument("--tenants", type=int, default=8, help="--adapters: tenants, each its own LoRA adapter")
+    ap.add_argument("--rank", type=int, default=16, help="--adapters: the adapters' rank (all linear layers)")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
+    if args.adapters:
+        return adapters_main(args)
     env = dict(os.environ)
     if args.omp is not None:
         env = {k: v for k, v in env.items() if k not in OPENMP_VARIABLES} | SETTINGS[args.omp]

@@ -79,7 +79,13 @@ def test_jobs_of_many_adapters_decode_together_each_as_alone(tenants, tok):
     prompts = [tok(t)["input_ids"] for t in ("What is 2+2?", "Name a colour.", "Hi there, how")]
     names = ["t0", "t1", None, "t2", "t0", None, "t1"]
     jobs = [
-        _job(prompts[k % 3], 5 + k, None if a is None else f"{a}@v1", None if a is None else tenants.dirs[a])
+        _job(
+            prompts[k % 3],
+            5 + k,
+            None if a is None else f"{a}@v1",
+            None if a is None else tenants.dirs[a],
+            n=1 + (k < 3),
+        )
         for k, a in enumerate(names)
     ]
     try:
@@ -92,7 +98,7 @@ def test_jobs_of_many_adapters_decode_together_each_as_alone(tenants, tok):
             f.result(timeout=60)
     finally:
         batcher.stop()
-    assert batcher.batches == 1 and max(j._rows for j in jobs) >= 8  # one decode, rows of every adapter
+    assert batcher.batches == 1 and max(j._rows for j in jobs) >= 7  # one decode, rows of every adapter
     for job, a in zip(jobs, names):
         assert job.adapter == (None if a is None else f"{a}@v1")
         got = [s.token_ids for s in job.samples]
