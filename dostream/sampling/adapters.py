@@ -181,7 +181,7 @@ class Mix:
     delta sums its own adapter's terms only. Tokens of no adapter add exact zeros. The stacked
     weights are made once per set of adapters and kept in `stacks` (the forward's, a few sets)."""
 
-    def __init__(self, per_token: list[Lora | None], stacks: OrderedDict, keep: int = 4):
+    def __init__(self, per_token: list[Lora | None], stacks: OrderedDict, keep: int = 8):
         found = {id(a): a for a in per_token if a is not None}
         adapters = sorted(found.values(), key=lambda a: (a.key, id(a)))
         ids = tuple(id(a) for a in adapters)
@@ -197,26 +197,30 @@ class Mix:
         self._scales: dict[tuple, torch.Tensor] = {}
 
     def add(self, out: torch.Tensor, h: torch.Tensor, layer: int, modules: tuple[str, ...], widths) -> None:
+        if self.which.device != h.device:
+            self.which = self.which.to(h.device)
         stack = self.stacks.get((layer, modules))
         if stack is None:
-            stack = self.stacks[(layer, modules)] = self._stack(layer, modules, h.dtype)
+            stack = self.stacks[(layer, modules)] = self._stack(layer, modules, h.dtype, h.device)
         if stack is False:  # no adapter of the step targets these modules here
             return
         a, owner, per_module = stack
         mask = self._masks.get(owner)
         if mask is None:
-            mask = self._masks[owner] = (self.which[:, None] == torch.tensor(owner)[None, :]).to(h.dtype)
+            owned = torch.tensor(owner, device=h.device)
+            mask = self._masks[owner] = (self.which[:, None] == owned[None, :]).to(h.dtype)
         low = torch.nn.functional.linear(h, a) * mask  # (N, R): each token's own adapter's A(h)
         at = 0
         for width, (lo, hi, b, scales) in zip(widths, per_module):
             if b is not None:
                 scale = self._scales.get(scales)
                 if scale is None:
-                    scale = self._scales[scales] = torch.tensor(scales, dtype=h.dtype)[self.which][:, None]
+                    scale = torch.tensor(scales, dtype=h.dtype, device=h.device)[self.which][:, None]
+                    self._scales[scales] = scale
                 out[:, at : at + width] += torch.nn.functional.linear(low[:, lo:hi], b) * scale
             at += width
 
-    def _stack(self, layer: int, modules: tuple[str, ...], dtype):
+    def _stack(self, layer: int, modules: tuple[str, ...], dtype, device):
         """A stacked (R, in), module by module then adapter by adapter; per module its columns
         [lo, hi), B (out, hi - lo) and each adapter's scaling (0 for none, and for the base's rows)."""
         a_parts, owner, per_module, col = [], [], [], 0
@@ -226,8 +230,8 @@ class Mix:
                 w = adapter.weights.get((layer, m))
                 scales.append(0.0 if w is None else float(w[2]))
                 if w is not None:
-                    a_parts.append(w[0].to(dtype))
-                    b_parts.append(w[1].to(dtype))
+                    a_parts.append(w[0].to(device, dtype))
+                    b_parts.append(w[1].to(device, dtype))
                     owner += [i] * w[0].shape[0]
                     col += w[0].shape[0]
             b = torch.cat(b_parts, dim=1) if b_parts else None
