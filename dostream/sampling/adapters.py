@@ -19,6 +19,7 @@ stays in memory until they end.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -131,6 +132,7 @@ class AdapterPool:
         self._held: OrderedDict[str, Lora] = OrderedDict()
         self._lock = threading.Lock()
         self._base = base  # (model, None, its CachedForward), or what loads it on first use
+        self._merged: OrderedDict[str, tuple] = OrderedDict()  # `target` without CachedForward
         self.loads = self.evictions = 0
 
     def base(self) -> tuple:
@@ -139,9 +141,36 @@ class AdapterPool:
         with self._lock:
             if callable(self._base):
                 self._base = tuple(self._base())
-            if self._base is None or self._base[2] is None:
-                raise ValueError("per-row adapters need a base model with the sampler's own forward (CachedForward)")
+            if self._base is None:
+                raise ValueError("this pool has no base model")
             return self._base
+
+    def target(self, lora: Lora) -> tuple:
+        """The (model, adapter name, forward) rows of `lora` decode on: the base, where it has the
+        sampler's own forward (rows of every adapter in one decode); else (models of other families)
+        a copy of the base with `lora` merged, as PEFT merges it: one adapter per decode. The last
+        two merged copies are kept (each a model's size)."""
+        base = self.base()
+        if base[2] is not None:
+            return base
+        with self._lock:
+            found = self._merged.get(lora.key)
+            if found is not None:
+                self._merged.move_to_end(lora.key)
+                return found
+        model = copy.deepcopy(base[0])
+        layers = model.model.layers
+        with torch.no_grad():
+            for (i, name), (a, b, scaling) in lora.weights.items():
+                part = layers[i].self_attn if hasattr(layers[i].self_attn, name) else layers[i].mlp
+                weight = getattr(part, name).weight
+                weight += ((b @ a) * scaling).to(weight.dtype)  # PEFT's merge: W + (B @ A) * scaling
+        value = (model, lora.key, None)
+        with self._lock:
+            self._merged[lora.key] = value
+            while len(self._merged) > 2:
+                self._merged.popitem(last=False)
+        return value
 
     def get(self, key: str, path: str | Path | Callable[[], Lora] | None = None) -> Lora:
         """The adapter `key`, marked recently used; loaded from `path` (a PEFT directory, or a

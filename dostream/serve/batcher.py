@@ -45,7 +45,9 @@ version they started with, rows admitted after the request names the new key dec
 of the slot's merged model and rows on the base do not share a decode: the decode in progress
 takes the rows that fit it, in arrival order, until one that does not is first in line; then it
 drains and the next one starts on that row's model (as a hot swap does). Models without the
-sampler's own forward (not Llama-family) cannot add per-row adapters: a job naming one fails.
+sampler's own forward (not Llama-family) cannot add per-row adapters: there a named adapter is
+merged into a copy of the base (`AdapterPool.target`) and decodes with the rows of that adapter
+alone, one adapter per decode (correct, not mixed).
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ class Batcher:
             if self.adapters is None:
                 raise ValueError(f"adapter {job.adapter!r}: this server serves only its model in force")
             job._lora = self.adapters.get(job.adapter, job.adapter_dir)
-            self.adapters.base()  # loaded here on first use; refused where per-row adapters cannot run
+            self.adapters.base()  # loaded here on first use
         with self._lock:
             if self._waiting + job.n > self.max_queue:
                 raise Overloaded(f"{self._waiting} rows are waiting (limit {self.max_queue})")
@@ -263,7 +265,9 @@ class Batcher:
         if job._lora is None:
             return current
         base = self.adapters.base()
-        return current if current[0] is base[0] else base
+        if current[0] is base[0] and current[2] is not None:
+            return current
+        return self.adapters.target(job._lora)
 
     def _prefix_cache(self, want: tuple, current: tuple) -> PrefixCache | None:
         """The prefix cache of the decode about to start on `want`: one per value of the slot (a
@@ -274,6 +278,8 @@ class Batcher:
             if self._slot_cache[0] is not current:
                 self._slot_cache = (current, PrefixCache(current[0], entries=PREFIX_ENTRIES, tokens=PREFIX_TOKENS))
             return self._slot_cache[1]
+        if want[0] is not self.adapters.base()[0]:  # an adapter merged into a copy (no CachedForward)
+            return None
         if self._base_cache is None:
             self._base_cache = PrefixCache(want[0], entries=PREFIX_ENTRIES, tokens=PREFIX_TOKENS)
         return self._base_cache
@@ -392,7 +398,8 @@ class Batcher:
                 hooks.append(_hook(job, j) if job.on_token is not None else None)
                 grammars.append(job.grammar)
                 loras.append(job._lora)
-        adapters = loras if any(a is not None for a in loras) else None
+        # (on a copy with the adapter merged, where the model has no CachedForward: none per row)
+        adapters = loras if run.forward is not None and any(a is not None for a in loras) else None
         run.add(prompts, seeds, configs, tags, hooks=hooks, grammars=grammars, adapters=adapters)
 
     @staticmethod

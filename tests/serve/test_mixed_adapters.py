@@ -15,7 +15,7 @@ from harness import decisive_model
 
 from dostream.cached_forward import CachedForward
 from dostream.sampling import SamplingConfig, sample
-from dostream.sampling.adapters import AdapterPool
+from dostream.sampling.adapters import AdapterPool, Lora
 from dostream.serve.batcher import Batcher, Job, ModelSlot
 
 
@@ -133,3 +133,36 @@ def test_a_new_version_mid_decode_and_the_pools_limits(tenants, tok):
     assert [s.token_ids for s in old.samples] == _alone(tenants.peft["t0"], tok, old)
     assert [s.token_ids for s in new.samples] == _alone(tenants.peft["t2"], tok, new)
     assert [s.token_ids for s in again.samples] == _alone(tenants.peft["t0"], tok, again)
+
+
+def test_a_model_without_the_samplers_forward_decodes_one_adapter_at_a_time(tok):
+    """Mistral with sliding windows (no `CachedForward`): a job's adapter is merged into a copy of
+    the base and decodes with its own adapter's rows only; each job's ids are its adapter's alone."""
+    from conftest import seeded, small_config
+    from peft import LoraConfig, get_peft_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    base = seeded(lambda: MistralForCausalLM(small_config(MistralConfig, tok, sliding_window=6)))
+    assert CachedForward.build(base) is None
+    peft = {}
+    for i in range(2):
+        with torch.random.fork_rng():
+            torch.manual_seed(30 + i)
+            peft[i] = get_peft_model(
+                copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+            ).eval()
+    pool = AdapterPool(base=(base, None, None))
+    batcher = Batcher(ModelSlot(base, None), tok, _Store(), gather_s=0.05, adapters=pool)
+    prompt = tok("What is 2+2?")["input_ids"]
+    jobs = [_job(prompt, 9, None, n=1), *(_job(prompt, 9, f"m{i}@v1", n=1) for i in range(2))]
+    for i in range(2):
+        pool.get(f"m{i}@v1", lambda i=i: Lora.from_peft(f"m{i}@v1", peft[i]))
+    batcher.start()
+    try:
+        for f in [batcher.submit(j) for j in jobs]:
+            f.result(timeout=60)
+    finally:
+        batcher.stop()
+    assert batcher.batches == 3  # one adapter per decode
+    for job, model in zip(jobs, [base, peft[0], peft[1]]):
+        assert [s.token_ids for s in job.samples] == _alone(model, tok, job)
