@@ -1,0 +1,110 @@
+"""GRPO and DAPO on the STEM task with their rollouts drawn by dostream's engine and by vLLM.
+
+    python benchmarks/grpo_backends.py --out runs/grpo-backends [--backends torch,vllm]
+                                       [--variants grpo,dapo] [--groups 6] [--json docs/results/grpo_backends.json]
+
+The STEM quick preset's sizes (`experiments/stem/run.py`): SFT-1 on 160 teacher rows (lr 1e-3, batch
+4), then from it, for each variant and backend, GRPO (or DAPO) with K = 8 attempts per prompt, 3
+groups per step, 96 new tokens, 2 passes, lr 1e-4, beta 0.04, seed 0; `--groups` prompts (the
+preset's budget is 12). `backend="vllm"` samples every rollout through one kept vLLM engine on the
+SFT-1 weights, the adapter being trained passed as a fresh LoRA on every call (always on-policy,
+`sampling/vllm_backend.py`); `torch`, through dostream's own engine. Each run's directory holds
+`methods/grpo.py`'s files (its config records the backend); the report is a table of them (printed;
+with `--json`, the runs, settings and machine too: docs/engines.md shows the table). The
+two backends draw with different generators (equal greedy, not equal samples), so their rewards
+are two draws of the same process, not the same numbers. Every stage is cached under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def sft1(out: Path, tok):
+    """The STEM data (seed 0, the quick preset's sizes) and SFT-1, cached."""
+    from dostream.envs.stem.problems import generate
+    from dostream.experiments.stem.run import PRESETS, _train_cfg
+    from dostream.methods.sft1 import train_sft1
+
+    p = PRESETS["quick"]
+    d_sft, d_agent = generate("sft", p.n_sft, seed=0), generate("agent", p.n_agent, seed=0)
+    merged = out / "sft1" / "merged"
+    if not (merged / "config.json").exists():
+        t = time.perf_counter()
+        train_sft1(d_sft, tok, _train_cfg(p, 0), out / "sft1", tools="none")
+        print(f"SFT-1: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return d_agent, merged, p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/grpo-backends")
+    ap.add_argument("--backends", default="torch,vllm")
+    ap.add_argument("--variants", default="grpo,dapo")
+    ap.add_argument("--groups", type=int, default=6, help="prompts (groups of K attempts) per run")
+    ap.add_argument("--json", default=None, help="also write the runs, the settings and the machine here")
+    args = ap.parse_args(argv)
+
+    from dostream.config import environment
+    from dostream.methods.grpo import GRPOConfig, train_grpo
+    from dostream.models import load_tokenizer
+    from dostream.sampling import vllm_backend
+
+    out = Path(args.out)
+    tok = load_tokenizer("smollm2")
+    d_agent, merged, p = sft1(out, tok)
+    runs = []
+    for variant in args.variants.split(","):
+        for backend in args.backends.split(","):
+            d = out / f"{variant}-{backend}"
+            if not (d / "result.json").exists():
+                cfg = GRPOConfig(
+                    groups=args.groups,
+                    k=p.k,
+                    groups_per_step=p.groups_per_step,
+                    iterations=p.grpo_iterations,
+                    lr=p.grpo_lr,
+                    beta=p.grpo_beta,
+                    dapo=variant == "dapo",
+                    temperature=p.temperature,
+                    max_new_tokens=p.max_new_tokens,
+                    lora_r=p.lora_r,
+                    lora_alpha=p.lora_alpha,
+                    seed=0,
+                    tools="none",
+                    backend=backend,
+                    progress=False,
+                )
+                t = time.perf_counter()
+                _, info = train_grpo(d_agent, tok, cfg, merged, d)
+                wall = time.perf_counter() - t
+                vllm_backend._close_all()  # one vLLM engine at a time
+                (d / "result.json").write_text(json.dumps({"info": info, "wall_s": wall}, indent=2))
+            result = json.loads((d / "result.json").read_text())
+            config = json.loads((d / "config.json").read_text())["config"]
+            runs.append({"variant": variant, "requested": config["backend"], **result})
+            print(f"{variant} {backend}: {json.dumps(result)}", file=sys.stderr)
+    lines = [
+        "| variant | backend (resolved) | groups | flat groups | dropped (DAPO) | updates | samples | "
+        "mean reward | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        i = r["info"]
+        lines.append(
+            f"| {r['variant']} | {i['backend']} | {i['groups']} | {i['flat_groups']} | {i['dropped_groups']} | "
+            f"{i['updates']} | {i['samples']} | {i['mean_reward']:.3f} | {r['wall_s']:.0f} |"
+        )
+    print("\n".join(lines))
+    if args.json:
+        record = {"environment": environment(), "settings": vars(args), "runs": runs}
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
