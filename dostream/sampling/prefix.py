@@ -85,7 +85,9 @@ class PrefixCache:
         """What `warm(prompts)` prefills, as forward parts a caller runs in a forward of its own
         (`Decode.step`: the running rows' step, so a prefill ahead costs no forward of its own):
         (prompts, their cached bases, [(lo, hi, width, part)]); `warm_store` then keeps them."""
-        wanted = sorted({tuple(p) for p in prompts if p and len(p) <= self.max_tokens} - {i for k, i in self._entries if not k})
+        wanted = sorted(
+            {tuple(p) for p in prompts if p and len(p) <= self.max_tokens} - {i for k, i in self._entries if not k}
+        )
         if not self.usable or not wanted:
             return [], [], []
         bases = [self._longest(p) for p in wanted]
