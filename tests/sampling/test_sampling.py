@@ -437,7 +437,8 @@ def test_rows_on_a_cached_prefix_draw_what_they_draw_without_it(decisive, tok, c
 @pytest.mark.parametrize("fast", [True, False])
 def test_a_prefill_ahead_rides_the_running_step_and_changes_nothing_drawn(decisive, tok, chats, fast):
     """`Decode.ahead`: a prompt prefilled in the running rows' next forward becomes a cache entry
-    (in pieces, each on the last); the running rows draw what they draw without it, and a row
+    (in pieces, each on the last), also in a step that joins a row and beside another session's
+    prompt asked for before the same step; the rows draw what they draw without it, and a row
     whose prompt begins with the entry draws what it draws alone."""
     from dostream.cached_forward import CachedForward
     from dostream.sampling import Decode, PrefixCache
@@ -445,20 +446,29 @@ def test_a_prefill_ahead_rides_the_running_step_and_changes_nothing_drawn(decisi
     forward = CachedForward.build(decisive) if fast else None
     cfg = SamplingConfig(greedy=True, max_new_tokens=12, precision="fp32")
     typed = chats[5] + chats[4][1:]  # a long prompt, arriving in three pieces
+    other = chats[3] + chats[2][1:]  # another session's, asked for before the same step as the last piece
+    third = len(typed) // 3
 
     def run(ahead: bool):
         cache = PrefixCache(decisive, min_tokens=4)
         decode, got, done = Decode(decisive, tok, forward=forward, prefix_cache=cache), {}, []
         decode.add([chats[0]], [(0, 0)], [cfg], ["running"])
-        for step in range(14):
+        for step in range(16):  # (the joining row's 12 tokens end at step 15)
             if ahead and step in (1, 3, 5):
                 assert decode.ahead([tuple(typed[: len(typed) * (step + 1) // 6])], done.append)
+            if ahead and step == 5:
+                assert decode.ahead([tuple(other)], done.append)
+            if step == 3:  # the second piece rides the step that prefills this row
+                decode.add([chats[1]], [(0, 1)], [cfg], ["joining"])
             got.update({row.tag: row.ids for row in decode.step()})
         return got, cache, done
 
     (rode, cache, done), (plain, _, _) = run(True), run(False)
-    assert rode == plain and len(done) == 3 and sum(done) == len(typed)  # every token of it, once
-    assert list(cache._entries) == [("", tuple(typed))]  # one growing entry: each piece on the last
+    assert rode == plain and set(rode) == {"running", "joining"}
+    assert len(done) == 4 and done[-1] == 0 and sum(done) > len(typed)  # two asked in one step: counted once
+    assert ("", tuple(other)) in cache._entries
+    # one growing entry of the typed prompt: each piece on the last, the earlier pieces dropped
+    assert [k for _, k in cache._entries if k[: third + 1] == tuple(typed[: third + 1])] == [tuple(typed)]
     later = Decode(decisive, tok, forward=forward, prefix_cache=cache)
     later.add([typed + chats[1][-3:]], [(0, 0)], [cfg], ["later"])
     got = {}
