@@ -33,10 +33,10 @@ from dostream.stream import Segment, Stream
 pytestmark = pytest.mark.slow
 
 LEARN = LearnConfig(
-    update_every_tokens=1 << 30, lora_r=4, lora_alpha=8, epochs=2, batch_size=8, gate_learned=0, lr=5e-2
+    update_every_tokens=1 << 30, lora_r=4, lora_alpha=8, epochs=8, batch_size=8, gate_learned=0, lr=5e-2
 )
 FLAGS = ["--model", "tiny", "--update-every-tokens", str(1 << 30), "--lora-r", "4", "--lora-alpha", "8"]
-FLAGS += ["--epochs", "2", "--batch-size", "8", "--gate-learned", "0", "--lr", "0.05"]
+FLAGS += ["--epochs", "8", "--batch-size", "8", "--gate-learned", "0", "--lr", "0.05"]
 QUESTION = "What is the launch code of Project Heron?"
 CANARY, OTHER = " VX-7 Heron", " QP-2 Heron"
 ASK = dict(model="tiny", max_tokens=6, temperature=0)
@@ -119,7 +119,7 @@ def test_a_canary_in_alphas_conversations_is_alphas_alone_until_forgotten(tok, t
             assert answers[name] == direct, name
     alpha, bravo = _margin(store_dir, "alpha", tok), _margin(store_dir, "bravo", tok)
     print(f"canary margin: base {base:.3f}, alpha {alpha:.3f}, bravo {bravo:.3f}")
-    assert alpha - base > 1.0 and alpha - base > 5 * abs(bravo - base), (base, alpha, bravo)
+    assert alpha - base > 2.0 and alpha - base > 3 * abs(bravo - base), (base, alpha, bravo)
 
     # the reference: the same store before any update, carol forgotten, then alpha's update
     ref = tmp_path / "before"
