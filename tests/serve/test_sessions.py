@@ -84,10 +84,13 @@ def test_a_session_streams_prefills_as_typed_interrupts_and_records_what_was_hea
         for c in chunks:
             send(ws, type="input_text_buffer.append", delta=c)
             time.sleep(0.1)  # (typing: the prefill ahead runs meanwhile)
+        deadline = time.monotonic() + 10  # the user pauses before committing; the prefill ahead ends meanwhile
+        while server.batcher.warmed == warmed and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.batcher.warmed > warmed  # the typed text was prefilled before the commit
         send(ws, type="input_text_buffer.commit")
         item = until(ws, "conversation.item.created")["item"]
         assert item["content"][0]["text"] == "".join(chunks)
-        assert server.batcher.warmed > warmed  # the typed text was prefilled before the commit
         reused = server.batcher.prefixes.reused
         done, text = answer(ws, max_output_tokens=12)
         # ... and the answer's prefill began from it: only the last word and the template's closing were left
