@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from dostream.config import environment
-    from dostream.methods.grpo import GRPOConfig, train_grpo
+    from dostream.experiments.stem.run import grpo_cfg
+    from dostream.methods.grpo import train_grpo
     from dostream.models import load_tokenizer
     from dostream.sampling import vllm_backend
 
@@ -62,22 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         for backend in args.backends.split(","):
             d = out / f"{variant}-{backend}"
             if not (d / "result.json").exists():
-                cfg = GRPOConfig(
-                    groups=args.groups,
-                    k=p.k,
-                    groups_per_step=p.groups_per_step,
-                    iterations=p.grpo_iterations,
-                    lr=p.grpo_lr,
-                    beta=p.grpo_beta,
-                    dapo=variant == "dapo",
-                    temperature=p.temperature,
-                    max_new_tokens=p.max_new_tokens,
-                    lora_r=p.lora_r,
-                    lora_alpha=p.lora_alpha,
-                    seed=0,
-                    tools="none",
-                    backend=backend,
-                    progress=False,
+                cfg = grpo_cfg(
+                    p, 0, variant == "dapo", groups=args.groups, tools="none", backend=backend, progress=False
                 )
                 t = time.perf_counter()
                 _, info = train_grpo(d_agent, tok, cfg, merged, d)

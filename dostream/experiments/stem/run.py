@@ -139,6 +139,28 @@ def _train_cfg(p: StemPreset, seed: int, model: str | None = None):
     return TrainConfig(model=model or p.model, **block_values(p, SupervisedBlock), seed=seed, save_every=0)
 
 
+def grpo_cfg(p: StemPreset, seed: int, dapo: bool, **changes):
+    """The preset's GRPO (or DAPO) run config, with `changes` (e.g. `backend=`, `groups=`)."""
+    from dostream.methods.grpo import GRPOConfig
+
+    fields = dict(
+        groups=p.grpo_groups,
+        k=p.k,
+        groups_per_step=p.groups_per_step,
+        iterations=p.grpo_iterations,
+        lr=p.grpo_lr,
+        beta=p.grpo_beta,
+        dapo=dapo,
+        temperature=p.temperature,
+        max_new_tokens=p.max_new_tokens,
+        lora_r=p.lora_r,
+        lora_alpha=p.lora_alpha,
+        seed=seed,
+        tools=p.tools,
+    )
+    return GRPOConfig(**{**fields, **changes})
+
+
 def _stats(stats) -> dict:
     d = asdict(stats)
     d["supervised_frac"] = stats.supervised_frac
@@ -290,24 +312,9 @@ def run_seed(p: StemPreset, seed: int, root: Path, tok, *, log=print) -> None:
         return {"selection": info, "steps": result.steps, "tokens": _stats(stats)}
 
     def grpo(d: Path, dapo: bool):
-        from dostream.methods.grpo import GRPOConfig, train_grpo
+        from dostream.methods.grpo import train_grpo
 
-        cfg = GRPOConfig(
-            groups=p.grpo_groups,
-            k=p.k,
-            groups_per_step=p.groups_per_step,
-            iterations=p.grpo_iterations,
-            lr=p.grpo_lr,
-            beta=p.grpo_beta,
-            dapo=dapo,
-            temperature=p.temperature,
-            max_new_tokens=p.max_new_tokens,
-            lora_r=p.lora_r,
-            lora_alpha=p.lora_alpha,
-            seed=seed,
-            tools=p.tools,
-        )
-        _, info = train_grpo(d_agent, tok, cfg, sft1_dir, d / "train")
+        _, info = train_grpo(d_agent, tok, grpo_cfg(p, seed, dapo), sft1_dir, d / "train")
         return {
             "info": info,
             "tokens": {
