@@ -4,7 +4,7 @@
                                [--dtype fp32|bf16] [--omp default|passive|spin-10k|one-thread]
                                [--servers dostream,transformers,transformers-cb,dostream-json,
                                           dostream-vllm,vllm,llama.cpp]
-                               [--gguf MODEL.gguf] [--llama-server PATH]
+                               [--gguf MODEL.gguf] [--llama-server PATH] [--vllm-omp-bind auto|nobind|0-1]
                                [--repeat 1] [--interleave] [--json OUT]
 
 Each server runs as its own process on 127.0.0.1, serving the same local model (the embedded
@@ -26,8 +26,12 @@ and dtype), `llama.cpp`: llama.cpp's `llama-server` (`--llama-server`, else on P
 same model (`--gguf`: convert the weights directory with llama.cpp's `convert_hf_to_gguf.py
 --outtype f32` for fp32; one slot per client, `-np 32`), each with `OMP_NUM_THREADS` as given (also
 llama.cpp's `-t`) and the same OpenMP wait setting (`--omp`, benchmarks/omp_wait.py's: the server's
-own HTTP threads and the clients share the cores with its OpenMP threads). A server that cannot run
-here (its command or its GGUF missing) is reported with the reason instead of numbers.
+own HTTP threads and the clients share the cores with its OpenMP threads). vLLM on a CPU sets its
+own threads: by default (`VLLM_CPU_OMP_THREADS_BIND=auto`) it pins its compute threads to every core
+but one, which it reserves for its scheduler process (on 2 cores: one compute thread, whatever
+`OMP_NUM_THREADS` says); `--vllm-omp-bind nobind` gives both vLLM servers `OMP_NUM_THREADS` unpinned
+threads instead. A server that cannot run here (its command or its GGUF missing) is reported with
+the reason instead of numbers.
 
 By default the servers run one after the other. The speed of a shared machine drifts by 10% and
 more within minutes, so `--interleave` starts them all side by side (an idle server uses no CPU) and
@@ -495,6 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--gguf", default=None, help="llama.cpp's model: a GGUF of --model (f32 for --dtype fp32)")
     ap.add_argument("--llama-server", default=None, help="llama.cpp's server binary (default: llama-server on PATH)")
+    ap.add_argument(
+        "--vllm-omp-bind",
+        default=None,
+        help="both vLLM servers' VLLM_CPU_OMP_THREADS_BIND (default: vLLM's `auto`, which on a CPU pins its "
+        "compute threads to all cores but one it reserves for its scheduler: 1 of 2 here; `nobind`: "
+        "OMP_NUM_THREADS threads, unpinned)",
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument(
         "--adapters",
@@ -511,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.omp is not None:
         env = {k: v for k, v in env.items() if k not in OPENMP_VARIABLES} | SETTINGS[args.omp]
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    if args.vllm_omp_bind is not None:  # read by vLLM's engine processes only
+        env["VLLM_CPU_OMP_THREADS_BIND"] = args.vllm_omp_bind
     results: dict[str, list[dict] | str] = {}
     path = None
 
