@@ -478,6 +478,36 @@ def test_a_prefill_ahead_rides_the_running_step_and_changes_nothing_drawn(decisi
     assert cache.reused >= len(typed)
 
 
+def test_a_prefixed_cache_lays_each_rows_prefix_before_its_new_tokens_in_place(model):
+    """`_prefixed_cache`: a row's cached prefix right before its new tokens (rows sharing one, apart
+    in the bucket, each get it), the padding tokens' keys and values dropped where the prefix ends;
+    the layer's update writes the new tokens into the columns reserved for them (the keys it returns
+    are that storage: no concatenation) and returns what the prefix then the new tokens make."""
+    from dostream.sampling.kvcache import _CachedPrefix, _prefixed_cache, _runs
+
+    assert _runs([0, 1, 2, 5]) == [(0, 3), (5, 6)] and _runs([4]) == [(4, 5)]
+    g = torch.Generator().manual_seed(0)
+    layers, heads, dim = model.config.num_hidden_layers, model.config.num_key_value_heads, 8
+
+    def kv(n):
+        return [torch.randn(1, heads, n, dim, generator=g) for _ in range(layers)]
+
+    a, b = _CachedPrefix((1, 2, 3), kv(3), kv(3)), _CachedPrefix((4, 5), kv(2), kv(2))
+    hits, rest, new = [a, None, a, b], [2, 5, 1, 3], 5
+    width = max(len(h.ids) + n if h else n for h, n in zip(hits, rest))
+    cache = _prefixed_cache(model.config, hits, rest, width, new)
+    for i, layer in enumerate(cache.layers):
+        k_new, v_new = torch.randn(4, heads, new, dim, generator=g), torch.randn(4, heads, new, dim, generator=g)
+        keys, values = layer.update(k_new, v_new)
+        assert keys.data_ptr() == layer.whole[0].data_ptr() and keys.shape == (4, heads, width, dim)
+        for r, (h, n) in enumerate(zip(hits, rest)):
+            for got, fresh, old in ((keys, k_new, "keys"), (values, v_new, "values")):
+                assert torch.equal(got[r, :, width - n :], fresh[r, :, new - n :])  # the row's new tokens
+                if h is not None:  # its prefix right before them
+                    assert torch.equal(got[r, :, width - n - len(h.ids) : width - n], getattr(h, old)[i][0])
+        assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
 def test_a_prefix_cache_is_one_models_and_keeps_few_exact_entries(decisive, model, tok, chats):
     from dostream.sampling import Decode, PrefixCache
     from dostream.sampling.prefix import _common
