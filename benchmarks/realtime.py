@@ -4,6 +4,8 @@ listening costs ordinary chat requests sharing the server.
 
     python benchmarks/realtime.py [--model smollm2] [--lengths 50,200,800] [--sessions 1,8]
                                   [--rate 20] [--repeat 2] [--chat-clients 8] [--chat-s 30] [--json OUT]
+                                  [--chat-rates 5,20] [--first-round 0] [--lockstep]
+    python benchmarks/realtime.py --combine A.json B.json [--json OUT]
 
 One `dostream serve` process on 127.0.0.1 (the embedded SmolLM2-135M-Instruct by default, fp32,
 `OMP_NUM_THREADS` = the CPUs). A user message of N tokens (English prose, counted with the model's
@@ -20,10 +22,16 @@ Chat cost: `--chat-clients` clients send chat requests (short questions, greedy,
 back for `--chat-s` seconds, (a) alone, (b) while `max(--sessions)` sessions type, commit and get
 answers to `--chat-message`-token messages, one after another, at each typing speed of
 `--chat-rates` with `streamed` prefill, (c) the same with `on_commit` (the same text prefilled at
-commit instead): requests/s of each, and the session tokens the server prefilled ahead meanwhile
-(its `dostream_prefill_ahead_tokens_total`). Messages short enough that several are committed in a
-run, so (b) and (c) do the same session work in it: (b) against (c) is what listening *early*
-costs (the same prefill done at another time), (b) against (a) what the sessions' whole work costs.
+commit instead): requests/s of each, and from the server's `/metrics` the session tokens it
+prefilled ahead meanwhile and its decode steps' seconds (the sampling thread's busy time). Each
+session goes on at its own pace, its next message `--chat-pause` seconds after its commit (whatever
+the mode: faster answers bring no more messages), its first message shortened so that the sessions'
+commits are spread over a message's typing (`--lockstep`: all at once, as before 2026-12-07), so (b) and (c) do
+the same session work in a run: (b) against (c) is what listening *early* costs (the same prefill
+done at another time), (b) against (a) what the sessions' whole work costs. Every run types
+messages of its own (no prompt the prefix cache holds from an earlier run); the table gives each
+mode's requests/s and the paired ratios (round by round) with t 95% intervals. Rounds can be run
+in parts (`--first-round`, then `--combine` the records).
 """
 
 from __future__ import annotations
@@ -93,6 +101,7 @@ async def session_ttft(url: str, words: list[str], rate_tok_s: float, tok, prefi
             if event["type"] == "response.done":
                 return {
                     "ttft_s": first if first is not None else time.perf_counter() - t0,
+                    "answered_s": time.perf_counter() - t0,
                     "input_tokens": event["response"]["usage"]["input_tokens"],
                 }
 
@@ -125,35 +134,73 @@ async def sessions_row(ws_url: str, tok, n: int, sessions: int, rate: float, pre
     return list(await asyncio.gather(*(session_ttft(ws_url, m, rate, tok, prefill) for m in msgs)))
 
 
-async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | None, rate: float) -> dict:
+async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | None, rate: float, run: int = 0) -> dict:
     """Chat load for `args.chat_s`, with sessions typing `args.chat_message`-token messages at `rate`
-    beside it (None: alone), and the tokens prefilled ahead meanwhile."""
-    if prefill is None:
-        return await chat_load(url, args.model, args.chat_clients, args.chat_s)
+    beside it (None: alone), and the server's work meanwhile (`counters`). Run `run`'s messages are
+    its own: a message typed in an earlier run would find its prompt in the server's prefix cache.
+
+    Each session types, commits and gets its answer, message after message, on its own, and begins
+    the next `args.chat_pause` seconds after its commit (its answer read; later if the answer is not
+    done by then), so a session's pace does not depend on how soon its answers come (a faster answer
+    would otherwise bring more messages, more work, into the window); the first message of session
+    s of S is (s + 1) / S of the length, so the sessions commit
+    at times spread over a message's typing, as users do, and any window of the chat load holds the
+    same share of each session's work in either prefill mode. (`--lockstep`: the sessions type a
+    message each at once, the next when all are answered; a window then holds whole bursts of prefill
+    at commit, or prefill ahead of the next messages, depending on where it falls.)"""
     sessions = max(args.sessions)
 
-    async def typing() -> None:
+    async def lockstep() -> None:
         k = 0
         while True:  # message after message until the chat load ends
-            await sessions_row(ws_url, tok, args.chat_message, sessions, rate, prefill, 1000 + k)
+            await sessions_row(ws_url, tok, args.chat_message, sessions, rate, prefill, 1000 * (run + 1) + k)
             k += 1
 
-    typer = asyncio.create_task(typing())
-    await asyncio.sleep(2)  # the sessions are typing when the chat load starts
+    async def typing(s: int) -> None:
+        k = 0
+        while True:
+            n = args.chat_message if k else max(1, args.chat_message * (s + 1) // sessions)
+            words = message(tok, n, f"{prefill}-{1000 * (run + 1) + k}-{n}-{sessions}-{s}")
+            got = await session_ttft(ws_url, words, rate, tok, prefill)
+            await asyncio.sleep(max(0.0, args.chat_pause - got["answered_s"]))  # reading the answer
+            k += 1
+
+    typers = []
+    if prefill is not None:
+        typers = [asyncio.create_task(lockstep())] if args.lockstep else [typing(s) for s in range(sessions)]
+        typers = [asyncio.ensure_future(t) for t in typers]
+        await asyncio.sleep(2)  # the sessions are typing when the chat load starts
     try:
-        before = prefilled_ahead(url)
+        before = counters(url)
         got = await chat_load(url, args.model, args.chat_clients, args.chat_s)
-        return {**got, "prefilled_ahead_tokens": prefilled_ahead(url) - before}
+        after = counters(url)
+        return {**got, **{k: after[k] - before[k] for k in after}}
     finally:
-        typer.cancel()
+        for t in typers:
+            t.cancel()
+        await asyncio.gather(*typers, return_exceptions=True)
+        await asyncio.sleep(1.5)  # what the server still had of the sessions: done before the next run
 
 
-def prefilled_ahead(url: str) -> float:
-    """The server's count of prompt tokens prefilled ahead of their request (`/metrics`)."""
+COUNTERS = {
+    "dostream_prefill_ahead_tokens_total": "prefilled_ahead_tokens",
+    "dostream_decode_step_seconds_sum": "step_s",
+    "dostream_decode_step_seconds_count": "steps",
+    "dostream_decode_join_steps_total": "join_steps",
+}
+
+
+def counters(url: str) -> dict[str, float]:
+    """The server's counts (`/metrics`): session tokens prefilled ahead of their request, and the
+    sampling thread's decode steps, their seconds, and those that prefilled joining rows."""
     text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    return sum(
-        float(line.split()[-1]) for line in text.splitlines() if line.startswith("dostream_prefill_ahead_tokens_total")
-    )
+    out = dict.fromkeys(COUNTERS.values(), 0.0)
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        name = name.split("{")[0]  # (labels, if any: summed)
+        if name in COUNTERS:
+            out[COUNTERS[name]] += float(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,8 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--chat-message", type=int, default=100, help="tokens of each message the sessions type then")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--chat-pause", type=float, default=5.0, help="seconds from a session's commit to its next message")
+    ap.add_argument(
+        "--lockstep", action="store_true", help="the sessions beside the chat load type their messages all at once"
+    )
+    ap.add_argument("--first-round", type=int, default=0, help="the first round's number (a run that goes on another)")
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--combine", nargs="+", default=None, metavar="JSON", help="no run: the table of these records' rounds together"
+    )
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.json)
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.sessions = [int(x) for x in args.sessions.split(",")]
     args.chat_rates = [float(x) for x in args.chat_rates.split(",")]
@@ -184,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     chat: dict[str, list[dict]] = {}
     with dostream_server(args, env) as server:
         ws_url = "ws" + server.url.removeprefix("http") + f"/v1/realtime?model={args.model}"
-        for r in range(args.repeat):
+        for r in range(args.first_round, args.first_round + args.repeat):
             for n in args.lengths:
                 for s in args.sessions:
                     for prefill in ("streamed", "on_commit") if r % 2 == 0 else ("on_commit", "streamed"):
@@ -195,19 +252,55 @@ def main(argv: list[str] | None = None) -> int:
                         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), file=sys.stderr, flush=True)
         if args.chat_s > 0:
             modes = [(None, 0.0)] + [(p, rate) for rate in args.chat_rates for p in ("streamed", "on_commit")]
-            for r in range(args.repeat):
+            for r in range(args.first_round, args.first_round + args.repeat):
                 for mode, rate in modes if r % 2 == 0 else modes[::-1]:
-                    got = asyncio.run(chat_with_sessions(server.url, ws_url, tok, args, mode, rate))
+                    got = asyncio.run(chat_with_sessions(server.url, ws_url, tok, args, mode, rate, run=r))
                     label = f"{mode}@{rate:g}" if mode else "alone"
-                    chat.setdefault(label, []).append(got)
+                    chat.setdefault(label, []).append({"round": r, **got})
                     print(json.dumps({"chat": label, **got}), file=sys.stderr, flush=True)
+                    save(args, rows, chat)  # (run by run: a run cut short keeps what it measured)
     print(table(rows, chat, args))
-    machine = environment()
+    machine = save(args, rows, chat)
     print(f"\n{machine['cpu']}, {machine['cpu_count']} CPUs, torch {machine['versions'].get('torch')}")
+    return 0
+
+
+def save(args, rows: list[dict], chat: dict[str, list[dict]]) -> dict:
+    """Write the record to `args.json` (if given); returns the machine's description."""
+    machine = environment()
     if args.json:
         record = {"environment": machine, "settings": vars(args), "sessions": rows, "chat": chat}
         Path(args.json).write_text(json.dumps(record, indent=2))
+    return machine
+
+
+def combine(paths: list[str], out: str | None) -> int:
+    """The table of several records' rounds together (runs of one setting split to fit a time
+    limit, `--first-round` numbering each run's rounds after the last's); `out`: the combined record."""
+    records = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [row for r in records for row in r["sessions"]]
+    chat: dict[str, list[dict]] = {}
+    for r in records:
+        for label, runs in r["chat"].items():  # (records before rounds were kept: in round order)
+            chat.setdefault(label, []).extend({"round": i, **run} for i, run in enumerate(runs))
+    settings = {**records[0]["settings"], "repeat": len({run["round"] for runs in chat.values() for run in runs})}
+    if rows:
+        settings["repeat"] = len({row["round"] for row in rows})
+    settings["combined"] = paths
+    print(table(rows, chat, argparse.Namespace(**settings)))
+    if out:
+        record = {"environment": records[0]["environment"], "settings": settings, "sessions": rows, "chat": chat}
+        Path(out).write_text(json.dumps(record, indent=2))
     return 0
+
+
+def paired(a: list[dict], b: list[dict]) -> str:
+    """a / b in requests/s, round by round (the rounds both have): mean [t 95% interval]."""
+    of = {run.get("round", i): run["req_per_s"] for i, run in enumerate(b)}
+    ratios = [run["req_per_s"] / of[k] for i, run in enumerate(a) if (k := run.get("round", i)) in of]
+    if len(ratios) < 2:
+        return f"{ratios[0]:.2f}x" if ratios else ""
+    return "{:.2f}x [{:.2f}, {:.2f}]".format(*mean_ci(ratios))
 
 
 def table(rows: list[dict], chat: dict[str, list[dict]], args) -> str:
@@ -235,17 +328,27 @@ def table(rows: list[dict], chat: dict[str, list[dict]], args) -> str:
             f"Chat beside sessions: {args.chat_clients} chat clients for {args.chat_s:g} s, requests/s (mean over "
             f"rounds), beside {max(args.sessions)} sessions typing {args.chat_message}-token messages one after another",
             "",
-            "| beside | req/s | p50 latency (s) | against alone | prefilled ahead (tokens/s) |",
-            "|---|---|---|---|---|",
+            "| beside | req/s [t 95%] | p50 latency (s) | against alone (paired) | streamed / on_commit (paired) "
+            "| prefilled ahead (tokens/s) | decode steps' share of the run |",
+            "|---|---|---|---|---|---|---|",
         ]
-        alone = statistics.mean(r["req_per_s"] for r in chat["alone"]) if chat.get("alone") else None
-        for label, runs in chat.items():
-            rps = statistics.mean(r["req_per_s"] for r in runs)
+
+        def order(label: str) -> tuple:
+            mode, _, rate = label.partition("@")
+            return (mode != "alone", float(rate or 0), mode != "streamed")
+
+        for label, runs in sorted(chat.items(), key=lambda kv: order(kv[0])):
+            rps = [r["req_per_s"] for r in runs]
+            fmt = "{:.2f} [{:.2f}, {:.2f}]".format(*mean_ci(rps)) if len(rps) > 1 else f"{rps[0]:.2f}"
             p50 = statistics.mean(r["p50_s"] for r in runs if r["p50_s"] is not None)
-            rel = f"{rps / alone - 1:+.1%}" if alone else ""
+            rel = paired(runs, chat["alone"]) if chat.get("alone") and label != "alone" else ""
+            mode, _, rate = label.partition("@")
+            vs = paired(runs, chat[f"on_commit@{rate}"]) if mode == "streamed" and f"on_commit@{rate}" in chat else ""
             ahead = statistics.mean(r.get("prefilled_ahead_tokens", 0) for r in runs) / args.chat_s
-            what = "nothing" if label == "alone" else "typing at {1} tokens/s, {0} prefill".format(*label.split("@"))
-            lines.append(f"| {what} | {rps:.2f} | {p50:.2f} | {rel} | {ahead:.0f} |")
+            what = "nothing" if label == "alone" else f"typing at {rate} tokens/s, {mode} prefill"
+            busy = [r["step_s"] / args.chat_s for r in runs if "step_s" in r]
+            busy_s = f"{statistics.mean(busy):.0%}" if busy else ""
+            lines.append(f"| {what} | {fmt} | {p50:.2f} | {rel} | {vs} | {ahead:.0f} | {busy_s} |")
     return "\n".join(lines)
 
 
