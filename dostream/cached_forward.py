@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import OrderedDict
 
 import torch
 
@@ -44,7 +43,7 @@ class CachedForward:
         self.model = model
         self.layers = [_Layer(layer, fast_linear, i) for i, layer in enumerate(model.model.layers)]
         self.lm_head = _linear(model.lm_head) if fast_linear else model.lm_head
-        self._stacks = OrderedDict()  # the stacked weights of the last few sets of adapters (`adapters.Mix`)
+        self._stacks = {}  # adapters' weights as `adapters.Mix` multiplies them, kept between steps
 
     @classmethod
     def build(cls, model) -> CachedForward | None:

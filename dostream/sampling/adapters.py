@@ -20,6 +20,7 @@ stays in memory until they end.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import threading
@@ -203,68 +204,169 @@ class AdapterPool:
 class Mix:
     """The adapters of one forward's tokens (`CachedForward.many`): `add(out, h, layer, modules,
     widths)` adds to a linear layer's output `out` (the base product of `h`, the outputs of
-    `modules` side by side, `widths` wide) each token's own adapter's delta `B(A(h)) * scaling`.
+    `modules` side by side, `widths` wide) each token's own adapter's delta `B(A(h)) * scaling`,
+    the ops and order PEFT computes it with. Tokens of no adapter get nothing added.
 
-    All adapters of the step in one product for A (their ranks stacked, module by module) and one
-    per module for B; a token's A outputs of other adapters are zeroed before B reads them, so its
-    delta sums its own adapter's terms only. Tokens of no adapter add exact zeros. The stacked
-    weights are made once per set of adapters and kept in `stacks` (the forward's, a few sets)."""
+    S-LoRA/Punica's grouping: the tokens gathered adapter by adapter (padded to the largest group),
+    two batched products per linear layer, one batch entry per adapter over its own tokens only (A of
+    the fused modules stacked, then B module by module): a token pays its own adapter's products,
+    whatever else the step holds, and a step of one adapter is the same products over all its
+    tokens, nothing gathered. The weights lie side by side in a `_Bank`, laid out as `F.linear`
+    reads them (a batch entry of the same shape rounds as PEFT's `F.linear` does); `stacks` (the
+    forward's) holds it between steps."""
 
-    def __init__(self, per_token: list[Lora | None], stacks: OrderedDict, keep: int = 8):
+    def __init__(self, per_token: list[Lora | None], stacks: dict, keep: int = 8):
         found = {id(a): a for a in per_token if a is not None}
-        adapters = sorted(found.values(), key=lambda a: (a.key, id(a)))
-        ids = tuple(id(a) for a in adapters)
-        if ids not in stacks:
-            stacks[ids] = (adapters, {})  # (the adapters kept referenced: their ids stay theirs)
-            while len(stacks) > keep:
-                stacks.popitem(last=False)
-        stacks.move_to_end(ids)
-        self.adapters, self.stacks = adapters, stacks[ids][1]
-        at = {id(a): i for i, a in enumerate(adapters)}
-        self.which = torch.tensor([len(adapters) if a is None else at[id(a)] for a in per_token])
-        self._masks: dict[tuple, torch.Tensor] = {}  # per step: the same layouts in every layer
-        self._scales: dict[tuple, torch.Tensor] = {}
+        self.adapters = sorted(found.values(), key=lambda a: (a.key, id(a)))
+        self.bank = stacks.get("bank")
+        if self.bank is None:
+            self.bank = stacks["bank"] = _Bank(keep)
+        slots = self.bank.place(self.adapters)
+        at = {id(a): i for i, a in enumerate(self.adapters)}
+        groups: list[list[int]] = [[] for _ in self.adapters]
+        for i, a in enumerate(per_token):
+            if a is not None:
+                groups[at[id(a)]].append(i)
+        rows = [i for i, a in enumerate(per_token) if a is not None]
+        width = max(map(len, groups))  # the rows of each batch entry
+        # The bank's slots [lo, top) as the batch where nearly all hold one of the step's adapters
+        # (a view, no weight gathered); else only the step's slots, gathered.
+        lo, top = min(slots), max(slots) + 1
+        entries = list(range(lo, top)) if top - lo <= len(slots) + max(1, len(slots) // 4) else sorted(slots)
+        self.span = (lo, top) if entries == list(range(lo, top)) else None
+        by_slot = dict(zip(slots, groups))
+        index, back = [rows[0]] * (len(entries) * width), {}
+        for e, s in enumerate(entries):
+            for j, i in enumerate(by_slot.get(s, ())):
+                index[e * width + j] = i
+                back[i] = e * width + j
+        self.shape = (len(entries), width)
+        back = [back[i] for i in rows]
+        # Nothing gathered where the batch is the step's tokens in order: one adapter, every token.
+        self.gather = index != list(range(len(per_token)))
+        self.every = len(rows) == len(per_token)
+        self._layout = {"index": index, "back": back, "rows": rows, "select": entries}
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def _tensor(self, name: str, device) -> torch.Tensor:
+        got = self._tensors.get(name)
+        if got is None or got.device != device:
+            got = self._tensors[name] = torch.tensor(self._layout[name], device=device)
+        return got
 
     def add(self, out: torch.Tensor, h: torch.Tensor, layer: int, modules: tuple[str, ...], widths) -> None:
-        if self.which.device != h.device:
-            self.which = self.which.to(h.device)
-        stack = self.stacks.get((layer, modules))
-        if stack is None:
-            stack = self.stacks[(layer, modules)] = self._stack(layer, modules, h.dtype, h.device)
-        if stack is False:  # no adapter of the step targets these modules here
+        stack = self.bank.stack(layer, modules, widths, h.dtype, h.device)
+        if stack is None:  # no adapter of the bank targets these modules here
             return
-        a, owner, per_module = stack
-        mask = self._masks.get(owner)
-        if mask is None:
-            owned = torch.tensor(owner, device=h.device)
-            mask = self._masks[owner] = (self.which[:, None] == owned[None, :]).to(h.dtype)
-        low = torch.nn.functional.linear(h, a) * mask  # (N, R): each token's own adapter's A(h)
-        at = 0
-        for width, (lo, hi, b, scales) in zip(widths, per_module):
-            if b is not None:
-                scale = self._scales.get(scales)
-                if scale is None:
-                    scale = torch.tensor(scales, dtype=h.dtype, device=h.device)[self.which][:, None]
-                    self._scales[scales] = scale
-                out[:, at : at + width] += torch.nn.functional.linear(low[:, lo:hi], b) * scale
-            at += width
+        a, bs, scale = stack
+        if self.span is not None:
+            lo, top = self.span
+            a, bs, scale = a[lo:top], [b[lo:top] for b in bs], scale[lo:top]
+        else:  # only the step's slots
+            pick = self._tensor("select", h.device)
+            a, bs, scale = a[pick], [b[pick] for b in bs], scale[pick]
+        entries, width = self.shape
+        grouped = h.index_select(0, self._tensor("index", h.device)) if self.gather else h
+        low = torch.bmm(grouped.view(entries, width, -1), a.transpose(1, 2))  # (entries, width, R): A(h)
+        parts, lo = [], 0
+        for b in bs:
+            parts.append(torch.bmm(low[:, :, lo : lo + b.shape[2]], b.transpose(1, 2)))
+            lo += b.shape[2]
+        delta = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)) * scale
+        delta = delta.view(entries * width, -1)
+        if self.gather:
+            delta = delta.index_select(0, self._tensor("back", h.device))
+        if self.every:
+            out += delta
+        else:
+            out.index_add_(0, self._tensor("rows", h.device), delta)
 
-    def _stack(self, layer: int, modules: tuple[str, ...], dtype, device):
-        """A stacked (R, in), module by module then adapter by adapter; per module its columns
-        [lo, hi), B (out, hi - lo) and each adapter's scaling (0 for none, and for the base's rows)."""
-        a_parts, owner, per_module, col = [], [], [], 0
-        for m in modules:
-            lo, b_parts, scales = col, [], []
-            for i, adapter in enumerate(self.adapters):
-                w = adapter.weights.get((layer, m))
-                scales.append(0.0 if w is None else float(w[2]))
-                if w is not None:
-                    a_parts.append(w[0].to(device, dtype))
-                    b_parts.append(w[1].to(device, dtype))
-                    owner += [i] * w[0].shape[0]
-                    col += w[0].shape[0]
-            b = torch.cat(b_parts, dim=1) if b_parts else None
-            per_module.append((lo, col, b, (*scales, 0.0)))
-        if not a_parts:
-            return False
-        return torch.cat(a_parts), tuple(owner), per_module
+
+class _Bank:
+    """The weights of the adapters `Mix` groups, side by side for batched products: per decoder
+    layer and fused modules, A (slots, R, in) (each module's A, its rank padded with zeros to the
+    largest of the bank's), per module B (slots, out, r) and the scaling per output column (slots,
+    1, width). An adapter keeps its slot while it is used; a new one takes
+    a new slot up to `size`, then the slot used least recently. A slot's weights are written when
+    first read (`stack`), layer by layer."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.members, self.used, self.steps, self.version = size, [], [], 0, 0
+        self._stacks: dict[tuple, dict] = {}
+
+    def place(self, adapters: list[Lora]) -> list[int]:
+        """The slots of a step's adapters, placing those not held."""
+        self.steps += 1
+        where = {id(m): s for s, m in enumerate(self.members) if m is not None}
+        slots = []
+        for a in adapters:
+            s = where.get(id(a))
+            if s is None:
+                if len(self.members) < self.size or all(u == self.steps for u in self.used):
+                    self.members.append(None)
+                    self.used.append(0)
+                s = min(range(len(self.members)), key=lambda k: (self.used[k] == self.steps, self.used[k], k))
+                self.members[s] = a  # (the adapter kept referenced while it holds the slot)
+                self.version += 1
+            self.used[s] = self.steps
+            slots.append(s)
+        return slots
+
+    def stack(self, layer: int, modules: tuple[str, ...], widths, dtype, device):
+        """(A, [B per module], scaling) of `modules` of `layer`, every slot's; None where no adapter
+        of the bank targets them."""
+        key = (layer, modules)
+        entry = self._stacks.get(key)
+        if entry is not None and (entry["version"], entry["dtype"], entry["device"]) == (self.version, dtype, device):
+            return entry["tensors"]
+        held = [(s, m) for s, m in enumerate(self.members) if m is not None]
+        ranks, width_in = [], None
+        for name in modules:
+            found = [m.weights[(layer, name)][0] for _, m in held if (layer, name) in m.weights]
+            ranks.append(max((w.shape[0] for w in found), default=0))
+            width_in = found[0].shape[1] if found else width_in
+        tensors, filled = None, None
+        if width_in is not None:
+            reuse = (
+                entry is not None
+                and entry["tensors"] is not None
+                and (entry["dtype"], entry["device"], entry["ranks"]) == (dtype, device, ranks)
+                and entry["tensors"][0].shape[0] >= len(self.members)
+            )
+            if reuse:
+                tensors, filled = entry["tensors"], entry["filled"]
+            else:
+                slots, zeros = (
+                    max(len(self.members), self.size),
+                    functools.partial(torch.zeros, dtype=dtype, device=device),
+                )
+                tensors = (
+                    zeros(slots, sum(ranks), width_in),
+                    [zeros(slots, w, r) for r, w in zip(ranks, widths)],
+                    zeros(slots, 1, sum(widths)),
+                )
+                filled = [None] * slots
+            for s, m in held:
+                if filled[s] is not m:
+                    _write(m, tensors, s, layer, modules, ranks, widths)
+                    filled[s] = m
+        self._stacks[key] = dict(
+            version=self.version, dtype=dtype, device=device, ranks=ranks, tensors=tensors, filled=filled
+        )
+        return tensors
+
+
+def _write(lora: Lora, tensors, slot: int, layer: int, modules, ranks, widths) -> None:
+    """`lora`'s weights at `modules` of `layer` into `slot` of a `_Bank` stack (zeros where none)."""
+    a, bs, scale = tensors
+    a[slot].zero_(), scale[slot].zero_()
+    lo = col = 0
+    for name, rank, width, b in zip(modules, ranks, widths, bs):
+        b[slot].zero_()
+        w = lora.weights.get((layer, name))
+        if w is not None:
+            r = w[0].shape[0]
+            a[slot, lo : lo + r] = w[0]
+            b[slot, :, :r] = w[1]
+            scale[slot, :, col : col + width] = float(w[2])
+        lo, col = lo + rank, col + width

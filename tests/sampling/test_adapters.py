@@ -59,7 +59,7 @@ def test_rows_of_many_adapters_draw_what_each_alone_draws(family, tok, greedy):
     the `PeftModel`, PEFT's own LoRA layers), and differ between adapters."""
     base, peft, loras = family
     prompts = [tok(HEAD + t)["input_ids"] for t in TEXTS]
-    cfg = SamplingConfig(greedy=greedy, temperature=0.8, max_new_tokens=10, seed=7)
+    cfg = SamplingConfig(greedy=greedy, temperature=0.8, max_new_tokens=10, seed=7, precision="fp32")
     plan = [("t0", 0), ("t1", 1), (None, 2), ("t2", 3), ("t1", 0), ("t0", 2), ("t2", 1), (None, 0)]
     run = Decode(base, tok, forward=CachedForward.build(base), prefix_cache=PrefixCache(base, min_tokens=4))
     got = {}
@@ -92,7 +92,7 @@ def test_a_new_version_mid_decode_leaves_running_rows_on_theirs(family, tok):
     swap get version 2 (another key: none of version 1's prefix entries is read for them)."""
     base, peft, loras = family
     prompts = [tok(HEAD + t)["input_ids"] for t in TEXTS]
-    cfg = SamplingConfig(greedy=True, max_new_tokens=8)
+    cfg = SamplingConfig(greedy=True, max_new_tokens=8, precision="fp32")
     v2 = Lora.from_peft("t0@v2", peft["t2"])  # version 2 of tenant t0: other weights
     run = Decode(base, tok, forward=CachedForward.build(base), prefix_cache=PrefixCache(base, min_tokens=4))
     run.add(prompts[:2], [(0, 0), (0, 1)], [cfg] * 2, ["old0", "old1"], adapters=[loras["t0"]] * 2)
