@@ -298,6 +298,9 @@ class _Bank:
         """The slots of a step's adapters, placing those not held."""
         self.steps += 1
         where = {id(m): s for s, m in enumerate(self.members) if m is not None}
+        for a in adapters:  # the step's held adapters first: none of their slots is taken
+            if id(a) in where:
+                self.used[where[id(a)]] = self.steps
         slots = []
         for a in adapters:
             s = where.get(id(a))
@@ -307,8 +310,8 @@ class _Bank:
                     self.used.append(0)
                 s = min(range(len(self.members)), key=lambda k: (self.used[k] == self.steps, self.used[k], k))
                 self.members[s] = a  # (the adapter kept referenced while it holds the slot)
+                self.used[s] = self.steps
                 self.version += 1
-            self.used[s] = self.steps
             slots.append(s)
         return slots
 

@@ -155,3 +155,74 @@ def test_the_pool_evicts_least_recently_used_under_its_limits(family):
         pool.get(f"{k}@v1", make[k])
     assert pool.held() == (["t1@v1", "t2@v1"] if sizes["t1"] + sizes["t2"] <= pool.max_bytes else ["t2@v1"])
     assert pool.loads == 3
+
+
+def _logits(forward, ids, loras=None):
+    """Last-position logits of the rows `ids` (B, T), a fresh cache, one forward."""
+    from transformers import DynamicCache
+
+    b, t = ids.shape
+    cache = DynamicCache(config=forward.model.config)
+    part = (ids, torch.arange(t)[None].expand(b, t), torch.ones(b, t, dtype=torch.long), cache)
+    with torch.inference_mode():
+        [out] = forward.many([(*part, loras)] if loras is not None else [part])
+    return out
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        ["t0", "t0", "t0"],  # one adapter, every row: nothing gathered
+        ["t1", None, "t1"],  # one adapter and the base's rows
+        ["t2", "t0", None, "t1", "t0", "t2", "t1"],  # rows grouped out of order, groups of other sizes
+    ],
+)
+def test_each_row_gets_its_own_adapters_products(family, tok, plan):
+    """`Mix`'s grouping: each row's logits are its adapter's alone (the PEFT model's own layers,
+    one row) up to float rounding, the base's rows the base's; one adapter over every row
+    gathers nothing. The same prompt under other adapters moves the logits by far more."""
+    from dostream.sampling.adapters import Mix
+
+    base, peft, loras = family
+    forward = CachedForward.build(base)
+    ids = torch.tensor([tok(HEAD + TEXTS[0])["input_ids"]] * len(plan))
+    got = _logits(forward, ids, [None if a is None else loras[a] for a in plan])
+    alone = {a: _logits(CachedForward.build(base if a is None else peft[a]), ids[:1])[0] for a in set(plan)}
+    for row, a in enumerate(plan):
+        torch.testing.assert_close(got[row], alone[a], rtol=1e-4, atol=1e-4)
+    others = [alone[a] for a in alone if a != plan[0]]
+    assert all((alone[plan[0]] - other).abs().max() > 0.1 for other in others)
+    mix = Mix([loras[a] if a else None for a in plan for _ in range(ids.shape[1])], {})
+    assert mix.gather == (len(set(plan)) > 1 or None in plan)
+
+
+def test_the_bank_keeps_slots_and_gathers_a_sparse_step(family, tok):
+    """Adapters keep their bank slots from step to step; past its size the least recently used
+    slot not in the step is taken; a step whose adapters lie far apart in the bank gathers their
+    weights; every row's logits stay its adapter's."""
+    from dostream.sampling.adapters import Mix
+
+    base, peft, loras = family
+    copies = {f"c{i}": Lora(f"c{i}@v1", loras[f"t{i % 3}"].weights) for i in range(6)}  # other objects, other slots
+    forward = CachedForward.build(base)
+    ids = torch.tensor([tok(HEAD + TEXTS[1])["input_ids"]] * 2)
+    alone = {i: _logits(CachedForward.build(peft[f"t{i}"]), ids[:1])[0] for i in range(3)}
+
+    def step(names):
+        got = _logits(forward, ids[: len(names)].expand(len(names), -1), [copies[n] for n in names])
+        for row, n in enumerate(names):
+            torch.testing.assert_close(got[row], alone[int(n[1]) % 3], rtol=1e-4, atol=1e-4)
+        return forward._stacks["bank"]
+
+    bank = step(["c0", "c1"])
+    bank = step(["c2", "c3"])
+    assert bank.members[:4] == [copies[n] for n in ("c0", "c1", "c2", "c3")]
+    step(["c4", "c0"])
+    assert bank.members.index(copies["c0"]) == 0  # kept its slot
+    mix = Mix([copies["c0"], copies["c4"]], forward._stacks)
+    assert mix.span is None  # slots 0 and 4 of 5: only theirs, gathered
+    step(["c0", "c4"])
+    small = {}  # a bank of 2: c2 takes c0's slot (both used as long ago); then c0 takes c2's, c1 stays
+    for names in (["c0", "c1"], ["c2"], ["c0", "c1"]):
+        Mix([copies[n] for n in names], small, keep=2)
+    assert small["bank"].members == [copies["c0"], copies["c1"]]
