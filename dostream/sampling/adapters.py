@@ -6,9 +6,11 @@ A `Lora` is one PEFT LoRA adapter as plain tensors: per decoder layer and target
 `dostream train` and the learners save) or from a `PeftModel` (`Lora.from_peft`). The sampler's
 forward (`cached_forward.CachedForward.many`) takes a `Lora` (or None: the base model) per row:
 the base model's products are computed once for every row, and each row adds its own adapter's
-delta `B(A(h)) * scaling`, the ops and order PEFT computes it with, all adapters of a step in two
-products per linear layer (S-LoRA/Punica's grouping: docs/reference.md), so a row draws what its
-adapter alone draws, up to float rounding.
+delta `B(A(h)) * scaling`, the ops and order PEFT computes it with: the rows grouped per adapter,
+one batched product for A and one per module for B, each adapter over its own rows only
+(S-LoRA/Punica's grouping: docs/reference.md), so a row pays its own adapter's products whatever
+shares the step, and draws what its adapter alone draws, up to float rounding (a batch entry of
+the same shape rounds as PEFT's `F.linear`; other row counts may round otherwise).
 
 `AdapterPool` holds the adapters a server has loaded, keyed by a name that changes with each
 version (a new version is a new key: nothing cached under the old one is ever read for it), least
