@@ -126,7 +126,8 @@ async def chat_load(url: str, model: str, clients: int, seconds: float) -> dict:
     async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {KEY}"}) as http:
         await asyncio.gather(*(client(c, http) for c in range(clients)))
     wall = time.perf_counter() - t0
-    return {"requests": len(done), "req_per_s": len(done) / wall, "p50_s": statistics.median(done) if done else None}
+    p50 = statistics.median(done) if done else None
+    return {"requests": len(done), "req_per_s": len(done) / wall, "p50_s": p50, "wall_s": wall}
 
 
 async def sessions_row(ws_url: str, tok, n: int, sessions: int, rate: float, prefill: str, seed: int) -> list[dict]:
@@ -346,7 +347,7 @@ def table(rows: list[dict], chat: dict[str, list[dict]], args) -> str:
             vs = paired(runs, chat[f"on_commit@{rate}"]) if mode == "streamed" and f"on_commit@{rate}" in chat else ""
             ahead = statistics.mean(r.get("prefilled_ahead_tokens", 0) for r in runs) / args.chat_s
             what = "nothing" if label == "alone" else f"typing at {rate} tokens/s, {mode} prefill"
-            busy = [r["step_s"] / args.chat_s for r in runs if "step_s" in r]
+            busy = [r["step_s"] / r.get("wall_s", args.chat_s) for r in runs if "step_s" in r]
             busy_s = f"{statistics.mean(busy):.0%}" if busy else ""
             lines.append(f"| {what} | {fmt} | {p50:.2f} | {rel} | {vs} | {ahead:.0f} | {busy_s} |")
     return "\n".join(lines)
