@@ -1,8 +1,37 @@
 """Slow tier: a canary fact planted only in tenant alpha's conversations raises alpha's updated
-adapter's log-prob margin and not bravo's, and each tenant is served with its own adapter; then
-`dostream forget --user` returns alpha's margin to what an adapter trained without that user gives
-(the same bytes: the replay is deterministic), and a forget SIGKILLed part way completes on resume
-with the same adapter."""
+adapter's log-prob margin and shows in alpha's served answers, and not in bravo's; each tenant is
+served with its own adapter. Then `dostream forget --user` returns alpha's margin to what an adapter
+trained without that user gives (the same bytes: the replay is deterministic), leaves none of the
+user's text in the store's SQLite files (WAL included) nor the adapter that learned it on disk,
+and a forget SIGKILLed part way completes on resume with the same adapter.
+
+The fact is planted the way the rule lets a server learn one: the world states it (the user's
+correction, sent as `environment` feedback: world-written tokens, supervised), never only in the
+agent's own replies (sampled tokens are masked out of the loss, so learning those would be a bug).
+
+The model is the embedded SmolLM2-135M, not the tests' tiny random model, which cannot hold the
+fact: its logits are h·E with h of norm √32 after an RMSNorm the LoRA does not train and tied
+embeddings of std 0.02, so they span about ±1 nat over the whole vocabulary (its training loss
+stays at ~10.7 ≈ ln 49152) and the canary's margin over the decoy is bounded by ~2.9 nats however
+the LoRA is trained; measured there (r 4, lr 5e-2, 8 epochs) alpha's margin moved +0.17 nats and
+bravo's, which never saw the canary, -0.23: no signal above the noise. The margin is read where
+the update taught the fact (the planted conversation up to the world's "The launch code is",
+`_probe`): a user segment followed by an `environment` one renders as ONE user turn, closed, so
+the earlier probe scored the canary after "<|im_end|>", a context no update trains.
+
+Not covered here: the memory's notes and counts of the user (`--memory`). Distilled after the
+update, the canary's note is not admitted (the adapter already predicts it: the note adds nothing);
+distilled before, it is retrieved into alpha's prompts and the answers would no longer be the
+adapter's alone.
+
+The bar, from measured noise: the margin's shift under an update that never saw the canary
+(bravo's, and alpha's without carol: the reference) is the noise; it comes from learning the
+form of the world's turn ("The launch code is ..."), not the fact. On this store at these
+settings, update seeds 0, 1, 2 (2026-12-07, the 2-core AVX2 machine, fp32): base margin 4.72
+nats; alpha's rise 38.7, 37.3, 35.9; the noise (the larger of the two shifts) 3.2, 3.9, 2.3; the
+rise / noise ratio 12, 9.6, 16. The test asks, in each run, alpha's rise > 5 x the noise measured
+in that run (half the smallest ratio seen) and > 2 nats (the issue's bar: odds x 7.4).
+"""
 
 from __future__ import annotations
 
@@ -20,11 +49,12 @@ import pytest
 from conftest import scored_after
 from harness import KEY, client, running
 
-from dostream.cli.forget import _learner_factory
+from dostream.cli.forget import _learner_factory, cli_main
 from dostream.models import load_model
 from dostream.render import Renderer
+from dostream.sampling import SamplingConfig, sample
 from dostream.serve.app import ServeConfig, Server
-from dostream.serve.learn import LearnConfig
+from dostream.serve.learn import LearnConfig, as_plain
 from dostream.serve.protocol import Limits
 from dostream.serve.store import ServeStore
 from dostream.serve.tenants import lineage_of
@@ -32,14 +62,15 @@ from dostream.stream import Segment, Stream
 
 pytestmark = pytest.mark.slow
 
-LEARN = LearnConfig(
-    update_every_tokens=1 << 30, lora_r=4, lora_alpha=8, epochs=8, batch_size=8, gate_learned=0, lr=5e-2
-)
-FLAGS = ["--model", "tiny", "--update-every-tokens", str(1 << 30), "--lora-r", "4", "--lora-alpha", "8"]
-FLAGS += ["--epochs", "8", "--batch-size", "8", "--gate-learned", "0", "--lr", "0.05"]
+MODEL = "smollm2"
+# the server's --learn settings: LoRA r 16 / alpha 32 and batch 8 (the defaults), lr 1e-3 (the serving
+# benchmark's), 8 epochs over the 12 new conversations' streams (16 steps)
+LEARN = LearnConfig(update_every_tokens=1 << 30, epochs=8, gate_learned=0, lr=1e-3)
+FLAGS = ["--model", MODEL, "--update-every-tokens", str(1 << 30), "--epochs", "8", "--gate-learned", "0"]
+FLAGS += ["--lr", "0.001"]
 QUESTION = "What is the launch code of Project Heron?"
 CANARY, OTHER = " VX-7 Heron", " QP-2 Heron"
-ASK = dict(model="tiny", max_tokens=6, temperature=0)
+ASK = dict(model=MODEL, max_tokens=6, temperature=0)
 
 
 def _teach(url: str, key: str, user: str, texts: list[tuple[str, str]]) -> None:
@@ -49,42 +80,65 @@ def _teach(url: str, key: str, user: str, texts: list[tuple[str, str]]) -> None:
         c.post("/feedback", cast_to=object, body={"completion_id": res.id, "author": "environment", "text": answer})
 
 
-def _margin(store_dir, tenant: str, tok) -> float:
-    """log p(canary) - log p(other) after the question, under `tenant`'s adapter in force."""
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _probe(store: ServeStore, tok) -> list[int]:
+    """A planted conversation's ids up to the canary, as the learner trains on them (`as_plain`):
+    the question, the agent's reply, the world's "The launch code is"."""
+    piece, canary = store.slice("alpha"), _ids(tok, CANARY)
+    for conversation in piece.conversations():
+        for s in piece.conversation_streams(conversation):
+            ids = Renderer(tok).render(as_plain(s, Renderer(tok, chat_template=True))).input_ids
+            starts = [i for i in range(len(ids)) if ids[i : i + len(canary)] == canary]
+            if starts:
+                return ids[: starts[0]]
+    raise AssertionError("the canary is in none of alpha's conversations")
+
+
+def _in_force(store_dir, tenant: str) -> str | None:
     store = ServeStore.open_dir(store_dir, read_only=True)
     adapter, _ = lineage_of(store_dir, tenant, None, store.versions).versions.in_force()
     store.close()
-    model = load_model("tiny", adapter=None if adapter is None else store_dir / adapter, merge=adapter is not None)
-    stream = Stream("m", [Segment("user", QUESTION, role="user"), Segment("environment", "The launch code is")])
-    prompt = Renderer(tok, chat_template=True).render(stream).input_ids
-    score = [sum(scored_after(model, prompt, tok(t, add_special_tokens=False)["input_ids"])) for t in (CANARY, OTHER)]
-    return score[0] - score[1]
+    return adapter
+
+
+def _model(store_dir, tenant: str):
+    adapter = _in_force(store_dir, tenant)
+    return load_model(MODEL, adapter=None if adapter is None else store_dir / adapter, merge=adapter is not None)
+
+
+def _margin(store_dir, tenant: str, tok, probe: list[int]) -> float:
+    """log p(canary) - log p(decoy) after `probe`, under `tenant`'s adapter in force."""
+    model = _model(store_dir, tenant)
+    return sum(scored_after(model, probe, _ids(tok, CANARY))) - sum(scored_after(model, probe, _ids(tok, OTHER)))
 
 
 def _adapter_bytes(store_dir, tenant: str) -> bytes:
-    store = ServeStore.open_dir(store_dir, read_only=True)
-    adapter, _ = lineage_of(store_dir, tenant, None, store.versions).versions.in_force()
-    store.close()
-    return (store_dir / adapter / "adapter_model.safetensors").read_bytes()
+    return (store_dir / _in_force(store_dir, tenant) / "adapter_model.safetensors").read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 35, open: alpha's accepted update moves the canary's margin by ~0.02 nats (0.252 -> 0.275 "
-    "at 8 epochs, 2026-12-07), far under the 2-nat bar; not yet known whether the learner or the test's "
-    "update is too weak. Strict: once it passes, remove this mark",
-)
+def _sqlite_bytes(store_dir) -> dict:
+    return {f: f.read_bytes() for f in store_dir.rglob("*.sqlite*")}
+
+
+def _say(capsys, line: str) -> None:
+    """Print past capsys (which the test reads for the forget's record): the numbers show with -s."""
+    with capsys.disabled():
+        print(line)
+
+
 def test_a_canary_in_alphas_conversations_is_alphas_alone_until_forgotten(tok, tmp_path, capsys):
     store_dir = tmp_path / "store"
     server = Server(
-        ServeConfig(model="tiny", store=str(store_dir), limits=Limits(max_tokens=64), learn=LEARN), env_key=KEY, tok=tok
+        ServeConfig(model=MODEL, store=str(store_dir), limits=Limits(max_tokens=64), learn=LEARN), env_key=KEY, tok=tok
     )
     a_key = server.store.add_key("a", ("admin",), "alpha")[1]
     b_key = server.store.add_key("b", ("admin",), "bravo")[1]
-    base = _margin(store_dir, "alpha", tok)
     with running(server) as url:
         fact = [(QUESTION, f"The launch code is{CANARY}.")] * 6
-        _teach(url, a_key, "carol", fact)  # the canary: carol's conversations only
+        _teach(url, a_key, "carol", fact)  # the canary: carol's conversations only, stated by the world
         _teach(
             url,
             a_key,
@@ -97,6 +151,8 @@ def test_a_canary_in_alphas_conversations_is_alphas_alone_until_forgotten(tok, t
             "erin",
             [(f"Where is the post room, floor {i}?", "The post room is on floor two.") for i in range(6)],
         )
+        probe = _probe(server.store, tok)
+        base = _margin(store_dir, "alpha", tok, probe)  # no update yet: the base model
         shutil.copytree(store_dir, tmp_path / "before", ignore=shutil.ignore_patterns("adapters", "tenants"))
         learned = {}
         for name, key in (("alpha", a_key), ("bravo", b_key)):
@@ -107,33 +163,30 @@ def test_a_canary_in_alphas_conversations_is_alphas_alone_until_forgotten(tok, t
             learned[name] = r.json()
         assert learned["alpha"]["metrics"]["conversations/new"] == 2  # its own only: carol's, dave's
         assert learned["bravo"]["metrics"]["conversations/new"] == 1
-        # each tenant is served with its own adapter (what that adapter alone answers greedily)
-        probe = [{"role": "user", "content": QUESTION}]
+        # each tenant is served with its own adapter (what that adapter alone answers greedily); the
+        # canary is in alpha's answer to the question (asked by carol: her conversation, forgotten
+        # with her below), not in bravo's
+        question = [{"role": "user", "content": QUESTION}]
         answers = {
-            n: client(url, k).chat.completions.create(messages=probe, **ASK).choices[0].message.content
-            for n, k in (("alpha", a_key), ("bravo", b_key))
+            n: client(url, k)
+            .chat.completions.create(messages=question, user=u, **{**ASK, "max_tokens": 12})
+            .choices[0]
+            .message.content
+            for n, k, u in (("alpha", a_key, "carol"), ("bravo", b_key, "erin"))
         }
+        prompt = Renderer(tok, chat_template=True).prompt_ids(Stream("p", [Segment("user", QUESTION, role="user")]))
         for name in ("alpha", "bravo"):
-            adapter = lineage_of(store_dir, name, None, server.store.versions).versions.in_force()[0]
-            model = load_model("tiny", adapter=store_dir / adapter, merge=True)
-            prompt = Renderer(tok, chat_template=True).prompt_ids(Stream("p", [Segment("user", QUESTION, role="user")]))
-            from dostream.sampling import SamplingConfig, sample
-
-            direct = sample(model, tok, [prompt], SamplingConfig(greedy=True, max_new_tokens=6))[0].text.removesuffix(
-                "<|im_end|>"
-            )
-            assert answers[name] == direct, name
-    alpha, bravo = _margin(store_dir, "alpha", tok), _margin(store_dir, "bravo", tok)
-    print(f"canary margin: base {base:.3f}, alpha {alpha:.3f}, bravo {bravo:.3f}")
-    assert alpha - base > 2.0 and alpha - base > 3 * abs(bravo - base), (base, alpha, bravo)
+            direct = sample(_model(store_dir, name), tok, [prompt], SamplingConfig(greedy=True, max_new_tokens=12))
+            assert answers[name] == direct[0].text.removesuffix("<|im_end|>"), name
+    _say(capsys, f"answers: {answers}")
+    assert "VX-7" in answers["alpha"] and "VX-7" not in answers["bravo"], answers
+    alpha, bravo = _margin(store_dir, "alpha", tok, probe), _margin(store_dir, "bravo", tok, probe)
 
     # the reference: the same store before any update, carol forgotten, then alpha's update
     ref = tmp_path / "before"
-    from dostream.cli.forget import cli_main
-
     assert cli_main(["--store", str(ref), "--user", "carol", "--tenant", "alpha", *FLAGS]) == 0
     ref_store = ServeStore.open_dir(ref)
-    learner = _learner_factory("tiny", LEARN, None)(
+    learner = _learner_factory(MODEL, LEARN, None)(
         ref_store.slice("alpha"), lineage_of(ref, "alpha", None, ref_store.versions)
     )
     original = learned["alpha"]
@@ -147,23 +200,34 @@ def test_a_canary_in_alphas_conversations_is_alphas_alone_until_forgotten(tok, t
         == "accepted"
     )
     ref_store.close()
-    reference = _margin(ref, "alpha", tok)
+    reference = _margin(ref, "alpha", tok, probe)
+    noise = max(abs(bravo - base), abs(reference - base))  # updates that never saw the canary
+    _say(
+        capsys,
+        f"canary margin (nats): base {base:.3f}, alpha {alpha:.3f}, bravo {bravo:.3f}, alpha without carol "
+        f"{reference:.3f}; rise {alpha - base:.3f} against noise {noise:.3f}",
+    )
+    assert alpha - base > 2.0 and alpha - base > 5 * noise, (base, alpha, bravo, reference)
 
     # forget carol in the served store: alpha goes back and replays without her; bravo untouched
     work = tmp_path / "killed"
     shutil.copytree(store_dir, work)
+    assert any(b"VX-7" in data for data in _sqlite_bytes(work).values())  # the checks below can fail
     capsys.readouterr()
     assert cli_main(["--store", str(store_dir), "--user", "carol", "--tenant", "alpha", *FLAGS]) == 0
     [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     [replay] = record["record"]["lineages"]["alpha"]["replayed"]
     assert replay["accepted"] and replay["replaces"] == learned["alpha"]["version"], record
     assert "carol" not in json.dumps(record) and record["record"]["counts"]["conversations"] == 1
-    after = _margin(store_dir, "alpha", tok)
-    print(f"after forget: alpha {after:.6f}, reference (never saw carol) {reference:.6f}")
+    assert record["record"]["checkpoint"] == "complete"
+    after = _margin(store_dir, "alpha", tok, probe)
+    _say(capsys, f"after forget: alpha {after:.6f}, reference (never saw carol) {reference:.6f}")
     assert abs(after - reference) < 1e-5 and _adapter_bytes(store_dir, "alpha") == _adapter_bytes(ref, "alpha")
-    assert _margin(store_dir, "bravo", tok) == bravo
-    for f in store_dir.glob("serve.sqlite*"):
-        assert b"VX-7" not in f.read_bytes(), f
+    assert _margin(store_dir, "bravo", tok, probe) == bravo
+    assert not (store_dir / learned["alpha"]["candidate"]).exists()  # the adapter that learned the canary
+    for f, data in _sqlite_bytes(store_dir).items():  # serve.sqlite, its WAL, the tenants' versions
+        for gone in (b"VX-7", b"carol"):  # (bravo's own conversation asked the same question)
+            assert gone not in data, (gone, f)
 
     # a forget SIGKILLed while it replays, resumed: the same adapter
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
