@@ -83,7 +83,9 @@ def _tenants(argv: list[str]) -> int:
         "--store", required=True
     )
     show = sub.add_parser("show", help="one tenant: context, adapter, memory, keys, snapshots (JSON)")
-    rb = sub.add_parser("rollback", help="put a tenant's earlier snapshot back (adapter version and context)")
+    rb = sub.add_parser(
+        "rollback", help="put a tenant's earlier snapshot back (adapter version and context; not its memory)"
+    )
     st = sub.add_parser("set", help="set a tenant's system context (a new snapshot)")
     for p in (show, rb, st):
         p.add_argument("name", help="the tenant")
@@ -125,7 +127,9 @@ def _tenants(argv: list[str]) -> int:
             except (LookupError, ValueError) as e:
                 raise CliError(f"--snapshot: {str(e).strip(chr(39))}") from None
             reason = f"rollback to snapshot {target['id']}"
-            print(json.dumps(t.record_snapshot(store, name, line, mdir, reason, target["context"])))
+            print(
+                json.dumps(t.rolled_back(t.record_snapshot(store, name, line, mdir, reason, target["context"]), target))
+            )
     finally:
         store.close()
     return 0

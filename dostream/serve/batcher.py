@@ -34,8 +34,12 @@ Many adapters in one batch (`adapters`, a `sampling.adapters.AdapterPool`). A re
 LoRA adapter it is to be answered with in `Job.adapter`, a key unique per adapter and version
 (a tenant's `tenants/NAME/adapters/update-NNNNNN/adapter`), and where to load it from in
 `Job.adapter_dir` (a PEFT directory, read once, on the first request that names the key: the pool
-keeps it, least recently used first out under `--max-adapters` and `--adapter-cache-mb`). None,
-or the slot's own adapter name: the model in force, as before. Rows of named adapters decode on
+keeps it, least recently used first out under `--max-adapters` and `--adapter-cache-mb`). None:
+the model in force, as before; the slot's own adapter name: the slot's model while it holds that
+adapter (else the adapter per row, as any other); `BASE`: the base model with no adapter, whatever
+the slot holds (a tenant that never learned beside a default tenant whose slot holds a merged
+adapter: `serve/tenants.py`). The exchange records the adapter each row used (None: the base).
+Rows of named adapters decode on
 the pool's base model (the slot's model when it has no adapter merged, else the base loaded once
 beside it), all adapters in one decode: the base products are shared and each row adds its own
 adapter's delta (`cached_forward.CachedForward.many`), so a row draws what its adapter alone
@@ -86,6 +90,10 @@ class ModelSlot:
             self._value = (model, adapter, forward)
 
 
+# `Job.adapter` naming the base model with no adapter, whatever the slot holds (recorded as None).
+BASE = ""
+
+
 class Recordable(Protocol):
     def exchange(self, samples: list[Sample], adapter: str | None) -> Exchange: ...
 
@@ -109,8 +117,8 @@ class Job:
     cancelled: bool = False
     # Filled by the batcher.
     samples: list[Sample | None] = field(default_factory=list)
-    # The adapter to answer with: a key naming one adapter version (None: the model in force); the
-    # batcher sets it to the slot's adapter name where None, and the exchange records it.
+    # The adapter to answer with: a key naming one adapter version (None: the model in force; `BASE`:
+    # the base model); the batcher sets it to what the rows used (None: the base), the exchange records it.
     adapter: str | None = None
     adapter_dir: str | None = None  # the PEFT directory of `adapter`, loaded the first time the key is named
     _lora: object = None  # `sampling.adapters.Lora` of `adapter` (None: the slot's model as it is)
@@ -195,10 +203,11 @@ class Batcher:
 
     def submit(self, job: Job) -> Future:
         """Queue `job`; an adapter it names is loaded here, on the caller's thread, if not held."""
-        if job.adapter is not None and job.adapter != self.slot.get()[1]:
+        if job.adapter is not None and (job.adapter or None) != self.slot.get()[1]:
             if self.adapters is None:
                 raise ValueError(f"adapter {job.adapter!r}: this server serves only its model in force")
-            job._lora = self.adapters.get(job.adapter, job.adapter_dir)
+            if job.adapter != BASE:
+                job._lora = self.adapters.get(job.adapter, job.adapter_dir)
             self.adapters.base()  # loaded here on first use
         with self._lock:
             if self._waiting + job.n > self.max_queue:
@@ -260,14 +269,33 @@ class Batcher:
             self._warms.append(item)
 
     def _target(self, job: Job, current: tuple) -> tuple:
-        """The (model, adapter name, forward) `job`'s rows decode on: the slot's value, or for a job
-        with an adapter of its own the pool's base (the slot's value itself where that is the base)."""
-        if job._lora is None:
+        """The (model, adapter name, forward) `job`'s rows decode on: the slot's value (for a job
+        naming none, or naming the adapter the slot holds), else the pool's base (the slot's value
+        itself where that is the base; a copy with the adapter merged for models without
+        `CachedForward`)."""
+        if job.adapter is None or (job.adapter or None) == current[1]:
             return current
         base = self.adapters.base()
         if current[0] is base[0] and current[2] is not None:
             return current
+        if job.adapter == BASE:
+            return base
+        if job._lora is None:  # it named the slot's adapter, and the slot has swapped since: per row now
+            job._lora = self.adapters.get(job.adapter, job.adapter_dir)
         return self.adapters.target(job._lora)
+
+    def _first(self, waiting: deque, current: tuple) -> tuple | None:
+        """The target of the first job in line (None: none waits). A job whose adapter cannot be
+        loaded now (its directory gone: a forget rolled it back) fails alone; the next is first."""
+        while waiting:
+            try:
+                return self._target(waiting[0], current)
+            except Exception as e:
+                job = waiting.popleft()
+                with self._lock:
+                    self._waiting -= job.n
+                self._fail([job], e)
+        return None
 
     def _prefix_cache(self, want: tuple, current: tuple) -> PrefixCache | None:
         """The prefix cache of the decode about to start on `want`: one per value of the slot (a
@@ -298,7 +326,7 @@ class Batcher:
             if idle and not waiting and stopping:
                 break
             current = self.slot.get()
-            want = self._target(waiting[0], current) if waiting else current
+            want = self._first(waiting, current) or current
             if run is None or (run.active == 0 and want is not value):
                 self.prefixes = self._prefix_cache(want, current)
                 value = want
@@ -326,7 +354,7 @@ class Batcher:
             # the first in line decodes on this decode's model (the model in force, or the adapters' base).
             batch: list[Job] = []
             rows = run.active
-            while waiting and self._target(waiting[0], current) is value and (run.active == 0 or run.joinable):
+            while waiting and self._first(waiting, current) is value and (run.active == 0 or run.joinable):
                 job = waiting[0]
                 if batch or rows:
                     if rows + job.n > self.max_rows:
@@ -385,11 +413,13 @@ class Batcher:
         self._commits.put(None)
 
     def _admit(self, run: Decode, batch: list[Job], adapter: str | None) -> None:
+        """Add `batch`'s rows to `run`, a decode on a model whose own adapter is `adapter` (None: the
+        base): a job naming another adapter adds it per row; each job records what its rows use."""
         prompts, seeds, configs, tags, hooks, grammars, loras = [], [], [], [], [], [], []
         for job in batch:
             job.samples, job._left = [None] * job.n, job.n
-            if job._lora is None:  # the model in force, under its adapter's name
-                job.adapter = adapter
+            lora = job._lora if job.adapter and job.adapter != adapter else None
+            job.adapter = adapter if lora is None else job.adapter  # what its rows use, recorded
             for j in range(job.n):
                 prompts.append(job.prompt)
                 seeds.append((job.config.seed, j))
@@ -397,7 +427,7 @@ class Batcher:
                 tags.append((job, j))
                 hooks.append(_hook(job, j) if job.on_token is not None else None)
                 grammars.append(job.grammar)
-                loras.append(job._lora)
+                loras.append(lora)
         # (on a copy with the adapter merged, where the model has no CachedForward: none per row)
         adapters = loras if run.forward is not None and any(a is not None for a in loras) else None
         run.add(prompts, seeds, configs, tags, hooks=hooks, grammars=grammars, adapters=adapters)

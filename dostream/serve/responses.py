@@ -33,6 +33,7 @@ from dostream.serve.protocol import (
     _number,
     bad,
     conversation_id,
+    not_found,
     response_format,
 )
 from dostream.serve.record import StreamedContent
@@ -268,15 +269,19 @@ def _renamed(e: ApiError, where: list[str], offset: int) -> ApiError:
     return ApiError(e.status, message, type=e.type, param=new, code=e.code)
 
 
-def _parent(server, req: ChatRequest, own: dict, where: list[str]) -> tuple[tuple[int, int] | None, str | None, int]:
-    """The recorded choice `previous_response_id` names, its conversation, and how many leading
-    messages were dropped as already recorded (the same `instructions` sent again)."""
+def _parent(
+    server, req: ChatRequest, own: dict, where: list[str], tenant: str
+) -> tuple[tuple[int, int] | None, str | None, int]:
+    """The recorded choice `previous_response_id` names (one of `tenant`'s: another tenant's is
+    the same 404 as an id that does not exist, naming the field, never the value), its
+    conversation, and how many leading messages were dropped as already recorded (the same
+    `instructions` sent again)."""
     rid = own["previous_response_id"]
     if rid is None:
         return None, None, 0
-    found = server.store.exchange(rid)
+    found = server.store.exchange(rid, tenant)
     if found is None:
-        raise bad("previous_response_id", f"no response {rid!r} here")
+        raise not_found("previous_response_id")
     seq, conv, _ = found
     path = server.store.path_segments(seq, 0)
     recorded = next((s.meta["tools"] for s in path if "tools" in s.meta), [])
@@ -298,17 +303,18 @@ def _parent(server, req: ChatRequest, own: dict, where: list[str]) -> tuple[tupl
     return (seq, 0), conv, dropped
 
 
-async def respond(server, key: str, body: Any, header_conversation: str | None):
-    """The handler of `POST /v1/responses` (registered in `serve/routes.py`)."""
+async def respond(server, key: str, body: Any, header_conversation: str | None, tenant):
+    """The handler of `POST /v1/responses` (registered in `serve/routes.py`), for `key` acting
+    for `tenant` (a `serve.tenants.Tenant`)."""
     req, where, own = parse_responses(body, server.cfg.limits)
     if req.model != server.cfg.model:
         raise ApiError(404, f"The model '{req.model}' does not exist", param="model", code="model_not_found")
     named = conversation_id(header_conversation, req)
-    parent, conv, _ = await run_in_threadpool(_parent, server, req, own, where)
+    parent, conv, _ = await run_in_threadpool(_parent, server, req, own, where, tenant.name)
     if parent is not None and named is not None and named != conv:
         raise bad("previous_response_id", f"belongs to conversation {conv!r}, not {named!r}")
     try:
-        pending = await run_in_threadpool(server.prepare, req, conv or named, key, parent=parent)
+        pending = await run_in_threadpool(tenant.prepare, req, conv or named, key, parent=parent)
     except ApiError as e:
         raise _renamed(e, where, 0) from None
     pending.id = "resp_" + secrets.token_hex(24)
@@ -319,7 +325,7 @@ async def respond(server, key: str, body: Any, header_conversation: str | None):
         loop = asyncio.get_running_loop()
         job.on_token = lambda choice, token: loop.call_soon_threadsafe(tokens.put_nowait, (choice, token))
     try:
-        future = server.batcher.submit(job)
+        future = await run_in_threadpool(server.batcher.submit, job)  # may load an adapter: off the loop
     except Overloaded as e:
         raise ApiError(503, f"server overloaded: {e}; retry later", type="server_error") from None
     head = response_head(server, pending, req, own)

@@ -161,7 +161,7 @@ async def chat(request: Request):
             tokens.put_nowait, (choice, token, *scored)
         )
     try:
-        future = server.batcher.submit(job)
+        future = await run_in_threadpool(server.batcher.submit, job)  # may load an adapter: off the loop
     except Overloaded as e:
         raise ApiError(503, f"server overloaded: {e}; retry later", type="server_error") from None
     headers = {"X-Conversation-Id": pending.conversation}
@@ -195,9 +195,9 @@ async def completions(request: Request):
 @router.post("/v1/responses")
 async def responses(request: Request):
     """OpenAI's Responses API, translated onto the chat path (`serve/responses.py`)."""
-    key = key_for(request, "chat")
+    who, tenant = tenant_for(request, "chat")
     body = await body_of(request)
-    return await respond(server_of(request), key, body, request.headers.get("x-conversation-id"))
+    return await respond(server_of(request), who.key, body, request.headers.get("x-conversation-id"), tenant)
 
 
 @router.websocket("/v1/realtime")

@@ -18,18 +18,29 @@ memory is `--memory DIR`. Another tenant NAME has
 Each tenant runs the one learning cycle through its own `serve.learn.Learner` (its slice: it
 trains only on its own conversations and is gated on its own rewarded replies and the control
 set), swaps its own `ModelSlot`, rolls back its own lineage. `rollback` puts a snapshot back as a
-unit: the adapter version and the context (the memory version is recorded; notes admitted since
-are not retired yet: the memory has no rollback).
+unit: the adapter version and the context. Not the memory: a snapshot records the memory's version
+(its newest note's id), but `memory.store.Memory` has no rollback (no status that takes a note out
+of retrieval and can put it back), so notes admitted since stay active, and the rollback's answer
+says so (`rolled_back`: `not_restored: ["memory"]`, the memory's version now and at the snapshot).
 
 Serving a tenant's adapter. A request carries its tenant in `Job.pending.tenant` (`Pending`,
-`serve/exchange.py`); `Engines.submit` sends it to the engine of that tenant's model: the
-default batcher while the tenant's slot holds the very model object the default slot holds (no
-update of its own: the adapter the server started with), else a `Batcher` of its own over its own
-slot (one more model in memory and one more sampling thread per tenant that learned; rows of
-different tenants do not share a decode step). Mixed-adapter batching (issue 35 item 3) replaces
-that routing: a job is to be decoded with `Tenants.get(job.pending.tenant).slot.get()`, the
-(model, adapter name, forward) that tenant has in force, the adapter name being unique per tenant
-and version (`tenants/NAME/adapters/update-NNNNNN/adapter`, relative to the store).
+`serve/exchange.py`); `Engines.submit` names the adapter the tenant has in force now on the job
+(`Tenants.adapter_of`: `Job.adapter`, the key exchanges record, unique per tenant and version,
+`tenants/NAME/adapters/update-NNNNNN/adapter` relative to the store; `Job.adapter_dir`, where to
+load it from) and sends it to the server's one engine: rows of every tenant decode together, each
+with its own adapter's delta on the shared base (`serve/batcher.py`, loaded on first use, least
+recently used first out under `--max-adapters`/`--adapter-cache-mb`). The default tenant's jobs
+name no adapter: the model in force, the slot's (a merged adapter after an update: no per-row cost
+for a server of one tenant). A tenant with no adapter (the base model: it never learned and the
+server was started without `--adapter`) names `batcher.BASE`, so it is answered by the base even
+while the default tenant's slot holds a merged adapter. A tenant's new version is a new key: its
+rows already decoding finish on the version they started with, rows submitted after it was
+recorded decode on the new one. A tenant's own `ModelSlot` (the base with its adapter merged, what
+its gate's and memory's tests and prompt scoring use) loads on first use, not to serve it. Where the
+one engine cannot add a tenant's adapter per row (an `--adapter` that is a LoRA variant, DoRA and
+the like) the tenant gets a `Batcher` of its own over its slot (one more model and sampling thread:
+correct, not mixed); `--engine vllm` serves the default tenant's adapter only (501 for another
+tenant whose adapter is not the default's).
 """
 
 from __future__ import annotations
@@ -174,6 +185,20 @@ def snapshot_target(store: ServeStore, name: str, snapshot: int | None) -> dict[
     return found
 
 
+def rolled_back(row: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """What a rollback to snapshot `target` answers: the snapshot it recorded (`row`), what it put
+    back (`restored`: the adapter version and the context) and what it did not (`not_restored`:
+    the memory, which has no rollback: notes admitted since the snapshot stay active; `memory` is
+    the memory's version now, `memory_at_snapshot` the snapshot's)."""
+    return {
+        **row,
+        "snapshot": target["id"],
+        "restored": ["adapter", "context"],
+        "not_restored": ["memory"],
+        "memory_at_snapshot": target["memory"],
+    }
+
+
 # -- the served tenants ---------------------------------------------------------------------------
 
 
@@ -239,16 +264,10 @@ class Tenants:
         lineage = lineage_of(cfg.store, name, s.lineage.start, s.store.versions)
         path, adapter_name = serving_adapter(lineage)
         model, name0, forward = s.slot.get()
-        if adapter_name != name0:  # its own adapter in force: its own model
-            model, forward = s.load(path), None
-            if cfg.fast_step:
-                import torch
-
-                from dostream.cached_forward import CachedForward
-
-                with torch.inference_mode():
-                    forward = CachedForward.build(model)
-        slot = ModelSlot(model, adapter_name, forward=forward)
+        if adapter_name == name0:  # the default tenant's model in force: shared
+            slot = ModelSlot(model, adapter_name, forward=forward)
+        else:  # its own adapter, merged into a model of its own the first time something reads it
+            slot = LazySlot(lambda: s.load(path), adapter_name, fast_step=cfg.fast_step)
         mdir = memory_dir(cfg.memory, name)
         memory = None if mdir is None else ServedMemory(mdir, cfg.memory_k, slot, s.tok)
         piece = self.store.slice(name)
@@ -296,15 +315,17 @@ class Tenants:
 
     def rollback(self, name: str, snapshot: int | None) -> dict[str, Any]:
         """Put snapshot `snapshot` of tenant `name` back as a unit: its adapter version (swapped in
-        as `POST /v1/adapters/rollback` does) and its context. Raises LookupError / ValueError."""
+        as `POST /v1/adapters/rollback` does) and its context; not its memory (`rolled_back`).
+        Raises LookupError / ValueError."""
         t = self.get(name)
         with self._lock:
             target = snapshot_target(self.store, name, snapshot)
             if target["version"] != t.lineage.versions.in_force()[1]:
                 t.learner.rollback(target["version"])
-            return record_snapshot(
+            row = record_snapshot(
                 self.store, name, t.lineage, t.memory_dir, f"rollback to snapshot {target['id']}", target["context"]
             )
+            return rolled_back(row, target)
 
     def adapter_of(self, name: str) -> tuple[str | None, Path | None]:
         """(key, directory) of the adapter tenant `name` is to be served with now: the key is the
@@ -316,21 +337,37 @@ class Tenants:
         return key, path
 
     # -- engines ----------------------------------------------------------------------------------
-    def engine_of(self, name: str):
-        """The engine that serves tenant `name` now (see the module doc)."""
+    def route(self, job):
+        """The engine that decodes `job` (see the module doc), `job.adapter` and `job.adapter_dir`
+        set to what its tenant is served with now."""
+        from dostream.serve.batcher import BASE, Batcher
+
         s = self.server
-        t = self.get(name)
-        if name == DEFAULT_TENANT or t.slot.get()[0] is s.slot.get()[0]:
+        name = getattr(job.pending, "tenant", DEFAULT_TENANT)
+        if name == DEFAULT_TENANT:
             return s.engine
-        if s.cfg.engine == "vllm":
+        key, path = self.adapter_of(name)
+        if not isinstance(s.engine, Batcher):  # --engine vllm: one adapter, the default tenant's
+            if key == s.slot.get()[1]:
+                return s.engine
             raise ApiError(
                 501, "--engine vllm serves the default tenant's adapter only (per-tenant adapters: not yet)",
                 type="server_error",
             )  # fmt: skip
+        t = self.get(name)
+        if t.engine is None:
+            job.adapter = BASE if key is None else key
+            job.adapter_dir = None if path is None else str(path)
+        return s.engine if t.engine is None else t.engine
+
+    def own_engine(self, name: str):
+        """Tenant `name`'s own `Batcher` over its slot: where the server's engine cannot add its
+        adapter per row (a LoRA variant)."""
+        from dostream.serve.batcher import Batcher
+
+        s, t = self.server, self.get(name)
         with self._lock:
             if t.engine is None:
-                from dostream.serve.batcher import Batcher
-
                 cfg = s.cfg
                 t.engine = Batcher(
                     t.slot, s.tok, s.store, max_rows=cfg.max_batch_rows, gather_s=cfg.gather_ms / 1000,
@@ -341,10 +378,41 @@ class Tenants:
             return t.engine
 
 
+class LazySlot:
+    """A tenant's `ModelSlot` whose model (the base with its adapter merged) is loaded the first
+    time it is read: its requests are decoded by the server's engine with the adapter per row, so
+    only its gate, its memory's tests, prompt scoring and an engine of its own read it."""
+
+    def __init__(self, load, adapter: str | None, *, fast_step: bool = True):
+        from dostream.serve.batcher import ModelSlot
+
+        self._slot, self._load, self._adapter, self._fast = ModelSlot(None, adapter), load, adapter, fast_step
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[object, str | None, object]:
+        with self._lock:
+            if self._load is not None:
+                import torch
+
+                from dostream.cached_forward import CachedForward
+
+                model = self._load()
+                with torch.inference_mode():
+                    forward = CachedForward.build(model) if self._fast else None
+                self._slot.swap(model, self._adapter, forward=forward)
+                self._load = None
+        return self._slot.get()
+
+    def swap(self, model, adapter: str | None, *, forward=None) -> None:
+        with self._lock:
+            self._load = None
+            self._slot.swap(model, adapter, forward=forward)
+
+
 class Engines:
-    """`Server.batcher`: the `serve.engine.Engine` every route submits to, sending each job to its
-    tenant's engine (`Tenants.engine_of(job.pending.tenant)`). Counters and anything else are the
-    default engine's."""
+    """`Server.batcher`: the `serve.engine.Engine` every route submits to: each job with its
+    tenant's adapter named, to the server's engine (`Tenants.route`). Counters and anything else
+    are the default engine's."""
 
     def __init__(self, default, tenants: Tenants):
         object.__setattr__(self, "_default", default)
@@ -356,14 +424,19 @@ class Engines:
     def __setattr__(self, name: str, value) -> None:
         setattr(self._default, name, value)
 
-    def _of(self, job):
-        return self._tenants.engine_of(getattr(job.pending, "tenant", DEFAULT_TENANT))
-
     def submit(self, job):
-        return self._of(job).submit(job)
+        engine = self._tenants.route(job)
+        try:
+            return engine.submit(job)
+        except ValueError:  # an adapter the engine cannot add per row (a LoRA variant): its tenant's own engine
+            if job.adapter is None:
+                raise
+            job.adapter = job.adapter_dir = job._lora = None
+            return self._tenants.own_engine(job.pending.tenant).submit(job)
 
     def cancel(self, job) -> None:
-        self._of(job).cancel(job)
+        tenant = self._tenants.get(getattr(job.pending, "tenant", DEFAULT_TENANT))
+        (tenant.engine or self._default).cancel(job)
 
     def start(self) -> None:
         self._default.start()
