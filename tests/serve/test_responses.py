@@ -156,7 +156,6 @@ def test_a_streamed_function_call(tool_server):
         ({"reasoning": {"effort": "high"}}, "reasoning"),
         ({"include": ["reasoning.encrypted_content"]}, "include"),
         ({"max_output_tokens": 65}, "max_output_tokens"),
-        ({"previous_response_id": "resp_nope"}, "previous_response_id"),
         ({"tool_choice": {"type": "function", "name": "mul"}, "tools": FLAT}, "tool_choice.name"),
         ({"temperature": 3}, "temperature"),
     ],
