@@ -19,10 +19,10 @@ the update taught the fact (the planted conversation up to the world's "The laun
 `_probe`): a user segment followed by an `environment` one renders as ONE user turn, closed, so
 the earlier probe scored the canary after "<|im_end|>", a context no update trains.
 
-Not covered here: the memory's notes and counts of the user (`--memory`). Distilled after the
-update, the canary's note is not admitted (the adapter already predicts it: the note adds nothing);
-distilled before, it is retrieved into alpha's prompts and the answers would no longer be the
-adapter's alone.
+The memory's notes and counts of the user (`--memory`) are the second test's, on a server that
+does not learn: distilled after the update the canary's note is not admitted (the adapter already
+predicts it: the note adds nothing), and distilled before it it would be retrieved into alpha's
+prompts and the answers would no longer be the adapter's alone.
 
 The bar, from measured noise: the margin's shift under an update that never saw the canary
 (bravo's, and alpha's without carol: the reference) is the noise; it comes from learning the
@@ -255,3 +255,55 @@ def test_a_canary_in_alphas_conversations_is_alphas_alone_until_forgotten(tok, t
     assert _adapter_bytes(work, "alpha") == _adapter_bytes(store_dir, "alpha")
     statuses = sqlite3.connect(work / "serve.sqlite").execute("SELECT status FROM forgets").fetchall()
     assert statuses == [("done",)]
+
+
+def test_forget_user_takes_her_notes_and_counts_out_of_the_tenants_memory_file(tok, tmp_path, capsys):
+    """`dostream forget --user --memory`: the note distilled from carol's conversations (the world's
+    statement of the canary) and the counts of her using notes are gone from alpha's memory file and
+    its WAL; dave's note stays. Distilled on the base model (no update: a note is admitted when it
+    helps the model in force predict the world)."""
+    store_dir, memory = tmp_path / "store", tmp_path / "memory"
+    config = ServeConfig(model=MODEL, store=str(store_dir), limits=Limits(max_tokens=64), memory=str(memory))
+    server = Server(config, env_key=KEY, tok=tok)
+    a_key = server.store.add_key("a", ("admin",), "alpha")[1]
+    with running(server) as url:
+        _teach(url, a_key, "carol", [(QUESTION, f"The launch code is{CANARY}.")] * 4)
+        _teach(
+            url,
+            a_key,
+            "dave",
+            [(f"When does the canteen open, day {i}?", "The canteen opens at nine.") for i in range(4)],
+        )
+        auth = {"Authorization": f"Bearer {a_key}"}
+        r = httpx.post(url + "/v1/memory/distill", json={"wait": True}, headers=auth, timeout=600)
+        _say(capsys, f"distill: {r.json()}")
+        assert r.status_code == 200 and r.json()["admitted"] >= 1, r.text
+        question = [{"role": "user", "content": QUESTION}]
+        client(url, a_key).chat.completions.create(messages=question, user="carol", **ASK)  # retrieves, counts her
+        notes = httpx.get(url + "/v1/memory", headers=auth).json()["data"]
+    _say(capsys, f"notes: {[n['text'] for n in notes]}")
+    files = _sqlite_bytes(memory)
+    assert any(b"VX-7" in d for d in files.values()) and any(b"carol" in d for d in files.values()), files.keys()
+    mem = sqlite3.connect(memory / "tenants/alpha/memory.sqlite")
+    assert mem.execute("SELECT COUNT(*) FROM counts WHERE user = 'carol'").fetchone()[0] >= 1  # her use, counted
+    mem.close()
+    capsys.readouterr()
+    assert cli_main(["--store", str(store_dir), "--memory", str(memory), "--user", "carol", "--tenant", "alpha"]) == 0
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["record"]["notes_forgotten"] >= 1, record
+    mem = sqlite3.connect(memory / "tenants/alpha/memory.sqlite")
+    assert mem.execute("SELECT COUNT(*) FROM counts WHERE user = 'carol'").fetchone() == (0,)
+    assert mem.execute("SELECT COUNT(*) FROM links WHERE user = 'carol'").fetchone() == (0,)
+    kept = [json.loads(a or "{}") for (a,) in mem.execute("SELECT admission FROM notes WHERE status = 'active'")]
+    mem.close()
+    assert any(b"canteen opens at nine" in d for d in _sqlite_bytes(memory).values())  # dave's note stays
+    files = {**_sqlite_bytes(memory), **_sqlite_bytes(store_dir)}
+    for f, data in files.items():
+        assert b"VX-7" not in data, f
+    for f, data in _sqlite_bytes(store_dir).items():
+        assert b"carol" not in data, f
+    # her stream ids ("alpha:carol#0.0": `user` names the conversation) are still listed in the
+    # admission record of dave's kept note, among the streams it was tested on
+    if any(b"carol" in data for data in _sqlite_bytes(memory).values()):
+        assert "carol" in json.dumps(kept)  # there, and only there
+        pytest.xfail("issue 35: Memory.forget leaves the forgotten streams' ids in kept notes' admission records")
