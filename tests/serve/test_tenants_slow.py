@@ -27,7 +27,7 @@ prompts and the answers would no longer be the adapter's alone.
 The bar, from measured noise: the margin's shift under an update that never saw the canary
 (bravo's, and alpha's without carol: the reference) is the noise; it comes from learning the
 form of the world's turn ("The launch code is ..."), not the fact. On this store at these
-settings, update seeds 0, 1, 2 (2026-12-07, the 2-core AVX2 machine, fp32): base margin 4.72
+settings, update seeds 0, 1, 2 (2026-12-07, a 2-core AMD EPYC with AVX-512, fp32): base margin 4.72
 nats; alpha's rise 38.7, 37.3, 35.9; the noise (the larger of the two shifts) 3.2, 3.9, 2.3; the
 rise / noise ratio 12, 9.6, 16. The test asks, in each run, alpha's rise > 5 x the noise measured
 in that run (half the smallest ratio seen) and > 2 nats (the issue's bar: odds x 7.4).
