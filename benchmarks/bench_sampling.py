@@ -26,7 +26,7 @@ from dostream.device import torch_dtype
 
 def runnable_dtypes(dtypes) -> tuple[str, ...]:
     """`dtypes` less bf16 where this CPU only emulates it (it would run for hours): said on stderr."""
-    from dostream.train import BF16_EMULATED, bf16_speedup
+    from dostream.device import BF16_EMULATED, bf16_speedup
 
     speed = bf16_speedup("cuda" if torch.cuda.is_available() else "cpu")
     if "bf16" in dtypes and speed < BF16_EMULATED:

@@ -102,7 +102,7 @@ def test_left_padding_alone_equals_in_batch(decisive, tok, prompts):
 @pytest.mark.parametrize("greedy", [True, False])
 def test_stop_strings_and_eos_per_row(decisive, tok, prompts, greedy):
     model = decisive
-    cfg = SamplingConfig(greedy=greedy, temperature=0.7, max_new_tokens=16, seed=5)
+    cfg = SamplingConfig(greedy=greedy, temperature=0.7, max_new_tokens=16, seed=5, precision="fp32")
     free = sample(model, tok, prompts, cfg)
     # A stop string that row 0 completes at its 6th token (the token's own text, first seen there).
     target = free[0].token_ids
@@ -120,7 +120,13 @@ def test_stop_strings_and_eos_per_row(decisive, tok, prompts, greedy):
         tok,
         prompts,
         SamplingConfig(
-            greedy=greedy, temperature=0.7, max_new_tokens=16, seed=5, stop=(stop,), eos_token_ids=(eos_id,)
+            greedy=greedy,
+            temperature=0.7,
+            max_new_tokens=16,
+            seed=5,
+            precision="fp32",
+            stop=(stop,),
+            eos_token_ids=(eos_id,),
         ),
     )
     assert out[0].finish_reason == "stop" and out[0].token_ids == target[: k + 1]

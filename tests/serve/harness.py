@@ -75,7 +75,9 @@ def decisive_model(tok, seed: int = 0):
 def served(tok, tmp_path_factory):
     store = tmp_path_factory.mktemp("serve")
     server = Server(
-        ServeConfig(model="tiny", store=str(store), limits=Limits(max_body=64_000, max_tokens=64, max_n=4)),
+        ServeConfig(
+            model="tiny", store=str(store), precision="fp32", limits=Limits(max_body=64_000, max_tokens=64, max_n=4)
+        ),
         env_key=KEY,
         model=decisive_model(tok),
         tok=tok,
@@ -160,7 +162,7 @@ def tool_server(tok, tmp_path_factory):
     call = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
     script = tok(call, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     server = Server(
-        ServeConfig(model="tiny", store=str(tmp_path_factory.mktemp("tools")), fast_step=False),
+        ServeConfig(model="tiny", store=str(tmp_path_factory.mktemp("tools")), precision="fp32", fast_step=False),
         env_key=KEY,
         model=Scripted(tiny_model(), script),
         tok=tok,

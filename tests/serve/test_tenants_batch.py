@@ -102,7 +102,7 @@ def fleet(tok, tmp_path_factory):
 def _alone(model, tok, stream: Stream, n: int) -> list[int]:
     """What `model` alone draws greedily for the recorded prompt of `stream`'s last agent turn."""
     prompt = Renderer(tok, chat_template=True).prompt_ids(Stream(stream.id, stream.segments[:-1]))
-    return sample(model, tok, [prompt], SamplingConfig(greedy=True, max_new_tokens=n))[0].token_ids
+    return sample(model, tok, [prompt], SamplingConfig(greedy=True, max_new_tokens=n, precision="fp32"))[0].token_ids
 
 
 def _ask(url: str, key: str, text: str, n: int = 8, **kw):
