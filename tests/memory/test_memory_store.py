@@ -117,6 +117,29 @@ def test_forget_by_stream_removes_its_notes_and_counts(tmp_path):
     assert b"Zanzibarian" not in raw and b"zanzibarian" not in raw
 
 
+def test_forget_takes_the_sources_stream_ids_out_of_kept_notes_admission_records(tmp_path):
+    """A kept note's admission record lists the streams it was tested on; forgetting a stream (or
+    a user, by the streams of their links) takes those ids and their per-stream figures out of it,
+    parts `ID#...` included, and leaves them nowhere in the file."""
+    import json
+
+    mem = Memory.open_dir(tmp_path)
+    a, b = discount_stream(0, "pilot", user="quillon"), discount_stream(1, "nurse")
+    admission = {
+        "covered": {"delta": 0.3, "n": 2, "streams": ["d0#0.0", "d1"], "per_stream": [0.4, 0.2]},
+        "others": {"delta": 0.0, "n": 1, "streams": ["d0"], "per_stream": [0.0]},
+    }
+    mem.add("Zanzibar", "extractive", evidence=[Cite(a, 5)])  # a's own note, forgotten with it
+    kept = mem.add(RULE, "extractive", evidence=[Cite(b, 5)], admission=admission)
+    mem.forget(user="quillon")
+    record = json.loads(mem.db.execute("SELECT admission FROM notes WHERE id = ?", (kept,)).fetchone()[0])
+    assert record["covered"]["streams"] == ["d1"] and record["covered"]["per_stream"] == [0.2]
+    assert record["others"]["streams"] == [] and record["others"]["per_stream"] == []
+    assert mem.note(kept).status == "active"
+    mem.close()
+    assert b'"d0' not in b"".join(p.read_bytes() for p in tmp_path.iterdir())
+
+
 def test_forget_by_user_and_by_key():
     mem = Memory(":memory:")
     a = discount_stream(0, "pilot", user="alice")

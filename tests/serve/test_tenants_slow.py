@@ -302,8 +302,8 @@ def test_forget_user_takes_her_notes_and_counts_out_of_the_tenants_memory_file(t
         assert b"VX-7" not in data, f
     for f, data in _sqlite_bytes(store_dir).items():
         assert b"carol" not in data, f
-    # her stream ids ("alpha:carol#0.0": `user` names the conversation) are still listed in the
-    # admission record of dave's kept note, among the streams it was tested on
-    if any(b"carol" in data for data in _sqlite_bytes(memory).values()):
-        assert "carol" in json.dumps(kept)  # there, and only there
-        pytest.xfail("issue 35: Memory.forget leaves the forgotten streams' ids in kept notes' admission records")
+    # nor her stream ids ("alpha:carol#0.0": `user` names the conversation) in the admission record
+    # of dave's kept note, among the streams it was tested on (Memory.forget rewrites it)
+    assert "carol" not in json.dumps(kept)
+    for f, data in _sqlite_bytes(memory).items():
+        assert b"carol" not in data, f
