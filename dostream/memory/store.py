@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dostream.memory.scrub import admissions_without
 from dostream.sqlite import connect, open_read_only, transaction
 from dostream.stream import _WORLD, Segment, Stream  # noqa: F401  (Segment: the doctest)
 
@@ -348,32 +349,6 @@ class Memory:
             ]
         )
 
-    def _admissions_without(self, sources: set[str], skip: set[int]) -> list[tuple[str, tuple]]:
-        """Statements rewriting each note's admission record (but those in `skip`) without the
-        `sources` streams' ids (a stream id, or one of its parts `ID#...`) in its `covered` and
-        `others` lists, with their per-stream figures; the pooled figures stay (numbers, no ids)."""
-
-        def hit(sid: str) -> bool:
-            return sid in sources or sid.split("#", 1)[0] in sources
-
-        out = []
-        for nid, adm in self.db.execute("SELECT id, admission FROM notes WHERE admission IS NOT NULL"):
-            if nid in skip or not sources:
-                continue
-            record, changed = json.loads(adm), False
-            for part in ("covered", "others"):
-                p = record.get(part) if isinstance(record, dict) else None
-                ids = (p or {}).get("streams") or []
-                keep = [i for i, sid in enumerate(ids) if not hit(sid)]
-                if len(keep) < len(ids):
-                    per = p.get("per_stream")
-                    if isinstance(per, list) and len(per) == len(ids):
-                        p["per_stream"] = [per[i] for i in keep]
-                    p["streams"], changed = [ids[i] for i in keep], True
-            if changed:
-                out.append(("UPDATE notes SET admission = ? WHERE id = ?", (json.dumps(record), nid)))
-        return out
-
     def forget(self, *, stream: str | None = None, user: str | None = None, key: str | None = None) -> list[int]:
         """Remove every link and count that came from the source (exactly one of stream, user, key).
         Notes written from it, or left with no evidence, become `forgotten` tombstones (text erased).
@@ -407,16 +382,10 @@ class Memory:
             for n in sorted(touched - set(gone))
             if self._note_row(n)[3] == "active"
         ]
-        # the source's stream ids out of kept notes' admission records (the streams a note was tested on)
-        sources = (
-            {value}
-            if col == "stream"
-            else {s for (s,) in self.db.execute(f"SELECT DISTINCT stream FROM links WHERE {col} = ?", (value,))}
-        )
         marks = ",".join("?" * len(gone))
         self._tx(
             [
-                *self._admissions_without(sources, set(gone)),
+                *admissions_without(self.db, col, value, set(gone)),  # the streams kept notes were tested on
                 (f"DELETE FROM links WHERE {col} = ? OR note IN ({marks})", (value, *gone)),
                 (f"DELETE FROM counts WHERE {col} = ? OR note IN ({marks})", (value, *gone)),
                 (f"DELETE FROM notes_fts WHERE rowid IN ({marks})", tuple(gone)),
