@@ -169,3 +169,35 @@ def tool_server(tok, tmp_path_factory):
     )
     with running(server) as url:
         yield SimpleNamespace(url=url, server=server, store=server.store)
+
+
+def wait_for(what, timeout: float = 120):
+    """Poll `what()` until it is truthy; returns it."""
+    deadline = time.monotonic() + timeout
+    while not (found := what()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+    return found
+
+
+def random_lora(base, seed: int, where=None):
+    """A PEFT LoRA of a copy of `base` on every linear layer with random weights (N(0, 0.6): its
+    answers differ from the base's), saved at `where` if given; returns the `PeftModel` (the
+    reference: that adapter alone)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        ).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0, 0.6)
+    if where is not None:
+        model.save_pretrained(where)
+    return model

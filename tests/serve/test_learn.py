@@ -15,13 +15,12 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from types import SimpleNamespace
 
 import httpx
 import pytest
-from harness import KEY, _free_port, client, running, serve_process
+from harness import KEY, _free_port, client, running, serve_process, wait_for
 
 from dostream.models import load_model
 from dostream.render import Renderer
@@ -75,15 +74,6 @@ def _direct(adapter, tok, *texts: str) -> list[str]:
     prompts = [renderer.prompt_ids(Stream("p", [Segment("user", t, role="user")])) for t in texts]
     out = sample(model, tok, prompts, SamplingConfig(greedy=True, max_new_tokens=8))
     return [s.text.removesuffix("<|im_end|>") for s in out]
-
-
-def _wait(what, timeout: float = 120):
-    """Poll `what()` until it is truthy; returns it."""
-    deadline = time.monotonic() + timeout
-    while not (found := what()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-    return found
 
 
 # -- the pieces ------------------------------------------------------------------------------------
@@ -193,12 +183,12 @@ def test_an_update_swaps_in_under_16_concurrent_clients_without_a_failed_request
     for t in threads:
         t.start()
     try:
-        _wait(lambda: len(answered) >= 16 or failures)  # answers drawn before the update
+        wait_for(lambda: len(answered) >= 16 or failures)  # answers drawn before the update
         result = _learn(url)
         # requests keep coming after the swap: past the (at most 16) in flight at it, 32 more,
         # so that at least 16 are checked below to be the new adapter's
         after = len(answered)
-        _wait(lambda: len(answered) >= after + 48 or failures)
+        wait_for(lambda: len(answered) >= after + 48 or failures)
     finally:
         stop.set()
         for t in threads:
@@ -372,12 +362,12 @@ def test_sigkill_during_an_update_then_restart_serves_the_last_accepted_adapter(
     proc = _serve(store, port, every=20)
     try:
         _teach(url, 1, "a")  # enough new supervised tokens: the learner starts on its own
-        _wait(lambda: _listing(url)["current"]["version"] >= 1)
-        _wait(lambda: _listing(url)["running"] is None)
+        wait_for(lambda: _listing(url)["current"]["version"] >= 1)
+        wait_for(lambda: _listing(url)["running"] is None)
         _teach(url, 3, "b")
-        interrupted = _wait(lambda: _listing(url)["running"])
+        interrupted = wait_for(lambda: _listing(url)["running"])
         half = store / "adapters" / f"update-{interrupted['version']:06d}"
-        _wait(lambda: half.exists())  # inside the update: training has begun writing
+        wait_for(lambda: half.exists())  # inside the update: training has begun writing
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

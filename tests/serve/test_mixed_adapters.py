@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from harness import decisive_model
+from harness import decisive_model, random_lora
 
 from dostream.cached_forward import CachedForward
 from dostream.sampling import SamplingConfig, sample
@@ -33,23 +33,11 @@ class _Pending:
 def tenants(tok, tmp_path_factory):
     """A base model and three tenants' PEFT adapters of it, saved (what the pool loads) and kept
     as `PeftModel`s (the reference: each adapter alone)."""
-    from peft import LoraConfig, get_peft_model
-
     base = decisive_model(tok)
     root = tmp_path_factory.mktemp("adapters")
     peft, dirs = {}, {}
     for i in range(3):
-        with torch.random.fork_rng():
-            torch.manual_seed(20 + i)
-            model = get_peft_model(
-                copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-            ).eval()
-            with torch.no_grad():
-                for name, p in model.named_parameters():
-                    if "lora_" in name:
-                        p.normal_(0, 0.6)
-        peft[f"t{i}"], dirs[f"t{i}"] = model, root / f"t{i}"
-        model.save_pretrained(dirs[f"t{i}"])
+        peft[f"t{i}"], dirs[f"t{i}"] = random_lora(base, 20 + i, root / f"t{i}"), root / f"t{i}"
     return SimpleNamespace(base=base, peft=peft, dirs=dirs)
 
 

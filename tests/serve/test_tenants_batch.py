@@ -6,7 +6,6 @@ adapter; a new version of one tenant mid-decode leaves its running rows on their
 
 from __future__ import annotations
 
-import copy
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -14,8 +13,7 @@ from types import SimpleNamespace
 
 import openai
 import pytest
-import torch
-from harness import KEY, client, conv_of, running
+from harness import KEY, client, conv_of, random_lora, running
 
 from dostream.memory.store import Cite, Memory
 from dostream.models import load_model
@@ -31,24 +29,6 @@ PROMPTS = ["What is 2+2?", "Name a colour.", "Hi there, how", "Tell me a story"]
 TENANTS = ("alpha", "bravo", "plain")  # plain: no adapter of its own, the base model
 ALPHA_FACT = "The harbour vault opens with code 7731."
 DEFAULT_FACT = "The harbour vault opens with code 5150."
-
-
-def _adapter(base, seed: int, where) -> object:
-    """A PEFT LoRA adapter of `base` with random weights (its answers differ from the base's),
-    saved at `where`; returns the `PeftModel` (the reference: the adapter alone)."""
-    from peft import LoraConfig, get_peft_model
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-        ).eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.normal_(0, 0.6)
-    model.save_pretrained(where)
-    return model
 
 
 def install(lineage, step: int, model) -> str:
@@ -71,8 +51,8 @@ def fleet(tok, tmp_path_factory):
     refs["plain"] = base
     store = ServeStore.open_dir(store_dir)
     keys = {t: store.add_key(t, ("chat", "feedback"), t)[1] for t in TENANTS}
-    made = {"default": _adapter(base, 1, root / "d"), "alpha1": _adapter(base, 2, root / "a1")}
-    made.update(alpha=_adapter(base, 3, root / "a2"), bravo=_adapter(base, 4, root / "b"))
+    made = {"default": random_lora(base, 1, root / "d"), "alpha1": random_lora(base, 2, root / "a1")}
+    made.update(alpha=random_lora(base, 3, root / "a2"), bravo=random_lora(base, 4, root / "b"))
     lineages = {t: lineage_of(store_dir, t, None, store.versions) for t in ("default", "alpha", "bravo")}
     installed = {"default": install(lineages["default"], 1, made["default"])}
     installed["alpha1"] = install(lineages["alpha"], 1, made["alpha1"])

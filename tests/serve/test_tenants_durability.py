@@ -13,7 +13,7 @@ import threading
 
 import httpx
 import openai
-from harness import KEY, _free_port, client, running, serve_process
+from harness import KEY, _free_port, client, running, serve_process, wait_for
 
 from dostream.serve.app import ServeConfig, Server
 from dostream.serve.learn import LearnConfig
@@ -52,16 +52,6 @@ def _listing(url: str, tenant: str) -> dict:
     return httpx.get(url + "/v1/adapters", headers=_as(tenant), timeout=10).json()
 
 
-def _wait(what, timeout: float = 120):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not (found := what()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-    return found
-
-
 def _versions(store, tenant: str) -> list[tuple]:
     db = sqlite3.connect(store / "tenants" / tenant / "versions.sqlite")
     try:
@@ -88,8 +78,8 @@ def test_sigkill_during_a_tenants_update_then_restart(tmp_path, tok):
         _teach(url, key["alpha"], 3, "alpha-more", acked, feedback)
         _learn(url, "alpha", wait=False)
         half = store / "tenants" / "alpha" / "adapters" / "update-000002"
-        _wait(lambda: _listing(url, "alpha")["running"])
-        _wait(half.exists)  # inside alpha's update: training has begun writing
+        wait_for(lambda: _listing(url, "alpha")["running"])
+        wait_for(half.exists)  # inside alpha's update: training has begun writing
         stop = threading.Event()
 
         def bravo_chats() -> None:  # acknowledged while alpha trains, up to the kill
@@ -102,7 +92,7 @@ def test_sigkill_during_a_tenants_update_then_restart(tmp_path, tok):
         chatter = threading.Thread(target=bravo_chats)
         chatter.start()
         n = len(acked)
-        _wait(lambda: len(acked) >= n + 2)
+        wait_for(lambda: len(acked) >= n + 2)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
         stop.set()
