@@ -184,6 +184,7 @@ class Batcher:
         self.step_seconds = 0.0
         self.running = 0  # rows in the decode now
         self.warmed = 0  # prompt tokens prefilled ahead of their request (`warm`)
+        self.warms = 0  # prefills ahead asked for (`warm` calls)
         self.on_step: Callable[[float], None] | None = None  # called with each step's seconds
 
     def start(self) -> None:
@@ -221,6 +222,7 @@ class Batcher:
         waits for the step that runs before it: the cost to rows decoding is the prefill's time);
         a later request whose prompt begins with them prefills only the rest."""
         w = Warm(tuple(ids))
+        self.warms += 1
         self._q.put(w)
         return w.future
 

@@ -56,6 +56,17 @@ class ServeConfig:
         8, "adapters held for requests that name one (many adapters in one batch), least recently used out", min=1
     )
     adapter_cache_mb: float = opt(1024.0, "the most memory the adapters held may take, in MiB", gt=0.0)
+    prefill_ahead_tokens: int = opt(
+        32,
+        "sessions (WS /v1/realtime) prefilling typed text ahead: prefill once this many new tokens are typed "
+        "(fewer, larger prefills ahead: each one rides a decode step and re-extends the session's cached prefix)",
+        min=1,
+    )
+    prefill_ahead_idle_ms: float = opt(
+        300.0,
+        "sessions: prefill what is typed and not yet prefilled once the input pauses this long (0: never)",
+        min=0.0,
+    )
     memory: str | None = opt(
         None, "a memory directory (`dostream memory`): notes retrieved into prompts as context; /v1/memory"
     )

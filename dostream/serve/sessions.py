@@ -21,8 +21,10 @@ events, with dostream's `input_text_buffer.*` shaped on `input_audio_buffer.*`:
                                                     error {error: {type, code, message, param, event_id}}
 
 **Listen while thinking.** With `prefill: "streamed"` (the default) the typed text is prefilled
-into the server's prefix cache as it arrives (`Batcher.warm`, between decode steps, every
-`WARM_CHARS` new characters, the sessions waiting then prefilled together): the prompt the
+into the server's prefix cache as it arrives (`Batcher.warm`, riding a decode step, the sessions
+waiting then prefilled together), once `--prefill-ahead-tokens` new tokens have come (coalesced:
+each prefill ahead re-extends the session's cached prefix) or the input has paused for
+`--prefill-ahead-idle-ms`: the prompt the
 session's next answer will have, up to the user's text so far less its last word (a word still
 being typed may tokenize otherwise once it ends), so at `response.create` only the text since the
 last prefill and the template's closing are left. `on_commit` prefills nothing ahead (the
@@ -63,9 +65,6 @@ from dostream.serve.store import Exchange
 from dostream.stream import Segment, Stream
 
 PREFILL = ("streamed", "on_commit")
-# New characters typed (whole words, ~24 tokens of English) before the next prefill ahead: each is
-# one forward, whose cost on a CPU is mostly reading the weights, so words are not prefilled one by one.
-WARM_CHARS = 96
 _LAST_WORD = re.compile(r"\S*$")
 
 
@@ -142,7 +141,8 @@ class Session:
         self.answer: Answer | None = None
         self.answers: dict[str, int] = {}  # item id -> exchange seq (truncate)
         self._warming: asyncio.Future | None = None
-        self._rewarm = False
+        self._rewarm: str | None = None  # a chunk came while a prefill ahead ran: "more" (or "idle") after it
+        self._idle: asyncio.TimerHandle | None = None  # the prefill ahead when the input pauses
         self._warmed_chars = 0  # of the input buffer, prefilled ahead
 
     # -- the session's own view -------------------------------------------------------------
@@ -210,15 +210,18 @@ class Session:
         self.chunks.append((time.time(), delta))
         if self.settings["prefill"] == "streamed":
             self._warm()
+            self._pause_timer()
 
     async def _on_input_text_buffer_clear(self, event: dict):
         self.chunks, self._warmed_chars = [], 0
+        self._pause_timer(stop=True)
         yield {"type": "input_text_buffer.cleared"}
 
     async def _on_input_text_buffer_commit(self, event: dict):
         if not self.chunks:
             raise SessionError("input_text_buffer_commit_empty", "the input text buffer is empty")
         chunks, self.chunks, self._warmed_chars = self.chunks, [], 0
+        self._pause_timer(stop=True)
         async for out in self._commit(chunks):
             yield out
         yield {"type": "input_text_buffer.committed", "item_id": self._last_item}
@@ -264,7 +267,9 @@ class Session:
 
     def cancel(self) -> Answer | None:
         """Cancel the answer in progress, if any (it ends at the next decode step with what it
-        drew; what was sent until now is all it delivered); returns it."""
+        drew; what was sent until now is all it delivered); returns it. (The socket closing calls
+        it too: no prefill ahead waits for a pause any more.)"""
+        self._pause_timer(stop=True)
         a = self.answer
         if a is not None and not a.cancelled:
             a.cancelled, a.frozen = True, a.sent
@@ -414,30 +419,37 @@ class Session:
         await self.out({"type": "response.done", "response": response})
 
     # -- listening: prefill ahead ----------------------------------------------------------
-    def _warm(self) -> None:
-        """Prefill the next prompt up to the text typed so far (less its last word), one at a
-        time: a chunk that arrives while one prefills asks for one more after it."""
+    def _warm(self, idle: bool = False) -> None:
+        """Prefill the next prompt up to the text typed so far (less its last word) once
+        `prefill_ahead_tokens` new tokens have come (`idle`: any), one at a time: a chunk that
+        arrives while one prefills asks for one more after it."""
         if self._warming is not None and not self._warming.done():
-            self._rewarm = True
+            self._rewarm = "idle" if idle else self._rewarm or "more"
             return
         typed = "".join(t for _, t in self.chunks)
         stable = typed[: _LAST_WORD.search(typed).start()].rstrip()
-        # too little new: the next chunk will ask. The step grows with the text (a quarter of what
-        # was prefilled): each prefill ahead copies the session's cached keys and values once, so
-        # long messages are prefilled in a few growing steps, not one copy of the whole per word
-        if len(stable) < self._warmed_chars + max(WARM_CHARS, self._warmed_chars // 4):
+        new, least = stable[self._warmed_chars :], 1 if idle else self.server.cfg.prefill_ahead_tokens
+        # (a token is a character or more: fewer characters are fewer tokens, untokenized)
+        if len(new) < least or len(self.server.tok(new, add_special_tokens=False)["input_ids"]) < least:
             return
         self._warmed_chars = len(stable)
         ids = self._typed_ids(stable)
         if not ids:
             return
-        self._rewarm = False
+        self._rewarm = None
         self._warming = asyncio.wrap_future(self.server.batcher.warm(ids))
         self._warming.add_done_callback(self._warmed)
 
     def _warmed(self, fut: asyncio.Future) -> None:
         if self._rewarm:
-            self._warm()
+            self._warm(idle=self._rewarm == "idle")
+
+    def _pause_timer(self, stop: bool = False) -> None:
+        """(Re)start the wait for a pause in the input (`prefill_ahead_idle_ms`), then prefill what is left."""
+        if self._idle is not None:
+            self._idle.cancel()
+        wait = self.server.cfg.prefill_ahead_idle_ms / 1000
+        self._idle = None if stop or wait <= 0 else asyncio.get_running_loop().call_later(wait, self._warm, True)
 
     def _typed_ids(self, stable: str) -> list[int]:
         """The ids the next prompt will begin with, up to the end of `stable` (the user's text so

@@ -215,3 +215,45 @@ def test_the_learner_trains_on_session_streams_like_any_other(tok, tmp_path):
         result = r.json()
         assert r.status_code == 200 and result["status"] in ("accepted", "rejected"), result
         assert result["metrics"]["conversations/new"] == 1, result
+
+
+def test_prefill_ahead_is_coalesced_and_answers_as_prefill_on_commit(tok, tmp_path):
+    """Typed word by word, a session prefills ahead once per `prefill_ahead_tokens` new tokens, and
+    what is left once the input pauses (`prefill_ahead_idle_ms`), not once a chunk; its greedy
+    answer is token for token the answer of prefill on commit (fp32)."""
+    cfg = ServeConfig(model="tiny", store=str(tmp_path), limits=Limits(max_tokens=16), precision="fp32")
+    cfg.prefill_ahead_tokens, cfg.prefill_ahead_idle_ms = 8, 300
+    server = Server(cfg, env_key=KEY, model=decisive_model(tok), tok=tok)
+    text = "The harbour town wakes slowly in winter. Fishing boats rock against the pier while gulls argue "
+    text += "over scraps, and the baker on the corner pulls the first loaves from an oven older than anyone knows."
+    chunks = [w + " " for w in text.split(" ")]
+    chunks[-1] = chunks[-1].rstrip()
+
+    def session(url: str, mode: str, pause: float) -> tuple[int, int, dict]:
+        with connect(url) as ws:
+            until(ws, "session.created")
+            send(ws, type="session.update", session={"prefill": mode, "temperature": 0})
+            until(ws, "session.updated")
+            warms = server.batcher.warms
+            for c in chunks:
+                send(ws, type="input_text_buffer.append", delta=c)
+                time.sleep(0.02)  # faster than the pause the server waits for
+            typing = server.batcher.warms - warms
+            time.sleep(pause)
+            paused = server.batcher.warms - warms - typing
+            send(ws, type="input_text_buffer.commit")
+            until(ws, "input_text_buffer.committed")
+            done, _ = answer(ws, max_output_tokens=12)
+            return typing, paused, done["response"]
+
+    with running(server) as url:
+        url = "ws" + url.removeprefix("http") + "/v1/realtime?model=tiny"
+        assert session(url, "on_commit", 0.6)[:2] == (0, 0)
+        typing, paused, response = session(url, "streamed", 0.6)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        assert 1 <= typing <= n // 8 < len(chunks) and paused == 1, (typing, paused, n)
+        cfg.prefill_ahead_tokens = 10_000  # none while typing: only the pause prefills ahead
+        assert session(url, "streamed", 0.6)[:2] == (0, 1)
+    answers = [s for c in server.store.conversations() for st in streams_of(server.store, c) for s in st.segments]
+    on_commit, streamed, _ = [s.token_ids for s in answers if s.author == "agent"]
+    assert streamed == on_commit and len(streamed) > 0 and response["usage"]["input_tokens"] > n
