@@ -22,13 +22,17 @@ Chat cost: `--chat-clients` clients send chat requests (short questions, greedy,
 back for `--chat-s` seconds, (a) alone, (b) while `max(--sessions)` sessions type, commit and get
 answers to `--chat-message`-token messages, one after another, at each typing speed of
 `--chat-rates` with `streamed` prefill, (c) the same with `on_commit` (the same text prefilled at
-commit instead): requests/s of each, and from the server's `/metrics` the session tokens it
+commit instead), (d) `plain`: the same users without sessions, each message (typed at the same
+pace, nothing sent meanwhile) sent as an ordinary streamed chat request at the moment the session
+would have committed it (greedy, 16 tokens, as the sessions' answers): the server without the
+session feature. Requests/s of each, the users' own mean time to first token, and from the server's `/metrics` the session tokens it
 prefilled ahead meanwhile and its decode steps' seconds (the sampling thread's busy time). Each
 session goes on at its own pace, its next message `--chat-pause` seconds after its commit (whatever
 the mode: faster answers bring no more messages), its first message shortened so that the sessions'
 commits are spread over a message's typing (`--lockstep`: all at once, as before 2026-12-07), so (b) and (c) do
 the same session work in a run: (b) against (c) is what listening *early* costs (the same prefill
-done at another time), (b) against (a) what the sessions' whole work costs. Every run types
+done at another time), (b) against (d) what listening costs against the same users served as
+plain chat requests, (b) against (a) what the sessions' whole work costs. Every run types
 messages of its own (no prompt the prefix cache holds from an earlier run); the table gives each
 mode's requests/s and the paired ratios (round by round) with t 95% intervals. Rounds can be run
 in parts (`--first-round`, then `--combine` the records).
@@ -106,6 +110,26 @@ async def session_ttft(url: str, words: list[str], rate_tok_s: float, tok, prefi
                 }
 
 
+async def plain_ttft(url: str, model: str, words: list[str], rate_tok_s: float, tok) -> dict:
+    """The same user without sessions: types `words` at `rate_tok_s` (nothing sent meanwhile), then
+    sends them as an ordinary streamed chat request (greedy, 16 tokens, as a session's answer);
+    returns the time to first token from sending it."""
+    for w in words:
+        await asyncio.sleep(len(tok(w, add_special_tokens=False)["input_ids"]) / rate_tok_s)
+    body = {"model": model, "messages": [{"role": "user", "content": "".join(words)}], "stream": True}
+    body.update(max_tokens=16, temperature=0)
+    async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        t0, first = time.perf_counter(), None
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if first is None and line.startswith("data: {"):
+                    choices = json.loads(line[6:]).get("choices") or [{}]
+                    first = time.perf_counter() - t0 if choices[0].get("delta", {}).get("content") else None
+        answered = time.perf_counter() - t0
+    return {"ttft_s": first if first is not None else answered, "answered_s": answered}
+
+
 async def chat_load(url: str, model: str, clients: int, seconds: float) -> dict:
     """`clients` chat clients back to back for `seconds`: requests/s and their latencies."""
     done: list[float] = []
@@ -162,11 +186,15 @@ async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | No
         while True:
             n = args.chat_message if k else max(1, args.chat_message * (s + 1) // sessions)
             words = message(tok, n, f"{prefill}-{1000 * (run + 1) + k}-{n}-{sessions}-{s}")
-            got = await session_ttft(ws_url, words, rate, tok, prefill)
+            if prefill == "plain":  # no session: the message as a chat request when it would be committed
+                got = await plain_ttft(url, args.model, words, rate, tok)
+            else:
+                got = await session_ttft(ws_url, words, rate, tok, prefill)
+            ttfts.append(got["ttft_s"])
             await asyncio.sleep(max(0.0, args.chat_pause - got["answered_s"]))  # reading the answer
             k += 1
 
-    typers = []
+    typers, ttfts = [], []
     if prefill is not None:
         typers = [asyncio.create_task(lockstep())] if args.lockstep else [typing(s) for s in range(sessions)]
         typers = [asyncio.ensure_future(t) for t in typers]
@@ -175,6 +203,7 @@ async def chat_with_sessions(url: str, ws_url: str, tok, args, prefill: str | No
         before = counters(url)
         got = await chat_load(url, args.model, args.chat_clients, args.chat_s)
         after = counters(url)
+        got["session_ttft_s"] = statistics.mean(ttfts) if ttfts else None  # (answers begun in the window)
         return {**got, **{k: after[k] - before[k] for k in after}}
     finally:
         for t in typers:
@@ -252,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(row)
                         print(json.dumps({k: v for k, v in row.items() if k != "runs"}), file=sys.stderr, flush=True)
         if args.chat_s > 0:
-            modes = [(None, 0.0)] + [(p, rate) for rate in args.chat_rates for p in ("streamed", "on_commit")]
+            modes = [(None, 0.0)] + [(p, r) for r in args.chat_rates for p in ("streamed", "on_commit", "plain")]
             for r in range(args.first_round, args.first_round + args.repeat):
                 for mode, rate in modes if r % 2 == 0 else modes[::-1]:
                     got = asyncio.run(chat_with_sessions(server.url, ws_url, tok, args, mode, rate, run=r))
@@ -295,6 +324,9 @@ def combine(paths: list[str], out: str | None) -> int:
     return 0
 
 
+PLAIN = ("on_commit", "plain")  # what streamed prefill is compared with, beside the chat load
+
+
 def paired(a: list[dict], b: list[dict]) -> str:
     """a / b in requests/s, round by round (the rounds both have): mean [t 95% interval]."""
     of = {run.get("round", i): run["req_per_s"] for i, run in enumerate(b)}
@@ -330,13 +362,14 @@ def table(rows: list[dict], chat: dict[str, list[dict]], args) -> str:
             f"rounds), beside {max(args.sessions)} sessions typing {args.chat_message}-token messages one after another",
             "",
             "| beside | req/s [t 95%] | p50 latency (s) | against alone (paired) | streamed / on_commit (paired) "
-            "| prefilled ahead (tokens/s) | decode steps' share of the run |",
-            "|---|---|---|---|---|---|---|",
+            "| streamed / plain (paired) | prefilled ahead (tokens/s) | decode steps' share of the run "
+            "| users' time to first token (s) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
 
         def order(label: str) -> tuple:
             mode, _, rate = label.partition("@")
-            return (mode != "alone", float(rate or 0), mode != "streamed")
+            return (mode != "alone", float(rate or 0), ("streamed", "on_commit", "plain").index(mode) if rate else 0)
 
         for label, runs in sorted(chat.items(), key=lambda kv: order(kv[0])):
             rps = [r["req_per_s"] for r in runs]
@@ -344,12 +377,15 @@ def table(rows: list[dict], chat: dict[str, list[dict]], args) -> str:
             p50 = statistics.mean(r["p50_s"] for r in runs if r["p50_s"] is not None)
             rel = paired(runs, chat["alone"]) if chat.get("alone") and label != "alone" else ""
             mode, _, rate = label.partition("@")
-            vs = paired(runs, chat[f"on_commit@{rate}"]) if mode == "streamed" and f"on_commit@{rate}" in chat else ""
+            vs, plain = ("", "") if mode != "streamed" else (paired(runs, chat.get(f"{m}@{rate}", [])) for m in PLAIN)
             ahead = statistics.mean(r.get("prefilled_ahead_tokens", 0) for r in runs) / args.chat_s
             what = "nothing" if label == "alone" else f"typing at {rate} tokens/s, {mode} prefill"
+            what = what.replace("plain prefill", "no sessions: chat requests at commit")
+            ttft = [r["session_ttft_s"] for r in runs if r.get("session_ttft_s") is not None]
+            ttft_s = "{:.2f} [{:.2f}, {:.2f}]".format(*mean_ci(ttft)) if len(ttft) > 1 else ""
             busy = [r["step_s"] / r.get("wall_s", args.chat_s) for r in runs if "step_s" in r]
             busy_s = f"{statistics.mean(busy):.0%}" if busy else ""
-            lines.append(f"| {what} | {fmt} | {p50:.2f} | {rel} | {vs} | {ahead:.0f} | {busy_s} |")
+            lines.append(f"| {what} | {fmt} | {p50:.2f} | {rel} | {vs} | {plain} | {ahead:.0f} | {busy_s} | {ttft_s} |")
     return "\n".join(lines)
 
 
