@@ -5,7 +5,7 @@ writes, one transaction per change), in five tables:
 
     notes   one per note: its text, kind (`extractive`: a world statement itself; `abstractive`: a
             rule a model wrote over several cases; `tool`: a learned tool's description), status
-            (`active`, `superseded`, `forgotten`), what superseded it, when it was made, and the
+            (`active`, `superseded`, `forgotten`, `rolled_back`), what superseded it, when it was made, and the
             admission test's measured deltas
     links   one per cited span: a note's `evidence` (a world-authored segment that supports it) or
             its `situation` (what the note is about, the agent's own text allowed), with the
@@ -30,6 +30,7 @@ writer saw it) or that is left with no evidence becomes a `forgotten` tombstone:
 dates stay (so supersede chains still resolve), its text, links and counts are deleted. A note
 written from other sources keeps its text and only their evidence. `secure_delete` is on and the WAL
 is checkpointed after a forget, so the erased text does not linger in the file's free pages.
+`rollback.py` puts the memory back to a version: later notes `rolled_back` (out, able to come back).
 
 >>> mem = Memory(":memory:")
 >>> s = Stream("s1", [Segment("agent", "Barnard's Star."), Segment("user", "No: Proxima Centauri.")])
@@ -55,7 +56,7 @@ from dostream.stream import _WORLD, Segment, Stream  # noqa: F401  (Segment: the
 # headers, "Question:": scaffolding, not a statement). `agent` and `context` never can.
 EVIDENCE_AUTHORS: frozenset[str] = _WORLD - {"protocol"}
 KINDS = ("extractive", "abstractive", "tool")  # a tool: a procedure that worked (`tools.py`)
-STATUSES = ("active", "superseded", "forgotten")
+STATUSES = ("active", "superseded", "forgotten", "rolled_back")  # rolled_back: `rollback.py`
 COUNTERS = ("supported", "contradicted", "used", "helped")
 LINK_KINDS = ("evidence", "situation")
 
