@@ -84,7 +84,7 @@ def _tenants(argv: list[str]) -> int:
     )
     show = sub.add_parser("show", help="one tenant: context, adapter, memory, keys, snapshots (JSON)")
     rb = sub.add_parser(
-        "rollback", help="put a tenant's earlier snapshot back (adapter version and context; not its memory)"
+        "rollback", help="put a tenant's earlier snapshot back (adapter version, context; memory with --memory)"
     )
     st = sub.add_parser("set", help="set a tenant's system context (a new snapshot)")
     for p in (show, rb, st):
@@ -121,15 +121,15 @@ def _tenants(argv: list[str]) -> int:
             try:
                 target = t.snapshot_target(store, name, args.snapshot)
                 line = lineage(name)
+                t.roll_back_memory(mdir, target, check=True)
                 if target["version"] != line.versions.in_force()[1]:
                     version, adapter, now = rollback_target(line, target["version"])
                     record_rollback(line, version, adapter, now)
+                memory = t.roll_back_memory(mdir, target)
             except (LookupError, ValueError) as e:
                 raise CliError(f"--snapshot: {str(e).strip(chr(39))}") from None
-            reason = f"rollback to snapshot {target['id']}"
-            print(
-                json.dumps(t.rolled_back(t.record_snapshot(store, name, line, mdir, reason, target["context"]), target))
-            )
+            row = t.record_snapshot(store, name, line, mdir, f"rollback to snapshot {target['id']}", target["context"])
+            print(json.dumps(t.rolled_back(row, target, memory)))
     finally:
         store.close()
     return 0

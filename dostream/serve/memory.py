@@ -14,6 +14,10 @@ its admin endpoints. Knows no HTTP (the routes call it) and no batcher.
 - **Inspection and forgetting**: `GET /v1/memory` (the active notes), `GET /v1/memory/{id}` (one
   note with its evidence and counters), `DELETE /v1/memory?stream=|user=|key=` (forget a source:
   every note and count from it, `Memory.forget`).
+- **Rollback** (a tenant's snapshot rollback, `serve/tenants.py`): the memory put back to the
+  snapshot's version (`memory.rollback`) on the connection retrieval reads, under its lock: the
+  next prompt retrieves from the memory as it was (the bm25 index is rebuilt when the FTS index
+  it is stamped with changes, `retrieve.Bm25`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 
 from dostream.files import atomic_write_text
 from dostream.memory.retrieve import as_context, retrieve
+from dostream.memory.rollback import plan, roll_back
 from dostream.memory.store import Memory, Source
 from dostream.stream import Segment
 
@@ -72,6 +77,14 @@ class ServedMemory:
         with self.lock:
             gone = self.memory.forget(**source)
         return {"object": "memory.forget", **source, "forgotten": gone}
+
+    def roll_back(self, version: int, since: float | None = None, *, check: bool = False) -> dict[str, Any]:
+        """Put the memory back to `version` (`memory.rollback.roll_back`; `since`: the snapshot's
+        time). `check`: only raise what it would raise (a bad version, a branched history)."""
+        with self.lock:
+            if check:
+                return plan(self.memory, version, since=since)[1].to_json()
+            return roll_back(self.memory, version, since=since).to_json()
 
     def distill(self, store) -> Future:
         """Distil the conversations recorded since the last run, on the memory's thread."""

@@ -18,10 +18,14 @@ memory is `--memory DIR`. Another tenant NAME has
 Each tenant runs the one learning cycle through its own `serve.learn.Learner` (its slice: it
 trains only on its own conversations and is gated on its own rewarded replies and the control
 set), swaps its own `ModelSlot`, rolls back its own lineage. `rollback` puts a snapshot back as a
-unit: the adapter version and the context. Not the memory: a snapshot records the memory's version
-(its newest note's id), but `memory.store.Memory` has no rollback (no status that takes a note out
-of retrieval and can put it back), so notes admitted since stay active, and the rollback's answer
-says so (`rolled_back`: `not_restored: ["memory"]`, the memory's version now and at the snapshot).
+unit: the adapter version, the context and the memory (`memory.rollback`: notes added since the
+snapshot's memory version are `rolled_back`, out of retrieval from the next prompt on; notes they
+superseded active again; a rollback to a later snapshot brings rolled-back notes back; forgotten
+notes stay forgotten; `used`/`helped` counts since the snapshot's time deleted). The memory is
+checked first (a rollback its history cannot make exactly is refused before the adapter moves)
+and put back in one transaction. Not put back, and the answer says so (`not_restored`): evidence
+cited to a kept note since the snapshot and a supersession between two kept notes since (nothing
+dates them in the memory file).
 
 Serving a tenant's adapter. A request carries its tenant in `Job.pending.tenant` (`Pending`,
 `serve/exchange.py`); `Engines.submit` names the adapter the tenant has in force now on the job
@@ -102,14 +106,39 @@ def memory_dir(memory: str | Path | None, name: str) -> Path | None:
 
 
 def memory_version(directory: Path | None) -> int:
-    """A memory's version: its newest note's id (0: none, or no memory)."""
+    """A memory's version: its newest note's id, neither rolled back nor forgotten (0: none, or no
+    memory; `memory.rollback.version_of`)."""
     if directory is None or not (directory / "memory.sqlite").exists():
         return 0
+    from dostream.memory.rollback import version_of
     from dostream.memory.store import Memory
 
     mem = Memory.open_dir(directory, read_only=True)
     try:
-        return int(mem.db.execute("SELECT COALESCE(MAX(id), 0) FROM notes").fetchone()[0])
+        return version_of(mem.db)
+    finally:
+        mem.close()
+
+
+def roll_back_memory(directory: Path | None, target: dict[str, Any], *, check: bool = False) -> dict[str, Any] | None:
+    """Tenant memory at `directory` put back to snapshot `target`'s memory version (None: no
+    memory); what the CLI's rollback does (a running server's: `ServedMemory.roll_back`, on the
+    connection its retrieval reads). `check`: only raise what it would."""
+    from dostream.memory.rollback import Rolled, plan, roll_back
+
+    if directory is None:
+        return None
+    if not (directory / "memory.sqlite").exists():
+        if target["memory"]:
+            raise ValueError(f"snapshot: its memory version is {target['memory']} and {directory} holds no memory")
+        return Rolled(0).to_json()
+    from dostream.memory.store import Memory
+
+    mem = Memory.open_dir(directory)
+    try:
+        if check:
+            return plan(mem, target["memory"], since=target["created"])[1].to_json()
+        return roll_back(mem, target["memory"], since=target["created"]).to_json()
     finally:
         mem.close()
 
@@ -185,17 +214,22 @@ def snapshot_target(store: ServeStore, name: str, snapshot: int | None) -> dict[
     return found
 
 
-def rolled_back(row: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
-    """What a rollback to snapshot `target` answers: the snapshot it recorded (`row`), what it put
-    back (`restored`: the adapter version and the context) and what it did not (`not_restored`:
-    the memory, which has no rollback: notes admitted since the snapshot stay active; `memory` is
-    the memory's version now, `memory_at_snapshot` the snapshot's)."""
+def rolled_back(row: dict[str, Any], target: dict[str, Any], memory: dict[str, Any] | None) -> dict[str, Any]:
+    """What a rollback to snapshot `target` answers: the snapshot it recorded (`row`: `memory` the
+    memory's version now, the snapshot's), what it put back (`restored`: the adapter version, the
+    context and, with a memory, the memory; `memory_rollback`: the note ids it took out, brought
+    back, made active again, superseded again, and the counts it deleted) and what it did not
+    (`not_restored`: the memory's citations and supersessions between kept notes since the
+    snapshot, which nothing in the memory file dates)."""
+    from dostream.memory.rollback import NOT_RESTORED
+
     return {
         **row,
         "snapshot": target["id"],
-        "restored": ["adapter", "context"],
-        "not_restored": ["memory"],
+        "restored": ["adapter", "context", *(["memory"] if memory is not None else [])],
+        "not_restored": list(NOT_RESTORED) if memory is not None else [],
         "memory_at_snapshot": target["memory"],
+        "memory_rollback": memory,
     }
 
 
@@ -315,17 +349,27 @@ class Tenants:
 
     def rollback(self, name: str, snapshot: int | None) -> dict[str, Any]:
         """Put snapshot `snapshot` of tenant `name` back as a unit: its adapter version (swapped in
-        as `POST /v1/adapters/rollback` does) and its context; not its memory (`rolled_back`).
-        Raises LookupError / ValueError."""
+        as `POST /v1/adapters/rollback` does), its context and its memory (checked before the
+        adapter moves, then put back on the served memory's connection: the next prompt retrieves
+        from it). Raises LookupError / ValueError (`memory.rollback.RollbackError` among them)."""
         t = self.get(name)
         with self._lock:
             target = snapshot_target(self.store, name, snapshot)
+            since = target["created"]
+            if t.memory is not None:
+                try:
+                    t.memory.roll_back(target["memory"], since, check=True)
+                except ValueError as e:
+                    raise type(e)(
+                        f"snapshot: its memory (version {target['memory']}) cannot be put back: {e}"
+                    ) from None
             if target["version"] != t.lineage.versions.in_force()[1]:
                 t.learner.rollback(target["version"])
+            memory = None if t.memory is None else t.memory.roll_back(target["memory"], since)
             row = record_snapshot(
                 self.store, name, t.lineage, t.memory_dir, f"rollback to snapshot {target['id']}", target["context"]
             )
-            return rolled_back(row, target)
+            return rolled_back(row, target, memory)
 
     def adapter_of(self, name: str) -> tuple[str | None, Path | None]:
         """(key, directory) of the adapter tenant `name` is to be served with now: the key is the

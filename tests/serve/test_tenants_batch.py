@@ -191,10 +191,10 @@ def test_a_tenants_notes_reach_its_own_prompts_only(fleet):
     assert f.server.tenants.get("bravo").memory.retrieved == 0
 
 
-def test_a_snapshot_rollback_restores_adapter_and_context_and_says_memory_is_not(fleet):
+def test_a_snapshot_rollback_restores_adapter_context_and_memory(fleet):
     """Alpha's snapshot (adapter version 2, context X, memory version 1), then a new version, a
-    new note and a new context; the rollback to it puts version 2 and context X back, and answers
-    that the memory was not restored (its version now 2, the snapshot's 1)."""
+    new note and a new context; the rollback to it puts version 2, context X and memory version 1
+    back (the new note rolled back: `tests/serve/test_tenants_rollback.py` follows it in prompts)."""
     f = fleet
     alpha = f.server.tenants.get("alpha")
     admin = client(f.url)
@@ -213,6 +213,6 @@ def test_a_snapshot_rollback_restores_adapter_and_context_and_says_memory_is_not
     assert (second["version"], second["memory"]) == (newer, 2)
     back = post("/tenants/alpha/rollback", {"snapshot": first["id"]})
     assert (back["version"], back["context"], back["snapshot"]) == (2, "You serve Alpha.", first["id"])
-    assert back["restored"] == ["adapter", "context"] and back["not_restored"] == ["memory"]
-    assert (back["memory"], back["memory_at_snapshot"]) == (2, 1)
+    assert back["restored"] == ["adapter", "context", "memory"] and back["memory_rollback"]["rolled_back"] == [2]
+    assert (back["memory"], back["memory_at_snapshot"]) == (1, 1)
     assert alpha.lineage.versions.in_force()[1] == 2 and f.server.tenants.adapter_of("alpha")[0] == f.installed["alpha"]
