@@ -23,14 +23,22 @@
 
 A kill at any point: `resume` (run by every `dostream forget` and at every server start) finishes
 a forget whose streams were deleted; one killed before that starts again from its journal (the
-conversation ids). The conversation ids are cleared from the record once done.
+conversation ids): it completes, never rolls back. The conversation ids are cleared from the record
+once done; one done whose checkpoint did not complete (killed before it, or busy) is checkpointed
+again.
+
+Test hook: where the environment variable `DOSTREAM_FORGET_CRASH_AFTER` names a status (or
+`rolled-back`: a lineage's rollback row recorded, its replay not yet learned), the process SIGKILLs
+itself right after committing it (`tests/serve/test_forget_durability.py`). Unset, nothing happens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +50,7 @@ from dostream.serve.tenants import SNAPSHOTS_SCHEMA, TENANTS, lineage_of, memory
 from dostream.sqlite import transaction
 
 KINDS = ("user", "conversation", "tenant")
+CRASH_AFTER = "DOSTREAM_FORGET_CRASH_AFTER"  # the test hook (see the module doc)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS forgets (
     id INTEGER PRIMARY KEY,
@@ -67,6 +76,12 @@ class Replaying(Lineage):
     def dir_of(self, step: int) -> Path:
         d = self.inner.dir_of(step)
         return d.with_name(f"{d.name}-forget{self.forget}")
+
+
+def _crash_point(point: str) -> None:
+    """The test hook: SIGKILL this process where `DOSTREAM_FORGET_CRASH_AFTER` names `point`."""
+    if os.environ.get(CRASH_AFTER) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def target_hash(kind: str, value: str) -> str:
@@ -117,6 +132,20 @@ def plan(store: ServeStore, lineage: Lineage, tenant: str, conversations: list[s
     return {"replay": [r["id"] for r in rows[hit:]], "superseded": [r["id"] for r in rows[hit:]], "back_to": back_to}
 
 
+def _since(store: ServeStore, lineage: Lineage, tenant: str, part: dict[str, Any]) -> list[int]:
+    """Versions of `tenant`'s lineage recorded after the plan: a server learning beside a forget
+    killed before its replay (its resume waits for the next start) builds on the version that read
+    the source. Not the replays of forgets (theirs start from a version without their source)."""
+    if not part["replay"]:
+        return []
+    last = max(part["replay"])
+    return [
+        r["id"]
+        for r in _live(lineage, _superseded(store, tenant))
+        if r["id"] > last and r["kind"] == "update" and "forget" not in r["seen"]
+    ]
+
+
 def start(store: ServeStore, kind: str, value: str, key: str | None, tenant: str | None = None) -> int:
     """Journal a forget of source `kind` = `value` (a user or conversation of `tenant` only, when
     given; every tenant's otherwise), status `started`; returns its id."""
@@ -145,7 +174,9 @@ def start(store: ServeStore, kind: str, value: str, key: str | None, tenant: str
                 )
             ],
         )
-        return store._one("SELECT MAX(id) FROM forgets")[0]
+        fid = store._one("SELECT MAX(id) FROM forgets")[0]
+    _crash_point("started")
+    return fid
 
 
 def _row(store: ServeStore, fid: int) -> tuple[str, str | None, str, dict[str, Any]]:
@@ -166,6 +197,7 @@ def _set(store: ServeStore, fid: int, status: str, record: dict[str, Any], extra
                 ),
             ],
         )
+    _crash_point(status)
 
 
 def delete_streams(store: ServeStore, fid: int, store_dir: Path, start_adapter: Path | None) -> None:
@@ -255,7 +287,13 @@ def replay(
         if not any(r["kind"] == "rollback" and why in r["reason"] for r in rows.values()):
             from dostream.serve.learn import record_rollback
 
+            since = _since(store, lineage, t, part)
+            if since:  # built on a version that read the source: replayed and removed with them
+                part["replay"] += since
+                part["superseded"] += since
+                _set(store, fid, "memory", record)
             record_rollback(lineage, version, adapter, lineage.versions.in_force()[1], why)
+            _crash_point("rolled-back")
         replays = [r for r in rows.values() if r["kind"] == "update" and r["seen"].get("forget") == fid]
         done = {r["seen"]["step"]: r for r in replays}
         upto = [-1, -1]
@@ -307,9 +345,17 @@ def finish(store: ServeStore, fid: int, device: str) -> dict[str, Any]:
         f"original updates were deterministic (here: {device})"
     )
     _set(store, fid, "done", record)
+    return checkpoint(store, fid)
+
+
+def checkpoint(store: ServeStore, fid: int) -> dict[str, Any]:
+    """The store's file and WAL checkpointed (TRUNCATE): until then the pages the deletion overwrote
+    may still be in the file. Recorded as `checkpoint`; a forget done without `complete` there
+    (killed before it, or another connection was reading) stays `pending`: the next resume tries again."""
+    record = _row(store, fid)[3]
     with store.lock:
         busy = store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-    record["checkpoint"] = "complete" if not busy else "busy: another connection reads the store; run again"
+    record["checkpoint"] = "complete" if not busy else "busy: another connection reads the store; tried again at resume"
     _set(store, fid, "done", record)
     return listing(store, fid)
 
@@ -344,19 +390,22 @@ def run(
         if status == "memory":
             replay(store, fid, store_dir, start_adapter, memory, make_learner)
             status = "replayed"
-        return finish(store, fid, device) if status != "done" else listing(store, fid)
+        if status != "done":
+            return finish(store, fid, device)
+        return checkpoint(store, fid) if _row(store, fid)[3].get("checkpoint") != "complete" else listing(store, fid)
     finally:
         store.close()
 
 
 def pending(store_dir: str | Path) -> list[int]:
-    """Forgets not done (killed part way)."""
+    """Forgets not done (killed part way), or done but not checkpointed (`checkpoint`)."""
     path = store_path(store_dir)
     if not path.exists():
         return []
     store = ServeStore(path)
     try:
         store.db.executescript(SCHEMA)
-        return [r[0] for r in store._all("SELECT id FROM forgets WHERE status != 'done' ORDER BY id")]
+        rows = store._all("SELECT id, status, record FROM forgets ORDER BY id")
+        return [i for i, status, raw in rows if status != "done" or json.loads(raw).get("checkpoint") != "complete"]
     finally:
         store.close()
