@@ -8,7 +8,7 @@ The adapter goes back to the version before the first update that could have rea
 later updates are learned again without it, with the learning settings given here (give the ones
 the server learned with: `--model`, `--adapter`, `--lora-r`, ...), each gated again. Prints the
 record of the forgetting (JSON), which holds no forgotten content. A forget that was killed part
-way is finished first (`--resume-only`: only that).
+way, or whose WAL checkpoint did not complete, is finished first (`--resume-only`: only that).
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def cli_main(argv: list[str]) -> int:
         help="alone: forget a tenant (its conversations, memory, adapters, snapshots; keys revoked); "
         "with --user/--conversation: that tenant's user or conversation only (default: every tenant's)",
     )
-    which.add_argument("--resume-only", action="store_true", help="only finish forgets killed part way")
+    which.add_argument(
+        "--resume-only", action="store_true", help="only finish forgets killed part way (or not yet checkpointed)"
+    )
     ap.add_argument("--memory", default=None, help="the server's --memory directory (its tenants' memories under it)")
     ap.add_argument("--model", default="smollm2", help="the served model (needed to replay updates)")
     ap.add_argument("--adapter", default=None, help="the server's --adapter (its version 0)")
