@@ -35,6 +35,8 @@ import torch
 
 # The linear layers of a Llama-family decoder layer an adapter may target (PEFT's "all-linear").
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A step's batch spans idle bank slots (padded rows, no weights gathered) up to this many rows.
+_IDLE_ROWS = 64
 _KEY = re.compile(r"\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -230,11 +232,14 @@ class Mix:
             if a is not None:
                 groups[at[id(a)]].append(i)
         rows = [i for i, a in enumerate(per_token) if a is not None]
-        width = max(map(len, groups))  # the rows of each batch entry
-        # The bank's slots [lo, top) as the batch where nearly all hold one of the step's adapters
-        # (a view, no weight gathered); else only the step's slots, gathered.
+        # The bank's slots [lo, top) as the batch (a view, no weight gathered) unless the slots between
+        # the step's would pad it by many rows (`_IDLE_ROWS`): a batch entry of an idle slot costs
+        # its padded rows' products, a gather of the step's slots copies their weights (at rank 16,
+        # SmolLM2's MLP: ~1.5 MB a layer, a dozen tokens' products).
         lo, top = min(slots), max(slots) + 1
-        entries = list(range(lo, top)) if top - lo <= len(slots) + max(1, len(slots) // 4) else sorted(slots)
+        width = max(map(len, groups))  # the rows of each batch entry
+        idle = (top - lo - len(slots)) * width
+        entries = list(range(lo, top)) if idle <= _IDLE_ROWS else sorted(slots)
         self.span = (lo, top) if entries == list(range(lo, top)) else None
         by_slot = dict(zip(slots, groups))
         index, back = [rows[0]] * (len(entries) * width), {}

@@ -199,7 +199,8 @@ def test_each_row_gets_its_own_adapters_products(family, tok, plan):
 def test_the_bank_keeps_slots_and_gathers_a_sparse_step(family, tok):
     """Adapters keep their bank slots from step to step; past its size the least recently used
     slot not in the step is taken; a step whose adapters lie far apart in the bank gathers their
-    weights; every row's logits stay its adapter's."""
+    weights when the idle slots between them would pad many rows (else it takes the bank's view);
+    every row's logits stay its adapter's."""
     from dostream.sampling.adapters import Mix
 
     base, peft, loras = family
@@ -208,10 +209,13 @@ def test_the_bank_keeps_slots_and_gathers_a_sparse_step(family, tok):
     ids = torch.tensor([tok(HEAD + TEXTS[1])["input_ids"]] * 2)
     alone = {i: _logits(CachedForward.build(peft[f"t{i}"]), ids[:1])[0] for i in range(3)}
 
-    def step(names):
-        got = _logits(forward, ids[: len(names)].expand(len(names), -1), [copies[n] for n in names])
+    short = {i: _logits(CachedForward.build(peft[f"t{i}"]), ids[:1, :8])[0] for i in range(3)}
+
+    def step(names, tokens=None):
+        got = _logits(forward, ids[: len(names), :tokens].expand(len(names), -1), [copies[n] for n in names])
         for row, n in enumerate(names):
-            torch.testing.assert_close(got[row], alone[int(n[1]) % 3], rtol=1e-4, atol=1e-4)
+            want = (alone if tokens is None else short)[int(n[1]) % 3]
+            torch.testing.assert_close(got[row], want, rtol=1e-4, atol=1e-4)
         return forward._stacks["bank"]
 
     bank = step(["c0", "c1"])
@@ -220,8 +224,11 @@ def test_the_bank_keeps_slots_and_gathers_a_sparse_step(family, tok):
     step(["c4", "c0"])
     assert bank.members.index(copies["c0"]) == 0  # kept its slot
     mix = Mix([copies["c0"], copies["c4"]], forward._stacks)
-    assert mix.span is None  # slots 0 and 4 of 5: only theirs, gathered
-    step(["c0", "c4"])
+    assert mix.span == (0, 5)  # slots 0 and 4 of 5, a row each: the bank's view, 3 idle rows padded
+    mix = Mix([copies["c0"]] * 40 + [copies["c4"]] * 40, forward._stacks)
+    assert mix.span is None  # 40 rows each: 3 idle slots would pad 120 rows, so only theirs, gathered
+    step(["c0", "c4"])  # gathered
+    step(["c0", "c4"], tokens=8)  # 8 rows each: the bank's view, 24 idle rows padded
     small = {}  # a bank of 2: c2 takes c0's slot (both used as long ago); then c0 takes c2's, c1 stays
     for names in (["c0", "c1"], ["c2"], ["c0", "c1"]):
         Mix([copies[n] for n in names], small, keep=2)
