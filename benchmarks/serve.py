@@ -468,7 +468,7 @@ def adapters_main(args) -> int:
     import serve_adapters
 
     args.clients = max(args.clients)
-    result = serve_adapters.run(args, PROMPTS, KEY, free_port, wait_ready, stop)
+    result = serve_adapters.run(args, PROMPTS, KEY, free_port, wait_ready, stop, decode_counters)
     print(serve_adapters.table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
@@ -514,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tenants", type=int, default=8, help="--adapters: tenants, each its own LoRA adapter")
     ap.add_argument("--rank", type=int, default=16, help="--adapters: the adapters' rank (all linear layers)")
+    ap.add_argument(
+        "--duration",
+        type=float,
+        default=0.0,
+        help="--adapters: every client sends for this many seconds, instead of --per-client requests (0: off)",
+    )
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.adapters:

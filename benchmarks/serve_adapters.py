@@ -1,7 +1,7 @@
 """`benchmarks/serve.py --adapters`: many tenants' adapters in one batch against one adapter.
 
     python benchmarks/serve.py --adapters [--tenants 8] [--rank 16] [--clients 32] [--per-client 4]
-                               [--max-tokens 32] [--repeat 3] [--json OUT]
+                               [--max-tokens 32] [--repeat 3] [--duration S] [--json OUT]
 
 One `dostream serve` process (the embedded SmolLM2-135M, fp32, its own engine) with `--tenants`
 LoRA adapters of rank `--rank` on every linear layer (random A and B, B != 0: each changes what the
@@ -17,6 +17,15 @@ Every client sends `--per-client` greedy chat requests back to back (benchmarks/
 after one warm-up request per tenant (the adapters loaded). Requests/s, tokens/s, p50/p99 latency per
 arm, and the paired ratios per round with their t intervals: adapters/one in requests/s (the
 issue's bar: >= 0.75) and in tokens/s (the adapters' answers may differ in length), one/base.
+
+`--duration S`: instead, every client sends requests back to back for S seconds, and the requests
+that end within them count (req/s = those / S). With a fixed number each, the run lasts as long as
+its slowest client's chain of answers: the adapters' answers differ in length from tenant to tenant
+(a tenant whose adapter runs to `--max-tokens` on every prompt), so the arm's last seconds carry a
+few rows of one tenant, and its req/s measured that chain as much as the server (the same decode
+steps in every round: 162 for 8 adapters against 130 for one). The window measures the steady rate.
+The server's decode counters (`GET /metrics`: steps, their seconds, rows, join steps) are recorded
+per arm, warm-up included.
 """
 
 from __future__ import annotations
@@ -93,18 +102,24 @@ async def clients_run(url: str, keys: list[str], args, prompts: list[str], warm:
     latencies: list[float] = []
     tokens, errors = 0, []
 
+    deadline = float("inf")  # --duration: the window's end (set once the warm-up is done)
+
     async def client(c: int, http: httpx.AsyncClient, key: str, n: int) -> None:
         nonlocal tokens
-        for r in range(n):
+        r = 0
+        while (r < n) if n else time.perf_counter() < deadline:
             body = {
                 "model": args.model,
                 "messages": [{"role": "user", "content": prompts[(c + r) % len(prompts)]}],
                 "max_tokens": args.max_tokens,
                 "temperature": 0,
             }
+            r += 1
             t = time.perf_counter()
             resp = await http.post(url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
-            latencies.append(time.perf_counter() - t)
+            if t + (done := time.perf_counter() - t) > deadline:
+                return  # ended after the window: not counted
+            latencies.append(done)
             if resp.status_code != 200:
                 errors.append(f"{resp.status_code}: {resp.text[:200]}")
                 continue
@@ -115,8 +130,11 @@ async def clients_run(url: str, keys: list[str], args, prompts: list[str], warm:
         latencies.clear()
         tokens = 0
         t0 = time.perf_counter()
-        await asyncio.gather(*(client(c, http, keys[c % len(keys)], args.per_client) for c in range(args.clients)))
-        wall = time.perf_counter() - t0
+        if args.duration:  # every client sends until the window ends: the server's steady rate
+            deadline = t0 + args.duration
+        n = 0 if args.duration else args.per_client
+        await asyncio.gather(*(client(c, http, keys[c % len(keys)], n) for c in range(args.clients)))
+        wall = args.duration or time.perf_counter() - t0
     lat = sorted(latencies)
     return {
         "requests": len(lat),
@@ -131,8 +149,9 @@ async def clients_run(url: str, keys: list[str], args, prompts: list[str], warm:
     }
 
 
-def run(args, prompts: list[str], key: str, free_port, wait_ready, stop) -> dict:
-    """Make the adapters, start the server, run the arms `args.repeat` rounds; the results."""
+def run(args, prompts: list[str], key: str, free_port, wait_ready, stop, counters=None) -> dict:
+    """Make the adapters, start the server, run the arms `args.repeat` rounds; the results.
+    `counters(url)`: the server's decode counters (`serve.decode_counters`), read around each arm."""
     from dostream.serve.store import ServeStore
 
     work = Path(tempfile.mkdtemp(prefix="dostream-bench-adapters-"))
@@ -159,7 +178,11 @@ def run(args, prompts: list[str], key: str, free_port, wait_ready, stop) -> dict
         arm_keys = {"adapters": keys, "one": keys[:1], "base": [key]}
         for r in range(args.repeat):
             for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
+                before = counters(url) if counters else None
                 got = asyncio.run(clients_run(url, arm_keys[arm], args, prompts, arm_keys[arm]))
+                if counters:  # the warm-up requests included
+                    after = counters(url)
+                    got["decode"] = {k: after[k] - before[k] for k in after}
                 runs[arm].append({**got, "round": r})
                 print(f"{arm}: {json.dumps(got)}", file=sys.stderr, flush=True)
     finally:
@@ -190,6 +213,7 @@ def _config(args) -> dict:
         "targets": "all-linear",
         "clients": args.clients,
         "per_client": args.per_client,
+        "duration_s": getattr(args, "duration", 0.0),
         "max_tokens": args.max_tokens,
         "repeat": args.repeat,
         "environment": environment(),
