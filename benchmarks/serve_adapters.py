@@ -19,11 +19,11 @@ arm, and the paired ratios per round with their t intervals: adapters/one in req
 issue's bar: >= 0.75) and in tokens/s (the adapters' answers may differ in length), one/base.
 
 `--duration S`: instead, every client sends requests back to back for S seconds, and the requests
-that end within them count (req/s = those / S). With a fixed number each, the run lasts as long as
-its slowest client's chain of answers: the adapters' answers differ in length from tenant to tenant
-(a tenant whose adapter runs to `--max-tokens` on every prompt), so the arm's last seconds carry a
-few rows of one tenant, and its req/s measured that chain as much as the server (the same decode
-steps in every round: 162 for 8 adapters against 130 for one). The window measures the steady rate.
+that end within them count (req/s = those / S). With a fixed number each, a run lasts as long as
+its slowest client's chain of answers, and the adapters' answers differ in length from tenant to
+tenant, so the arm's last steps carry few rows (162 decode steps in every round for 8 adapters
+against 130 for one, 19.7 rows a step against 22.2); the window measures the rate while every
+client is busy (at c26a5e4 it gave the lower ratio of the two, 0.750x against 0.814x).
 The server's decode counters (`GET /metrics`: steps, their seconds, rows, join steps) are recorded
 per arm, warm-up included.
 """
