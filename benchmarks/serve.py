@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="--adapters: every client sends for this many seconds, instead of --per-client requests (0: off)",
     )
+    ap.add_argument("--warmup-rounds", type=int, default=0, help="--adapters: rounds of every arm first, not recorded")
     args = ap.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
     if args.adapters:

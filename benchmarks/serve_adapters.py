@@ -1,7 +1,7 @@
 """`benchmarks/serve.py --adapters`: many tenants' adapters in one batch against one adapter.
 
     python benchmarks/serve.py --adapters [--tenants 8] [--rank 16] [--clients 32] [--per-client 4]
-                               [--max-tokens 32] [--repeat 3] [--duration S] [--json OUT]
+                               [--max-tokens 32] [--repeat 3] [--duration S] [--warmup-rounds N] [--json OUT]
 
 One `dostream serve` process (the embedded SmolLM2-135M, fp32, its own engine) with `--tenants`
 LoRA adapters of rank `--rank` on every linear layer (random A and B, B != 0: each changes what the
@@ -26,6 +26,11 @@ against 130 for one, 19.7 rows a step against 22.2); the window measures the rat
 client is busy (at c26a5e4 it gave the lower ratio of the two, 0.750x against 0.814x).
 The server's decode counters (`GET /metrics`: steps, their seconds, rows, join steps) are recorded
 per arm, warm-up included.
+
+`--warmup-rounds N`: N rounds of every arm first, not recorded. A round's one warm-up request per
+tenant loads the adapters but makes only that prompt's prefix-cache entries; the other prompts'
+entries, per adapter, are made in the first arm that sends them (8 adapters: ~32 entries, each a
+forward of its own; one adapter: 8). Without a warm-up round the first round measures that too.
 """
 
 from __future__ import annotations
@@ -176,15 +181,16 @@ def run(args, prompts: list[str], key: str, free_port, wait_ready, stop, counter
     try:
         wait_ready(proc, url + "/v1/models", 300, log)
         arm_keys = {"adapters": keys, "one": keys[:1], "base": [key]}
-        for r in range(args.repeat):
+        for r in range(-args.warmup_rounds, args.repeat):  # (rounds below 0: warming up, not recorded)
             for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
                 before = counters(url) if counters else None
                 got = asyncio.run(clients_run(url, arm_keys[arm], args, prompts, arm_keys[arm]))
                 if counters:  # the warm-up requests included
                     after = counters(url)
                     got["decode"] = {k: after[k] - before[k] for k in after}
-                runs[arm].append({**got, "round": r})
-                print(f"{arm}: {json.dumps(got)}", file=sys.stderr, flush=True)
+                if r >= 0:
+                    runs[arm].append({**got, "round": r})
+                print(f"{arm}{' (warm-up)' if r < 0 else ''}: {json.dumps(got)}", file=sys.stderr, flush=True)
     finally:
         stop(proc)
     return {"config": _config(args), "runs": runs, **ratios(runs)}
@@ -214,6 +220,7 @@ def _config(args) -> dict:
         "clients": args.clients,
         "per_client": args.per_client,
         "duration_s": getattr(args, "duration", 0.0),
+        "warmup_rounds": getattr(args, "warmup_rounds", 0),
         "max_tokens": args.max_tokens,
         "repeat": args.repeat,
         "environment": environment(),
