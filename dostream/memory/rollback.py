@@ -88,6 +88,14 @@ def roll_back(memory: Memory, version: int, *, since: float | None = None) -> Ro
     return done[0]
 
 
+def put_back(memory: Memory, version: int, *, since: float | None = None, check: bool = False) -> dict:
+    """`roll_back` as a tenant's snapshot rollback asks it (`Rolled.to_json`); `check`: only raise
+    what it would raise (a bad version, a branched history), changing nothing."""
+    if check:
+        return plan(memory, version, since=since)[1].to_json()
+    return roll_back(memory, version, since=since).to_json()
+
+
 def plan(memory: Memory, version: int, *, since: float | None = None) -> tuple[list[tuple[str, tuple]], Rolled]:
     """The statements `roll_back` runs (none: nothing to change) and what they change; raises what
     it raises. Changes nothing, so a caller can check a rollback before making others."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from dostream.files import atomic_write_text
 from dostream.memory.retrieve import as_context, retrieve
-from dostream.memory.rollback import plan, roll_back
+from dostream.memory.rollback import put_back
 from dostream.memory.store import Memory, Source
 from dostream.stream import Segment
 
@@ -79,12 +79,10 @@ class ServedMemory:
         return {"object": "memory.forget", **source, "forgotten": gone}
 
     def roll_back(self, version: int, since: float | None = None, *, check: bool = False) -> dict[str, Any]:
-        """Put the memory back to `version` (`memory.rollback.roll_back`; `since`: the snapshot's
+        """Put the memory back to `version` (`memory.rollback.put_back`; `since`: the snapshot's
         time). `check`: only raise what it would raise (a bad version, a branched history)."""
         with self.lock:
-            if check:
-                return plan(self.memory, version, since=since)[1].to_json()
-            return roll_back(self.memory, version, since=since).to_json()
+            return put_back(self.memory, version, since=since, check=check)
 
     def distill(self, store) -> Future:
         """Distil the conversations recorded since the last run, on the memory's thread."""

@@ -124,7 +124,7 @@ def roll_back_memory(directory: Path | None, target: dict[str, Any], *, check: b
     """Tenant memory at `directory` put back to snapshot `target`'s memory version (None: no
     memory); what the CLI's rollback does (a running server's: `ServedMemory.roll_back`, on the
     connection its retrieval reads). `check`: only raise what it would."""
-    from dostream.memory.rollback import Rolled, plan, roll_back
+    from dostream.memory.rollback import Rolled, put_back
 
     if directory is None:
         return None
@@ -136,9 +136,7 @@ def roll_back_memory(directory: Path | None, target: dict[str, Any], *, check: b
 
     mem = Memory.open_dir(directory)
     try:
-        if check:
-            return plan(mem, target["memory"], since=target["created"])[1].to_json()
-        return roll_back(mem, target["memory"], since=target["created"]).to_json()
+        return put_back(mem, target["memory"], since=target["created"], check=check)
     finally:
         mem.close()
 
